@@ -1,0 +1,3 @@
+from phi_rnn.cli import main
+
+raise SystemExit(main())
