@@ -1,0 +1,88 @@
+"""`python -m phi_rnn` / `phi-rnn`: train, sample, topo, submit, data.
+
+Thread counts and affinity are applied (phi_rnn.affinity.configure) before anything that
+starts numba, MKL or OpenMP is imported: those runtimes read their settings once, at load.
+Bad input is a UsageError: one line on stderr, exit status 2.
+"""
+import argparse
+import os
+import sys
+
+from phi_rnn import affinity, config
+from phi_rnn.errors import UsageError
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="phi_rnn", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a char-rnn model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    config.add_train_arguments(t)
+    _add_runtime_arguments(t)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    config.add_sample_arguments(s)
+    _add_runtime_arguments(s)
+
+    affinity.add_topo_arguments(sub.add_parser("topo", help="show topology, thread placement and verify it"))
+
+    from phi_rnn import submit
+    submit.add_submit_arguments(sub.add_parser("submit", help="submit a PBS job (train or scale)"))
+
+    d = sub.add_parser("data", help="fetch tiny-shakespeare into --data_dir (sha256-verified)")
+    d.add_argument("--data_dir", "--data-dir", default="data/tinyshakespeare")
+    d.add_argument("--mirror", default=None, help="local directory holding tinyshakespeare.txt (offline nodes)")
+    return p
+
+
+def _add_runtime_arguments(p):
+    g = p.add_argument_group("threads")
+    affinity.add_thread_arguments(g)
+    g.add_argument("--deterministic", action="store_true",
+                   help="MKL conditional numerical reproducibility (MKL_CBWR): identical results run to run")
+
+
+def _start_runtimes(args, log):
+    """Thread placement, then the imports that start numba/MKL, then verify what happened."""
+    if getattr(args, "deterministic", False):
+        os.environ["MKL_CBWR"] = "AUTO,STRICT"
+    plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
+    log(plan.describe())
+    from phi_rnn import kernels  # noqa: F401  (loads MKL and numba under the plan)
+    verification = affinity.verify(plan)
+    log(verification.describe())
+    for problem in verification.mismatches:
+        log(f"warning: {problem}")
+    return plan
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            config.validate_train(args)
+            _start_runtimes(args, lambda m: print(m, flush=True))
+            from phi_rnn.train import train
+            return train(args)
+        if args.command == "sample":
+            config.validate_sample(args)
+            _start_runtimes(args, lambda m: print(m, file=sys.stderr))
+            from phi_rnn.sample import sample
+            return sample(args)
+        if args.command == "topo":
+            return affinity.topo_command(args)
+        if args.command == "submit":
+            from phi_rnn import submit
+            return submit.submit_command(args)
+        if args.command == "data":
+            from phi_rnn.data import ensure_tinyshakespeare
+            print(ensure_tinyshakespeare(args.data_dir, args.mirror))
+            return 0
+    except UsageError as e:
+        print(f"phi_rnn: error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 130
+    return 2

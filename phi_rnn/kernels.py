@@ -1,0 +1,437 @@
+"""Compiled kernels: vectorised transcendentals, the LSTM cell, the recurrences, the loss and
+the optimizer. Shapes are in each signature; T timesteps, B batch rows, H hidden units,
+V vocabulary. Activations of a layer live in (T, B, 4H) gate buffers in gate order i, f, o, g.
+
+Parallel strategy "batch": each thread runs the recurrence on its own block of batch rows
+with MKL inside running single-threaded (numba and MKL share one OpenMP runtime; nested
+parallelism is off), so a timestep needs no barrier. The all-timestep GEMMs run outside
+parallel regions, where MKL uses every thread. Strategy "gemm": one serial recurrence with
+MKL-threaded GEMMs per step (better when batch rows per thread get few).
+
+Kernels are compiled with error_model='numpy' (Python's error model blocks the loop
+vectoriser on division) and never index at an offset inside a hot loop (slice views start
+at 0), which the vectoriser also needs.
+"""
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, dgemm, sgemm
+
+_opts = dict(cache=True, error_model="numpy")
+
+F32 = np.float32
+ONE = F32(1.0)
+ZERO = F32(0.0)
+_LOG2E = F32(1.4426950408889634)
+_LN2_HI = F32(0.693145751953125)  # ln 2 split so that n * _LN2_HI is exact
+_LN2_LO = F32(1.428606765330187e-06)
+_EXP_LO = F32(-87.0)
+_EXP_HI = F32(88.0)
+_C2, _C3, _C4 = F32(1 / 2), F32(1 / 6), F32(1 / 24)
+_C5, _C6, _C7 = F32(1 / 120), F32(1 / 720), F32(1 / 5040)
+_TWO = F32(2.0)
+_HALF = F32(0.5)
+
+
+# ---------------------------------------------------------------- transcendentals
+# libm's expf/tanhf are scalar calls the vectoriser cannot touch (~200 us for a 50 x 512 gate
+# block). exp(x) = 2^n * e^r with |r| <= ln2/2: a degree-7 Taylor polynomial of e^r is
+# accurate to ~5e-9 there, and 2^n is built from its exponent bits. float64 (used by the
+# finite-difference gradient checks) takes libm's exact functions instead.
+
+@njit(**_opts)
+def _exp32(x):
+    x = min(max(x, _EXP_LO), _EXP_HI)
+    n = np.floor(x * _LOG2E + _HALF)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = ONE + r * (ONE + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * (_C6 + r * _C7))))))
+    scale = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
+    return p * scale
+
+
+def fast_exp(x):
+    """exp: vectorisable polynomial for float32, libm for float64 (compiled code only)."""
+    raise NotImplementedError
+
+
+def fast_sigmoid(x):
+    """1 / (1 + exp(-x)) through fast_exp (compiled code only)."""
+    raise NotImplementedError
+
+
+def fast_tanh(x):
+    """2 / (1 + exp(-2x)) - 1 through fast_exp (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(fast_exp, jit_options=_opts)
+def _fast_exp_impl(x):
+    if x == types.float64:
+        return lambda x: np.exp(x)
+    return lambda x: _exp32(x)
+
+
+@overload(fast_sigmoid, jit_options=_opts)
+def _fast_sigmoid_impl(x):
+    if x == types.float64:
+        return lambda x: 1.0 / (1.0 + np.exp(-x))
+    return lambda x: ONE / (ONE + _exp32(-x))
+
+
+@overload(fast_tanh, jit_options=_opts)
+def _fast_tanh_impl(x):
+    if x == types.float64:
+        return lambda x: np.tanh(x)
+    return lambda x: _TWO / (ONE + _exp32(-_TWO * x)) - ONE
+
+
+@njit(**_opts)
+def vexp(x, out):
+    """out = exp(x) elementwise (1-d): the tested entry to fast_exp."""
+    for i in range(x.shape[0]):
+        out[i] = fast_exp(x[i])
+
+
+@njit(**_opts)
+def vsigmoid(x, out):
+    for i in range(x.shape[0]):
+        out[i] = fast_sigmoid(x[i])
+
+
+@njit(**_opts)
+def vtanh(x, out):
+    for i in range(x.shape[0]):
+        out[i] = fast_tanh(x[i])
+
+
+# ---------------------------------------------------------------- GEMM helpers
+
+@njit(**_opts)
+def gemm(trans_a, trans_b, alpha, a, b, beta, c):
+    """c (M, N) = alpha * op(a) @ op(b) + beta * c; 2-d arrays with contiguous rows, float32
+    (sgemm) or float64 (dgemm, for the gradient checks)."""
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    ta = TRANS if trans_a else NO_TRANS
+    tb = TRANS if trans_b else NO_TRANS
+    if c.itemsize == 8:
+        dgemm(ROW_MAJOR, ta, tb, m, n, k, np.float64(alpha), a.ctypes.data, a.strides[0] // 8,
+              b.ctypes.data, b.strides[0] // 8, np.float64(beta), c.ctypes.data, c.strides[0] // 8)
+    else:
+        sgemm(ROW_MAJOR, ta, tb, m, n, k, np.float32(alpha), a.ctypes.data, a.strides[0] // 4,
+              b.ctypes.data, b.strides[0] // 4, np.float32(beta), c.ctypes.data, c.strides[0] // 4)
+
+
+@njit(**_opts)
+def fill_rows(out, row):
+    """out (R, N) = row (N) broadcast: the bias a projection GEMM then accumulates onto."""
+    for r in range(out.shape[0]):
+        o = out[r]
+        for j in range(row.shape[0]):
+            o[j] = row[j]
+
+
+@njit(parallel=True, **_opts)
+def gather_rows(table, index, bias, out):
+    """out (R, N) = table[index[r]] + bias: the first layer's input projection of a one-hot
+    input, a row gather instead of a GEMM. table (V, N), index (R,), bias (N,)."""
+    for r in prange(out.shape[0]):
+        src = table[index[r]]
+        o = out[r]
+        for j in range(o.shape[0]):
+            o[j] = src[j] + bias[j]
+
+
+@njit(parallel=True, **_opts)
+def scatter_add_rows(grad_rows, index, table_grad, nblocks):
+    """table_grad (V, N) = sum of grad_rows (R, N) into rows index (R,): the gradient of
+    gather_rows. Threads own column blocks, so no two write the same element."""
+    V, N = table_grad.shape
+    for blk in prange(nblocks):
+        j0 = blk * N // nblocks
+        j1 = (blk + 1) * N // nblocks
+        for v in range(V):
+            tg = table_grad[v, j0:j1]
+            for j in range(tg.shape[0]):
+                tg[j] = ZERO
+        for r in range(grad_rows.shape[0]):
+            src = grad_rows[r, j0:j1]
+            tg = table_grad[index[r], j0:j1]
+            for j in range(tg.shape[0]):
+                tg[j] += src[j]
+
+
+@njit(parallel=True, **_opts)
+def column_sums(a, out, nblocks):
+    """out (N) = a (R, N) summed over rows; column blocks per thread, row order fixed."""
+    R, N = a.shape
+    for blk in prange(nblocks):
+        j0 = blk * N // nblocks
+        j1 = (blk + 1) * N // nblocks
+        o = out[j0:j1]
+        for j in range(o.shape[0]):
+            o[j] = ZERO
+        for r in range(R):
+            src = a[r, j0:j1]
+            for j in range(o.shape[0]):
+                o[j] += src[j]
+
+
+@njit(parallel=True, **_opts)
+def multiply(a, b, out):
+    """out = a * b elementwise over 2-d arrays (dropout masks)."""
+    for r in prange(a.shape[0]):
+        ar = a[r]
+        br = b[r]
+        o = out[r]
+        for j in range(ar.shape[0]):
+            o[j] = ar[j] * br[j]
+
+
+# ---------------------------------------------------------------- LSTM cell
+
+@njit(**_opts)
+def lstm_cell_forward(gates, c_prev, c, tanh_c, h):
+    """gates (nb, 4H): pre-activations in, activations i, f, o, g out.
+    c_prev (nb, H) -> c = f*c_prev + i*g, tanh_c = tanh(c), h = o*tanh(c)."""
+    H = c.shape[1]
+    for b in range(gates.shape[0]):
+        gi = gates[b, 0:H]
+        gf = gates[b, H:2 * H]
+        go = gates[b, 2 * H:3 * H]
+        gg = gates[b, 3 * H:4 * H]
+        cp = c_prev[b]
+        cb = c[b]
+        tb = tanh_c[b]
+        hb = h[b]
+        for j in range(H):
+            i = fast_sigmoid(gi[j])
+            f = fast_sigmoid(gf[j])
+            o = fast_sigmoid(go[j])
+            g = fast_tanh(gg[j])
+            gi[j] = i
+            gf[j] = f
+            go[j] = o
+            gg[j] = g
+            cv = f * cp[j] + i * g
+            tv = fast_tanh(cv)
+            cb[j] = cv
+            tb[j] = tv
+            hb[j] = o * tv
+
+
+@njit(**_opts)
+def lstm_cell_backward(gates, c_prev, tanh_c, dh_out, dh, dc):
+    """gates (nb, 4H): activations in, pre-activation gradients out.
+    dh_out (nb, H): gradient of the step's output from above; dh (nb, H): gradient from the
+    next step (read); dc (nb, H): gradient of c from the next step in, of c_prev out."""
+    H = c_prev.shape[1]
+    for b in range(gates.shape[0]):
+        gi = gates[b, 0:H]
+        gf = gates[b, H:2 * H]
+        go = gates[b, 2 * H:3 * H]
+        gg = gates[b, 3 * H:4 * H]
+        cp = c_prev[b]
+        tb = tanh_c[b]
+        dob = dh_out[b]
+        dhb = dh[b]
+        dcb = dc[b]
+        for j in range(H):
+            i = gi[j]
+            f = gf[j]
+            o = go[j]
+            g = gg[j]
+            t = tb[j]
+            dht = dob[j] + dhb[j]
+            dct = dcb[j] + dht * o * (ONE - t * t)
+            gi[j] = dct * g * i * (ONE - i)
+            gf[j] = dct * cp[j] * f * (ONE - f)
+            go[j] = dht * t * o * (ONE - o)
+            gg[j] = dct * i * (ONE - g * g)
+            dcb[j] = dct * f
+
+
+@njit(**_opts)
+def lstm_recurrence_forward(gates, w_hh, hs, cs, tanh_c, b0, b1):
+    """Rows b0:b1 of one layer over all T steps.
+    gates (T, B, 4H): input projection + biases in, activations out; w_hh (4H, H);
+    hs, cs (T+1, B, H): [0] holds the initial state, [t+1] the state after step t;
+    tanh_c (T, B, H)."""
+    T = gates.shape[0]
+    H = w_hh.shape[1]
+    nb = b1 - b0
+    for t in range(T):
+        g = gates[t, b0:b1]
+        gemm(False, True, ONE, hs[t, b0:b1], w_hh, ONE, g)
+        lstm_cell_forward(g, cs[t, b0:b1], cs[t + 1, b0:b1], tanh_c[t, b0:b1], hs[t + 1, b0:b1])
+
+
+@njit(**_opts)
+def lstm_recurrence_backward(gates, w_hh, cs, tanh_c, dhs, dh, dc, b0, b1):
+    """Rows b0:b1, steps T-1..0. gates (T, B, 4H): activations in, pre-activation
+    gradients out; dhs (T, B, H): gradient of each step's output from above;
+    dh, dc (B, H): scratch for the recurrent gradients (zeroed here: truncated BPTT)."""
+    T = gates.shape[0]
+    H = w_hh.shape[1]
+    nb = b1 - b0
+    dhr = dh[b0:b1]
+    dcr = dc[b0:b1]
+    for b in range(nb):
+        for j in range(H):
+            dhr[b, j] = ZERO
+            dcr[b, j] = ZERO
+    for t in range(T - 1, -1, -1):
+        g = gates[t, b0:b1]
+        lstm_cell_backward(g, cs[t, b0:b1], tanh_c[t, b0:b1], dhs[t, b0:b1], dhr, dcr)
+        if t > 0:  # the initial state is a constant: no gradient flows into it
+            gemm(False, False, ONE, g, w_hh, ZERO, dhr)
+
+
+@njit(parallel=True, **_opts)
+def lstm_forward_batch_parallel(gates, w_hh, hs, cs, tanh_c, nparts):
+    B = gates.shape[1]
+    for p in prange(nparts):
+        lstm_recurrence_forward(gates, w_hh, hs, cs, tanh_c, p * B // nparts, (p + 1) * B // nparts)
+
+
+@njit(parallel=True, **_opts)
+def lstm_backward_batch_parallel(gates, w_hh, cs, tanh_c, dhs, dh, dc, nparts):
+    B = gates.shape[1]
+    for p in prange(nparts):
+        lstm_recurrence_backward(gates, w_hh, cs, tanh_c, dhs, dh, dc,
+                                 p * B // nparts, (p + 1) * B // nparts)
+
+
+# ---------------------------------------------------------------- loss
+
+@njit(parallel=True, **_opts)
+def log_softmax_nll(logits, targets, row_loss, grad_scale):
+    """logits (R, V) in, d(loss)/d(logits) out, where loss = grad_scale * sum of row NLLs;
+    row_loss (R) gets each row's NLL (summed by the caller in a fixed order)."""
+    for r in prange(logits.shape[0]):
+        z = logits[r]
+        y = targets[r]
+        zy = z[y]
+        zmax = z[0]
+        for j in range(1, z.shape[0]):
+            zmax = max(zmax, z[j])
+        total = ZERO
+        for j in range(z.shape[0]):
+            e = fast_exp(z[j] - zmax)
+            z[j] = e
+            total += e
+        row_loss[r] = zmax + np.log(total) - zy
+        inv = grad_scale / total
+        for j in range(z.shape[0]):
+            z[j] = z[j] * inv
+        z[y] -= grad_scale
+
+
+@njit(**_opts)
+def log_softmax_rows(logits, out):
+    """out (R, V) = log-softmax of logits (R, V), exact libm math (evaluation and sampling)."""
+    for r in range(logits.shape[0]):
+        z = logits[r]
+        zmax = z.max()
+        lse = np.log(np.sum(np.exp(z - zmax))) + zmax
+        for j in range(z.shape[0]):
+            out[r, j] = z[j] - lse
+
+
+# ---------------------------------------------------------------- optimizer
+
+@njit(parallel=True, **_opts)
+def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param):
+    """One RMSprop step over the flat buffers, char-rnn's way: clamp g to [-clip, clip],
+    m = alpha*m + (1-alpha)*g^2, p -= lr*g/(sqrt(m)+1e-8). sq_grad/sq_param (nchunks) get the
+    per-chunk sums of squares of the clamped gradient and the updated parameters (float64),
+    reduced by the caller: a fixed chunking keeps the result independent of thread count."""
+    n = params.shape[0]
+    lr32 = F32(lr)
+    a32 = F32(alpha)
+    b32 = ONE - a32
+    lo = F32(-clip)
+    hi = F32(clip)
+    eps = F32(1e-8)
+    for c in prange(nchunks):
+        i0 = c * n // nchunks
+        i1 = (c + 1) * n // nchunks
+        p = params[i0:i1]
+        g = grads[i0:i1]
+        m = ms[i0:i1]
+        sg = 0.0
+        sp = 0.0
+        for i in range(p.shape[0]):
+            gi = min(max(g[i], lo), hi)
+            g[i] = gi
+            mi = a32 * m[i] + b32 * gi * gi
+            m[i] = mi
+            pi = p[i] - lr32 * gi / (np.sqrt(mi) + eps)
+            p[i] = pi
+            sg += np.float64(gi) * gi
+            sp += np.float64(pi) * pi
+        sq_grad[c] = sg
+        sq_param[c] = sp
+
+
+# ---------------------------------------------------------------- generation (batch of one)
+
+@njit(**_opts)
+def lstm_step(token, w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b, h, c, gates, tanh_c, logits):
+    """Advance every layer by one character; logits (1, V) gets the decoder's output.
+    w_ih0_t (V, 4H); w_ih (max(L-1, 1), 4H, H) for layers >= 1; w_hh (L, 4H, H);
+    bias (L, 4H) = b_ih + b_hh; h, c (L, H) carried; gates (1, 4H), tanh_c (1, H) scratch."""
+    L = w_hh.shape[0]
+    for layer in range(L):
+        g = gates[0]
+        if layer == 0:
+            src = w_ih0_t[token]
+            b = bias[0]
+            for j in range(g.shape[0]):
+                g[j] = src[j] + b[j]
+        else:
+            b = bias[layer]
+            for j in range(g.shape[0]):
+                g[j] = b[j]
+            gemm(False, True, ONE, h[layer - 1:layer], w_ih[layer - 1], ONE, gates)
+        gemm(False, True, ONE, h[layer:layer + 1], w_hh[layer], ONE, gates)
+        lstm_cell_forward(gates, c[layer:layer + 1], c[layer:layer + 1], tanh_c, h[layer:layer + 1])
+    logits[0, :] = dec_b
+    gemm(False, True, ONE, h[L - 1:L], dec_w, ONE, logits)
+
+
+@njit(**_opts)
+def choose(logits, temperature, argmax, u):
+    """Next token from logits (V): argmax, or a draw with uniform u from softmax(logits/T)."""
+    if argmax:
+        return np.argmax(logits)
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    threshold = u * p.sum()
+    acc = 0.0
+    for k in range(p.shape[0]):
+        acc += p[k]
+        if acc > threshold:
+            return k
+    return p.shape[0] - 1
+
+
+@njit(**_opts)
+def lstm_prime(tokens, weights, h, c, scratch):
+    w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b = weights
+    gates, tanh_c, logits = scratch
+    for k in range(tokens.shape[0]):
+        lstm_step(tokens[k], w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b, h, c, gates, tanh_c, logits)
+
+
+@njit(**_opts)
+def lstm_generate(uniforms, temperature, argmax, weights, h, c, scratch, out):
+    """out[k] = the k-th sampled token, each fed back in; logits in scratch carry the
+    prediction between calls."""
+    w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b = weights
+    gates, tanh_c, logits = scratch
+    for k in range(out.shape[0]):
+        token = choose(logits[0], temperature, argmax, uniforms[k])
+        out[k] = token
+        lstm_step(token, w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b, h, c, gates, tanh_c, logits)

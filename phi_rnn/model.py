@@ -1,0 +1,200 @@
+"""The network: parameters in one flat buffer with named views, and the forward/backward
+pass of a stack of recurrent layers plus the decoder, built from phi_rnn.kernels.
+
+Per layer (cuDNN's structure): one input projection for all timesteps (a row gather for the
+one-hot first layer, one GEMM above it), then per step only the recurrent GEMM and one fused
+cell kernel; backward mirrors it, and the weight gradients are one GEMM each over all
+timesteps. The decoder and the softmax cross-entropy run over all timesteps at once.
+"""
+import numba
+import numpy as np
+
+from phi_rnn import kernels as K
+
+MODEL_TYPES = ("lstm",)
+GATES = {"lstm": 4}
+INIT_RANGE = 0.08
+
+
+def param_shapes(model, vocab_size, rnn_size, num_layers):
+    """[(name, shape)] in flat-buffer order; the names and shapes of the checkpoint format."""
+    gh = GATES[model] * rnn_size
+    shapes = []
+    for layer in range(num_layers):
+        n_in = vocab_size if layer == 0 else rnn_size
+        shapes += [(f"layers.{layer}.w_ih", (gh, n_in)), (f"layers.{layer}.w_hh", (gh, rnn_size)),
+                   (f"layers.{layer}.b_ih", (gh,)), (f"layers.{layer}.b_hh", (gh,))]
+    shapes += [("decoder.weight", (vocab_size, rnn_size)), ("decoder.bias", (vocab_size,))]
+    return shapes
+
+
+class FlatBuffer:
+    """One contiguous buffer and a named view onto each parameter in it."""
+
+    def __init__(self, shapes, dtype=np.float32):
+        self.shapes = shapes
+        self.data = np.zeros(sum(int(np.prod(s)) for _, s in shapes), dtype=dtype)
+        self.views = {}
+        offset = 0
+        for name, shape in shapes:
+            size = int(np.prod(shape))
+            self.views[name] = self.data[offset:offset + size].reshape(shape)
+            offset += size
+
+    def __getitem__(self, name):
+        return self.views[name]
+
+
+def gemm_flops(model, vocab_size, rnn_size, num_layers, batch_size, seq_length):
+    """GEMM floating-point operations of one training iteration (the first layer is a
+    gather). Forward: per layer input + recurrent products, decoder. Backward: twice that
+    (data and weight gradients), less the first layer's input products."""
+    gh, h, rows = GATES[model] * rnn_size, rnn_size, batch_size * seq_length
+    recurrent = 2 * rows * gh * h
+    upper_input = 2 * rows * gh * h * (num_layers - 1)
+    decoder = 2 * rows * vocab_size * h
+    return 3 * (num_layers * recurrent + upper_input + decoder)
+
+
+class Network:
+    """A char-rnn LSTM: parameters, gradients, the optimizer's state, the carried hidden
+    state and the workspace for one (seq_length, batch_size) shape."""
+
+    def __init__(self, model, vocab_size, rnn_size, num_layers, dropout=0.0, strategy="batch",
+                 dtype=np.float32):
+        """dtype float64 exists for the finite-difference gradient checks; training is float32."""
+        if model not in MODEL_TYPES:
+            raise ValueError(f"unknown model type {model!r}")
+        self.model, self.V, self.H, self.L = model, vocab_size, rnn_size, num_layers
+        self.dropout = dropout
+        self.strategy = strategy
+        self.dtype = np.dtype(dtype).type
+        shapes = param_shapes(model, vocab_size, rnn_size, num_layers)
+        self.params = FlatBuffer(shapes, dtype)
+        self.grads = FlatBuffer(shapes, dtype)
+        self.rms = np.zeros_like(self.params.data)
+        self._shape = None
+
+    # ------------------------------------------------------------ set-up
+    def init_params(self, rng):
+        """char-rnn's init: all uniform(-0.08, 0.08), then every i2h forget-gate bias = 1."""
+        self.params.data[:] = rng.uniform(-INIT_RANGE, INIT_RANGE, self.params.data.size)
+        for layer in range(self.L):
+            self.params[f"layers.{layer}.b_ih"][self.H:2 * self.H] = 1.0
+
+    def zero_state(self, batch_size):
+        """(L, 2, B, H): h and c of every layer, carried from batch to batch."""
+        return np.zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
+
+    def _workspace(self, T, B):
+        if self._shape == (T, B):
+            return
+        self._shape = (T, B)
+        L, H, V, G = self.L, self.H, self.V, GATES[self.model] * self.H
+        dt = self.dtype
+        self.gates = np.zeros((L, T, B, G), dt)
+        self.hs = np.zeros((L, T + 1, B, H), dt)
+        self.cs = np.zeros((L, T + 1, B, H), dt)
+        self.tanh_c = np.zeros((L, T, B, H), dt)
+        self.inputs = np.zeros((L, T * B, H), dt)  # input of layers >= 1 and of the decoder, after dropout
+        self.masks = np.zeros((L, T * B, H), dt)
+        self.logits = np.zeros((T * B, V), dt)
+        self.row_loss = np.zeros(T * B, dt)
+        self.d_in = np.zeros((T * B, H), dt)   # gradient of a layer's input = the outputs below
+        self.dh = np.zeros((B, H), dt)
+        self.dc = np.zeros((B, H), dt)
+        self.w_ih0_t = np.zeros((V, G), dt)
+        self.d_w_ih0_t = np.zeros((V, G), dt)
+        self.bias = np.zeros(G, dt)
+        self.d_bias = np.zeros(G, dt)
+
+    def _nparts(self, B):
+        return max(1, min(numba.get_num_threads(), B)) if self.strategy == "batch" else 1
+
+    # ------------------------------------------------------------ passes
+    def forward(self, x, y, state, rng=None):
+        """x, y (T, B) int32 token ids; state (L, 2, B, H) is read and replaced by the final
+        state. rng given = training (dropout on). Returns the loss: the mean over the batch of
+        the NLL, averaged over the T steps."""
+        T, B = x.shape
+        self._workspace(T, B)
+        p = self.params
+        nparts = self._nparts(B)
+        training = rng is not None and self.dropout > 0
+        for layer in range(self.L):
+            w_ih, w_hh = p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"]
+            np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=self.bias)
+            gates = self.gates[layer]
+            gates2d = gates.reshape(T * B, -1)
+            if layer == 0:
+                self.w_ih0_t[:] = w_ih.T
+                K.gather_rows(self.w_ih0_t, x.reshape(-1), self.bias, gates2d)
+            else:
+                K.fill_rows(gates2d, self.bias)
+                self._layer_input(layer, training, rng)
+                K.gemm(False, True, K.ONE, self.inputs[layer], w_ih, K.ONE, gates2d)
+            hs, cs = self.hs[layer], self.cs[layer]
+            hs[0], cs[0] = state[layer, 0], state[layer, 1]
+            if nparts > 1:
+                K.lstm_forward_batch_parallel(gates, w_hh, hs, cs, self.tanh_c[layer], nparts)
+            else:
+                K.lstm_recurrence_forward(gates, w_hh, hs, cs, self.tanh_c[layer], 0, B)
+            state[layer, 0], state[layer, 1] = hs[T], cs[T]
+        top = self._layer_input(self.L, training, rng)
+        K.fill_rows(self.logits, p["decoder.bias"])
+        K.gemm(False, True, K.ONE, top, p["decoder.weight"], K.ONE, self.logits)
+        K.log_softmax_nll(self.logits, y.reshape(-1), self.row_loss, self.dtype(1.0 / B))
+        return float(self.row_loss.sum(dtype=np.float64)) / (B * T)
+
+    def _layer_input(self, layer, training, rng):
+        """The input of layer `layer` (or of the decoder when layer == L): the outputs of the
+        layer below, through dropout when training. Stored in self.inputs[layer % L]."""
+        below = self.hs[layer - 1, 1:].reshape(-1, self.H)
+        dest = self.inputs[layer % self.L]
+        if training:
+            mask = self.masks[layer % self.L]
+            keep = rng.random(mask.shape, dtype=np.float32) >= self.dropout
+            np.multiply(keep, self.dtype(1.0 / (1.0 - self.dropout)), out=mask)
+            K.multiply(below, mask, dest)
+        else:
+            dest[:] = below
+        return dest
+
+    def backward(self, x, training_dropout):
+        """Gradients of the last forward's loss (the sum over timesteps of the per-step
+        batch-mean NLL, as char-rnn: not divided by T) into self.grads."""
+        T, B = x.shape
+        p, g = self.params, self.grads
+        nparts = self._nparts(B)
+        H = self.H
+        top = self.inputs[0]  # self.inputs[L % L]: the decoder's input
+        K.gemm(True, False, K.ONE, self.logits, top, K.ZERO, g["decoder.weight"])
+        K.column_sums(self.logits, g["decoder.bias"], nparts)
+        d_top = self.d_in
+        K.gemm(False, False, K.ONE, self.logits, p["decoder.weight"], K.ZERO, d_top)
+        for layer in range(self.L - 1, -1, -1):
+            mask_index = (layer + 1) % self.L
+            if training_dropout:
+                K.multiply(self.d_in, self.masks[mask_index], self.d_in)
+            d_out = self.d_in.reshape(T, B, H)  # read by the recurrence before d_in is rewritten
+            gates = self.gates[layer]
+            w_hh = p[f"layers.{layer}.w_hh"]
+            if nparts > 1:
+                K.lstm_backward_batch_parallel(gates, w_hh, self.cs[layer], self.tanh_c[layer],
+                                               d_out, self.dh, self.dc, nparts)
+            else:
+                K.lstm_recurrence_backward(gates, w_hh, self.cs[layer], self.tanh_c[layer],
+                                           d_out, self.dh, self.dc, 0, B)
+            d_gates = gates.reshape(T * B, -1)
+            K.gemm(True, False, K.ONE, d_gates, self.hs[layer, :T].reshape(T * B, H), K.ZERO,
+                   g[f"layers.{layer}.w_hh"])
+            K.column_sums(d_gates, self.d_bias, nparts)
+            g[f"layers.{layer}.b_ih"][:] = self.d_bias
+            g[f"layers.{layer}.b_hh"][:] = self.d_bias
+            if layer == 0:
+                K.scatter_add_rows(d_gates, x.reshape(-1), self.d_w_ih0_t, nparts)
+                g["layers.0.w_ih"][:] = self.d_w_ih0_t.T
+            else:
+                w_ih = p[f"layers.{layer}.w_ih"]
+                K.gemm(True, False, K.ONE, d_gates, self.inputs[layer], K.ZERO, g[f"layers.{layer}.w_ih"])
+                K.gemm(False, False, K.ONE, d_gates, w_ih, K.ZERO, self.d_in)

@@ -1,0 +1,221 @@
+"""The training loop: char-rnn's train.lua, plus exact resume and safe interruption.
+
+Exit statuses: 0 done; 2 bad input; 3 training diverged (NaN or exploding loss; the last
+good checkpoint is kept); 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
+"""
+import os
+import signal
+import time
+
+import numpy as np
+
+from phi_rnn import checkpoint, data
+from phi_rnn import kernels as K
+from phi_rnn.errors import UsageError
+from phi_rnn.model import Network
+
+EXIT_DIVERGED = 3
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+RMS_CHUNKS = 64  # fixed chunking of the optimizer: results independent of the thread count
+# options that define the model and its training math: taken from the checkpoint on --resume
+RUN_OPTIONS = ("model", "rnn_size", "num_layers", "learning_rate", "learning_rate_decay",
+               "learning_rate_decay_after", "decay_rate", "dropout", "seq_length", "batch_size",
+               "grad_clip", "train_frac", "val_frac", "seed", "encoding")
+ARCH_OPTIONS = ("model", "rnn_size", "num_layers")
+
+
+class Interrupt:
+    """First SIGTERM/SIGINT: finish the iteration, checkpoint, exit. Second: exit at once
+    (checkpoint writes are atomic, so nothing is corrupted)."""
+
+    def __init__(self):
+        self.signum = None
+        for signum in EXIT_SIGNAL:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(EXIT_SIGNAL[signum])
+        self.signum = signum
+
+
+def compile_kernels(model, strategy, log):
+    """Compile (first run) or load from numba's cache every kernel, visibly and timed."""
+    t0 = time.perf_counter()
+    log("compiling kernels (first run only; cached afterwards)...", flush=True)
+    net = Network(model, 3, 4, 2, dropout=0.5, strategy=strategy)
+    net.init_params(np.random.default_rng(0))
+    x = np.zeros((2, 2), np.int32)
+    net.forward(x, x, net.zero_state(2), np.random.default_rng(0))
+    net.backward(x, True)
+    _optimizer_step(net, 1e-3, 0.95, 5.0)
+    log(f"kernels ready in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def _optimizer_step(net, lr, alpha, clip):
+    """RMSprop over the flat buffer; returns |clamped grad| / |updated params| (char-rnn's
+    grad/param norm)."""
+    sq_grad = np.zeros(RMS_CHUNKS)
+    sq_param = np.zeros(RMS_CHUNKS)
+    K.rmsprop_step(net.params.data, net.grads.data, net.rms, lr, alpha, clip, RMS_CHUNKS, sq_grad, sq_param)
+    return float(np.sqrt(sq_grad.sum()) / np.sqrt(sq_param.sum()))
+
+
+def evaluate(net, loader, split="val"):
+    """Mean loss over a split: state from zeros, carried across its batches, no dropout."""
+    loader.reset(split)
+    state = net.zero_state(loader.x.shape[2])
+    total = 0.0
+    for _ in range(loader.size[split]):
+        x, y = loader.next_batch(split)
+        total += net.forward(x, y, state)
+    return total / loader.size[split]
+
+
+def _check_vocab(ck, vocab, encoding):
+    if ck.meta.get("encoding", "utf-8") != encoding:
+        raise UsageError(f"{ck.path} was trained with --encoding {ck.meta.get('encoding')}, "
+                         f"the data is read with --encoding {encoding}")
+    if ck.vocab != vocab:
+        missing = sorted(set(vocab) - set(ck.vocab))
+        extra = sorted(set(ck.vocab) - set(vocab))
+        names = lambda ss: ", ".join(data.describe_symbol(s, encoding) for s in ss[:10]) or "none"
+        raise UsageError(f"vocabulary mismatch with {ck.path}: the data has {names(missing)} "
+                         f"not in the checkpoint; the checkpoint has {names(extra)} not in the data")
+
+
+def _check_writable(directory):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"checkpoint directory {directory} is not writable ({e.strerror})") from None
+
+
+class Run:
+    """Everything a checkpoint must hold to continue exactly."""
+
+    def __init__(self, o, vocab, ntrain):
+        self.options = {k: v for k, v in vars(o).items()}
+        self.vocab = vocab
+        self.ntrain = ntrain
+        self.iteration = 0
+        self.learning_rate = o.learning_rate
+        self.train_losses = []
+        self.val_losses = {}
+        self.loss0 = None
+
+    def meta(self, net, loader, rng, epoch):
+        return {"model": net.model, "rnn_size": net.H, "num_layers": net.L, "vocab": self.vocab,
+                "vocab_size": len(self.vocab), "encoding": self.options["encoding"],
+                "options": self.options, "iteration": self.iteration, "epoch": epoch,
+                "learning_rate": self.learning_rate, "train_losses": self.train_losses,
+                "val_losses": self.val_losses, "loss0": self.loss0,
+                "data_position": loader.position, "rng_state": rng.bit_generator.state}
+
+    def restore(self, meta):
+        self.iteration = int(meta["iteration"])
+        self.learning_rate = float(meta["learning_rate"])
+        self.train_losses = list(meta["train_losses"])
+        self.val_losses = dict(meta["val_losses"])
+        self.loss0 = meta["loss0"]
+
+
+def train(o, log=print):
+    """Train with options `o` (see phi_rnn.config). Returns the exit status."""
+    resume = checkpoint.load(o.resume, o.checkpoint_dir) if o.resume else None
+    init = checkpoint.load(o.init_from, o.checkpoint_dir) if o.init_from else None
+    source = resume or init
+    if resume:
+        saved = resume.meta["options"]
+        for name in RUN_OPTIONS:
+            setattr(o, name, saved[name])
+        log(f"resuming from {resume.path} at iteration {resume.meta['iteration']}")
+    elif init:
+        for name in ARCH_OPTIONS:
+            setattr(o, name, init.meta[name])
+        log(f"initializing from {init.path} (model {o.model}, {o.num_layers} x {o.rnn_size})")
+
+    ids, vocab = data.load_corpus(os.path.join(o.data_dir, "input.txt"), o.encoding)
+    if source:
+        _check_vocab(source, vocab, o.encoding)
+    loader = data.CharLoader(ids, o.batch_size, o.seq_length, o.train_frac, o.val_frac)
+    _check_writable(o.checkpoint_dir)
+    log(f"vocab size: {len(vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
+        f"{loader.ntest} test batches of {o.batch_size} x {o.seq_length}")
+
+    compile_kernels(o.model, o.strategy, log)
+    net = Network(o.model, len(vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy)
+    rng = np.random.default_rng(o.seed)
+    run = Run(o, vocab, loader.ntrain)
+    state = net.zero_state(o.batch_size)
+    if source:
+        for name, value in source.params.items():
+            net.params[name][...] = value
+    else:
+        net.init_params(rng)
+    if resume:
+        run.restore(resume.meta)
+        net.rms[:] = resume.arrays["optim.rms"]
+        state[:] = resume.arrays["state"]
+        rng.bit_generator.state = resume.meta["rng_state"]
+        loader.position.update(resume.meta["data_position"])
+    log(f"number of parameters in the model: {net.params.data.size}")
+
+    iterations = int(o.max_epochs * loader.ntrain)
+    last = min(iterations, o.max_iters) if o.max_iters else iterations
+    interrupt = Interrupt()
+    last_saved = resume.path if resume else None
+
+    def save(name_loss):
+        epoch = run.iteration / loader.ntrain
+        name = (checkpoint.checkpoint_name(o.savefile, epoch, name_loss) if name_loss is not None
+                else f"lm_{o.savefile}_epoch{epoch:.2f}_interrupted.npz")
+        path = os.path.join(o.checkpoint_dir, name)
+        try:
+            checkpoint.save(path, net.params.views, run.meta(net, loader, rng, epoch), net.rms, state)
+        except OSError as e:
+            raise UsageError(f"cannot write checkpoint {path} ({e.strerror}); "
+                             f"the previous checkpoint {last_saved} is intact") from None
+        checkpoint.prune(o.checkpoint_dir, o.savefile, o.keep, path)
+        return path
+
+    while run.iteration < last:
+        i = run.iteration + 1
+        x, y = loader.next_batch("train")
+        t0 = time.perf_counter()
+        loss = net.forward(x, y, state, rng if o.dropout > 0 else None)
+        net.backward(x, o.dropout > 0)
+        norm_ratio = _optimizer_step(net, run.learning_rate, o.decay_rate, o.grad_clip)
+        elapsed = time.perf_counter() - t0
+        epoch = i / loader.ntrain
+
+        if not np.isfinite(loss) or (run.loss0 is not None and loss > 3 * run.loss0):
+            what = "NaN" if np.isnan(loss) else ("infinite" if not np.isfinite(loss) else
+                                                 f"exploding ({loss:.4f} > 3 x first loss {run.loss0:.4f})")
+            log(f"error: loss is {what} at iteration {i}: stopped. The last good checkpoint is "
+                f"{last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip")
+            return EXIT_DIVERGED
+        run.loss0 = loss if run.loss0 is None else run.loss0
+        run.iteration = i
+        run.train_losses.append(loss)
+        if i % loader.ntrain == 0 and o.learning_rate_decay < 1 and epoch >= o.learning_rate_decay_after:
+            run.learning_rate *= o.learning_rate_decay
+            log(f"decayed learning rate by a factor {o.learning_rate_decay} to {run.learning_rate}")
+        if i % o.eval_val_every == 0 or i == last:
+            val_loss = evaluate(net, loader) if loader.nval else loss
+            run.val_losses[str(i)] = val_loss
+            last_saved = save(val_loss)
+            log(f"validation loss {val_loss:.4f}; saved checkpoint {last_saved}")
+        if i % o.print_every == 0:
+            log(f"{i}/{iterations} (epoch {epoch:.3f}), train_loss = {loss:6.8f}, "
+                f"grad/param norm = {norm_ratio:6.4e}, time/batch = {elapsed:.4f}s", flush=True)
+        if interrupt.signum is not None:
+            path = save(None)
+            name = signal.Signals(interrupt.signum).name
+            log(f"{name} received: saved checkpoint {path}; continue with --resume latest", flush=True)
+            return EXIT_SIGNAL[interrupt.signum]
+    return 0
