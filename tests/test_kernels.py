@@ -1,0 +1,129 @@
+"""Each kernel against plain numpy (float32 tolerances); the vectorised transcendentals
+against float64 libm over their whole range."""
+import numpy as np
+import pytest
+
+from phi_rnn import kernels as K
+
+rng = np.random.default_rng(42)
+
+
+def test_fast_exp_relative_error_below_2e7_over_float32_range():
+    x = np.linspace(-87, 88, 1_000_001, dtype=np.float32)
+    out = np.empty_like(x)
+    K.vexp(x, out)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - exact) / exact) < 2e-7
+
+
+@pytest.mark.parametrize("name, exact", [
+    ("vsigmoid", lambda v: 1 / (1 + np.exp(-v))),
+    ("vtanh", np.tanh),
+])
+def test_fast_sigmoid_tanh_absolute_error_below_3e7(name, exact):
+    x = np.concatenate([np.linspace(-40, 40, 800_001), rng.standard_normal(100_000) * 3]).astype(np.float32)
+    out = np.empty_like(x)
+    getattr(K, name)(x, out)
+    assert np.max(np.abs(out - exact(x.astype(np.float64)))) < 3e-7
+    assert np.all(np.isfinite(out))
+
+
+def test_fast_transcendentals_saturate_at_extremes():
+    x = np.array([-1e30, -200, 200, 1e30], dtype=np.float32)
+    s, t = np.empty_like(x), np.empty_like(x)
+    K.vsigmoid(x, s)
+    K.vtanh(x, t)
+    np.testing.assert_allclose(s, [0, 0, 1, 1], atol=1e-30)
+    np.testing.assert_array_equal(t, [-1, -1, 1, 1])
+
+
+@pytest.mark.parametrize("ta, tb", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-4), (np.float64, 1e-12)])
+def test_gemm_matches_numpy(ta, tb, dtype, tol):
+    a = rng.standard_normal((7, 5) if not ta else (5, 7)).astype(dtype)
+    b = rng.standard_normal((5, 3) if not tb else (3, 5)).astype(dtype)
+    c = rng.standard_normal((7, 3)).astype(dtype)
+    expect = 0.5 * (a.T if ta else a) @ (b.T if tb else b) + 2.0 * c
+    K.gemm(ta, tb, 0.5, a, b, 2.0, c)
+    np.testing.assert_allclose(c, expect, rtol=tol, atol=tol)
+
+
+def test_gather_and_scatter_rows_match_numpy():
+    table = rng.standard_normal((11, 24)).astype(np.float32)
+    index = rng.integers(0, 11, 300).astype(np.int32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    out = np.empty((300, 24), np.float32)
+    K.gather_rows(table, index, bias, out)
+    np.testing.assert_array_equal(out, table[index] + bias)
+    grad = rng.standard_normal((300, 24)).astype(np.float32)
+    tg = np.full((11, 24), np.nan, np.float32)
+    K.scatter_add_rows(grad, index, tg, 3)
+    expect = np.zeros((11, 24))
+    np.add.at(expect, index, grad.astype(np.float64))
+    np.testing.assert_allclose(tg, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_column_sums_match_numpy():
+    a = rng.standard_normal((123, 37)).astype(np.float32)
+    out = np.full(37, np.nan, np.float32)
+    K.column_sums(a, out, 4)
+    np.testing.assert_allclose(out, a.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_lstm_cell_forward_backward_match_reference():
+    from reference import sigmoid
+    nb, H = 6, 8
+    pre = rng.standard_normal((nb, 4 * H)).astype(np.float32) * 2
+    c_prev = rng.standard_normal((nb, H)).astype(np.float32)
+    gates = pre.copy()
+    c, tc, h = (np.empty((nb, H), np.float32) for _ in range(3))
+    K.lstm_cell_forward(gates, c_prev, c, tc, h)
+    p = pre.astype(np.float64)
+    i, f, o, g = sigmoid(p[:, :H]), sigmoid(p[:, H:2 * H]), sigmoid(p[:, 2 * H:3 * H]), np.tanh(p[:, 3 * H:])
+    c_ref = f * c_prev + i * g
+    np.testing.assert_allclose(gates, np.concatenate([i, f, o, g], 1), atol=1e-6)
+    np.testing.assert_allclose(c, c_ref, atol=1e-6)
+    np.testing.assert_allclose(h, o * np.tanh(c_ref), atol=1e-6)
+
+    dh_out = rng.standard_normal((nb, H)).astype(np.float32)
+    dh = rng.standard_normal((nb, H)).astype(np.float32)
+    dc = rng.standard_normal((nb, H)).astype(np.float32)
+    dc_in = dc.astype(np.float64)
+    K.lstm_cell_backward(gates, c_prev, tc, dh_out, dh, dc)
+    t = np.tanh(c_ref)
+    dht = dh_out + dh.astype(np.float64)
+    dct = dc_in + dht * o * (1 - t * t)
+    expect = np.concatenate([dct * g * i * (1 - i), dct * c_prev * f * (1 - f),
+                             dht * t * o * (1 - o), dct * i * (1 - g * g)], 1)
+    np.testing.assert_allclose(gates, expect, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(dc, dct * f, atol=2e-5, rtol=1e-5)
+
+
+def test_log_softmax_nll_loss_and_gradient():
+    from reference import log_softmax
+    logits = (rng.standard_normal((40, 13)) * 4).astype(np.float32)
+    targets = rng.integers(0, 13, 40).astype(np.int32)
+    lp = log_softmax(logits.astype(np.float64))
+    row_loss = np.empty(40, np.float32)
+    grad = logits.copy()
+    K.log_softmax_nll(grad, targets, row_loss, np.float32(0.25))
+    np.testing.assert_allclose(row_loss, -lp[np.arange(40), targets], rtol=1e-5, atol=1e-5)
+    expect = np.exp(lp)
+    expect[np.arange(40), targets] -= 1
+    np.testing.assert_allclose(grad, 0.25 * expect, atol=1e-6)
+
+
+def test_rmsprop_step_matches_char_rnn_formula():
+    n = 1000
+    p = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 10).astype(np.float32)
+    m = np.abs(rng.standard_normal(n)).astype(np.float32)
+    p64, g64, m64 = p.astype(np.float64), np.clip(g.astype(np.float64), -5, 5), m.astype(np.float64)
+    m_ref = 0.95 * m64 + 0.05 * g64 ** 2
+    p_ref = p64 - 2e-3 * g64 / (np.sqrt(m_ref) + 1e-8)
+    sq_g, sq_p = np.zeros(7), np.zeros(7)
+    K.rmsprop_step(p, g, m, 2e-3, 0.95, 5.0, 7, sq_g, sq_p)
+    np.testing.assert_allclose(m, m_ref, rtol=1e-5)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sq_g.sum(), (g64 ** 2).sum(), rtol=1e-6)
+    np.testing.assert_allclose(sq_p.sum(), (p_ref ** 2).sum(), rtol=1e-5)
