@@ -1,0 +1,33 @@
+"""Running the real CLI in a fresh process (thread settings apply per process)."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare", "input.txt")
+TINY_MODEL = ["--rnn_size", "16", "--num_layers", "2", "--batch_size", "8", "--seq_length", "16"]
+
+
+def run_cli(*args, timeout=300, check=False, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "phi_rnn", *map(str, args)], cwd=kw.pop("cwd", ROOT),
+                            capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def small_corpus(directory, chars=20000):
+    """The first `chars` characters of tiny-shakespeare in directory/input.txt."""
+    os.makedirs(directory, exist_ok=True)
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read(chars)
+    with open(os.path.join(directory, "input.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    return str(directory)
+
+
+def train_losses(stdout):
+    """The train_loss of each printed iteration line."""
+    return [float(line.split("train_loss = ")[1].split(",")[0])
+            for line in stdout.splitlines() if "train_loss = " in line]
