@@ -76,7 +76,7 @@ def resolve(path, checkpoint_dir="cv"):
         with open(pointer) as f:
             name = f.read().strip()
     except OSError:
-        raise UsageError(f"no checkpoint to resume in {directory}: {pointer} is missing") from None
+        raise UsageError(f"no checkpoint in {directory}: {pointer} is missing") from None
     return os.path.join(directory, name)
 
 

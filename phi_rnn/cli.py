@@ -12,8 +12,16 @@ from phi_rnn import affinity, config
 from phi_rnn.errors import UsageError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (not usage + error) and exit status 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="phi_rnn", description=__doc__.splitlines()[0])
+    p = _Parser(prog="phi_rnn", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a char-rnn model",
@@ -44,15 +52,18 @@ def _add_runtime_arguments(p):
                    help="MKL conditional numerical reproducibility (MKL_CBWR): identical results run to run")
 
 
-def _start_runtimes(args, log):
-    """Thread placement, then the imports that start numba/MKL, then verify what happened."""
+def _start_runtimes(args, log, announce=True):
+    """Thread placement, then the imports that start numba/MKL, then verify what happened.
+    announce=False (sample: stdout is the text) reports only mismatches."""
     if getattr(args, "deterministic", False):
         os.environ["MKL_CBWR"] = "AUTO,STRICT"
     plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
-    log(plan.describe())
+    if announce:
+        log(plan.describe())
     from phi_rnn import kernels  # noqa: F401  (loads MKL and numba under the plan)
     verification = affinity.verify(plan)
-    log(verification.describe())
+    if announce:
+        log(verification.describe())
     for problem in verification.mismatches:
         log(f"warning: {problem}")
     return plan
@@ -68,7 +79,7 @@ def main(argv=None):
             return train(args)
         if args.command == "sample":
             config.validate_sample(args)
-            _start_runtimes(args, lambda m: print(m, file=sys.stderr))
+            _start_runtimes(args, lambda m: print(m, file=sys.stderr), announce=False)
             from phi_rnn.sample import sample
             return sample(args)
         if args.command == "topo":

@@ -1,0 +1,232 @@
+"""One config, side by side: phi_rnn's training iteration vs PyTorch's nn.LSTM (oneDNN) when
+torch is importable, each in its own process with the same thread count, plus this
+machine's sgemm peak measured in the same run.
+
+    python bench/speed.py                       # char-rnn config, all cores
+    python bench/speed.py --threads 1 --iters 50
+    python bench/speed.py --rnn_size 512 --num_layers 3 --batch_size 128 --seq_length 100
+    python bench/speed.py --json                # one JSON object (bench/scale.py reads it)
+
+Prints median / min / max ms per iteration (forward + backward + RMSprop, as in training),
+chars/s, GEMM GFLOP/s, % of the sgemm peak, peak RSS, and the ratio phi_rnn / PyTorch.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
+from phi_rnn.errors import UsageError  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="lstm")
+    p.add_argument("--rnn_size", "--rnn-size", type=int, default=128)
+    p.add_argument("--num_layers", "--num-layers", type=int, default=2)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=50)
+    p.add_argument("--seq_length", "--seq-length", type=int, default=50)
+    p.add_argument("--vocab", type=int, default=65, help="vocabulary size (tiny-shakespeare: 65)")
+    p.add_argument("--strategy", default="batch", choices=("batch", "gemm"))
+    p.add_argument("--iters", type=int, default=30, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch reference")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--worker", choices=("phi_rnn", "torch"), help=argparse.SUPPRESS)
+    affinity.add_thread_arguments(p)
+    args = p.parse_args(argv)
+    for name in ("rnn_size", "num_layers", "batch_size", "seq_length", "vocab", "iters"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def summary(seconds, args, gflop, peak):
+    import numpy as np
+    ms = np.asarray(seconds) * 1e3
+    median = float(np.median(ms))
+    gflops = gflop / (median / 1e3)
+    return {"ms": [round(float(v), 4) for v in ms], "median_ms": median, "min_ms": float(ms.min()),
+            "max_ms": float(ms.max()),
+            "chars_per_s": args.batch_size * args.seq_length / (median / 1e3),
+            "gflops": gflops, "pct_peak": 100 * gflops / peak if peak else None,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def sgemm_peak_gflops(n=2048, reps=5):
+    """Best of `reps` MKL sgemm n x n x n at the configured thread count."""
+    import numpy as np
+    from phi_rnn import kernels as K
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    c = np.zeros_like(a)
+    K.gemm(False, False, 1.0, a, a, 0.0, c)
+    best = min(_timed(lambda: K.gemm(False, False, 1.0, a, a, 0.0, c)) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def phi_rnn_worker(args):
+    import numpy as np
+    from phi_rnn.model import Network, gemm_flops
+    from phi_rnn.train import _optimizer_step, compile_kernels
+    compile_kernels(args.model, args.strategy, lambda *a, **k: None)
+    rng = np.random.default_rng(0)
+    net = Network(args.model, args.vocab, args.rnn_size, args.num_layers, strategy=args.strategy)
+    net.init_params(rng)
+    T, B = args.seq_length, args.batch_size
+    batches = [(rng.integers(0, args.vocab, (T, B)).astype(np.int32),
+                rng.integers(0, args.vocab, (T, B)).astype(np.int32)) for _ in range(4)]
+    state = net.zero_state(B)
+
+    def iteration(k):
+        x, y = batches[k % 4]
+        net.forward(x, y, state)
+        net.backward(x, False)
+        _optimizer_step(net, 2e-3, 0.95, 5.0)
+
+    for k in range(args.warmup):
+        iteration(k)
+    times = [_timed(lambda: iteration(k)) for k in range(args.iters)]
+    return times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9
+
+
+def torch_worker(args):
+    """The same training iteration in PyTorch: one-hot input, nn.LSTM, Linear, cross-entropy
+    summed over time, elementwise clamp, RMSprop(alpha=0.95, eps=1e-8)."""
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    V, H, L, T, B = args.vocab, args.rnn_size, args.num_layers, args.seq_length, args.batch_size
+    lstm, decoder = torch.nn.LSTM(V, H, L), torch.nn.Linear(H, V)
+    params = list(lstm.parameters()) + list(decoder.parameters())
+    opt = torch.optim.RMSprop(params, lr=2e-3, alpha=0.95, eps=1e-8)
+    batches = [(torch.randint(0, V, (T, B)), torch.randint(0, V, (T, B))) for _ in range(4)]
+    state = (torch.zeros(L, B, H), torch.zeros(L, B, H))
+
+    def iteration(k):
+        nonlocal state
+        x, y = batches[k % 4]
+        opt.zero_grad(set_to_none=False)
+        out, (h, c) = lstm(torch.nn.functional.one_hot(x, V).float(), state)
+        state = (h.detach(), c.detach())
+        loss = torch.nn.functional.cross_entropy(decoder(out).view(T * B, V), y.view(-1)) * T
+        loss.backward()
+        for p in params:
+            p.grad.clamp_(-5, 5)
+        opt.step()
+
+    for k in range(args.warmup):
+        iteration(k)
+    return [_timed(lambda: iteration(k)) for k in range(args.iters)]
+
+
+def run_worker(kind, argv):
+    """A fresh process per implementation: each starts its runtimes under the same plan."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{kind} worker failed: {tail}")
+    return json.loads(result.stdout)
+
+
+def versions():
+    import numba
+    import numpy
+    from phi_rnn import __version__
+    from phi_rnn.blas import mkl_version
+    return {"python": platform.python_version(), "numpy": numpy.__version__, "numba": numba.__version__,
+            "mkl": mkl_version(), "phi_rnn": __version__}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
+    except UsageError as e:
+        print(f"speed.py: error: {e}", file=sys.stderr)
+        return 2
+    args.threads = plan.threads
+    if args.worker == "phi_rnn":
+        times, gflop = phi_rnn_worker(args)
+        print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops()}))
+        return 0
+    if args.worker == "torch":
+        print(json.dumps({"times": torch_worker(args)}))
+        return 0
+
+    worker_argv = [a for a in argv if a not in ("--json",)]
+    mine = run_worker("phi_rnn", worker_argv)
+    topo = plan.topology.to_dict()
+    report = {
+        "machine": {"cpu": topo["model_name"], "sockets": topo["sockets"], "cores": topo["cores"],
+                    "logical_cpus": topo["logical_cpus"], "numa_nodes": len(plan.topology.nodes),
+                    "hostname": platform.node()},
+        "versions": versions(),
+        "config": {"model": args.model, "rnn_size": args.rnn_size, "num_layers": args.num_layers,
+                   "batch_size": args.batch_size, "seq_length": args.seq_length, "vocab": args.vocab},
+        "threads": plan.threads, "policy": plan.policy, "strategy": args.strategy,
+        "placement": plan.describe(), "gflop_per_iter": mine["gflop"], "peak_gflops": mine["peak"],
+        "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"]),
+        "torch": None, "ratio": None,
+    }
+    if args.torch:
+        try:
+            import importlib.util
+            if importlib.util.find_spec("torch") is not None:
+                theirs = run_worker("torch", worker_argv)
+                report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"])
+                report["versions"]["torch"] = _torch_version()
+                report["ratio"] = report["phi_rnn"]["median_ms"] / report["torch"]["median_ms"]
+        except RuntimeError as e:
+            print(f"speed.py: warning: {e}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
+
+
+def _torch_version():
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def print_report(r):
+    c = r["config"]
+    print(f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['logical_cpus']} CPUs; "
+          + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+    print(r["placement"])
+    print(f"config: {c['model']} {c['num_layers']} x {c['rnn_size']}, batch {c['batch_size']}, seq "
+          f"{c['seq_length']}, vocab {c['vocab']}; strategy {r['strategy']}; "
+          f"{r['gflop_per_iter']:.3f} GFLOP/iteration; sgemm peak {r['peak_gflops']:.1f} GFLOP/s "
+          f"-> GEMM floor {r['gflop_per_iter'] / r['peak_gflops'] * 1e3:.1f} ms")
+    for name in ("phi_rnn", "torch"):
+        s = r[name]
+        if s:
+            print(f"{name:8s} median {s['median_ms']:8.2f} ms  (min {s['min_ms']:.2f}, max {s['max_ms']:.2f}, "
+                  f"n={len(s['ms'])})  {s['chars_per_s']:9.0f} chars/s  {s['gflops']:6.1f} GFLOP/s  "
+                  f"{s['pct_peak']:5.1f}% of peak  RSS {s['peak_rss_mb']:.0f} MB")
+    floor = r["gflop_per_iter"] / r["peak_gflops"] * 1e3
+    line = f"phi_rnn / GEMM floor = {r['phi_rnn']['median_ms'] / floor:.2f}"
+    if r["ratio"] is not None:
+        line += f"; phi_rnn / torch = {r['ratio']:.2f}"
+    print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Never lose work: failed writes keep the previous checkpoint, divergence stops cleanly,
+--keep prunes, and results are deterministic for a given seed and thread count (with or
+without pinning)."""
+import glob
+import os
+import resource
+import signal
+
+import numpy as np
+
+from cli_helpers import TINY_MODEL, run_cli, small_corpus, train_losses
+from phi_rnn import checkpoint
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
+    corpus = small_corpus(tmp_path / "data")
+    cv = tmp_path / "cv"
+    run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", 5, "--eval_val_every", 5,
+            "--checkpoint_dir", cv, check=True)
+    (good,) = glob.glob(str(cv / "*.npz"))
+    content = open(good, "rb").read()
+    result = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", 10, "--eval_val_every", 5,
+                     "--checkpoint_dir", cv, "--resume", "latest", preexec_fn=_limit_file_size(4096))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot write checkpoint" in result.stderr and f"{good} is intact" in result.stderr
+    assert glob.glob(str(cv / "*.npz")) == [good] and open(good, "rb").read() == content
+    assert not [n for n in os.listdir(cv) if n.startswith(".tmp-")]  # no half-written leftovers
+    assert checkpoint.resolve("latest", str(cv)) == good
+
+
+def test_exploding_loss_stops_with_status_3_and_keeps_last_good_checkpoint(tmp_path):
+    corpus = small_corpus(tmp_path / "data")
+    cv = tmp_path / "cv"
+    result = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--learning_rate", 30, "--grad_clip", 1000,
+                     "--eval_val_every", 1, "--max_iters", 200, "--checkpoint_dir", cv)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "error: loss is" in result.stdout and "try a lower --learning_rate" in result.stdout
+    last_good = checkpoint.load("latest", str(cv))
+    assert np.all(np.isfinite(last_good.params["decoder.weight"]))
+    losses = last_good.meta["train_losses"]
+    assert all(np.isfinite(losses)) and max(losses) <= 3 * losses[0]
+
+
+def test_keep_prunes_to_last_k_and_the_best(tmp_path):
+    corpus = small_corpus(tmp_path / "data")
+    cv = tmp_path / "cv"
+    run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", 12, "--eval_val_every", 2,
+            "--keep", 2, "--checkpoint_dir", cv, check=True)
+    ck = checkpoint.load("latest", str(cv))
+    vals = {int(k): v for k, v in ck.meta["val_losses"].items()}
+    names = sorted(os.path.basename(p) for p in glob.glob(str(cv / "*.npz")))
+    best = min(vals, key=vals.get)
+    expect = {f"lm_lstm_epoch{i / ck.meta['iteration'] * ck.meta['epoch']:.2f}_{vals[i]:.4f}.npz"
+              for i in {10, 12, best}}
+    assert set(names) == expect
+
+
+def test_same_seed_same_threads_identical_and_pinning_does_not_change_results(tmp_path):
+    corpus = small_corpus(tmp_path / "data")
+    args = ["train", "--data_dir", corpus, *TINY_MODEL, "--dropout", 0.2, "--max_iters", 30,
+            "--eval_val_every", 30, "--threads", 2]
+    runs = [run_cli(*args, "--policy", policy, "--checkpoint_dir", tmp_path / policy, check=True)
+            for policy in ("compact", "scatter", "none")]
+    losses = [train_losses(r.stdout) for r in runs]
+    assert len(losses[0]) == 30 and losses[0] == losses[1] == losses[2]
+    assert "policy compact, CPUs [0, 1]" in runs[0].stdout
+    assert "verified: OpenMP threads on CPUs [0, 1]" in runs[0].stdout
