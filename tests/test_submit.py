@@ -1,0 +1,269 @@
+"""`python -m phi_rnn submit`: rendered scripts, bad input, real jobs on Slurm's PBS wrappers.
+
+The scheduler tests need the private Slurm of tests/slurm_cluster.py (packages from
+.ci/slurm-install.sh, root); they skip loudly without it.  Their jobs are submitted
+together by one fixture and run side by side; each test then waits for its own.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+
+TINY_MODEL = ["--rnn_size", "16", "--num_layers", "1", "--batch_size", "10",
+              "--seq_length", "20"]
+JOB_TIMEOUT_S = 150
+
+
+def submit(*argv, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "phi_rnn", "submit", *argv], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def directives(script):
+    return [line[len("#PBS "):] for line in script.splitlines() if line.startswith("#PBS ")]
+
+
+def exec_line(script):
+    (line,) = [line for line in script.splitlines() if line.startswith("exec ")]
+    return line
+
+
+def assert_valid_bash(script, tmp_path):
+    path = tmp_path / "job.pbs"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+# --- rendering (no scheduler) -------------------------------------------------------
+
+
+def test_torque_script_for_training(tmp_path):
+    result = submit("--ppn", "64", "--walltime", "2:00:00", "--dry-run", "--",
+                    "train", "--data_dir", "data/my text", "--max_iters", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert script.startswith("#!/bin/bash\n")
+    assert directives(script) == ["-N phi-train", "-q manycore", "-l nodes=1:ppn=64",
+                                  "-l walltime=02:00:00", "-j oe"]
+    assert f'cd "${{PBS_O_WORKDIR:-{tmp_path}}}"' in script
+    assert "source " in script and ".venv/bin/activate" in script
+    assert "${PBS_JOBID" in script and "/proc/cpuinfo" in script
+    assert exec_line(script) == ("exec python -m phi_rnn train --threads 64 "
+                                 "--data_dir 'data/my text' --max_iters 5")
+    assert "# submit: qsub -j oe phi-train" in script
+    assert_valid_bash(script, tmp_path)
+
+
+def test_pbspro_array_script_for_scaling(tmp_path):
+    result = submit("--flavor", "pbspro", "--ncpus", "68", "--walltime", "45:00",
+                    "--array", "0-3", "--account", "proj7", "--mail", "me@example.org",
+                    "--output", "logs/scale.log", "--pbs-line", "-l place=excl", "--dry-run",
+                    "--", "scale", "--out", "results/s", "--configs", "tiny", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert directives(script) == [
+        "-N phi-scale", "-q manycore", "-l select=1:ncpus=68:mpiprocs=1",
+        "-l walltime=00:45:00", "-A proj7", "-M me@example.org", "-m ae",
+        f"-o {tmp_path}/logs/scale.log", "-j oe", "-J 0-3", "-l place=excl"]
+    assert 'IDX="${PBS_ARRAYID:-${PBS_ARRAY_INDEX:-$SLURM_ARRAY_TASK_ID}}"' in script
+    assert re.fullmatch(r'exec python \S+/bench/scale\.py --point "\$IDX" '
+                        r"--out results/s --configs tiny", exec_line(script))
+    assert f"qsub -o {tmp_path}/logs/scale.log -j oe -J 0-3 phi-scale" in script
+    assert_valid_bash(script, tmp_path)
+
+
+@pytest.mark.parametrize("walltime, rendered", [("90", "00:01:30"), ("5:00", "00:05:00"),
+                                                ("100:00:00", "100:00:00")])
+def test_walltime_forms(tmp_path, walltime, rendered):
+    result = submit("--ppn", "2", "--walltime", walltime, "--dry-run", "--", "train",
+                    cwd=tmp_path)
+    assert f"-l walltime={rendered}" in directives(result.stdout)
+
+
+def test_train_options_threads_policy_resume_and_torque_array(tmp_path):
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "latest").write_text("lm_lstm_epoch1.00_2.0000.npz\n")
+    train = submit("--ppn", "64", "--threads", "128", "--policy", "scatter", "--resume",
+                   "--dry-run", "--", "train", "--checkpoint_dir", "cv", cwd=tmp_path)
+    assert exec_line(train.stdout) == ("exec python -m phi_rnn train --threads 128 "
+                                       "--policy scatter --checkpoint_dir cv --resume latest")
+    scale = submit("--ppn", "4", "--array", "0-7%2", "--dry-run", "--", "scale", "--out", "r",
+                   cwd=tmp_path)
+    assert "-t 0-7%2" in directives(scale.stdout)
+
+
+def test_conda_environment_and_separate_error_file(tmp_path):
+    result = submit("--ppn", "8", "--conda-env", "phi", "--output", "o.log", "--error", "e.log",
+                    "--dry-run", "--", "train", cwd=tmp_path)
+    script = result.stdout
+    assert 'eval "$(conda shell.bash hook)"' in script and "conda activate phi" in script
+    assert ".venv" not in script
+    assert directives(script)[-2:] == [f"-o {tmp_path}/o.log", f"-e {tmp_path}/e.log"]
+    assert f"qsub -o {tmp_path}/o.log -e {tmp_path}/e.log phi-train" in script
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--walltime", "1:61", "--", "train"], "invalid --walltime '1:61'"),
+    (["--walltime", "two hours", "--", "train"], "invalid --walltime"),
+    (["--walltime", "0", "--", "train"], "invalid --walltime"),
+    (["--name", "1st-run", "--", "train"], "invalid job name '1st-run'"),
+    (["--name", "a-much-too-long-name", "--", "train"], "at most 15 characters"),
+    (["--"], "after '--'"),
+    (["--", "evaluate"], "after '--'"),
+    (["--array", "0-1", "--", "train"], "--array runs scale points"),
+    (["--array", "0-1", "--", "scale"], "needs '--out DIR'"),
+    (["--flavor", "pbspro", "--array", "0,1", "--", "scale", "--out", "r"], "invalid --array"),
+    (["--nodes", "2", "--", "train"], "uses one node"),
+    (["--resume", "--", "train", "--checkpoint_dir", "fresh"], "no checkpoint to resume"),
+    (["--qsub", "/nonexistent/qsub", "--", "train"], "qsub not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
+    result = submit("--ppn", "2", *argv, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_qsub_suggests_dry_run(tmp_path):
+    result = submit("--ppn", "2", "--qsub", "no-such-qsub", "--", "train", cwd=tmp_path)
+    assert result.returncode == 2 and "--dry-run" in result.stderr
+
+
+# --- against the scheduler ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The submit directory: a small corpus; job outputs land here."""
+    root = tmp_path_factory.mktemp("submit")
+    (root / "data").mkdir()
+    words = "the quick brown fox jumps over a lazy dog while my kingdom waits for a horse"
+    lines = [" ".join(words.split()[i % 7:]) + "." for i in range(400)]
+    (root / "data" / "input.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def submit_for_real(cluster, workdir, *argv):
+    result = submit(*argv, cwd=workdir, env=cluster.env)
+    assert result.returncode == 0, result.stderr
+    job_id = re.search(r"job (\S+)", result.stdout).group(1)
+    output = Path(re.search(r"output: (.+)", result.stdout).group(1))
+    return job_id, output
+
+
+def train_args(checkpoint_dir, max_iters, *more):
+    # one thread each: side-by-side jobs on a 2-core machine, no spinning OpenMP contention
+    return ["--threads", "1", "--", "train", "--data_dir", "data",
+            "--checkpoint_dir", checkpoint_dir, "--max_iters", str(max_iters), *TINY_MODEL, *more]
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, workdir):  # noqa: F811
+    """Submits the independent jobs at once so that they run side by side."""
+    return {
+        "train": submit_for_real(slurm_cluster, workdir, "--ppn", "2", "--walltime", "5:00",
+                                 "--name", "phi-ok", *train_args("cv-ok", 30,
+                                                                 "--eval_val_every", "10")),
+        # Runs until the 1-minute walltime kills it; the checkpoint on SIGTERM is the point.
+        "walltime": submit_for_real(slurm_cluster, workdir, "--ppn", "2", "--walltime",
+                                    "00:01:00", "--name", "phi-wall",
+                                    *train_args("cv-wall", 10**9, "--max_epochs", "1000000",
+                                                "--eval_val_every", "1000000",
+                                                "--print_every", "200")),
+        "array": submit_for_real(slurm_cluster, workdir, "--ppn", "2", "--walltime", "5:00",
+                                 "--array", "0-1", "--name", "phi-array", "--", "scale",
+                                 "--out", "scale-out", "--threads", "1,2", "--configs",
+                                 "tiny", "--strategies", "batch", "--quick"),
+    }
+
+
+def job_states(cluster, name):
+    """PBS states (Q, R, C...) of the jobs and array tasks named `name`, from qstat."""
+    listing = subprocess.run(["qstat"], env=cluster.env, capture_output=True, text=True,
+                             check=True).stdout
+    rows = [line.split() for line in listing.splitlines()[2:]]
+    return [row[4] for row in rows if len(row) >= 5 and row[1] == name]
+
+
+def wait_until_done(cluster, name, timeout=JOB_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = job_states(cluster, name)
+        if states and all(state == "C" for state in states):
+            return
+        time.sleep(2)
+    pytest.fail(f"job {name} not done after {timeout} s: states {job_states(cluster, name)}")
+
+
+def checkpoints(directory):
+    return sorted(Path(directory).glob("lm_lstm_epoch*.npz"))
+
+
+def checkpoint_iteration(path):
+    meta = json.loads(str(np.load(path)["meta"]))
+    return meta["iteration"]
+
+
+def test_training_job_leaves_checkpoint_and_log(slurm_cluster, workdir, jobs):  # noqa: F811
+    job_id, output = jobs["train"]
+    assert re.fullmatch(r"\d+", job_id)  # Slurm ids have no .server suffix
+    assert output == workdir / f"phi-ok.o{job_id}"
+    wait_until_done(slurm_cluster, "phi-ok")
+    log = output.read_text()
+    assert f"phi_rnn job {job_id} on " in log and "cpu: " in log
+    assert "Traceback" not in log, log
+    assert checkpoints(workdir / "cv-ok"), log
+    assert (workdir / "cv-ok" / "latest").exists()
+
+
+def test_walltime_kill_checkpoints_and_resubmission_resumes(slurm_cluster, workdir, jobs):  # noqa: F811
+    _, output = jobs["walltime"]
+    wait_until_done(slurm_cluster, "phi-wall", timeout=JOB_TIMEOUT_S)
+    log = output.read_text()
+    assert "Traceback" not in log, log
+    saved = checkpoints(workdir / "cv-wall")
+    assert saved, f"no checkpoint after the walltime kill:\n{log}"
+    killed_at = max(checkpoint_iteration(path) for path in saved)
+    assert killed_at > 0
+
+    _, resumed_output = submit_for_real(
+        slurm_cluster, workdir, "--ppn", "2", "--walltime", "5:00", "--name", "phi-resume",
+        "--resume", *train_args("cv-wall", killed_at + 10, "--print_every", "1"))
+    wait_until_done(slurm_cluster, "phi-resume")
+    resumed_log = resumed_output.read_text()
+    assert "Traceback" not in resumed_log, resumed_log
+    assert re.search(rf"resum\w* .*iteration {killed_at}\b", resumed_log), resumed_log
+
+
+def test_scaling_array_runs_and_collects(slurm_cluster, workdir, jobs):  # noqa: F811
+    job_id, output = jobs["array"]
+    assert "one per array index" in str(output)
+    wait_until_done(slurm_cluster, "phi-array")
+    for index in (0, 1):
+        log = (workdir / f"phi-array.o{job_id}.{index}").read_text()
+        assert f"array index {index} on " in log
+    collect = subprocess.run([sys.executable, "bench/scale.py", "--collect",
+                              str(workdir / "scale-out")],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, timeout=120)
+    assert collect.returncode == 0, collect.stderr
+    assert "collected 2 finished" in collect.stdout, collect.stdout
+    assert (workdir / "scale-out" / "results.csv").exists()
+
+
+def test_unknown_queue_shows_the_scheduler_message(slurm_cluster, workdir):  # noqa: F811
+    result = submit("--ppn", "2", "--queue", "nosuchqueue", "--", "train", cwd=workdir,
+                    env=slurm_cluster.env)
+    assert result.returncode == 2
+    assert "qsub rejected the job" in result.stderr
+    assert "invalid partition" in result.stderr.lower()
+    assert result.stderr.strip().count("\n") == 0, result.stderr
