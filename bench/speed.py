@@ -132,10 +132,20 @@ def torch_worker(args):
     return [_timed(lambda: iteration(k)) for k in range(args.iters)]
 
 
-def run_worker(kind, argv):
-    """A fresh process per implementation: each starts its runtimes under the same plan."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", kind]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+RUNTIME_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_", "OPENBLAS_")
+
+
+def run_worker(kind, argv, threads):
+    """A fresh process per implementation (this one loads no runtime: once libgomp loads it
+    pins the main thread, and children would inherit that). phi_rnn's worker applies the plan;
+    PyTorch's runs as users run it, with only the thread count set (our spinning OpenMP
+    settings would make its autograd thread fight its own workers)."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--threads", str(threads), "--worker", kind]
+    env = dict(os.environ)
+    if kind == "torch":
+        env = {k: v for k, v in env.items() if not k.startswith(RUNTIME_PREFIXES)}
+        env["OMP_NUM_THREADS"] = str(threads)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"{kind} worker failed: {tail}")
@@ -155,6 +165,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
+        if args.worker == "torch":
+            print(json.dumps({"times": torch_worker(args)}))
+            return 0
         plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
     except UsageError as e:
         print(f"speed.py: error: {e}", file=sys.stderr)
@@ -162,20 +175,17 @@ def main(argv=None):
     args.threads = plan.threads
     if args.worker == "phi_rnn":
         times, gflop = phi_rnn_worker(args)
-        print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops()}))
-        return 0
-    if args.worker == "torch":
-        print(json.dumps({"times": torch_worker(args)}))
+        print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops(), "versions": versions()}))
         return 0
 
     worker_argv = [a for a in argv if a not in ("--json",)]
-    mine = run_worker("phi_rnn", worker_argv)
+    mine = run_worker("phi_rnn", worker_argv, plan.threads)
     topo = plan.topology.to_dict()
     report = {
         "machine": {"cpu": topo["model_name"], "sockets": topo["sockets"], "cores": topo["cores"],
                     "logical_cpus": topo["logical_cpus"], "numa_nodes": len(plan.topology.nodes),
                     "hostname": platform.node()},
-        "versions": versions(),
+        "versions": mine["versions"],
         "config": {"model": args.model, "rnn_size": args.rnn_size, "num_layers": args.num_layers,
                    "batch_size": args.batch_size, "seq_length": args.seq_length, "vocab": args.vocab},
         "threads": plan.threads, "policy": plan.policy, "strategy": args.strategy,
@@ -187,7 +197,7 @@ def main(argv=None):
         try:
             import importlib.util
             if importlib.util.find_spec("torch") is not None:
-                theirs = run_worker("torch", worker_argv)
+                theirs = run_worker("torch", worker_argv, plan.threads)
                 report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"])
                 report["versions"]["torch"] = _torch_version()
                 report["ratio"] = report["phi_rnn"]["median_ms"] / report["torch"]["median_ms"]

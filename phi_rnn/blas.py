@@ -52,6 +52,11 @@ dgemm = types.ExternalFunction(
     types.void(_i32, _i32, _i32, _i32, _i32, _i32, _f64, _ptr, _i32, _ptr, _i32, _f64, _ptr, _i32),
 )
 
+# int mkl_set_num_threads_local(int n): this thread's MKL thread count; 0 = back to global.
+# MKL called inside a numba prange must run sequentially: left to its global count it opens
+# nested regions that cost ~3x on a 2-core machine (measured).
+set_num_threads_local = types.ExternalFunction("MKL_Set_Num_Threads_Local", types.int32(types.int32))
+
 
 def mkl_set_num_threads(n):
     _mkl.MKL_Set_Num_Threads(ctypes.c_int(int(n)))

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, dgemm, sgemm
+from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, dgemm, set_num_threads_local, sgemm
 
 _opts = dict(cache=True, error_model="numpy")
 
@@ -123,61 +123,6 @@ def gemm(trans_a, trans_b, alpha, a, b, beta, c):
               b.ctypes.data, b.strides[0] // 4, np.float32(beta), c.ctypes.data, c.strides[0] // 4)
 
 
-@njit(**_opts)
-def fill_rows(out, row):
-    """out (R, N) = row (N) broadcast: the bias a projection GEMM then accumulates onto."""
-    for r in range(out.shape[0]):
-        o = out[r]
-        for j in range(row.shape[0]):
-            o[j] = row[j]
-
-
-@njit(parallel=True, **_opts)
-def gather_rows(table, index, bias, out):
-    """out (R, N) = table[index[r]] + bias: the first layer's input projection of a one-hot
-    input, a row gather instead of a GEMM. table (V, N), index (R,), bias (N,)."""
-    for r in prange(out.shape[0]):
-        src = table[index[r]]
-        o = out[r]
-        for j in range(o.shape[0]):
-            o[j] = src[j] + bias[j]
-
-
-@njit(parallel=True, **_opts)
-def scatter_add_rows(grad_rows, index, table_grad, nblocks):
-    """table_grad (V, N) = sum of grad_rows (R, N) into rows index (R,): the gradient of
-    gather_rows. Threads own column blocks, so no two write the same element."""
-    V, N = table_grad.shape
-    for blk in prange(nblocks):
-        j0 = blk * N // nblocks
-        j1 = (blk + 1) * N // nblocks
-        for v in range(V):
-            tg = table_grad[v, j0:j1]
-            for j in range(tg.shape[0]):
-                tg[j] = ZERO
-        for r in range(grad_rows.shape[0]):
-            src = grad_rows[r, j0:j1]
-            tg = table_grad[index[r], j0:j1]
-            for j in range(tg.shape[0]):
-                tg[j] += src[j]
-
-
-@njit(parallel=True, **_opts)
-def column_sums(a, out, nblocks):
-    """out (N) = a (R, N) summed over rows; column blocks per thread, row order fixed."""
-    R, N = a.shape
-    for blk in prange(nblocks):
-        j0 = blk * N // nblocks
-        j1 = (blk + 1) * N // nblocks
-        o = out[j0:j1]
-        for j in range(o.shape[0]):
-            o[j] = ZERO
-        for r in range(R):
-            src = a[r, j0:j1]
-            for j in range(o.shape[0]):
-                o[j] += src[j]
-
-
 @njit(parallel=True, **_opts)
 def multiply(a, b, out):
     """out = a * b elementwise over 2-d arrays (dropout masks)."""
@@ -192,10 +137,14 @@ def multiply(a, b, out):
 # ---------------------------------------------------------------- LSTM cell
 
 @njit(**_opts)
-def lstm_cell_forward(gates, c_prev, c, tanh_c, h):
-    """gates (nb, 4H): pre-activations in, activations i, f, o, g out.
-    c_prev (nb, H) -> c = f*c_prev + i*g, tanh_c = tanh(c), h = o*tanh(c)."""
+def lstm_cell_forward(gates, bias, c_prev, c, tanh_c, h):
+    """gates (nb, 4H): pre-activations without bias in, activations i, f, o, g out;
+    bias (4H) = b_ih + b_hh. c_prev (nb, H) -> c = f*c_prev + i*g, tanh_c, h = o*tanh(c)."""
     H = c.shape[1]
+    bi = bias[0:H]
+    bf = bias[H:2 * H]
+    bo = bias[2 * H:3 * H]
+    bg = bias[3 * H:4 * H]
     for b in range(gates.shape[0]):
         gi = gates[b, 0:H]
         gf = gates[b, H:2 * H]
@@ -206,10 +155,10 @@ def lstm_cell_forward(gates, c_prev, c, tanh_c, h):
         tb = tanh_c[b]
         hb = h[b]
         for j in range(H):
-            i = fast_sigmoid(gi[j])
-            f = fast_sigmoid(gf[j])
-            o = fast_sigmoid(go[j])
-            g = fast_tanh(gg[j])
+            i = fast_sigmoid(gi[j] + bi[j])
+            f = fast_sigmoid(gf[j] + bf[j])
+            o = fast_sigmoid(go[j] + bo[j])
+            g = fast_tanh(gg[j] + bg[j])
             gi[j] = i
             gf[j] = f
             go[j] = o
@@ -252,55 +201,92 @@ def lstm_cell_backward(gates, c_prev, tanh_c, dh_out, dh, dc):
             dcb[j] = dct * f
 
 
+# ---------------------------------------------------------------- recurrences
+# One layer over all T steps for batch rows b0:b1. The first layer's one-hot input
+# projection is a row gather done here, per step, while the rows are hot in cache:
+# `table` (V, G) = w_ih^T with `tokens` (T, B); upper layers pass an empty table and arrive
+# with their input projection (one GEMM over all steps) already in `gates`.
+
 @njit(**_opts)
-def lstm_recurrence_forward(gates, w_hh, hs, cs, tanh_c, b0, b1):
-    """Rows b0:b1 of one layer over all T steps.
-    gates (T, B, 4H): input projection + biases in, activations out; w_hh (4H, H);
-    hs, cs (T+1, B, H): [0] holds the initial state, [t+1] the state after step t;
-    tanh_c (T, B, H)."""
-    T = gates.shape[0]
-    H = w_hh.shape[1]
-    nb = b1 - b0
-    for t in range(T):
+def gather_step(gates_t, table, tokens_t):
+    """gates_t (nb, G) = table[tokens_t] (nb): the one-hot input projection of one step."""
+    for b in range(gates_t.shape[0]):
+        src = table[tokens_t[b]]
+        dst = gates_t[b]
+        for j in range(dst.shape[0]):
+            dst[j] = src[j]
+
+
+@njit(**_opts)
+def accumulate_step(d_gates_t, tokens_t, d_bias, d_table):
+    """d_bias (G) += column sums of d_gates_t (nb, G); d_table (V, G) rows tokens_t += rows:
+    the bias and one-hot input weight gradients, accumulated while d_gates_t is in cache."""
+    for b in range(d_gates_t.shape[0]):
+        src = d_gates_t[b]
+        for j in range(src.shape[0]):
+            d_bias[j] += src[j]
+        if d_table.shape[0] > 0:
+            dst = d_table[tokens_t[b]]
+            for j in range(src.shape[0]):
+                dst[j] += src[j]
+
+
+@njit(**_opts)
+def lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, tanh_c, b0, b1):
+    """gates (T, B, 4H): input projection in (unless table is given), activations out;
+    bias (4H); w_hh (4H, H); hs, cs (T+1, B, H): [0] the initial state, [t+1] the state after
+    step t; tanh_c (T, B, H)."""
+    for t in range(gates.shape[0]):
         g = gates[t, b0:b1]
+        if table.shape[0] > 0:
+            gather_step(g, table, tokens[t, b0:b1])
         gemm(False, True, ONE, hs[t, b0:b1], w_hh, ONE, g)
-        lstm_cell_forward(g, cs[t, b0:b1], cs[t + 1, b0:b1], tanh_c[t, b0:b1], hs[t + 1, b0:b1])
+        lstm_cell_forward(g, bias, cs[t, b0:b1], cs[t + 1, b0:b1], tanh_c[t, b0:b1], hs[t + 1, b0:b1])
 
 
 @njit(**_opts)
-def lstm_recurrence_backward(gates, w_hh, cs, tanh_c, dhs, dh, dc, b0, b1):
-    """Rows b0:b1, steps T-1..0. gates (T, B, 4H): activations in, pre-activation
-    gradients out; dhs (T, B, H): gradient of each step's output from above;
-    dh, dc (B, H): scratch for the recurrent gradients (zeroed here: truncated BPTT)."""
+def lstm_recurrence_backward(gates, w_hh, cs, tanh_c, dhs, dh, dc, tokens, d_bias, d_table, b0, b1):
+    """Rows b0:b1, steps T-1..0. gates (T, B, 4H): activations in, pre-activation gradients
+    out; dhs (T, B, H): gradient of each step's output from above; dh, dc (B, H): scratch
+    for the recurrent gradients (zeroed here: truncated BPTT); d_bias (4H) and d_table
+    (V, 4H, or empty above the first layer) are this row block's partial gradients."""
     T = gates.shape[0]
-    H = w_hh.shape[1]
-    nb = b1 - b0
     dhr = dh[b0:b1]
     dcr = dc[b0:b1]
-    for b in range(nb):
-        for j in range(H):
-            dhr[b, j] = ZERO
-            dcr[b, j] = ZERO
+    dhr[:] = ZERO
+    dcr[:] = ZERO
+    d_bias[:] = ZERO
+    d_table[:] = ZERO
     for t in range(T - 1, -1, -1):
         g = gates[t, b0:b1]
         lstm_cell_backward(g, cs[t, b0:b1], tanh_c[t, b0:b1], dhs[t, b0:b1], dhr, dcr)
+        accumulate_step(g, tokens[t, b0:b1], d_bias, d_table)
         if t > 0:  # the initial state is a constant: no gradient flows into it
             gemm(False, False, ONE, g, w_hh, ZERO, dhr)
 
 
 @njit(parallel=True, **_opts)
-def lstm_forward_batch_parallel(gates, w_hh, hs, cs, tanh_c, nparts):
+def lstm_forward_parallel(gates, bias, table, tokens, w_hh, hs, cs, tanh_c, nparts):
+    """Batch strategy: part p of nparts runs rows [p*B/nparts, (p+1)*B/nparts) with MKL
+    sequential inside (left to its global count it nests, ~3x slower on 2 cores)."""
     B = gates.shape[1]
     for p in prange(nparts):
-        lstm_recurrence_forward(gates, w_hh, hs, cs, tanh_c, p * B // nparts, (p + 1) * B // nparts)
+        set_num_threads_local(1)
+        lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, tanh_c,
+                                p * B // nparts, (p + 1) * B // nparts)
+        set_num_threads_local(0)
 
 
 @njit(parallel=True, **_opts)
-def lstm_backward_batch_parallel(gates, w_hh, cs, tanh_c, dhs, dh, dc, nparts):
+def lstm_backward_parallel(gates, w_hh, cs, tanh_c, dhs, dh, dc, tokens, d_bias_parts, d_table_parts, nparts):
+    """Batch strategy backward; d_bias_parts (nparts, 4H) and d_table_parts (nparts, V, 4H)
+    get each part's partial gradients, reduced by the caller in a fixed order."""
     B = gates.shape[1]
     for p in prange(nparts):
-        lstm_recurrence_backward(gates, w_hh, cs, tanh_c, dhs, dh, dc,
-                                 p * B // nparts, (p + 1) * B // nparts)
+        set_num_threads_local(1)
+        lstm_recurrence_backward(gates, w_hh, cs, tanh_c, dhs, dh, dc, tokens, d_bias_parts[p],
+                                 d_table_parts[p], p * B // nparts, (p + 1) * B // nparts)
+        set_num_threads_local(0)
 
 
 # ---------------------------------------------------------------- loss
@@ -326,17 +312,6 @@ def log_softmax_nll(logits, targets, row_loss, grad_scale):
         for j in range(z.shape[0]):
             z[j] = z[j] * inv
         z[y] -= grad_scale
-
-
-@njit(**_opts)
-def log_softmax_rows(logits, out):
-    """out (R, V) = log-softmax of logits (R, V), exact libm math (evaluation and sampling)."""
-    for r in range(logits.shape[0]):
-        z = logits[r]
-        zmax = z.max()
-        lse = np.log(np.sum(np.exp(z - zmax))) + zmax
-        for j in range(z.shape[0]):
-            out[r, j] = z[j] - lse
 
 
 # ---------------------------------------------------------------- optimizer
@@ -384,19 +359,13 @@ def lstm_step(token, w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b, h, c, gates, tanh_
     bias (L, 4H) = b_ih + b_hh; h, c (L, H) carried; gates (1, 4H), tanh_c (1, H) scratch."""
     L = w_hh.shape[0]
     for layer in range(L):
-        g = gates[0]
         if layer == 0:
-            src = w_ih0_t[token]
-            b = bias[0]
-            for j in range(g.shape[0]):
-                g[j] = src[j] + b[j]
+            gates[0, :] = w_ih0_t[token]
         else:
-            b = bias[layer]
-            for j in range(g.shape[0]):
-                g[j] = b[j]
-            gemm(False, True, ONE, h[layer - 1:layer], w_ih[layer - 1], ONE, gates)
+            gemm(False, True, ONE, h[layer - 1:layer], w_ih[layer - 1], ZERO, gates)
         gemm(False, True, ONE, h[layer:layer + 1], w_hh[layer], ONE, gates)
-        lstm_cell_forward(gates, c[layer:layer + 1], c[layer:layer + 1], tanh_c, h[layer:layer + 1])
+        lstm_cell_forward(gates, bias[layer], c[layer:layer + 1], c[layer:layer + 1], tanh_c,
+                          h[layer:layer + 1])
     logits[0, :] = dec_b
     gemm(False, True, ONE, h[L - 1:L], dec_w, ONE, logits)
 

@@ -91,6 +91,7 @@ class Network:
             return
         self._shape = (T, B)
         L, H, V, G = self.L, self.H, self.V, GATES[self.model] * self.H
+        P = self._nparts(B)
         dt = self.dtype
         self.gates = np.zeros((L, T, B, G), dt)
         self.hs = np.zeros((L, T + 1, B, H), dt)
@@ -104,9 +105,11 @@ class Network:
         self.dh = np.zeros((B, H), dt)
         self.dc = np.zeros((B, H), dt)
         self.w_ih0_t = np.zeros((V, G), dt)
-        self.d_w_ih0_t = np.zeros((V, G), dt)
+        self.no_table = np.zeros((0, G), dt)
+        self.no_tables = np.zeros((P, 0, G), dt)
+        self.d_tables = np.zeros((P, V, G), dt)  # per-part partial gradients, reduced in order
+        self.d_biases = np.zeros((P, G), dt)
         self.bias = np.zeros(G, dt)
-        self.d_bias = np.zeros(G, dt)
 
     def _nparts(self, B):
         return max(1, min(numba.get_num_threads(), B)) if self.strategy == "batch" else 1
@@ -125,23 +128,22 @@ class Network:
             w_ih, w_hh = p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"]
             np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=self.bias)
             gates = self.gates[layer]
-            gates2d = gates.reshape(T * B, -1)
             if layer == 0:
                 self.w_ih0_t[:] = w_ih.T
-                K.gather_rows(self.w_ih0_t, x.reshape(-1), self.bias, gates2d)
+                table = self.w_ih0_t
             else:
-                K.fill_rows(gates2d, self.bias)
+                table = self.no_table
                 self._layer_input(layer, training, rng)
-                K.gemm(False, True, K.ONE, self.inputs[layer], w_ih, K.ONE, gates2d)
+                K.gemm(False, True, K.ONE, self.inputs[layer], w_ih, K.ZERO, gates.reshape(T * B, -1))
             hs, cs = self.hs[layer], self.cs[layer]
             hs[0], cs[0] = state[layer, 0], state[layer, 1]
             if nparts > 1:
-                K.lstm_forward_batch_parallel(gates, w_hh, hs, cs, self.tanh_c[layer], nparts)
+                K.lstm_forward_parallel(gates, self.bias, table, x, w_hh, hs, cs, self.tanh_c[layer], nparts)
             else:
-                K.lstm_recurrence_forward(gates, w_hh, hs, cs, self.tanh_c[layer], 0, B)
+                K.lstm_recurrence_forward(gates, self.bias, table, x, w_hh, hs, cs, self.tanh_c[layer], 0, B)
             state[layer, 0], state[layer, 1] = hs[T], cs[T]
         top = self._layer_input(self.L, training, rng)
-        K.fill_rows(self.logits, p["decoder.bias"])
+        self.logits[:] = p["decoder.bias"]
         K.gemm(False, True, K.ONE, top, p["decoder.weight"], K.ONE, self.logits)
         K.log_softmax_nll(self.logits, y.reshape(-1), self.row_loss, self.dtype(1.0 / B))
         return float(self.row_loss.sum(dtype=np.float64)) / (B * T)
@@ -169,32 +171,29 @@ class Network:
         H = self.H
         top = self.inputs[0]  # self.inputs[L % L]: the decoder's input
         K.gemm(True, False, K.ONE, self.logits, top, K.ZERO, g["decoder.weight"])
-        K.column_sums(self.logits, g["decoder.bias"], nparts)
-        d_top = self.d_in
-        K.gemm(False, False, K.ONE, self.logits, p["decoder.weight"], K.ZERO, d_top)
+        self.logits.sum(axis=0, out=g["decoder.bias"])
+        K.gemm(False, False, K.ONE, self.logits, p["decoder.weight"], K.ZERO, self.d_in)
         for layer in range(self.L - 1, -1, -1):
-            mask_index = (layer + 1) % self.L
             if training_dropout:
-                K.multiply(self.d_in, self.masks[mask_index], self.d_in)
+                K.multiply(self.d_in, self.masks[(layer + 1) % self.L], self.d_in)
             d_out = self.d_in.reshape(T, B, H)  # read by the recurrence before d_in is rewritten
             gates = self.gates[layer]
             w_hh = p[f"layers.{layer}.w_hh"]
+            d_tables = self.d_tables if layer == 0 else self.no_tables
             if nparts > 1:
-                K.lstm_backward_batch_parallel(gates, w_hh, self.cs[layer], self.tanh_c[layer],
-                                               d_out, self.dh, self.dc, nparts)
+                K.lstm_backward_parallel(gates, w_hh, self.cs[layer], self.tanh_c[layer], d_out, self.dh,
+                                         self.dc, x, self.d_biases, d_tables, nparts)
             else:
-                K.lstm_recurrence_backward(gates, w_hh, self.cs[layer], self.tanh_c[layer],
-                                           d_out, self.dh, self.dc, 0, B)
+                K.lstm_recurrence_backward(gates, w_hh, self.cs[layer], self.tanh_c[layer], d_out, self.dh,
+                                           self.dc, x, self.d_biases[0], d_tables[0], 0, B)
             d_gates = gates.reshape(T * B, -1)
             K.gemm(True, False, K.ONE, d_gates, self.hs[layer, :T].reshape(T * B, H), K.ZERO,
                    g[f"layers.{layer}.w_hh"])
-            K.column_sums(d_gates, self.d_bias, nparts)
-            g[f"layers.{layer}.b_ih"][:] = self.d_bias
-            g[f"layers.{layer}.b_hh"][:] = self.d_bias
+            d_bias = self.d_biases[:nparts].sum(axis=0)
+            g[f"layers.{layer}.b_ih"][:] = d_bias
+            g[f"layers.{layer}.b_hh"][:] = d_bias
             if layer == 0:
-                K.scatter_add_rows(d_gates, x.reshape(-1), self.d_w_ih0_t, nparts)
-                g["layers.0.w_ih"][:] = self.d_w_ih0_t.T
+                g["layers.0.w_ih"][:] = self.d_tables[:nparts].sum(axis=0).T
             else:
-                w_ih = p[f"layers.{layer}.w_ih"]
                 K.gemm(True, False, K.ONE, d_gates, self.inputs[layer], K.ZERO, g[f"layers.{layer}.w_ih"])
-                K.gemm(False, False, K.ONE, d_gates, w_ih, K.ZERO, self.d_in)
+                K.gemm(False, False, K.ONE, d_gates, p[f"layers.{layer}.w_ih"], K.ZERO, self.d_in)

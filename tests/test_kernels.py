@@ -48,37 +48,32 @@ def test_gemm_matches_numpy(ta, tb, dtype, tol):
     np.testing.assert_allclose(c, expect, rtol=tol, atol=tol)
 
 
-def test_gather_and_scatter_rows_match_numpy():
+def test_gather_step_and_accumulate_step_match_numpy():
     table = rng.standard_normal((11, 24)).astype(np.float32)
-    index = rng.integers(0, 11, 300).astype(np.int32)
-    bias = rng.standard_normal(24).astype(np.float32)
-    out = np.empty((300, 24), np.float32)
-    K.gather_rows(table, index, bias, out)
-    np.testing.assert_array_equal(out, table[index] + bias)
-    grad = rng.standard_normal((300, 24)).astype(np.float32)
-    tg = np.full((11, 24), np.nan, np.float32)
-    K.scatter_add_rows(grad, index, tg, 3)
-    expect = np.zeros((11, 24))
-    np.add.at(expect, index, grad.astype(np.float64))
-    np.testing.assert_allclose(tg, expect, rtol=1e-5, atol=1e-5)
-
-
-def test_column_sums_match_numpy():
-    a = rng.standard_normal((123, 37)).astype(np.float32)
-    out = np.full(37, np.nan, np.float32)
-    K.column_sums(a, out, 4)
-    np.testing.assert_allclose(out, a.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+    tokens = rng.integers(0, 11, 30).astype(np.int32)
+    out = np.empty((30, 24), np.float32)
+    K.gather_step(out, table, tokens)
+    np.testing.assert_array_equal(out, table[tokens])
+    grad = rng.standard_normal((30, 24)).astype(np.float32)
+    d_bias = np.ones(24, np.float32)
+    d_table = np.ones((11, 24), np.float32)
+    K.accumulate_step(grad, tokens, d_bias, d_table)
+    expect = np.ones((11, 24))
+    np.add.at(expect, tokens, grad.astype(np.float64))
+    np.testing.assert_allclose(d_table, expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_bias, 1 + grad.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_lstm_cell_forward_backward_match_reference():
     from reference import sigmoid
     nb, H = 6, 8
     pre = rng.standard_normal((nb, 4 * H)).astype(np.float32) * 2
+    bias = rng.standard_normal(4 * H).astype(np.float32)
     c_prev = rng.standard_normal((nb, H)).astype(np.float32)
     gates = pre.copy()
     c, tc, h = (np.empty((nb, H), np.float32) for _ in range(3))
-    K.lstm_cell_forward(gates, c_prev, c, tc, h)
-    p = pre.astype(np.float64)
+    K.lstm_cell_forward(gates, bias, c_prev, c, tc, h)
+    p = pre.astype(np.float64) + bias
     i, f, o, g = sigmoid(p[:, :H]), sigmoid(p[:, H:2 * H]), sigmoid(p[:, 2 * H:3 * H]), np.tanh(p[:, 3 * H:])
     c_ref = f * c_prev + i * g
     np.testing.assert_allclose(gates, np.concatenate([i, f, o, g], 1), atol=1e-6)
