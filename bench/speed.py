@@ -26,7 +26,7 @@ from phi_rnn.errors import UsageError  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="lstm")
+    p.add_argument("--model", default="lstm", choices=("lstm", "gru", "rnn"))
     p.add_argument("--rnn_size", "--rnn-size", type=int, default=128)
     p.add_argument("--num_layers", "--num-layers", type=int, default=2)
     p.add_argument("--batch_size", "--batch-size", type=int, default=50)
@@ -48,7 +48,11 @@ def parse_args(argv=None):
     return args
 
 
-def summary(seconds, args, gflop, peak):
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary(seconds, args, gflop, peak, rss_mb):
     import numpy as np
     ms = np.asarray(seconds) * 1e3
     median = float(np.median(ms))
@@ -57,7 +61,7 @@ def summary(seconds, args, gflop, peak):
             "max_ms": float(ms.max()),
             "chars_per_s": args.batch_size * args.seq_length / (median / 1e3),
             "gflops": gflops, "pct_peak": 100 * gflops / peak if peak else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": rss_mb}
 
 
 def sgemm_peak_gflops(n=2048, reps=5):
@@ -103,24 +107,28 @@ def phi_rnn_worker(args):
 
 
 def torch_worker(args):
-    """The same training iteration in PyTorch: one-hot input, nn.LSTM, Linear, cross-entropy
-    summed over time, elementwise clamp, RMSprop(alpha=0.95, eps=1e-8)."""
+    """The same training iteration in PyTorch: one-hot input, nn.LSTM / nn.GRU / nn.RNN
+    (PyTorch's GRU applies the reset gate after its h2h product, char-rnn's before: the same
+    GEMM work), Linear, cross-entropy summed over time, elementwise clamp,
+    RMSprop(alpha=0.95, eps=1e-8)."""
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     V, H, L, T, B = args.vocab, args.rnn_size, args.num_layers, args.seq_length, args.batch_size
-    lstm, decoder = torch.nn.LSTM(V, H, L), torch.nn.Linear(H, V)
-    params = list(lstm.parameters()) + list(decoder.parameters())
+    rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[args.model](V, H, L)
+    decoder = torch.nn.Linear(H, V)
+    params = list(rnn.parameters()) + list(decoder.parameters())
     opt = torch.optim.RMSprop(params, lr=2e-3, alpha=0.95, eps=1e-8)
     batches = [(torch.randint(0, V, (T, B)), torch.randint(0, V, (T, B))) for _ in range(4)]
-    state = (torch.zeros(L, B, H), torch.zeros(L, B, H))
+    state = (torch.zeros(L, B, H), torch.zeros(L, B, H)) if args.model == "lstm" else torch.zeros(L, B, H)
+    detach = lambda s: tuple(t.detach() for t in s) if isinstance(s, tuple) else s.detach()
 
     def iteration(k):
         nonlocal state
         x, y = batches[k % 4]
         opt.zero_grad(set_to_none=False)
-        out, (h, c) = lstm(torch.nn.functional.one_hot(x, V).float(), state)
-        state = (h.detach(), c.detach())
+        out, state = rnn(torch.nn.functional.one_hot(x, V).float(), state)
+        state = detach(state)
         loss = torch.nn.functional.cross_entropy(decoder(out).view(T * B, V), y.view(-1)) * T
         loss.backward()
         for p in params:
@@ -166,7 +174,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.worker == "torch":
-            print(json.dumps({"times": torch_worker(args)}))
+            times = torch_worker(args)
+        print(json.dumps({"times": times, "rss_mb": peak_rss_mb()}))
             return 0
         plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
     except UsageError as e:
@@ -175,7 +184,8 @@ def main(argv=None):
     args.threads = plan.threads
     if args.worker == "phi_rnn":
         times, gflop = phi_rnn_worker(args)
-        print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops(), "versions": versions()}))
+        print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops(), "versions": versions(),
+                          "rss_mb": peak_rss_mb()}))
         return 0
 
     worker_argv = [a for a in argv if a not in ("--json",)]
@@ -190,7 +200,7 @@ def main(argv=None):
                    "batch_size": args.batch_size, "seq_length": args.seq_length, "vocab": args.vocab},
         "threads": plan.threads, "policy": plan.policy, "strategy": args.strategy,
         "placement": plan.describe(), "gflop_per_iter": mine["gflop"], "peak_gflops": mine["peak"],
-        "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"]),
+        "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"], mine["rss_mb"]),
         "torch": None, "ratio": None,
     }
     if args.torch:
@@ -198,7 +208,7 @@ def main(argv=None):
             import importlib.util
             if importlib.util.find_spec("torch") is not None:
                 theirs = run_worker("torch", worker_argv, plan.threads)
-                report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"])
+                report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"], theirs["rss_mb"])
                 report["versions"]["torch"] = _torch_version()
                 report["ratio"] = report["phi_rnn"]["median_ms"] / report["torch"]["median_ms"]
         except RuntimeError as e:

@@ -7,7 +7,7 @@ from phi_rnn.errors import UsageError
 
 MAX_SIZE = {"rnn_size": 1 << 15, "num_layers": 64, "seq_length": 1 << 16, "batch_size": 1 << 16}
 STRATEGIES = ("batch", "gemm")
-MODELS = ("lstm",)
+MODELS = ("lstm", "gru", "rnn")
 
 
 def _add(parser, name, **kw):

@@ -245,47 +245,214 @@ def lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, tanh_c, b0
 
 
 @njit(**_opts)
-def lstm_recurrence_backward(gates, w_hh, cs, tanh_c, dhs, dh, dc, tokens, d_bias, d_table, b0, b1):
+def lstm_recurrence_backward(gates, w_hh, hs, cs, tanh_c, dhs, dh, dc, tokens, d_bias, d_table, b0, b1):
     """Rows b0:b1, steps T-1..0. gates (T, B, 4H): activations in, pre-activation gradients
-    out; dhs (T, B, H): gradient of each step's output from above; dh, dc (B, H): scratch
-    for the recurrent gradients (zeroed here: truncated BPTT); d_bias (4H) and d_table
-    (V, 4H, or empty above the first layer) are this row block's partial gradients."""
-    T = gates.shape[0]
-    dhr = dh[b0:b1]
-    dcr = dc[b0:b1]
-    dhr[:] = ZERO
-    dcr[:] = ZERO
-    d_bias[:] = ZERO
-    d_table[:] = ZERO
-    for t in range(T - 1, -1, -1):
+    out; dhs (T, B, H): gradient of each step's output from above; dh, dc (B, H): the
+    recurrent gradients (zeroed by the caller: truncated BPTT); d_bias (4H) and d_table
+    (V, 4H, or empty above the first layer) get this row block's partial gradients."""
+    for t in range(gates.shape[0] - 1, -1, -1):
         g = gates[t, b0:b1]
-        lstm_cell_backward(g, cs[t, b0:b1], tanh_c[t, b0:b1], dhs[t, b0:b1], dhr, dcr)
+        lstm_cell_backward(g, cs[t, b0:b1], tanh_c[t, b0:b1], dhs[t, b0:b1], dh[b0:b1], dc[b0:b1])
         accumulate_step(g, tokens[t, b0:b1], d_bias, d_table)
         if t > 0:  # the initial state is a constant: no gradient flows into it
+            gemm(False, False, ONE, g, w_hh, ZERO, dh[b0:b1])
+
+
+# ---------------------------------------------------------------- GRU (char-rnn's GRU.lua)
+# Blocks z (update), r (reset), c (candidate): z = sig(x Wz + h Uz + b), r = sig(x Wr + h Ur + b),
+# c = tanh(x Wc + (r*h) Uc + b), h' = z*c + (1-z)*h. The reset gate acts before Uc, so a step
+# is two dependent GEMMs: [z r] from h, then c from r*h (kept in `rh` for the gradient of Uc).
+
+@njit(**_opts)
+def gru_gates_forward(gates, bias, h_prev, rh):
+    """gates (nb, 3H): z and r pre-activations in (no bias), activations out; rh = r*h_prev."""
+    H = h_prev.shape[1]
+    bz = bias[0:H]
+    br = bias[H:2 * H]
+    for b in range(gates.shape[0]):
+        gz = gates[b, 0:H]
+        gr = gates[b, H:2 * H]
+        hp = h_prev[b]
+        rb = rh[b]
+        for j in range(H):
+            z = fast_sigmoid(gz[j] + bz[j])
+            r = fast_sigmoid(gr[j] + br[j])
+            gz[j] = z
+            gr[j] = r
+            rb[j] = r * hp[j]
+
+
+@njit(**_opts)
+def gru_output_forward(gates, bias, h_prev, h):
+    """gates (nb, 3H): candidate pre-activation in (block 2, no bias), tanh out;
+    h = z*c + (1-z)*h_prev."""
+    H = h_prev.shape[1]
+    bc = bias[2 * H:3 * H]
+    for b in range(gates.shape[0]):
+        gz = gates[b, 0:H]
+        gc = gates[b, 2 * H:3 * H]
+        hp = h_prev[b]
+        hb = h[b]
+        for j in range(H):
+            c = fast_tanh(gc[j] + bc[j])
+            gc[j] = c
+            z = gz[j]
+            hb[j] = z * c + (ONE - z) * hp[j]
+
+
+@njit(**_opts)
+def gru_output_backward(gates, h_prev, dh_out, dh):
+    """Through h' = z*c + (1-z)*h: blocks z and c of gates (activations) become pre-activation
+    gradients; dh (from the next step) in, the direct part of d(h_prev) out."""
+    H = h_prev.shape[1]
+    for b in range(gates.shape[0]):
+        gz = gates[b, 0:H]
+        gc = gates[b, 2 * H:3 * H]
+        hp = h_prev[b]
+        dob = dh_out[b]
+        dhb = dh[b]
+        for j in range(H):
+            z = gz[j]
+            c = gc[j]
+            dht = dob[j] + dhb[j]
+            gz[j] = dht * (c - hp[j]) * z * (ONE - z)
+            gc[j] = dht * z * (ONE - c * c)
+            dhb[j] = dht * (ONE - z)
+
+
+@njit(**_opts)
+def gru_reset_backward(gates, h_prev, d_rh, dh):
+    """Through rh = r*h: block r of gates becomes its pre-activation gradient; dh += d_rh*r."""
+    H = h_prev.shape[1]
+    for b in range(gates.shape[0]):
+        gr = gates[b, H:2 * H]
+        hp = h_prev[b]
+        drb = d_rh[b]
+        dhb = dh[b]
+        for j in range(H):
+            r = gr[j]
+            gr[j] = drb[j] * hp[j] * r * (ONE - r)
+            dhb[j] += drb[j] * r
+
+
+@njit(**_opts)
+def gru_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, rh, b0, b1):
+    """As lstm_recurrence_forward, for (T, B, 3H) gates; cs is unused, rh (T, B, H)."""
+    H = hs.shape[2]
+    for t in range(gates.shape[0]):
+        g = gates[t, b0:b1]
+        if table.shape[0] > 0:
+            gather_step(g, table, tokens[t, b0:b1])
+        h_prev = hs[t, b0:b1]
+        gemm(False, True, ONE, h_prev, w_hh[0:2 * H], ONE, g[:, 0:2 * H])
+        gru_gates_forward(g, bias, h_prev, rh[t, b0:b1])
+        gemm(False, True, ONE, rh[t, b0:b1], w_hh[2 * H:3 * H], ONE, g[:, 2 * H:3 * H])
+        gru_output_forward(g, bias, h_prev, hs[t + 1, b0:b1])
+
+
+@njit(**_opts)
+def gru_recurrence_backward(gates, w_hh, hs, cs, rh, dhs, dh, d_rh, tokens, d_bias, d_table, b0, b1):
+    """As lstm_recurrence_backward; d_rh (B, H) is scratch for the gradient of r*h."""
+    H = hs.shape[2]
+    for t in range(gates.shape[0] - 1, -1, -1):
+        g = gates[t, b0:b1]
+        h_prev = hs[t, b0:b1]
+        gru_output_backward(g, h_prev, dhs[t, b0:b1], dh[b0:b1])
+        gemm(False, False, ONE, g[:, 2 * H:3 * H], w_hh[2 * H:3 * H], ZERO, d_rh[b0:b1])
+        gru_reset_backward(g, h_prev, d_rh[b0:b1], dh[b0:b1])
+        accumulate_step(g, tokens[t, b0:b1], d_bias, d_table)
+        if t > 0:
+            gemm(False, False, ONE, g[:, 0:2 * H], w_hh[0:2 * H], ONE, dh[b0:b1])
+
+
+# ---------------------------------------------------------------- vanilla RNN: h' = tanh(x W + h U + b)
+
+@njit(**_opts)
+def rnn_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1):
+    """As lstm_recurrence_forward, for (T, B, H) gates holding h' = tanh(a); cs, aux unused."""
+    for t in range(gates.shape[0]):
+        g = gates[t, b0:b1]
+        if table.shape[0] > 0:
+            gather_step(g, table, tokens[t, b0:b1])
+        gemm(False, True, ONE, hs[t, b0:b1], w_hh, ONE, g)
+        h = hs[t + 1, b0:b1]
+        for b in range(g.shape[0]):
+            gb = g[b]
+            hb = h[b]
+            for j in range(gb.shape[0]):
+                a = fast_tanh(gb[j] + bias[j])
+                gb[j] = a
+                hb[j] = a
+
+
+@njit(**_opts)
+def rnn_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1):
+    for t in range(gates.shape[0] - 1, -1, -1):
+        g = gates[t, b0:b1]
+        dho = dhs[t, b0:b1]
+        dhr = dh[b0:b1]
+        for b in range(g.shape[0]):
+            gb = g[b]
+            ob = dho[b]
+            hb = dhr[b]
+            for j in range(gb.shape[0]):
+                a = gb[j]
+                gb[j] = (ob[j] + hb[j]) * (ONE - a * a)
+        accumulate_step(g, tokens[t, b0:b1], d_bias, d_table)
+        if t > 0:
             gemm(False, False, ONE, g, w_hh, ZERO, dhr)
 
 
+# ---------------------------------------------------------------- one layer, any cell
+LSTM, GRU, RNN = 0, 1, 2
+KINDS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+
+
+@njit(**_opts)
+def recurrence_forward(kind, gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1):
+    if kind == LSTM:
+        lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1)
+    elif kind == GRU:
+        gru_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1)
+    else:
+        rnn_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1)
+
+
+@njit(**_opts)
+def recurrence_backward(kind, gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1):
+    dh[b0:b1] = ZERO  # truncated BPTT: no gradient arrives from beyond the last step
+    dc[b0:b1] = ZERO
+    d_bias[:] = ZERO
+    d_table[:] = ZERO
+    if kind == LSTM:
+        lstm_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1)
+    elif kind == GRU:
+        gru_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1)
+    else:
+        rnn_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1)
+
+
 @njit(parallel=True, **_opts)
-def lstm_forward_parallel(gates, bias, table, tokens, w_hh, hs, cs, tanh_c, nparts):
+def forward_parallel(kind, gates, bias, table, tokens, w_hh, hs, cs, aux, nparts):
     """Batch strategy: part p of nparts runs rows [p*B/nparts, (p+1)*B/nparts) with MKL
     sequential inside (left to its global count it nests, ~3x slower on 2 cores)."""
     B = gates.shape[1]
     for p in prange(nparts):
         set_num_threads_local(1)
-        lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, tanh_c,
-                                p * B // nparts, (p + 1) * B // nparts)
+        recurrence_forward(kind, gates, bias, table, tokens, w_hh, hs, cs, aux,
+                           p * B // nparts, (p + 1) * B // nparts)
         set_num_threads_local(0)
 
 
 @njit(parallel=True, **_opts)
-def lstm_backward_parallel(gates, w_hh, cs, tanh_c, dhs, dh, dc, tokens, d_bias_parts, d_table_parts, nparts):
-    """Batch strategy backward; d_bias_parts (nparts, 4H) and d_table_parts (nparts, V, 4H)
+def backward_parallel(kind, gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias_parts, d_table_parts, nparts):
+    """Batch strategy backward; d_bias_parts (nparts, G) and d_table_parts (nparts, V, G)
     get each part's partial gradients, reduced by the caller in a fixed order."""
     B = gates.shape[1]
     for p in prange(nparts):
         set_num_threads_local(1)
-        lstm_recurrence_backward(gates, w_hh, cs, tanh_c, dhs, dh, dc, tokens, d_bias_parts[p],
-                                 d_table_parts[p], p * B // nparts, (p + 1) * B // nparts)
+        recurrence_backward(kind, gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias_parts[p],
+                            d_table_parts[p], p * B // nparts, (p + 1) * B // nparts)
         set_num_threads_local(0)
 
 
@@ -351,23 +518,30 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
 
 
 # ---------------------------------------------------------------- generation (batch of one)
+# A character is one timestep of the training recurrences with T = B = 1, all layers and
+# the decoder in one compiled call.
 
 @njit(**_opts)
-def lstm_step(token, w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b, h, c, gates, tanh_c, logits):
-    """Advance every layer by one character; logits (1, V) gets the decoder's output.
-    w_ih0_t (V, 4H); w_ih (max(L-1, 1), 4H, H) for layers >= 1; w_hh (L, 4H, H);
-    bias (L, 4H) = b_ih + b_hh; h, c (L, H) carried; gates (1, 4H), tanh_c (1, H) scratch."""
+def generation_step(kind, token, weights, state, aux, gates, logits):
+    """weights = (w_ih0_t (V, G), w_ih (max(L-1, 1), G, H), w_hh (L, G, H), bias (L, G),
+    dec_w (V, H), dec_b (V)); state (L, 2, 2, 1, H): per layer h and c at [0] (in) and [1]
+    (out); aux (1, 1, H), gates (1, 1, G) scratch; logits (1, V) out."""
+    w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b = weights
+    tokens = np.full((1, 1), token, np.int32)
+    empty = w_ih0_t[0:0]
     L = w_hh.shape[0]
     for layer in range(L):
+        hs = state[layer, 0]
+        cs = state[layer, 1]
         if layer == 0:
-            gates[0, :] = w_ih0_t[token]
+            recurrence_forward(kind, gates, bias[0], w_ih0_t, tokens, w_hh[0], hs, cs, aux, 0, 1)
         else:
-            gemm(False, True, ONE, h[layer - 1:layer], w_ih[layer - 1], ZERO, gates)
-        gemm(False, True, ONE, h[layer:layer + 1], w_hh[layer], ONE, gates)
-        lstm_cell_forward(gates, bias[layer], c[layer:layer + 1], c[layer:layer + 1], tanh_c,
-                          h[layer:layer + 1])
+            gemm(False, True, ONE, state[layer - 1, 0, 0], w_ih[layer - 1], ZERO, gates[0])
+            recurrence_forward(kind, gates, bias[layer], empty, tokens, w_hh[layer], hs, cs, aux, 0, 1)
+        hs[0] = hs[1]
+        cs[0] = cs[1]
     logits[0, :] = dec_b
-    gemm(False, True, ONE, h[L - 1:L], dec_w, ONE, logits)
+    gemm(False, True, ONE, state[L - 1, 0, 0], dec_w, ONE, logits)
 
 
 @njit(**_opts)
@@ -387,20 +561,16 @@ def choose(logits, temperature, argmax, u):
 
 
 @njit(**_opts)
-def lstm_prime(tokens, weights, h, c, scratch):
-    w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b = weights
-    gates, tanh_c, logits = scratch
+def prime(kind, tokens, weights, state, aux, gates, logits):
     for k in range(tokens.shape[0]):
-        lstm_step(tokens[k], w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b, h, c, gates, tanh_c, logits)
+        generation_step(kind, tokens[k], weights, state, aux, gates, logits)
 
 
 @njit(**_opts)
-def lstm_generate(uniforms, temperature, argmax, weights, h, c, scratch, out):
-    """out[k] = the k-th sampled token, each fed back in; logits in scratch carry the
-    prediction between calls."""
-    w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b = weights
-    gates, tanh_c, logits = scratch
+def generate(kind, uniforms, temperature, argmax, weights, state, aux, gates, logits, out):
+    """out[k] = the k-th sampled token, each fed back in; `logits` carries the prediction
+    between calls."""
     for k in range(out.shape[0]):
         token = choose(logits[0], temperature, argmax, uniforms[k])
         out[k] = token
-        lstm_step(token, w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b, h, c, gates, tanh_c, logits)
+        generation_step(kind, token, weights, state, aux, gates, logits)

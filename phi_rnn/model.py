@@ -10,9 +10,10 @@ import numba
 import numpy as np
 
 from phi_rnn import kernels as K
+from phi_rnn.config import MODELS
 
-MODEL_TYPES = ("lstm",)
-GATES = {"lstm": 4}
+MODEL_TYPES = MODELS
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # blocks: lstm i, f, o, g; gru z, r, c; rnn one
 INIT_RANGE = 0.08
 
 
@@ -57,7 +58,7 @@ def gemm_flops(model, vocab_size, rnn_size, num_layers, batch_size, seq_length):
 
 
 class Network:
-    """A char-rnn LSTM: parameters, gradients, the optimizer's state, the carried hidden
+    """A char-rnn model (LSTM, GRU or vanilla RNN): parameters, gradients, the optimizer's
     state and the workspace for one (seq_length, batch_size) shape."""
 
     def __init__(self, model, vocab_size, rnn_size, num_layers, dropout=0.0, strategy="batch",
@@ -66,6 +67,7 @@ class Network:
         if model not in MODEL_TYPES:
             raise ValueError(f"unknown model type {model!r}")
         self.model, self.V, self.H, self.L = model, vocab_size, rnn_size, num_layers
+        self.kind = K.KINDS[model]
         self.dropout = dropout
         self.strategy = strategy
         self.dtype = np.dtype(dtype).type
@@ -77,13 +79,14 @@ class Network:
 
     # ------------------------------------------------------------ set-up
     def init_params(self, rng):
-        """char-rnn's init: all uniform(-0.08, 0.08), then every i2h forget-gate bias = 1."""
+        """char-rnn's init: all uniform(-0.08, 0.08), then (LSTM) every i2h forget-gate bias = 1."""
         self.params.data[:] = rng.uniform(-INIT_RANGE, INIT_RANGE, self.params.data.size)
-        for layer in range(self.L):
-            self.params[f"layers.{layer}.b_ih"][self.H:2 * self.H] = 1.0
+        if self.model == "lstm":
+            for layer in range(self.L):
+                self.params[f"layers.{layer}.b_ih"][self.H:2 * self.H] = 1.0
 
     def zero_state(self, batch_size):
-        """(L, 2, B, H): h and c of every layer, carried from batch to batch."""
+        """(L, 2, B, H): h and c (LSTM; zeros otherwise) of every layer, carried from batch to batch."""
         return np.zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
 
     def _workspace(self, T, B):
@@ -96,7 +99,7 @@ class Network:
         self.gates = np.zeros((L, T, B, G), dt)
         self.hs = np.zeros((L, T + 1, B, H), dt)
         self.cs = np.zeros((L, T + 1, B, H), dt)
-        self.tanh_c = np.zeros((L, T, B, H), dt)
+        self.aux = np.zeros((L, T, B, H), dt)  # LSTM: tanh(c); GRU: r*h
         self.inputs = np.zeros((L, T * B, H), dt)  # input of layers >= 1 and of the decoder, after dropout
         self.masks = np.zeros((L, T * B, H), dt)
         self.logits = np.zeros((T * B, V), dt)
@@ -138,9 +141,9 @@ class Network:
             hs, cs = self.hs[layer], self.cs[layer]
             hs[0], cs[0] = state[layer, 0], state[layer, 1]
             if nparts > 1:
-                K.lstm_forward_parallel(gates, self.bias, table, x, w_hh, hs, cs, self.tanh_c[layer], nparts)
+                K.forward_parallel(self.kind, gates, self.bias, table, x, w_hh, hs, cs, self.aux[layer], nparts)
             else:
-                K.lstm_recurrence_forward(gates, self.bias, table, x, w_hh, hs, cs, self.tanh_c[layer], 0, B)
+                K.recurrence_forward(self.kind, gates, self.bias, table, x, w_hh, hs, cs, self.aux[layer], 0, B)
             state[layer, 0], state[layer, 1] = hs[T], cs[T]
         top = self._layer_input(self.L, training, rng)
         self.logits[:] = p["decoder.bias"]
@@ -180,15 +183,21 @@ class Network:
             gates = self.gates[layer]
             w_hh = p[f"layers.{layer}.w_hh"]
             d_tables = self.d_tables if layer == 0 else self.no_tables
+            hs, cs, aux = self.hs[layer], self.cs[layer], self.aux[layer]
             if nparts > 1:
-                K.lstm_backward_parallel(gates, w_hh, self.cs[layer], self.tanh_c[layer], d_out, self.dh,
-                                         self.dc, x, self.d_biases, d_tables, nparts)
+                K.backward_parallel(self.kind, gates, w_hh, hs, cs, aux, d_out, self.dh, self.dc, x,
+                                    self.d_biases, d_tables, nparts)
             else:
-                K.lstm_recurrence_backward(gates, w_hh, self.cs[layer], self.tanh_c[layer], d_out, self.dh,
-                                           self.dc, x, self.d_biases[0], d_tables[0], 0, B)
+                K.recurrence_backward(self.kind, gates, w_hh, hs, cs, aux, d_out, self.dh, self.dc, x,
+                                      self.d_biases[0], d_tables[0], 0, B)
             d_gates = gates.reshape(T * B, -1)
-            K.gemm(True, False, K.ONE, d_gates, self.hs[layer, :T].reshape(T * B, H), K.ZERO,
-                   g[f"layers.{layer}.w_hh"])
+            h_prev = hs[:T].reshape(T * B, H)
+            d_w_hh = g[f"layers.{layer}.w_hh"]
+            if self.model == "gru":  # z, r act on h; the candidate's weights act on r*h
+                K.gemm(True, False, K.ONE, d_gates[:, :2 * H], h_prev, K.ZERO, d_w_hh[:2 * H])
+                K.gemm(True, False, K.ONE, d_gates[:, 2 * H:], aux.reshape(T * B, H), K.ZERO, d_w_hh[2 * H:])
+            else:
+                K.gemm(True, False, K.ONE, d_gates, h_prev, K.ZERO, d_w_hh)
             d_bias = self.d_biases[:nparts].sum(axis=0)
             g[f"layers.{layer}.b_ih"][:] = d_bias
             g[f"layers.{layer}.b_hh"][:] = d_bias

@@ -7,30 +7,33 @@ import numpy as np
 from phi_rnn import checkpoint, data
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
+from phi_rnn.model import GATES
 
 BLOCK = 4096  # characters generated per compiled call, then written out
 
 
 class Generator:
-    """A batch-of-one copy of a checkpoint's network, laid out for lstm_step."""
+    """A batch-of-one copy of a checkpoint's network, laid out for kernels.generation_step."""
 
     def __init__(self, ck):
         p, L = ck.params, int(ck.meta["num_layers"])
-        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
         hidden = int(ck.meta["rnn_size"])
+        self.kind = K.KINDS[ck.meta["model"]]
+        gh = GATES[ck.meta["model"]] * hidden
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
         self.encoding = ck.meta.get("encoding", "utf-8")
         self.vocab = ck.vocab
         self.index = {s: i for i, s in enumerate(self.vocab)}
-        upper = [p[f"layers.{l}.w_ih"] for l in range(1, L)] or [np.zeros((4 * hidden, hidden))]
+        upper = [p[f"layers.{l}.w_ih"] for l in range(1, L)] or [np.zeros((gh, hidden))]
         self.weights = (f32(p["layers.0.w_ih"].T), f32(np.stack(upper)),
                         f32(np.stack([p[f"layers.{l}.w_hh"] for l in range(L)])),
                         f32(np.stack([p[f"layers.{l}.b_ih"] + p[f"layers.{l}.b_hh"] for l in range(L)])),
                         f32(p["decoder.weight"]), f32(p["decoder.bias"]))
-        self.h = np.zeros((L, hidden), np.float32)
-        self.c = np.zeros((L, hidden), np.float32)
+        self.state = np.zeros((L, 2, 2, 1, hidden), np.float32)
+        self.aux = np.zeros((1, 1, hidden), np.float32)
+        self.gates = np.zeros((1, 1, gh), np.float32)
         # logits start equal: with no primetext the first character is uniform, as in char-rnn
-        self.scratch = (np.zeros((1, 4 * hidden), np.float32), np.zeros((1, hidden), np.float32),
-                        np.zeros((1, len(self.vocab)), np.float32))
+        self.logits = np.zeros((1, len(self.vocab)), np.float32)
 
     def encode(self, text):
         symbols = data.text_to_symbols(text, self.encoding)
@@ -41,15 +44,15 @@ class Generator:
         return np.array([self.index[s] for s in symbols], dtype=np.int32)
 
     def prime(self, text):
-        K.lstm_prime(self.encode(text), self.weights, self.h, self.c, self.scratch)
+        K.prime(self.kind, self.encode(text), self.weights, self.state, self.aux, self.gates, self.logits)
 
     def generate(self, length, temperature, argmax, rng):
         """Yields the text in blocks."""
         for start in range(0, length, BLOCK):
             n = min(BLOCK, length - start)
             out = np.empty(n, np.int32)
-            K.lstm_generate(rng.random(n), temperature, argmax, self.weights, self.h, self.c,
-                            self.scratch, out)
+            K.generate(self.kind, rng.random(n), temperature, argmax, self.weights, self.state, self.aux,
+                       self.gates, self.logits, out)
             yield data.symbols_to_text([self.vocab[t] for t in out], self.encoding)
 
 

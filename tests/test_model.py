@@ -9,15 +9,26 @@ from phi_rnn.model import Network, param_shapes
 V, H, L, T, B = 7, 5, 2, 4, 3
 
 
-def _setup(dtype, strategy, dropout=0.0, seed=0):
+MODELS = ["lstm", "gru", "rnn"]
+
+
+def _setup(dtype, strategy, dropout=0.0, seed=0, model="lstm"):
     rng = np.random.default_rng(seed)
-    net = Network("lstm", V, H, L, dropout=dropout, strategy=strategy, dtype=dtype)
+    net = Network(model, V, H, L, dropout=dropout, strategy=strategy, dtype=dtype)
     net.init_params(rng)
     net.params.data[:] += rng.uniform(-0.5, 0.5, net.params.data.size)  # away from init symmetry
     x = rng.integers(0, V, (T, B)).astype(np.int32)
     y = rng.integers(0, V, (T, B)).astype(np.int32)
     state = (rng.standard_normal((L, 2, B, H)) * 0.5).astype(dtype)  # a carried, nonzero state
     return net, x, y, state
+
+
+def test_gru_and_rnn_init_is_uniform_without_forget_bias():
+    for model, blocks in (("gru", 3), ("rnn", 1)):
+        net = Network(model, 65, 32, 2)
+        net.init_params(np.random.default_rng(1))
+        assert net.params["layers.1.w_hh"].shape == (blocks * 32, 32)
+        assert np.abs(net.params.data).max() <= 0.08 and net.params.data.std() > 0.04
 
 
 def test_init_is_char_rnn():
@@ -32,12 +43,15 @@ def test_init_is_char_rnn():
     assert net.params.data.size == sum(int(np.prod(s)) for _, s in param_shapes("lstm", 65, 128, 2))
 
 
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("strategy", ["batch", "gemm"])
-def test_float32_forward_backward_match_numpy_reference(strategy):
-    net, x, y, state = _setup(np.float32, strategy)
+def test_float32_forward_backward_match_numpy_reference(strategy, model):
+    net, x, y, state = _setup(np.float32, strategy, model=model)
+    if model != "lstm":
+        state[:, 1] = 0  # only the LSTM has a cell state
     params = {k: v.astype(np.float64) for k, v in net.params.views.items()}
-    loss_ref, cache, final_ref = R.lstm_forward(params, x, y, state, L)
-    grads_ref = R.lstm_backward(params, x, y, cache, L)
+    loss_ref, cache, final_ref = R.forward(model, params, x, y, state, L)
+    grads_ref = R.backward(model, params, x, y, cache, L)
     carried = state.copy()
     loss = net.forward(x, y, carried)
     net.backward(x, False)
@@ -47,9 +61,11 @@ def test_float32_forward_backward_match_numpy_reference(strategy):
         np.testing.assert_allclose(net.grads[name], g, atol=2e-5, rtol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("strategy, dropout", [("batch", 0.0), ("gemm", 0.0), ("batch", 0.3)])
-def test_float64_gradients_equal_finite_differences(strategy, dropout):
-    net, x, y, state = _setup(np.float64, strategy, dropout)
+@pytest.mark.parametrize("model, strategy, dropout", [
+    ("lstm", "batch", 0.0), ("lstm", "gemm", 0.0), ("lstm", "batch", 0.3),
+    ("gru", "batch", 0.0), ("gru", "gemm", 0.3), ("rnn", "batch", 0.0), ("rnn", "gemm", 0.3)])
+def test_float64_gradients_equal_finite_differences(model, strategy, dropout):
+    net, x, y, state = _setup(np.float64, strategy, dropout, model=model)
     mask_seed = 5  # the same dropout masks in every evaluation
 
     def total_loss():  # what backward differentiates: the sum over timesteps
@@ -78,14 +94,16 @@ def test_float64_gradients_equal_finite_differences(strategy, dropout):
         assert err < 1e-6, (name, err)
 
 
-def test_dropout_forward_matches_reference_with_the_same_masks():
-    net, x, y, state = _setup(np.float64, "batch", dropout=0.4)
+@pytest.mark.parametrize("model", MODELS)
+def test_dropout_forward_matches_reference_with_the_same_masks(model):
+    net, x, y, state = _setup(np.float64, "batch", dropout=0.4, model=model)
+    state[:, 1] = 0 if model != "lstm" else state[:, 1]
     net.forward(x, y, state.copy(), np.random.default_rng(9))
     masks = {l: net.masks[l % L].reshape(T, B, H).copy() for l in range(1, L + 1)}
     np.testing.assert_allclose(np.unique(masks[1]), [0.0, 1 / 0.6])
     params = dict(net.params.views)
-    loss_ref, cache, _ = R.lstm_forward(params, x, y, state, L, masks)
-    grads_ref = R.lstm_backward(params, x, y, cache, L, masks)
+    loss_ref, cache, _ = R.forward(model, params, x, y, state, L, masks)
+    grads_ref = R.backward(model, params, x, y, cache, L, masks)
     loss = net.forward(x, y, state.copy(), np.random.default_rng(9))
     net.backward(x, True)
     assert abs(loss - loss_ref) < 1e-12
@@ -93,9 +111,10 @@ def test_dropout_forward_matches_reference_with_the_same_masks():
         np.testing.assert_allclose(net.grads[name], g, atol=1e-12, err_msg=name)
 
 
-def test_strategies_agree_and_state_carries_across_batches():
-    a, x, y, state = _setup(np.float32, "batch")
-    b = Network("lstm", V, H, L, strategy="gemm")
+@pytest.mark.parametrize("model", MODELS)
+def test_strategies_agree_and_state_carries_across_batches(model):
+    a, x, y, state = _setup(np.float32, "batch", model=model)
+    b = Network(model, V, H, L, strategy="gemm")
     b.params.data[:] = a.params.data
     sa, sb = state.copy(), state.copy()
     for _ in range(3):

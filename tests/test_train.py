@@ -64,7 +64,7 @@ def test_checkpoint_format_and_independent_validation_loss(tmp_path):
     state = np.zeros((2, 2, 8, H))
     losses = []
     for x, y in zip(xs[ntrain:], ys[ntrain:]):
-        loss, _, state = R.lstm_forward(params, x.T, y.T, state, 2)
+        loss, _, state = R.forward("lstm", params, x.T, y.T, state, 2)
         losses.append(loss)
     assert abs(np.mean(losses) - recorded) < 1e-4
 
