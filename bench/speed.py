@@ -175,7 +175,7 @@ def main(argv=None):
         args = parse_args(argv)
         if args.worker == "torch":
             times = torch_worker(args)
-        print(json.dumps({"times": times, "rss_mb": peak_rss_mb()}))
+            print(json.dumps({"times": times, "rss_mb": peak_rss_mb()}))
             return 0
         plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
     except UsageError as e:
