@@ -165,8 +165,10 @@ def versions():
     import numpy
     from phi_rnn import __version__
     from phi_rnn.blas import mkl_version
+    mkl = mkl_version()
+    mkl = mkl.split("Version ")[1].split()[0].split("-")[0] if "Version " in mkl else mkl
     return {"python": platform.python_version(), "numpy": numpy.__version__, "numba": numba.__version__,
-            "mkl": mkl_version(), "phi_rnn": __version__}
+            "mkl": mkl, "phi_rnn": __version__}
 
 
 def main(argv=None):

@@ -10,7 +10,8 @@ import zipfile
 import numpy as np
 
 from phi_rnn.errors import UsageError
-from phi_rnn.model import MODEL_TYPES, param_shapes
+from phi_rnn.config import MODELS
+from phi_rnn.model import param_shapes
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -116,7 +117,7 @@ def load(path, checkpoint_dir="cv"):
         rnn_size, num_layers = int(meta["rnn_size"]), int(meta["num_layers"])
     except (KeyError, TypeError, ValueError):
         raise UsageError(f"checkpoint {path} has incomplete metadata") from None
-    if model not in MODEL_TYPES:
+    if model not in MODELS:
         raise UsageError(f"checkpoint {path} holds an unknown model type {model!r}")
     params = {}
     for name, shape in param_shapes(model, len(vocab), rnn_size, num_layers):

@@ -522,12 +522,12 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
 # the decoder in one compiled call.
 
 @njit(**_opts)
-def generation_step(kind, token, weights, state, aux, gates, logits):
+def generation_step(kind, token, weights, state, aux, gates, tokens, logits):
     """weights = (w_ih0_t (V, G), w_ih (max(L-1, 1), G, H), w_hh (L, G, H), bias (L, G),
     dec_w (V, H), dec_b (V)); state (L, 2, 2, 1, H): per layer h and c at [0] (in) and [1]
-    (out); aux (1, 1, H), gates (1, 1, G) scratch; logits (1, V) out."""
+    (out); aux (1, 1, H), gates (1, 1, G), tokens (1, 1) scratch; logits (1, V) out."""
     w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b = weights
-    tokens = np.full((1, 1), token, np.int32)
+    tokens[0, 0] = token
     empty = w_ih0_t[0:0]
     L = w_hh.shape[0]
     for layer in range(L):
@@ -547,30 +547,35 @@ def generation_step(kind, token, weights, state, aux, gates, logits):
 @njit(**_opts)
 def choose(logits, temperature, argmax, u):
     """Next token from logits (V): argmax, or a draw with uniform u from softmax(logits/T)."""
+    best = np.argmax(logits)
     if argmax:
-        return np.argmax(logits)
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    threshold = u * p.sum()
+        return best
+    top = np.float64(logits[best])
+    total = 0.0
+    for k in range(logits.shape[0]):
+        total += np.exp((logits[k] - top) / temperature)
+    threshold = u * total
     acc = 0.0
-    for k in range(p.shape[0]):
-        acc += p[k]
+    for k in range(logits.shape[0]):
+        acc += np.exp((logits[k] - top) / temperature)
         if acc > threshold:
             return k
-    return p.shape[0] - 1
+    return logits.shape[0] - 1
 
 
 @njit(**_opts)
-def prime(kind, tokens, weights, state, aux, gates, logits):
-    for k in range(tokens.shape[0]):
-        generation_step(kind, tokens[k], weights, state, aux, gates, logits)
+def prime(kind, text, weights, state, aux, gates, logits):
+    tokens = np.zeros((1, 1), np.int32)
+    for k in range(text.shape[0]):
+        generation_step(kind, text[k], weights, state, aux, gates, tokens, logits)
 
 
 @njit(**_opts)
 def generate(kind, uniforms, temperature, argmax, weights, state, aux, gates, logits, out):
     """out[k] = the k-th sampled token, each fed back in; `logits` carries the prediction
     between calls."""
+    tokens = np.zeros((1, 1), np.int32)
     for k in range(out.shape[0]):
         token = choose(logits[0], temperature, argmax, uniforms[k])
         out[k] = token
-        generation_step(kind, token, weights, state, aux, gates, logits)
+        generation_step(kind, token, weights, state, aux, gates, tokens, logits)

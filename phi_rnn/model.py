@@ -12,7 +12,6 @@ import numpy as np
 from phi_rnn import kernels as K
 from phi_rnn.config import MODELS
 
-MODEL_TYPES = MODELS
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # blocks: lstm i, f, o, g; gru z, r, c; rnn one
 INIT_RANGE = 0.08
 
@@ -47,9 +46,9 @@ class FlatBuffer:
 
 
 def gemm_flops(model, vocab_size, rnn_size, num_layers, batch_size, seq_length):
-    """GEMM floating-point operations of one training iteration (the first layer is a
-    gather). Forward: per layer input + recurrent products, decoder. Backward: twice that
-    (data and weight gradients), less the first layer's input products."""
+    """GEMM floating-point operations of one training iteration. Forward: every layer's
+    recurrent product, the input products of layers >= 1 (the first is a gather) and the
+    decoder; backward: a data- and a weight-gradient product for each, twice the forward."""
     gh, h, rows = GATES[model] * rnn_size, rnn_size, batch_size * seq_length
     recurrent = 2 * rows * gh * h
     upper_input = 2 * rows * gh * h * (num_layers - 1)
@@ -64,7 +63,7 @@ class Network:
     def __init__(self, model, vocab_size, rnn_size, num_layers, dropout=0.0, strategy="batch",
                  dtype=np.float32):
         """dtype float64 exists for the finite-difference gradient checks; training is float32."""
-        if model not in MODEL_TYPES:
+        if model not in MODELS:
             raise ValueError(f"unknown model type {model!r}")
         self.model, self.V, self.H, self.L = model, vocab_size, rnn_size, num_layers
         self.kind = K.KINDS[model]
