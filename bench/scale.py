@@ -159,7 +159,9 @@ def run_point(point, out, iters, warmup, timeout=None):
     """Run one point in a fresh process; write points/<key>.json and return None, or write
     failed/<key>.json and return the one-line reason."""
     command = [sys.executable, str(SPEED_SCRIPT)] + point.speed_args(iters, warmup)
-    record = {"point": asdict(point), "batch_size": point.batch_size, "command": command,
+    # recorded as it would be typed in the project directory: results carry no local paths
+    typed = ["python", "bench/speed.py"] + command[2:]
+    record = {"point": asdict(point), "batch_size": point.batch_size, "command": typed,
               "env": relevant_env(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     start = time.perf_counter()
     returncode, stdout, stderr = run_process_group(command, timeout)
