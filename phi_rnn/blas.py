@@ -58,14 +58,6 @@ dgemm = types.ExternalFunction(
 set_num_threads_local = types.ExternalFunction("MKL_Set_Num_Threads_Local", types.int32(types.int32))
 
 
-def mkl_set_num_threads(n):
-    _mkl.MKL_Set_Num_Threads(ctypes.c_int(int(n)))
-
-
-def mkl_get_max_threads():
-    return int(_mkl.MKL_Get_Max_Threads())
-
-
 def mkl_version():
     buf = ctypes.create_string_buffer(256)
     _mkl.MKL_Get_Version_String(buf, 256)

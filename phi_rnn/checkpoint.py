@@ -15,7 +15,6 @@ from phi_rnn.model import param_shapes
 
 FORMAT_VERSION = 1
 LATEST = "latest"
-STATE_ARRAYS = ("optim.rms", "state")
 
 
 def checkpoint_name(savefile, epoch, val_loss):

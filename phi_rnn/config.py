@@ -1,8 +1,6 @@
 """Every option of `train` and `sample` in one place: char-rnn's flags and defaults
 (train.lua / sample.lua; `--rnn_size` and `--rnn-size` alike) plus phi_rnn's own, and the
 checks that turn bad values into one clear line."""
-import argparse
-
 from phi_rnn.errors import UsageError
 
 MAX_SIZE = {"rnn_size": 1 << 15, "num_layers": 64, "seq_length": 1 << 16, "batch_size": 1 << 16}
@@ -93,10 +91,3 @@ def validate_train(o):
 def validate_sample(o):
     _check(o.length >= 1, f"--length must be positive, got {o.length}")
     _check(o.temperature > 0, f"--temperature must be positive, got {o.temperature}")
-
-
-def train_defaults():
-    """The train options' defaults as a namespace (for library use and tests)."""
-    p = argparse.ArgumentParser()
-    add_train_arguments(p)
-    return p.parse_args([])

@@ -1,6 +1,7 @@
 """The corpus: fetching tiny-shakespeare, encoding text to token ids (Unicode code points by
 default, bytes for char-rnn parity), the cached encoded corpus, and char-rnn's minibatch
 loader (CharSplitLMMinibatchLoader) with its exact semantics."""
+import codecs
 import hashlib
 import json
 import os
@@ -80,11 +81,13 @@ def encode_text(raw, encoding, path="text"):
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int32)
 
 
-def symbols_to_text(symbols, encoding):
-    """Sequence of symbols (code points or byte values) -> str (bytes decoded leniently)."""
+def make_decoder(encoding):
+    """A function: symbols (code points or byte values) -> str, incremental, so that a UTF-8
+    character whose bytes arrive in two calls stays whole (invalid bytes become U+FFFD)."""
     if encoding == "bytes":
-        return bytes(symbols).decode("utf-8", errors="replace")
-    return "".join(map(chr, symbols))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda symbols: decoder.decode(bytes(symbols))
+    return lambda symbols: "".join(map(chr, symbols))
 
 
 def text_to_symbols(text, encoding):

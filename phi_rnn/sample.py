@@ -48,12 +48,13 @@ class Generator:
 
     def generate(self, length, temperature, argmax, rng):
         """Yields the text in blocks."""
+        decode = data.make_decoder(self.encoding)
         for start in range(0, length, BLOCK):
             n = min(BLOCK, length - start)
             out = np.empty(n, np.int32)
             K.generate(self.kind, rng.random(n), temperature, argmax, self.weights, self.state, self.aux,
                        self.gates, self.logits, out)
-            yield data.symbols_to_text([self.vocab[t] for t in out], self.encoding)
+            yield decode([self.vocab[t] for t in out])
 
 
 def sample(o, out=None):

@@ -120,3 +120,16 @@ def test_sigterm_at_random_moments_leaves_a_resumable_checkpoint(tmp_path):
     done = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--checkpoint_dir", cv,
                    "--resume", "latest", "--max_iters", previous + 3, check=True)
     assert f"{previous + 1}/" in done.stdout
+
+
+def test_bytes_encoding_trains_on_non_utf8_text_and_samples(tmp_path):
+    corpus = tmp_path / "latin1"
+    corpus.mkdir()
+    text = open(SHAKESPEARE, encoding="utf-8").read(20000).replace("e", "\u00e9")
+    (corpus / "input.txt").write_bytes(text.encode("latin-1"))  # not valid UTF-8
+    run_cli("train", "--data_dir", corpus, "--encoding", "bytes", *TINY_MODEL, "--max_iters", 5,
+            "--eval_val_every", 5, "--checkpoint_dir", tmp_path / "cv", check=True)
+    ck = checkpoint.load("latest", str(tmp_path / "cv"))
+    assert ck.meta["encoding"] == "bytes" and 0xe9 in ck.vocab and max(ck.vocab) < 256
+    sample = run_cli("sample", ck.path, "--length", 50, "--primetext", "Fi", check=True)
+    assert sample.stdout.startswith("Fi")
