@@ -1,6 +1,7 @@
-"""Compiled kernels: vectorised transcendentals, the LSTM cell, the recurrences, the loss and
-the optimizer. Shapes are in each signature; T timesteps, B batch rows, H hidden units,
-V vocabulary. Activations of a layer live in (T, B, 4H) gate buffers in gate order i, f, o, g.
+"""Compiled kernels: vectorised transcendentals, the LSTM, GRU and RNN cells and their
+recurrences, the loss, the optimizer and generation. Shapes are in each signature; T
+timesteps, B batch rows, H hidden units, V vocabulary, G = 4H / 3H / H gate units. A
+layer's activations live in (T, B, G) gate buffers: LSTM blocks i, f, o, g; GRU z, r, c.
 
 Parallel strategy "batch": each thread runs the recurrence on its own block of batch rows
 with MKL inside running single-threaded (numba and MKL share one OpenMP runtime; nested
