@@ -100,10 +100,9 @@ def _check_writable(directory):
 class Run:
     """Everything a checkpoint must hold to continue exactly."""
 
-    def __init__(self, o, vocab, ntrain):
-        self.options = {k: v for k, v in vars(o).items()}
+    def __init__(self, o, vocab):
+        self.options = dict(vars(o))
         self.vocab = vocab
-        self.ntrain = ntrain
         self.iteration = 0
         self.learning_rate = o.learning_rate
         self.train_losses = []
@@ -152,7 +151,7 @@ def train(o, log=print):
     compile_kernels(o.model, o.strategy, log)
     net = Network(o.model, len(vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy)
     rng = np.random.default_rng(o.seed)
-    run = Run(o, vocab, loader.ntrain)
+    run = Run(o, vocab)
     state = net.zero_state(o.batch_size)
     if source:
         for name, value in source.params.items():
