@@ -179,13 +179,27 @@ def run_point(point, out, iters, warmup, timeout=None):
     return None
 
 
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _unblock_interrupts():  # in the child, before exec: speed.py gets the usual signal mask
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+
+
 def run_process_group(command, timeout):
     """(returncode or None on timeout, stdout, stderr). speed.py measures in a worker process
     of its own, so a timeout or an interrupt kills the whole process group: an orphaned
-    worker would go on computing and disturb the next point's timings."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    worker would go on computing and disturb the next point's timings. Interrupts are held
+    while the child starts: delivered inside Popen, one would leave it running unkilled."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, preexec_fn=_unblock_interrupts)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)  # a held signal fires here
         stdout, stderr = proc.communicate(timeout=timeout)
         return proc.returncode, stdout, stderr
     except subprocess.TimeoutExpired:

@@ -107,6 +107,7 @@ def test_sigterm_at_random_moments_leaves_a_resumable_checkpoint(tmp_path):
         lines = []
         while not any("train_loss" in l for l in lines):  # training has started
             lines.append(proc.stdout.readline())
+            assert lines[-1] or proc.poll() is None, "".join(lines)  # EOF before training: fail, not hang
         time.sleep(rnd.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGTERM)
         out = "".join(lines) + proc.communicate(timeout=60)[0]
