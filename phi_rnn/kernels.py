@@ -108,6 +108,21 @@ def vtanh(x, out):
 
 # ---------------------------------------------------------------- GEMM helpers
 
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _row_times_matrix_t(a, b, beta, c):
+    """c (1, N) = a (1, K) @ b (N, K)^T + beta * c as N dot products: a batch of one (text
+    generation) streams b once; reassociation lets the dots vectorise (sums in another order,
+    checked against the training network in tests/test_models.py)."""
+    x = a[0]
+    out = c[0]
+    for n in range(b.shape[0]):
+        row = b[n]
+        acc = np.float32(0.0)
+        for k in range(row.shape[0]):
+            acc += row[k] * x[k]
+        out[n] = acc + beta * out[n]
+
+
 @njit(**_opts)
 def gemm(trans_a, trans_b, alpha, a, b, beta, c):
     """c (M, N) = alpha * op(a) @ op(b) + beta * c; 2-d arrays with contiguous rows, float32
@@ -119,6 +134,8 @@ def gemm(trans_a, trans_b, alpha, a, b, beta, c):
     if c.itemsize == 8:
         dgemm(ROW_MAJOR, ta, tb, m, n, k, np.float64(alpha), a.ctypes.data, a.strides[0] // 8,
               b.ctypes.data, b.strides[0] // 8, np.float64(beta), c.ctypes.data, c.strides[0] // 8)
+    elif m == 1 and trans_b and not trans_a and alpha == 1:
+        _row_times_matrix_t(a, b, np.float32(beta), c)
     else:
         sgemm(ROW_MAJOR, ta, tb, m, n, k, np.float32(alpha), a.ctypes.data, a.strides[0] // 4,
               b.ctypes.data, b.strides[0] // 4, np.float32(beta), c.ctypes.data, c.strides[0] // 4)

@@ -48,6 +48,17 @@ def test_gemm_matches_numpy(ta, tb, dtype, tol):
     np.testing.assert_allclose(c, expect, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_gemm_single_row_path_matches_numpy(beta):
+    """The batch-of-one path (dot products, reassociated) used for text generation."""
+    a = rng.standard_normal((1, 128)).astype(np.float32)
+    b = rng.standard_normal((512, 128)).astype(np.float32)
+    c = rng.standard_normal((1, 512)).astype(np.float32)
+    expect = a.astype(np.float64) @ b.T.astype(np.float64) + beta * c
+    K.gemm(False, True, 1.0, a, b, beta, c)
+    np.testing.assert_allclose(c, expect, rtol=1e-5, atol=1e-4)
+
+
 def test_gather_step_and_accumulate_step_match_numpy():
     table = rng.standard_normal((11, 24)).astype(np.float32)
     tokens = rng.integers(0, 11, 30).astype(np.int32)
