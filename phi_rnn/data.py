@@ -99,10 +99,7 @@ def describe_symbol(symbol, encoding):
 
 
 def _read_input(path):
-    if not os.path.exists(path):
-        raise UsageError(f"corpus {path} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"corpus {path} is a directory, not a text file")
+    """The corpus bytes; load_corpus has already checked that path is a file."""
     try:
         with open(path, "rb") as f:
             return f.read()

@@ -32,7 +32,6 @@ class FlatBuffer:
     """One contiguous buffer and a named view onto each parameter in it."""
 
     def __init__(self, shapes, dtype=np.float32):
-        self.shapes = shapes
         self.data = np.zeros(sum(int(np.prod(s)) for _, s in shapes), dtype=dtype)
         self.views = {}
         offset = 0
