@@ -46,14 +46,17 @@ def _atomic_write(path, write):
         raise
 
 
-def save(path, params, meta, rms=None, state=None):
-    """params: name -> array (written as float32); meta: JSON-able dict. Raises OSError
-    (disk full, permission) with the previous files untouched."""
+def save(path, params, meta, rms=None, state=None, train_losses=None):
+    """params: name -> array (written as float32); meta: JSON-able dict; train_losses: the
+    per-iteration history (an array, not JSON: a long run's history stays small and quick to
+    write). Raises OSError (disk full, permission) with the previous files untouched."""
     arrays = {name: np.asarray(a, dtype=np.float32) for name, a in params.items()}
     if rms is not None:
         arrays["optim.rms"] = np.asarray(rms, dtype=np.float32)
     if state is not None:
         arrays["state"] = np.asarray(state, dtype=np.float32)
+    if train_losses is not None:
+        arrays["train_losses"] = np.asarray(train_losses, dtype=np.float32)
     arrays["meta"] = np.array(json.dumps(dict(meta, format_version=FORMAT_VERSION)))
     _atomic_write(path, lambda f: np.savez(f, **arrays))
     _atomic_write(os.path.join(os.path.dirname(path) or ".", LATEST),

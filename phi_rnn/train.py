@@ -17,6 +17,8 @@ from phi_rnn.model import Network
 EXIT_DIVERGED = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 RMS_CHUNKS = 64  # fixed chunking of the optimizer: results independent of the thread count
+# what --resume needs beyond the weights
+RESUME_ARRAYS = ("optim.rms", "state", "train_losses")
 # options that define the model and its training math: taken from the checkpoint on --resume
 RUN_OPTIONS = ("model", "rnn_size", "num_layers", "learning_rate", "learning_rate_decay",
                "learning_rate_decay_after", "decay_rate", "dropout", "seq_length", "batch_size",
@@ -113,14 +115,14 @@ class Run:
         return {"model": net.model, "rnn_size": net.H, "num_layers": net.L, "vocab": self.vocab,
                 "vocab_size": len(self.vocab), "encoding": self.options["encoding"],
                 "options": self.options, "iteration": self.iteration, "epoch": epoch,
-                "learning_rate": self.learning_rate, "train_losses": self.train_losses,
-                "val_losses": self.val_losses, "loss0": self.loss0,
+                "learning_rate": self.learning_rate, "val_losses": self.val_losses, "loss0": self.loss0,
                 "data_position": loader.position, "rng_state": rng.bit_generator.state}
 
-    def restore(self, meta):
+    def restore(self, ck):
+        meta = ck.meta
         self.iteration = int(meta["iteration"])
         self.learning_rate = float(meta["learning_rate"])
-        self.train_losses = list(meta["train_losses"])
+        self.train_losses = ck.arrays["train_losses"].tolist()
         self.val_losses = dict(meta["val_losses"])
         self.loss0 = meta["loss0"]
 
@@ -134,6 +136,10 @@ def train(o, log=print):
         saved = resume.meta["options"]
         for name in RUN_OPTIONS:
             setattr(o, name, saved[name])
+        missing = [name for name in RESUME_ARRAYS if name not in resume.arrays]
+        if missing:
+            raise UsageError(f"cannot resume from {resume.path}: it lacks {', '.join(missing)}; "
+                             f"--init_from starts a new run from its weights")
         log(f"resuming from {resume.path} at iteration {resume.meta['iteration']}")
     elif init:
         for name in ARCH_OPTIONS:
@@ -159,7 +165,7 @@ def train(o, log=print):
     else:
         net.init_params(rng)
     if resume:
-        run.restore(resume.meta)
+        run.restore(resume)
         net.rms[:] = resume.arrays["optim.rms"]
         state[:] = resume.arrays["state"]
         rng.bit_generator.state = resume.meta["rng_state"]
@@ -177,7 +183,8 @@ def train(o, log=print):
                 else f"lm_{o.savefile}_epoch{epoch:.2f}_interrupted.npz")
         path = os.path.join(o.checkpoint_dir, name)
         try:
-            checkpoint.save(path, net.params.views, run.meta(net, loader, rng, epoch), net.rms, state)
+            checkpoint.save(path, net.params.views, run.meta(net, loader, rng, epoch), net.rms, state,
+                            run.train_losses)
         except OSError as e:
             raise UsageError(f"cannot write checkpoint {path} ({e.strerror}); "
                              f"the previous checkpoint {last_saved} is intact") from None

@@ -27,6 +27,7 @@ def world(tmp_path_factory):
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(str(arrays["meta"]))
     np.savez(root / "version9.npz", **dict(arrays, meta=np.array(json.dumps(dict(meta, format_version=9)))))
+    np.savez(root / "weights_only.npz", **{k: a for k, a in arrays.items() if k not in ("optim.rms", "train_losses")})
     # a different corpus: same length, other characters
     other = root / "other"
     other.mkdir()
@@ -65,6 +66,7 @@ CASES = [
     ("resume garbage", T + ["--resume", "{root}/garbage.npz"], r"garbage.npz is truncated or corrupt"),
     ("resume foreign npz", T + ["--resume", "{root}/foreign.npz"], r"foreign.npz is not a phi_rnn checkpoint"),
     ("other format version", T + ["--resume", "{root}/version9.npz"], r"format version 9; this phi_rnn reads version 1"),
+    ("resume weights only", T + ["--resume", "{root}/weights_only.npz"], r"cannot resume from .*weights_only.npz: it lacks optim.rms, train_losses; --init_from"),
     ("resume latest without one", T[:-1] + ["{root}/nolatest", "--resume", "latest"], r"no checkpoint in .*nolatest: .*latest is missing"),
     ("vocabulary mismatch", ["train", "--data_dir", "{root}/other", "--init_from", "{good}", "--checkpoint_dir", "{root}/cv3"],
      r"vocabulary mismatch .*the data has '#', '\u00e9' not in the checkpoint; the checkpoint has 'e'"),

@@ -194,11 +194,19 @@ def job_states(cluster, name):
     return [row[4] for row in rows if len(row) >= 5 and row[1] == name]
 
 
+def still_completing(cluster, name):
+    """Slurm's qstat says C as soon as a job ends, while its processes may still be handling
+    SIGTERM (state COMPLETING); squeue lists such a job until its processes are gone."""
+    listing = subprocess.run(["squeue", "--noheader", "--name", name, "--format", "%T"],
+                             env=cluster.env, capture_output=True, text=True, check=True).stdout
+    return bool(listing.split())
+
+
 def wait_until_done(cluster, name, timeout=JOB_TIMEOUT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = job_states(cluster, name)
-        if states and all(state == "C" for state in states):
+        if states and all(state == "C" for state in states) and not still_completing(cluster, name):
             return
         time.sleep(2)
     pytest.fail(f"job {name} not done after {timeout} s: states {job_states(cluster, name)}")
