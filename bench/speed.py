@@ -6,6 +6,7 @@ machine's sgemm peak measured in the same run.
     python bench/speed.py --threads 1 --iters 50
     python bench/speed.py --rnn_size 512 --num_layers 3 --batch_size 128 --seq_length 100
     python bench/speed.py --json                # one JSON object (bench/scale.py reads it)
+    python bench/speed.py --no-torch --profile  # where phi_rnn's iteration spends its time
 
 Prints median / min / max ms per iteration (forward + backward + RMSprop, as in training),
 chars/s, GEMM GFLOP/s, % of the sgemm peak, peak RSS, and the ratio phi_rnn / PyTorch.
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch reference")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--profile", action="store_true",
+                   help="also time each kernel call of phi_rnn's iteration (mean ms per iteration)")
     p.add_argument("--worker", choices=("phi_rnn", "torch"), help=argparse.SUPPRESS)
     affinity.add_thread_arguments(p)
     args = p.parse_args(argv)
@@ -102,8 +105,40 @@ def phi_rnn_worker(args):
 
     for k in range(args.warmup):
         iteration(k)
+    spent = _time_kernel_calls() if args.profile else {}
     times = [_timed(lambda: iteration(k)) for k in range(args.iters)]
-    return times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9
+    profile = {label: seconds / args.iters * 1e3 for label, seconds in spent.items()}
+    return times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9, profile
+
+
+PROFILED_KERNELS = ("gemm", "forward_parallel", "backward_parallel", "recurrence_forward",
+                    "recurrence_backward", "multiply", "log_softmax_nll", "rmsprop_step")
+
+
+def _time_kernel_calls():
+    """Wraps the kernels that the model and the optimizer call from Python with timers; GEMMs
+    are told apart by shape (M x N x K). Returns the dict the timers add seconds to."""
+    from collections import defaultdict
+    from phi_rnn import kernels as K
+    spent = defaultdict(float)
+
+    def timed(name, kernel):
+        def call(*args):
+            if name == "gemm":
+                trans_a, trans_b, _, a, b, _, c = args
+                label = f"gemm {c.shape[0]} x {c.shape[1]} x {a.shape[0] if trans_a else a.shape[1]}" \
+                        f"{' (A^T)' if trans_a else ''}{' (B^T)' if trans_b else ''}"
+            else:
+                label = name
+            t0 = time.perf_counter()
+            result = kernel(*args)
+            spent[label] += time.perf_counter() - t0
+            return result
+        return call
+
+    for name in PROFILED_KERNELS:
+        setattr(K, name, timed(name, getattr(K, name)))
+    return spent
 
 
 def torch_worker(args):
@@ -185,9 +220,9 @@ def main(argv=None):
         return 2
     args.threads = plan.threads
     if args.worker == "phi_rnn":
-        times, gflop = phi_rnn_worker(args)
+        times, gflop, profile = phi_rnn_worker(args)
         print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops(), "versions": versions(),
-                          "rss_mb": peak_rss_mb()}))
+                          "rss_mb": peak_rss_mb(), "profile": profile}))
         return 0
 
     worker_argv = [a for a in argv if a not in ("--json",)]
@@ -203,7 +238,7 @@ def main(argv=None):
         "threads": plan.threads, "policy": plan.policy, "strategy": args.strategy,
         "placement": plan.describe(), "gflop_per_iter": mine["gflop"], "peak_gflops": mine["peak"],
         "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"], mine["rss_mb"]),
-        "torch": None, "ratio": None,
+        "torch": None, "ratio": None, "profile": mine["profile"] or None,
     }
     if args.torch:
         try:
@@ -243,6 +278,12 @@ def print_report(r):
             print(f"{name:8s} median {s['median_ms']:8.2f} ms  (min {s['min_ms']:.2f}, max {s['max_ms']:.2f}, "
                   f"n={len(s['ms'])})  {s['chars_per_s']:9.0f} chars/s  {s['gflops']:6.1f} GFLOP/s  "
                   f"{s['pct_peak']:5.1f}% of peak  RSS {s['peak_rss_mb']:.0f} MB")
+    if r["profile"]:
+        mean = sum(r["phi_rnn"]["ms"]) / len(r["phi_rnn"]["ms"])
+        print(f"profile (mean ms per iteration; iteration mean {mean:.2f} ms):")
+        for label, ms in sorted(r["profile"].items(), key=lambda item: -item[1]):
+            print(f"  {ms:7.3f}  {label}")
+        print(f"  {mean - sum(r['profile'].values()):7.3f}  the rest (Python, numpy, dropout masks)")
     floor = r["gflop_per_iter"] / r["peak_gflops"] * 1e3
     line = f"phi_rnn / GEMM floor = {r['phi_rnn']['median_ms'] / floor:.2f}"
     if r["ratio"] is not None:
