@@ -487,11 +487,11 @@ def log_softmax_nll(logits, targets, row_loss, grad_scale):
         zmax = z[0]
         for j in range(1, z.shape[0]):
             zmax = max(zmax, z[j])
+        for j in range(z.shape[0]):  # apart from the sum: a float sum would keep it scalar
+            z[j] = fast_exp(z[j] - zmax)
         total = ZERO
         for j in range(z.shape[0]):
-            e = fast_exp(z[j] - zmax)
-            z[j] = e
-            total += e
+            total += z[j]
         row_loss[r] = zmax + np.log(total) - zy
         inv = grad_scale / total
         for j in range(z.shape[0]):
@@ -500,6 +500,15 @@ def log_softmax_nll(logits, targets, row_loss, grad_scale):
 
 
 # ---------------------------------------------------------------- optimizer
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _sum_of_squares(x):
+    """sum(x^2) in float64; reassociated so that it vectorises (the same order every call)."""
+    total = 0.0
+    for i in range(x.shape[0]):
+        total += np.float64(x[i]) * np.float64(x[i])
+    return total
+
 
 @njit(parallel=True, **_opts)
 def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param):
@@ -520,19 +529,14 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
         p = params[i0:i1]
         g = grads[i0:i1]
         m = ms[i0:i1]
-        sg = 0.0
-        sp = 0.0
-        for i in range(p.shape[0]):
+        for i in range(p.shape[0]):  # no sums in this loop: they would keep it scalar
             gi = min(max(g[i], lo), hi)
             g[i] = gi
             mi = a32 * m[i] + b32 * gi * gi
             m[i] = mi
-            pi = p[i] - lr32 * gi / (np.sqrt(mi) + eps)
-            p[i] = pi
-            sg += np.float64(gi) * gi
-            sp += np.float64(pi) * pi
-        sq_grad[c] = sg
-        sq_param[c] = sp
+            p[i] = p[i] - lr32 * gi / (np.sqrt(mi) + eps)
+        sq_grad[c] = _sum_of_squares(g)
+        sq_param[c] = _sum_of_squares(p)
 
 
 # ---------------------------------------------------------------- generation (batch of one)

@@ -98,7 +98,8 @@ class Network:
         self.hs = np.zeros((L, T + 1, B, H), dt)
         self.cs = np.zeros((L, T + 1, B, H), dt)
         self.aux = np.zeros((L, T, B, H), dt)  # LSTM: tanh(c); GRU: r*h
-        self.inputs = np.zeros((L, T * B, H), dt)  # input of layers >= 1 and of the decoder, after dropout
+        self.dropped = np.zeros((L, T * B, H), dt)  # input of layers >= 1 and of the decoder, after dropout
+        self.inputs = [None] * L  # what each of them read: a view of hs without dropout, else `dropped`
         self.masks = np.zeros((L, T * B, H), dt)
         self.logits = np.zeros((T * B, V), dt)
         self.row_loss = np.zeros(T * B, dt)
@@ -134,8 +135,8 @@ class Network:
                 table = self.w_ih0_t
             else:
                 table = self.no_table
-                self._layer_input(layer, training, rng)
-                K.gemm(False, True, K.ONE, self.inputs[layer], w_ih, K.ZERO, gates.reshape(T * B, -1))
+                below = self._layer_input(layer, training, rng)
+                K.gemm(False, True, K.ONE, below, w_ih, K.ZERO, gates.reshape(T * B, -1))
             hs, cs = self.hs[layer], self.cs[layer]
             hs[0], cs[0] = state[layer, 0], state[layer, 1]
             if nparts > 1:
@@ -151,17 +152,18 @@ class Network:
 
     def _layer_input(self, layer, training, rng):
         """The input of layer `layer` (or of the decoder when layer == L): the outputs of the
-        layer below, through dropout when training. Stored in self.inputs[layer % L]."""
+        layer below (a view: no copy), or a copy through dropout when training; remembered in
+        self.inputs[layer % L] for the backward pass."""
         below = self.hs[layer - 1, 1:].reshape(-1, self.H)
-        dest = self.inputs[layer % self.L]
         if training:
+            below_dropped = self.dropped[layer % self.L]
             mask = self.masks[layer % self.L]
             keep = rng.random(mask.shape, dtype=np.float32) >= self.dropout
             np.multiply(keep, self.dtype(1.0 / (1.0 - self.dropout)), out=mask)
-            K.multiply(below, mask, dest)
-        else:
-            dest[:] = below
-        return dest
+            K.multiply(below, mask, below_dropped)
+            below = below_dropped
+        self.inputs[layer % self.L] = below
+        return below
 
     def backward(self, x, training_dropout):
         """Gradients of the last forward's loss (the sum over timesteps of the per-step
