@@ -44,7 +44,7 @@ def test_exploding_loss_stops_with_status_3_and_keeps_last_good_checkpoint(tmp_p
     assert "error: loss is" in result.stdout and "try a lower --learning_rate" in result.stdout
     last_good = checkpoint.load("latest", str(cv))
     assert np.all(np.isfinite(last_good.params["decoder.weight"]))
-    losses = last_good.meta["train_losses"]
+    losses = last_good.arrays["train_losses"]
     assert all(np.isfinite(losses)) and max(losses) <= 3 * losses[0]
 
 
