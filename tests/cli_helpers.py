@@ -27,6 +27,18 @@ def small_corpus(directory, chars=20000):
     return str(directory)
 
 
+def trained_checkpoint(root, chars, iters):
+    """Trains the tiny LSTM for `iters` iterations (validated and saved at the last) on the
+    first `chars` characters of tiny-shakespeare, under root. Returns (corpus directory,
+    path of the newest checkpoint in root/cv)."""
+    corpus = small_corpus(os.path.join(root, "data"), chars)
+    cv = os.path.join(root, "cv")
+    run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", iters, "--eval_val_every", iters,
+            "--checkpoint_dir", cv, check=True)
+    with open(os.path.join(cv, "latest")) as f:
+        return corpus, os.path.join(cv, f.read().strip())
+
+
 def train_losses(stdout):
     """The train_loss of each printed iteration line."""
     return [float(line.split("train_loss = ")[1].split(",")[0])

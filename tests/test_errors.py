@@ -8,17 +8,14 @@ import re
 import numpy as np
 import pytest
 
-from cli_helpers import TINY_MODEL, run_cli, small_corpus
+from cli_helpers import TINY_MODEL, run_cli, trained_checkpoint
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A corpus, a trained checkpoint and assorted broken files, made once."""
     root = tmp_path_factory.mktemp("errors")
-    corpus = small_corpus(root / "data", 20000)
-    run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", 2, "--eval_val_every", 2,
-            "--checkpoint_dir", root / "cv", check=True)
-    good = str(root / "cv" / open(root / "cv" / "latest").read().strip())
+    corpus, good = trained_checkpoint(root, 20000, 2)
     raw = open(good, "rb").read()
     (root / "truncated.npz").write_bytes(raw[: len(raw) // 2])
     (root / "garbage.npz").write_bytes(os.urandom(4096))

@@ -1,12 +1,10 @@
 """Sampling through the real CLI and the Generator: seeded draws reproduce, argmax is
 deterministic, primetext is echoed, temperature sharpens (the batch-of-one step is checked
 against the training network in test_models.py)."""
-import glob
-
 import numpy as np
 import pytest
 
-from cli_helpers import TINY_MODEL, run_cli, small_corpus
+from cli_helpers import run_cli, trained_checkpoint
 from phi_rnn import checkpoint
 from phi_rnn.errors import UsageError
 from phi_rnn.sample import Generator
@@ -15,10 +13,7 @@ from phi_rnn.sample import Generator
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sample")
-    corpus = small_corpus(tmp / "data", 30000)
-    run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", 60, "--eval_val_every", 60,
-            "--checkpoint_dir", tmp / "cv", check=True)
-    return glob.glob(str(tmp / "cv" / "lm_*.npz"))[0]
+    return trained_checkpoint(tmp, 30000, 60)[1]
 
 
 def test_seeded_sampling_reproduces_and_seeds_differ(trained):

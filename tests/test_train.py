@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import reference as R
-from cli_helpers import ROOT, SHAKESPEARE, TINY_MODEL, run_cli, small_corpus, train_losses
+from cli_helpers import ROOT, SHAKESPEARE, TINY_MODEL, run_cli, small_corpus, trained_checkpoint, train_losses
 from phi_rnn import checkpoint, data
 
 
@@ -36,10 +36,8 @@ def test_short_run_on_tinyshakespeare_lowers_the_loss(tmp_path):
 
 
 def test_checkpoint_format_and_independent_validation_loss(tmp_path):
-    corpus = small_corpus(tmp_path / "data", 30000)
-    run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", 40, "--eval_val_every", 40,
-            "--checkpoint_dir", tmp_path / "cv", check=True)
-    (path,) = glob.glob(str(tmp_path / "cv" / "lm_lstm_epoch*.npz"))
+    corpus, path = trained_checkpoint(tmp_path, 30000, 40)
+    assert glob.glob(str(tmp_path / "cv" / "lm_lstm_epoch*.npz")) == [path]
     with np.load(path, allow_pickle=False) as z:  # no pickles anywhere
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(str(arrays["meta"]))
