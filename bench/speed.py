@@ -178,12 +178,12 @@ def torch_worker(args):
 RUNTIME_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_", "OPENBLAS_")
 
 
-def run_worker(kind, argv, threads):
-    """A fresh process per implementation (this one loads no runtime: once libgomp loads it
+def run_worker(kind, argv, threads, script=__file__):
+    """`script --worker kind` in a fresh process per implementation (this one loads no runtime: once libgomp loads it
     pins the main thread, and children would inherit that). phi_rnn's worker applies the plan;
     PyTorch's runs as users run it, with only the thread count set (our spinning OpenMP
     settings would make its autograd thread fight its own workers)."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--threads", str(threads), "--worker", kind]
+    cmd = [sys.executable, os.path.abspath(script), *argv, "--threads", str(threads), "--worker", kind]
     env = dict(os.environ)
     if kind == "torch":
         env = {k: v for k, v in env.items() if not k.startswith(RUNTIME_PREFIXES)}

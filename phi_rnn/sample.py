@@ -1,5 +1,6 @@
 """Text generation from a checkpoint: char-rnn's sample.lua (temperature, primetext echoed,
 argmax with --sample 0), one compiled call per block of characters."""
+import mmap
 import sys
 
 import numpy as np
@@ -10,6 +11,30 @@ from phi_rnn.errors import UsageError
 from phi_rnn.model import GATES
 
 BLOCK = 4096  # characters generated per compiled call, then written out
+_HUGE_PAGE = 2 << 20
+
+
+def _one_huge_page_region(arrays):
+    """float32 copies of `arrays` packed (64-byte aligned) into one 2 MB-aligned region advised
+    for transparent huge pages. Generation streams every weight once per character from L2;
+    on scattered 4 KB pages the ~0.8 MB of a 2 x 128 model evict each other in L2's sets
+    (three 512 x 128 products: 11.2 us scattered, 10.1 us in one huge page)."""
+    sizes = [-(-a.size // 16) * 16 for a in arrays]
+    nbytes = 4 * sum(sizes)
+    length = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE
+    region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
+    raw = np.frombuffer(region, np.uint8)  # keeps the mapping alive
+    start = -raw.ctypes.data % _HUGE_PAGE
+    if hasattr(region, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE, start, length - _HUGE_PAGE)
+    flat = raw[start:start + nbytes].view(np.float32)
+    copies, offset = [], 0
+    for a, size in zip(arrays, sizes):
+        view = flat[offset:offset + a.size].reshape(a.shape)
+        view[...] = a
+        copies.append(view)
+        offset += size
+    return tuple(copies)
 
 
 class Generator:
@@ -20,15 +45,14 @@ class Generator:
         hidden = int(ck.meta["rnn_size"])
         self.kind = K.KINDS[ck.meta["model"]]
         gh = GATES[ck.meta["model"]] * hidden
-        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
         self.encoding = ck.meta.get("encoding", "utf-8")
         self.vocab = ck.vocab
         self.index = {s: i for i, s in enumerate(self.vocab)}
         upper = [p[f"layers.{l}.w_ih"] for l in range(1, L)] or [np.zeros((gh, hidden))]
-        self.weights = (f32(p["layers.0.w_ih"].T), f32(np.stack(upper)),
-                        f32(np.stack([p[f"layers.{l}.w_hh"] for l in range(L)])),
-                        f32(np.stack([p[f"layers.{l}.b_ih"] + p[f"layers.{l}.b_hh"] for l in range(L)])),
-                        f32(p["decoder.weight"]), f32(p["decoder.bias"]))
+        self.weights = _one_huge_page_region(
+            (p["layers.0.w_ih"].T, np.stack(upper), np.stack([p[f"layers.{l}.w_hh"] for l in range(L)]),
+             np.stack([p[f"layers.{l}.b_ih"] + p[f"layers.{l}.b_hh"] for l in range(L)]),
+             p["decoder.weight"], p["decoder.bias"]))
         self.state = np.zeros((L, 2, 2, 1, hidden), np.float32)
         self.aux = np.zeros((1, 1, hidden), np.float32)
         self.gates = np.zeros((1, 1, gh), np.float32)

@@ -49,14 +49,32 @@ def test_gemm_matches_numpy(ta, tb, dtype, tol):
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_gemm_single_row_path_matches_numpy(beta):
+@pytest.mark.parametrize("rows", [1, 3, 65, 512])  # four rows at a time, then the remainder
+def test_gemm_single_row_path_matches_numpy(beta, rows):
     """The batch-of-one path (dot products, reassociated) used for text generation."""
     a = rng.standard_normal((1, 128)).astype(np.float32)
-    b = rng.standard_normal((512, 128)).astype(np.float32)
-    c = rng.standard_normal((1, 512)).astype(np.float32)
+    b = rng.standard_normal((rows, 128)).astype(np.float32)
+    c = rng.standard_normal((1, rows)).astype(np.float32)
     expect = a.astype(np.float64) @ b.T.astype(np.float64) + beta * c
     K.gemm(False, True, 1.0, a, b, beta, c)
     np.testing.assert_allclose(c, expect, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_choose_draws_by_inverse_cdf_of_softmax(temperature):
+    """The sampling draw against a float64 inverse CDF of softmax(logits / T), for uniforms on
+    a fine grid; only thresholds within float32 rounding of a CDF step may differ."""
+    logits = (rng.standard_normal(65) * 3).astype(np.float32)
+    weights = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
+    cdf = np.cumsum(weights) / weights.sum()
+    uniforms = np.linspace(0, 1, 20_001, endpoint=False)
+    expect = np.minimum(np.searchsorted(cdf, uniforms, side="right"), 64)
+    probs = np.empty(65, np.float32)
+    got = np.array([K.choose(logits, temperature, False, u, probs) for u in uniforms])
+    near_step = np.min(np.abs(uniforms[:, None] - cdf[None, :]), axis=1) < 1e-5
+    assert np.array_equal(got[~near_step], expect[~near_step])
+    assert near_step.mean() < 0.01
+    assert K.choose(logits, temperature, True, 0.5, probs) == np.argmax(logits)
 
 
 def test_gather_step_and_accumulate_step_match_numpy():

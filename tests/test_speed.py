@@ -1,4 +1,5 @@
-"""bench/speed.py --profile: per-kernel times that account for the iteration."""
+"""bench/speed.py --profile: per-kernel times that account for the iteration; bench/sampling.py:
+rates and the weight bytes each generated character reads."""
 import json
 import subprocess
 import sys
@@ -25,3 +26,29 @@ def test_profile_names_each_kernel_and_gemm_shape_and_fits_in_the_iteration():
     assert all(ms > 0 for ms in profile.values())
     iteration = report["phi_rnn"]["ms"]
     assert sum(profile.values()) <= sum(iteration) / len(iteration)
+
+
+SAMPLING = SPEED.parent / "sampling.py"
+
+
+def test_sampling_bench_reports_rates_and_the_weights_each_character_reads():
+    V, H, L = 30, 24, 3
+    argv = [sys.executable, str(SAMPLING), "--no-torch", "--json", "--model", "gru", "--vocab", str(V),
+            "--rnn_size", str(H), "--num_layers", str(L), "--chars", "3000", "--repeats", "3"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    G = 3 * H
+    # one row of the one-hot table, every other weight once
+    floats = G + (L - 1) * G * H + L * G * H + L * G + V * H + V
+    assert report["weight_kb_per_char"] * 1024 == floats * 4
+    rates = report["phi_rnn"]
+    assert rates["min_chars_per_s"] <= rates["median_chars_per_s"] <= rates["max_chars_per_s"]
+    assert abs(rates["us_per_char"] * rates["median_chars_per_s"] - 1e6) < 1e-3
+    assert report["config"]["model"] == "gru" and report["threads"] == 1
+
+
+def test_sampling_bench_rejects_bad_flags_in_one_line():
+    result = subprocess.run([sys.executable, str(SAMPLING), "--chars", "0"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "sampling.py: error: --chars must be positive, got 0"

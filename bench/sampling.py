@@ -1,0 +1,206 @@
+"""Text generation speed, side by side: phi_rnn's compiled batch-of-one loop vs PyTorch's
+nn.LSTM stepped one character at a time (when torch is importable), each in a fresh process.
+
+    python bench/sampling.py                          # 2 x 128 LSTM, vocab 65, one thread
+    python bench/sampling.py --checkpoint cv/latest   # a trained model's weights
+    python bench/sampling.py --model gru --rnn_size 512 --json
+
+Prints median / min / max characters per second over --repeats runs of --chars characters,
+microseconds per character, the weights streamed per character and the rate they stream at
+(generation is bound by reading every weight once per character), and whether the kernel
+granted the weights' region a transparent huge page.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
+from phi_rnn.errors import UsageError  # noqa: E402
+from speed import run_worker, versions  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="take model and weights from this checkpoint (default: random weights)")
+    p.add_argument("--model", default="lstm", choices=("lstm", "gru", "rnn"))
+    p.add_argument("--rnn_size", "--rnn-size", type=int, default=128)
+    p.add_argument("--num_layers", "--num-layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=65)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--chars", type=int, default=200_000, help="characters per timed run")
+    p.add_argument("--torch_chars", "--torch-chars", type=int, default=20_000,
+                   help="characters per timed PyTorch run (a Python loop per character)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch reference")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--worker", choices=("phi_rnn", "torch"), help=argparse.SUPPRESS)
+    affinity.add_thread_arguments(p)
+    p.set_defaults(threads=1)
+    args = p.parse_args(argv)
+    for name in ("rnn_size", "num_layers", "vocab", "chars", "torch_chars", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
+    return args
+
+
+def random_checkpoint(args):
+    import numpy as np
+    from phi_rnn.checkpoint import Checkpoint
+    from phi_rnn.model import Network
+    net = Network(args.model, args.vocab, args.rnn_size, args.num_layers)
+    net.init_params(np.random.default_rng(0))
+    meta = {"model": args.model, "num_layers": args.num_layers, "rnn_size": args.rnn_size,
+            "vocab": list(range(32, 32 + args.vocab))}
+    return Checkpoint("random", {k: v.copy() for k, v in net.params.views.items()}, meta, {})
+
+
+def huge_page_kb(address):
+    """AnonHugePages of the mapping that holds `address` (/proc/self/smaps), None if unknown."""
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(v, 16) for v in head.split("-"))
+                    inside = lo <= address < hi
+                elif inside and head == "AnonHugePages:":
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def phi_rnn_worker(args):
+    import numpy as np
+    from phi_rnn import checkpoint
+    from phi_rnn import kernels as K
+    from phi_rnn.sample import Generator
+    ck = checkpoint.load(args.checkpoint) if args.checkpoint else random_checkpoint(args)
+    gen = Generator(ck)
+    rng = np.random.default_rng(0)
+    out = np.empty(args.chars, np.int32)
+
+    def run():
+        K.generate(gen.kind, rng.random(args.chars), args.temperature, False, gen.weights, gen.state,
+                   gen.aux, gen.gates, gen.logits, out)
+
+    run()  # compiles or loads the cached kernels, warms the caches
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    weight_bytes = sum(w.nbytes for w in gen.weights) - gen.weights[0].nbytes * (1 - 1 / len(ck.vocab))
+    return {"times": times, "chars": args.chars, "weight_bytes": weight_bytes,
+            "huge_page_kb": huge_page_kb(gen.weights[0].ctypes.data), "vocab": len(ck.vocab),
+            "config": dict(ck.meta, vocab=len(ck.vocab)), "versions": versions()}
+
+
+def torch_worker(args):
+    """The same generation in PyTorch, as a char-rnn port would write it: one nn.LSTM /
+    nn.GRU / nn.RNN step per character on a one-hot input, Linear, softmax, multinomial."""
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    V, H, L = args.vocab, args.rnn_size, args.num_layers
+    rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[args.model](V, H, L)
+    decoder = torch.nn.Linear(H, V)
+    eye = torch.eye(V).view(V, 1, 1, V)
+
+    def run(n):
+        state, token = None, 0
+        for _ in range(n):
+            out, state = rnn(eye[token], state)
+            probs = torch.softmax(decoder(out[0, 0]) / args.temperature, dim=0)
+            token = int(torch.multinomial(probs, 1))
+
+    with torch.inference_mode():
+        run(200)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            run(args.torch_chars)
+            times.append(time.perf_counter() - t0)
+    return {"times": times, "chars": args.torch_chars}
+
+
+def rates(result):
+    import numpy as np
+    per_s = np.array([result["chars"] / t for t in result["times"]])
+    return {"median_chars_per_s": float(np.median(per_s)), "min_chars_per_s": float(per_s.min()),
+            "max_chars_per_s": float(per_s.max()), "us_per_char": 1e6 / float(np.median(per_s)),
+            "repeats": len(per_s)}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        if args.worker == "torch":
+            print(json.dumps(torch_worker(args)))
+            return 0
+        if args.checkpoint and args.torch:
+            raise UsageError("--checkpoint measures phi_rnn alone: add --no-torch")
+        plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
+        if args.worker == "phi_rnn":
+            print(json.dumps(phi_rnn_worker(args)))
+            return 0
+    except UsageError as e:
+        print(f"sampling.py: error: {e}", file=sys.stderr)
+        return 2
+    worker_argv = [a for a in argv if a != "--json"]
+    try:
+        mine = run_worker("phi_rnn", worker_argv, plan.threads, script=__file__)
+    except RuntimeError as e:
+        print(f"sampling.py: error: {e}", file=sys.stderr)
+        return 2
+    topo = plan.topology.to_dict()
+    report = {"machine": {"cpu": topo["model_name"], "cores": topo["cores"], "logical_cpus": topo["logical_cpus"]},
+              "versions": mine["versions"], "threads": plan.threads, "placement": plan.describe(),
+              "config": mine["config"], "temperature": args.temperature,
+              "weight_kb_per_char": mine["weight_bytes"] / 1024, "huge_page_kb": mine["huge_page_kb"],
+              "phi_rnn": rates(mine), "torch": None, "ratio": None}
+    report["weight_gb_per_s"] = mine["weight_bytes"] * report["phi_rnn"]["median_chars_per_s"] / 1e9
+    if args.torch:
+        import importlib.util
+        if importlib.util.find_spec("torch") is not None:
+            try:
+                report["torch"] = rates(run_worker("torch", worker_argv, plan.threads, script=__file__))
+                report["ratio"] = report["phi_rnn"]["median_chars_per_s"] / report["torch"]["median_chars_per_s"]
+            except RuntimeError as e:
+                print(f"sampling.py: warning: {e}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
+
+
+def print_report(r):
+    c = r["config"]
+    print(f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; "
+          + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+    print(r["placement"])
+    huge = "unknown" if r["huge_page_kb"] is None else f"{r['huge_page_kb']} kB"
+    print(f"config: {c['model']} {c['num_layers']} x {c['rnn_size']}, vocab {c['vocab']}, temperature "
+          f"{r['temperature']}; {r['weight_kb_per_char']:.0f} KB of weights read per character; "
+          f"huge pages granted: {huge}")
+    for name in ("phi_rnn", "torch"):
+        s = r[name]
+        if s:
+            print(f"{name:8s} median {s['median_chars_per_s']:9.0f} chars/s  (min {s['min_chars_per_s']:.0f}, "
+                  f"max {s['max_chars_per_s']:.0f}, n={s['repeats']})  {s['us_per_char']:7.2f} us/char")
+    line = f"phi_rnn weights stream at {r['weight_gb_per_s']:.0f} GB/s"
+    if r["ratio"] is not None:
+        line += f"; phi_rnn / torch = {r['ratio']:.1f}x the characters per second"
+    print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
