@@ -266,6 +266,14 @@ def accumulate_step(d_gates_t, tokens_t, d_bias, d_table):
 
 
 @njit(**_opts)
+def lstm_step_forward(g, bias, w_hh, h_prev, c_prev, h, c, tanh_c):
+    """One step for rows nb: g (nb, 4H) input projection in, activations out; h_prev, c_prev
+    (nb, H) in; h, c, tanh_c (nb, H) out."""
+    gemm(False, True, ONE, h_prev, w_hh, ONE, g)
+    lstm_cell_forward(g, bias, c_prev, c, tanh_c, h)
+
+
+@njit(**_opts)
 def lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, tanh_c, b0, b1):
     """gates (T, B, 4H): input projection in (unless table is given), activations out;
     bias (4H); w_hh (4H, H); hs, cs (T+1, B, H): [0] the initial state, [t+1] the state after
@@ -274,8 +282,8 @@ def lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, tanh_c, b0
         g = gates[t, b0:b1]
         if table.shape[0] > 0:
             gather_step(g, table, tokens[t, b0:b1])
-        gemm(False, True, ONE, hs[t, b0:b1], w_hh, ONE, g)
-        lstm_cell_forward(g, bias, cs[t, b0:b1], cs[t + 1, b0:b1], tanh_c[t, b0:b1], hs[t + 1, b0:b1])
+        lstm_step_forward(g, bias, w_hh, hs[t, b0:b1], cs[t, b0:b1], hs[t + 1, b0:b1], cs[t + 1, b0:b1],
+                          tanh_c[t, b0:b1])
 
 
 @njit(**_opts)
@@ -370,18 +378,24 @@ def gru_reset_backward(gates, h_prev, d_rh, dh):
 
 
 @njit(**_opts)
+def gru_step_forward(g, bias, w_hh, h_prev, h, rh):
+    """One step for rows nb: g (nb, 3H) input projection in, activations out; h_prev (nb, H)
+    in; h, rh = r*h_prev (nb, H) out."""
+    H = h_prev.shape[1]
+    gemm(False, True, ONE, h_prev, w_hh[0:2 * H], ONE, g[:, 0:2 * H])
+    gru_gates_forward(g, bias, h_prev, rh)
+    gemm(False, True, ONE, rh, w_hh[2 * H:3 * H], ONE, g[:, 2 * H:3 * H])
+    gru_output_forward(g, bias, h_prev, h)
+
+
+@njit(**_opts)
 def gru_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, rh, b0, b1):
     """As lstm_recurrence_forward, for (T, B, 3H) gates; cs is unused, rh (T, B, H)."""
-    H = hs.shape[2]
     for t in range(gates.shape[0]):
         g = gates[t, b0:b1]
         if table.shape[0] > 0:
             gather_step(g, table, tokens[t, b0:b1])
-        h_prev = hs[t, b0:b1]
-        gemm(False, True, ONE, h_prev, w_hh[0:2 * H], ONE, g[:, 0:2 * H])
-        gru_gates_forward(g, bias, h_prev, rh[t, b0:b1])
-        gemm(False, True, ONE, rh[t, b0:b1], w_hh[2 * H:3 * H], ONE, g[:, 2 * H:3 * H])
-        gru_output_forward(g, bias, h_prev, hs[t + 1, b0:b1])
+        gru_step_forward(g, bias, w_hh, hs[t, b0:b1], hs[t + 1, b0:b1], rh[t, b0:b1])
 
 
 @njit(**_opts)
@@ -402,21 +416,26 @@ def gru_recurrence_backward(gates, w_hh, hs, cs, rh, dhs, dh, d_rh, tokens, d_bi
 # ---------------------------------------------------------------- vanilla RNN: h' = tanh(x W + h U + b)
 
 @njit(**_opts)
+def rnn_step_forward(g, bias, w_hh, h_prev, h):
+    """One step for rows nb: g (nb, H) input projection in, h' = tanh(a) out (also in h)."""
+    gemm(False, True, ONE, h_prev, w_hh, ONE, g)
+    for b in range(g.shape[0]):
+        gb = g[b]
+        hb = h[b]
+        for j in range(gb.shape[0]):
+            a = fast_tanh(gb[j] + bias[j])
+            gb[j] = a
+            hb[j] = a
+
+
+@njit(**_opts)
 def rnn_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1):
     """As lstm_recurrence_forward, for (T, B, H) gates holding h' = tanh(a); cs, aux unused."""
     for t in range(gates.shape[0]):
         g = gates[t, b0:b1]
         if table.shape[0] > 0:
             gather_step(g, table, tokens[t, b0:b1])
-        gemm(False, True, ONE, hs[t, b0:b1], w_hh, ONE, g)
-        h = hs[t + 1, b0:b1]
-        for b in range(g.shape[0]):
-            gb = g[b]
-            hb = h[b]
-            for j in range(gb.shape[0]):
-                a = fast_tanh(gb[j] + bias[j])
-                gb[j] = a
-                hb[j] = a
+        rnn_step_forward(g, bias, w_hh, hs[t, b0:b1], hs[t + 1, b0:b1])
 
 
 @njit(**_opts)
@@ -556,26 +575,34 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
 
 
 # ---------------------------------------------------------------- generation (batch of one)
-# A character is one timestep of the training recurrences with T = B = 1, all layers and
-# the decoder in one compiled call.
+# A character is one step of each layer's training step function with B = 1, all layers
+# and the decoder in one compiled call.
 
 @njit(**_opts)
-def generation_step(kind, token, weights, state, aux, gates, tokens, logits):
+def step_forward(kind, g, bias, w_hh, h_prev, c_prev, h, c, aux):
+    if kind == LSTM:
+        lstm_step_forward(g, bias, w_hh, h_prev, c_prev, h, c, aux)
+    elif kind == GRU:
+        gru_step_forward(g, bias, w_hh, h_prev, h, aux)
+    else:
+        rnn_step_forward(g, bias, w_hh, h_prev, h)
+
+
+@njit(**_opts)
+def generation_step(kind, token, weights, state, aux, gates, logits):
     """weights = (w_ih0_t (V, G), w_ih (max(L-1, 1), G, H), w_hh (L, G, H), bias (L, G),
     dec_w (V, H), dec_b (V)); state (L, 2, 2, 1, H): per layer h and c at [0] (in) and [1]
-    (out); aux (1, 1, H), gates (1, 1, G), tokens (1, 1) scratch; logits (1, V) out."""
+    (out); aux (1, H), gates (1, G) scratch; logits (1, V) out."""
     w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b = weights
-    tokens[0, 0] = token
-    empty = w_ih0_t[0:0]
     L = w_hh.shape[0]
     for layer in range(L):
         hs = state[layer, 0]
         cs = state[layer, 1]
         if layer == 0:
-            recurrence_forward(kind, gates, bias[0], w_ih0_t, tokens, w_hh[0], hs, cs, aux, 0, 1)
+            gates[0, :] = w_ih0_t[token]  # the one-hot input projection
         else:
-            gemm(False, True, ONE, state[layer - 1, 0, 0], w_ih[layer - 1], ZERO, gates[0])
-            recurrence_forward(kind, gates, bias[layer], empty, tokens, w_hh[layer], hs, cs, aux, 0, 1)
+            gemm(False, True, ONE, state[layer - 1, 0, 0], w_ih[layer - 1], ZERO, gates)
+        step_forward(kind, gates, bias[layer], w_hh[layer], hs[0], cs[0], hs[1], cs[1], aux)
         hs[0] = hs[1]
         cs[0] = cs[1]
     logits[0, :] = dec_b
@@ -608,18 +635,16 @@ def choose(logits, temperature, argmax, u, probs):
 
 @njit(**_opts)
 def prime(kind, text, weights, state, aux, gates, logits):
-    tokens = np.zeros((1, 1), np.int32)
     for k in range(text.shape[0]):
-        generation_step(kind, text[k], weights, state, aux, gates, tokens, logits)
+        generation_step(kind, text[k], weights, state, aux, gates, logits)
 
 
 @njit(**_opts)
 def generate(kind, uniforms, temperature, argmax, weights, state, aux, gates, logits, out):
     """out[k] = the k-th sampled token, each fed back in; `logits` carries the prediction
     between calls."""
-    tokens = np.zeros((1, 1), np.int32)
     probs = np.empty(logits.shape[1], np.float32)
     for k in range(out.shape[0]):
         token = choose(logits[0], temperature, argmax, uniforms[k], probs)
         out[k] = token
-        generation_step(kind, token, weights, state, aux, gates, tokens, logits)
+        generation_step(kind, token, weights, state, aux, gates, logits)

@@ -54,8 +54,8 @@ class Generator:
              np.stack([p[f"layers.{l}.b_ih"] + p[f"layers.{l}.b_hh"] for l in range(L)]),
              p["decoder.weight"], p["decoder.bias"]))
         self.state = np.zeros((L, 2, 2, 1, hidden), np.float32)
-        self.aux = np.zeros((1, 1, hidden), np.float32)
-        self.gates = np.zeros((1, 1, gh), np.float32)
+        self.aux = np.zeros((1, hidden), np.float32)
+        self.gates = np.zeros((1, gh), np.float32)
         # logits start equal: with no primetext the first character is uniform, as in char-rnn
         self.logits = np.zeros((1, len(self.vocab)), np.float32)
 
