@@ -111,8 +111,8 @@ def phi_rnn_worker(args):
     return times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9, profile
 
 
-PROFILED_KERNELS = ("gemm", "forward_parallel", "backward_parallel", "recurrence_forward",
-                    "recurrence_backward", "multiply", "log_softmax_nll", "rmsprop_step")
+PROFILED_KERNELS = ("gemm", "forward_parallel", "backward_parallel", "layer_forward", "layer_backward",
+                    "reduce_parts", "multiply", "log_softmax_nll", "rmsprop_step")
 
 
 def _time_kernel_calls():

@@ -1,13 +1,14 @@
 """Compiled kernels: vectorised transcendentals, the LSTM, GRU and RNN cells and their
 recurrences, the loss, the optimizer and generation. Shapes are in each signature; T
 timesteps, B batch rows, H hidden units, V vocabulary, G = 4H / 3H / H gate units. A
-layer's activations live in (T, B, G) gate buffers: LSTM blocks i, f, o, g; GRU z, r, c.
+layer's activations live in (T*B, G) gate buffers (LSTM blocks i, f, o, g; GRU z, r, c),
+stored as blocks of batch rows, time-major inside a block (one block: plain time-major).
 
-Parallel strategy "batch": each thread runs the recurrence on its own block of batch rows
-with MKL inside running single-threaded (numba and MKL share one OpenMP runtime; nested
-parallelism is off), so a timestep needs no barrier. The all-timestep GEMMs run outside
-parallel regions, where MKL uses every thread. Strategy "gemm": one serial recurrence with
-MKL-threaded GEMMs per step (better when batch rows per thread get few).
+Parallel strategy "batch": each thread runs a layer on its own block of batch rows (input
+projection, recurrence, weight-gradient partials) with MKL inside running single-threaded
+(numba and MKL share one OpenMP runtime; nested parallelism is off), so a timestep needs no
+barrier and no activation changes core. Strategy "gemm": one block, a serial recurrence with
+MKL-threaded GEMMs (better when batch rows per thread get few).
 
 Kernels are compiled with error_model='numpy' (Python's error model blocks the loop
 vectoriser on division) and never index at an offset inside a hot loop (slice views start
@@ -274,30 +275,36 @@ def lstm_step_forward(g, bias, w_hh, h_prev, c_prev, h, c, tanh_c):
 
 
 @njit(**_opts)
-def lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, tanh_c, b0, b1):
-    """gates (T, B, 4H): input projection in (unless table is given), activations out;
-    bias (4H); w_hh (4H, H); hs, cs (T+1, B, H): [0] the initial state, [t+1] the state after
-    step t; tanh_c (T, B, H)."""
+def lstm_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, c0, hs, cs, tanh_c):
+    """One block of nb batch rows (columns b0.. of tokens (T, B)), all steps. gates (T, nb, 4H):
+    input projection in (unless the one-hot table (V, 4H) is given), activations out; bias
+    (4H); w_hh (4H, H); h0, c0 (nb, H) the state before step 0; hs, cs, tanh_c (T, nb, H)
+    after each step."""
+    nb = h0.shape[0]
     for t in range(gates.shape[0]):
-        g = gates[t, b0:b1]
+        g = gates[t]
         if table.shape[0] > 0:
-            gather_step(g, table, tokens[t, b0:b1])
-        lstm_step_forward(g, bias, w_hh, hs[t, b0:b1], cs[t, b0:b1], hs[t + 1, b0:b1], cs[t + 1, b0:b1],
-                          tanh_c[t, b0:b1])
+            gather_step(g, table, tokens[t, b0:b0 + nb])
+        if t == 0:
+            lstm_step_forward(g, bias, w_hh, h0, c0, hs[0], cs[0], tanh_c[0])
+        else:
+            lstm_step_forward(g, bias, w_hh, hs[t - 1], cs[t - 1], hs[t], cs[t], tanh_c[t])
 
 
 @njit(**_opts)
-def lstm_recurrence_backward(gates, w_hh, hs, cs, tanh_c, dhs, dh, dc, tokens, d_bias, d_table, b0, b1):
-    """Rows b0:b1, steps T-1..0. gates (T, B, 4H): activations in, pre-activation gradients
-    out; dhs (T, B, H): gradient of each step's output from above; dh, dc (B, H): the
+def lstm_recurrence_backward(gates, w_hh, c0, cs, tanh_c, dhs, dh, dc, tokens, b0, d_bias, d_table):
+    """The block's steps T-1..0. gates (T, nb, 4H): activations in, pre-activation gradients
+    out; dhs (T, nb, H): gradient of each step's output from above; dh, dc (nb, H): the
     recurrent gradients (zeroed by the caller: truncated BPTT); d_bias (4H) and d_table
-    (V, 4H, or empty above the first layer) get this row block's partial gradients."""
+    (V, 4H, or empty above the first layer) get this block's partial gradients."""
+    nb = c0.shape[0]
     for t in range(gates.shape[0] - 1, -1, -1):
-        g = gates[t, b0:b1]
-        lstm_cell_backward(g, cs[t, b0:b1], tanh_c[t, b0:b1], dhs[t, b0:b1], dh[b0:b1], dc[b0:b1])
-        accumulate_step(g, tokens[t, b0:b1], d_bias, d_table)
+        g = gates[t]
+        c_prev = c0 if t == 0 else cs[t - 1]
+        lstm_cell_backward(g, c_prev, tanh_c[t], dhs[t], dh, dc)
+        accumulate_step(g, tokens[t, b0:b0 + nb], d_bias, d_table)
         if t > 0:  # the initial state is a constant: no gradient flows into it
-            gemm(False, False, ONE, g, w_hh, ZERO, dh[b0:b1])
+            gemm(False, False, ONE, g, w_hh, ZERO, dh)
 
 
 # ---------------------------------------------------------------- GRU (char-rnn's GRU.lua)
@@ -389,28 +396,32 @@ def gru_step_forward(g, bias, w_hh, h_prev, h, rh):
 
 
 @njit(**_opts)
-def gru_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, rh, b0, b1):
-    """As lstm_recurrence_forward, for (T, B, 3H) gates; cs is unused, rh (T, B, H)."""
+def gru_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, hs, rh):
+    """As lstm_recurrence_forward, for (T, nb, 3H) gates; rh (T, nb, H)."""
+    nb = h0.shape[0]
     for t in range(gates.shape[0]):
-        g = gates[t, b0:b1]
+        g = gates[t]
         if table.shape[0] > 0:
-            gather_step(g, table, tokens[t, b0:b1])
-        gru_step_forward(g, bias, w_hh, hs[t, b0:b1], hs[t + 1, b0:b1], rh[t, b0:b1])
+            gather_step(g, table, tokens[t, b0:b0 + nb])
+        if t == 0:
+            gru_step_forward(g, bias, w_hh, h0, hs[0], rh[0])
+        else:
+            gru_step_forward(g, bias, w_hh, hs[t - 1], hs[t], rh[t])
 
 
 @njit(**_opts)
-def gru_recurrence_backward(gates, w_hh, hs, cs, rh, dhs, dh, d_rh, tokens, d_bias, d_table, b0, b1):
-    """As lstm_recurrence_backward; d_rh (B, H) is scratch for the gradient of r*h."""
-    H = hs.shape[2]
+def gru_recurrence_backward(gates, w_hh, h0, hs, dhs, dh, d_rh, tokens, b0, d_bias, d_table):
+    """As lstm_recurrence_backward; d_rh (nb, H) is scratch for the gradient of r*h."""
+    nb, H = h0.shape
     for t in range(gates.shape[0] - 1, -1, -1):
-        g = gates[t, b0:b1]
-        h_prev = hs[t, b0:b1]
-        gru_output_backward(g, h_prev, dhs[t, b0:b1], dh[b0:b1])
-        gemm(False, False, ONE, g[:, 2 * H:3 * H], w_hh[2 * H:3 * H], ZERO, d_rh[b0:b1])
-        gru_reset_backward(g, h_prev, d_rh[b0:b1], dh[b0:b1])
-        accumulate_step(g, tokens[t, b0:b1], d_bias, d_table)
+        g = gates[t]
+        h_prev = h0 if t == 0 else hs[t - 1]
+        gru_output_backward(g, h_prev, dhs[t], dh)
+        gemm(False, False, ONE, g[:, 2 * H:3 * H], w_hh[2 * H:3 * H], ZERO, d_rh)
+        gru_reset_backward(g, h_prev, d_rh, dh)
+        accumulate_step(g, tokens[t, b0:b0 + nb], d_bias, d_table)
         if t > 0:
-            gemm(False, False, ONE, g[:, 0:2 * H], w_hh[0:2 * H], ONE, dh[b0:b1])
+            gemm(False, False, ONE, g[:, 0:2 * H], w_hh[0:2 * H], ONE, dh)
 
 
 # ---------------------------------------------------------------- vanilla RNN: h' = tanh(x W + h U + b)
@@ -429,21 +440,26 @@ def rnn_step_forward(g, bias, w_hh, h_prev, h):
 
 
 @njit(**_opts)
-def rnn_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1):
-    """As lstm_recurrence_forward, for (T, B, H) gates holding h' = tanh(a); cs, aux unused."""
+def rnn_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, hs):
+    """As lstm_recurrence_forward, for (T, nb, H) gates holding h' = tanh(a)."""
+    nb = h0.shape[0]
     for t in range(gates.shape[0]):
-        g = gates[t, b0:b1]
+        g = gates[t]
         if table.shape[0] > 0:
-            gather_step(g, table, tokens[t, b0:b1])
-        rnn_step_forward(g, bias, w_hh, hs[t, b0:b1], hs[t + 1, b0:b1])
+            gather_step(g, table, tokens[t, b0:b0 + nb])
+        if t == 0:
+            rnn_step_forward(g, bias, w_hh, h0, hs[0])
+        else:
+            rnn_step_forward(g, bias, w_hh, hs[t - 1], hs[t])
 
 
 @njit(**_opts)
-def rnn_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1):
+def rnn_recurrence_backward(gates, w_hh, dhs, dh, tokens, b0, d_bias, d_table):
+    nb = dh.shape[0]
     for t in range(gates.shape[0] - 1, -1, -1):
-        g = gates[t, b0:b1]
-        dho = dhs[t, b0:b1]
-        dhr = dh[b0:b1]
+        g = gates[t]
+        dho = dhs[t]
+        dhr = dh
         for b in range(g.shape[0]):
             gb = g[b]
             ob = dho[b]
@@ -451,7 +467,7 @@ def rnn_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bia
             for j in range(gb.shape[0]):
                 a = gb[j]
                 gb[j] = (ob[j] + hb[j]) * (ONE - a * a)
-        accumulate_step(g, tokens[t, b0:b1], d_bias, d_table)
+        accumulate_step(g, tokens[t, b0:b0 + nb], d_bias, d_table)
         if t > 0:
             gemm(False, False, ONE, g, w_hh, ZERO, dhr)
 
@@ -462,51 +478,115 @@ KINDS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 
 @njit(**_opts)
-def recurrence_forward(kind, gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1):
+def layer_forward(kind, gates, bias, table, tokens, b0, w_ih, below, w_hh, h0, c0, hs, cs, aux, h_last, c_last):
+    """One block of nb batch rows of a layer, all T steps, rows time-major inside the block:
+    gates (T*nb, G) out (its input projection is `below` (T*nb, H_in) @ w_ih^T, or the
+    one-hot `table` gathered per step); h0, c0 (nb, H) the state before step 0; hs, cs, aux
+    (T*nb, H): h, c (LSTM) and tanh(c) (LSTM) / r*h (GRU) after each step; h_last, c_last
+    (nb, H) get the state after the last step."""
+    T = tokens.shape[0]
+    nb, H = h0.shape
+    G = gates.shape[1]
+    if table.shape[0] == 0:
+        gemm(False, True, ONE, below, w_ih, ZERO, gates)
+    g3 = gates.reshape((T, nb, G))
+    h3 = hs.reshape((T, nb, H))
+    c3 = cs.reshape((T, nb, H))
+    a3 = aux.reshape((T, nb, H))
     if kind == LSTM:
-        lstm_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1)
+        lstm_recurrence_forward(g3, bias, table, tokens, b0, w_hh, h0, c0, h3, c3, a3)
+        c_last[:] = c3[T - 1]
     elif kind == GRU:
-        gru_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1)
+        gru_recurrence_forward(g3, bias, table, tokens, b0, w_hh, h0, h3, a3)
     else:
-        rnn_recurrence_forward(gates, bias, table, tokens, w_hh, hs, cs, aux, b0, b1)
+        rnn_recurrence_forward(g3, bias, table, tokens, b0, w_hh, h0, h3)
+    h_last[:] = h3[T - 1]
 
 
 @njit(**_opts)
-def recurrence_backward(kind, gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1):
-    dh[b0:b1] = ZERO  # truncated BPTT: no gradient arrives from beyond the last step
-    dc[b0:b1] = ZERO
+def layer_backward(kind, gates, tokens, b0, w_ih, below, w_hh, h0, c0, hs, cs, aux, d_out, dh, dc,
+                   d_bias, d_table, d_w_hh, d_w_ih, d_below):
+    """The block's backward, all steps: gates (T*nb, G) activations in, pre-activation
+    gradients out; d_out (T*nb, H) the gradient of the layer's outputs. The block's partial
+    gradients go to d_bias (G), d_table (V, G; first layer) or d_w_ih (G, H_in) (above it),
+    and d_w_hh (G, H); d_below (T*nb, H_in; above the first layer) gets the gradient of the
+    layer's input. d_out and d_below may be the same rows: d_out is read before."""
+    T = tokens.shape[0]
+    nb, H = h0.shape
+    G = gates.shape[1]
+    dh[:] = ZERO  # truncated BPTT: no gradient arrives from beyond the last step
+    dc[:] = ZERO
     d_bias[:] = ZERO
     d_table[:] = ZERO
+    g3 = gates.reshape((T, nb, G))
+    d3 = d_out.reshape((T, nb, H))
     if kind == LSTM:
-        lstm_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1)
+        lstm_recurrence_backward(g3, w_hh, c0, cs.reshape((T, nb, H)), aux.reshape((T, nb, H)), d3, dh, dc,
+                                 tokens, b0, d_bias, d_table)
     elif kind == GRU:
-        gru_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1)
+        gru_recurrence_backward(g3, w_hh, h0, hs.reshape((T, nb, H)), d3, dh, dc, tokens, b0, d_bias, d_table)
     else:
-        rnn_recurrence_backward(gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias, d_table, b0, b1)
+        rnn_recurrence_backward(g3, w_hh, d3, dh, tokens, b0, d_bias, d_table)
+    # weight gradients over all steps: the recurrent input is h0 at step 0, then hs[0:T-1]
+    hh = 2 * H if kind == GRU else G  # GRU: z, r act on h; the candidate's weights on r*h
+    gemm(True, False, ONE, gates[:nb, :hh], h0, ZERO, d_w_hh[:hh])
+    gemm(True, False, ONE, gates[nb:, :hh], hs[:(T - 1) * nb], ONE, d_w_hh[:hh])
+    if kind == GRU:
+        gemm(True, False, ONE, gates[:, hh:], aux, ZERO, d_w_hh[hh:])
+    if d_table.shape[0] == 0:  # above the first layer
+        gemm(True, False, ONE, gates, below, ZERO, d_w_ih)
+        gemm(False, False, ONE, gates, w_ih, ZERO, d_below)
 
+
+# Batch strategy: block p of nparts holds batch rows [p*B/nparts, (p+1)*B/nparts), and every
+# (T*B)-row buffer stores the blocks one after another, time-major inside each. A thread then
+# runs a layer's input projection, recurrence, weight-gradient partials and input gradient on
+# its own contiguous rows with MKL sequential inside (left to its global count it nests, ~3x
+# slower on 2 cores): no activation cache line is written by one core and read by another.
 
 @njit(parallel=True, **_opts)
-def forward_parallel(kind, gates, bias, table, tokens, w_hh, hs, cs, aux, nparts):
-    """Batch strategy: part p of nparts runs rows [p*B/nparts, (p+1)*B/nparts) with MKL
-    sequential inside (left to its global count it nests, ~3x slower on 2 cores)."""
-    B = gates.shape[1]
+def forward_parallel(kind, gates, bias, table, tokens, w_ih, below, w_hh, h0, c0, hs, cs, aux,
+                     h_last, c_last, nparts):
+    """layer_forward for every block; h0, c0, h_last, c_last (B, H)."""
+    T, B = tokens.shape
     for p in prange(nparts):
         set_num_threads_local(1)
-        recurrence_forward(kind, gates, bias, table, tokens, w_hh, hs, cs, aux,
-                           p * B // nparts, (p + 1) * B // nparts)
+        b0, b1 = p * B // nparts, (p + 1) * B // nparts
+        r0, r1 = T * b0, T * b1
+        layer_forward(kind, gates[r0:r1], bias, table, tokens, b0, w_ih, below[r0:r1], w_hh, h0[b0:b1],
+                      c0[b0:b1], hs[r0:r1], cs[r0:r1], aux[r0:r1], h_last[b0:b1], c_last[b0:b1])
         set_num_threads_local(0)
 
 
 @njit(parallel=True, **_opts)
-def backward_parallel(kind, gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias_parts, d_table_parts, nparts):
-    """Batch strategy backward; d_bias_parts (nparts, G) and d_table_parts (nparts, V, G)
-    get each part's partial gradients, reduced by the caller in a fixed order."""
-    B = gates.shape[1]
+def backward_parallel(kind, gates, tokens, w_ih, below, w_hh, h0, c0, hs, cs, aux, d_out, dh, dc,
+                      d_bias_parts, d_table_parts, d_w_hh_parts, d_w_ih_parts, d_below, nparts):
+    """layer_backward for every block; the (nparts, ...) arrays get each block's partial
+    gradients, summed by reduce_parts in a fixed order."""
+    T, B = tokens.shape
     for p in prange(nparts):
         set_num_threads_local(1)
-        recurrence_backward(kind, gates, w_hh, hs, cs, aux, dhs, dh, dc, tokens, d_bias_parts[p],
-                            d_table_parts[p], p * B // nparts, (p + 1) * B // nparts)
+        b0, b1 = p * B // nparts, (p + 1) * B // nparts
+        r0, r1 = T * b0, T * b1
+        layer_backward(kind, gates[r0:r1], tokens, b0, w_ih, below[r0:r1], w_hh, h0[b0:b1], c0[b0:b1],
+                       hs[r0:r1], cs[r0:r1], aux[r0:r1], d_out[r0:r1], dh[b0:b1], dc[b0:b1], d_bias_parts[p],
+                       d_table_parts[p], d_w_hh_parts[p], d_w_ih_parts[p], d_below[r0:r1])
         set_num_threads_local(0)
+
+
+@njit(parallel=True, **_opts)
+def reduce_parts(parts, out, nchunks):
+    """out (N) = sum over p of parts (P, N), in the order p = 0, 1, ... for every element
+    (results do not depend on how the chunks fall on threads)."""
+    n = out.shape[0]
+    for c in prange(nchunks):
+        lo, hi = c * n // nchunks, (c + 1) * n // nchunks
+        o = out[lo:hi]
+        o[:] = parts[0, lo:hi]
+        for p in range(1, parts.shape[0]):
+            src = parts[p, lo:hi]
+            for j in range(o.shape[0]):
+                o[j] += src[j]
 
 
 # ---------------------------------------------------------------- loss

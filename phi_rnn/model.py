@@ -88,16 +88,23 @@ class Network:
         return np.zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
 
     def _workspace(self, T, B):
-        if self._shape == (T, B):
-            return
-        self._shape = (T, B)
-        L, H, V, G = self.L, self.H, self.V, GATES[self.model] * self.H
         P = self._nparts(B)
+        if self._shape == (T, B, P):
+            return
+        self._shape = (T, B, P)
+        L, H, V, G = self.L, self.H, self.V, GATES[self.model] * self.H
         dt = self.dtype
-        self.gates = np.zeros((L, T, B, G), dt)
-        self.hs = np.zeros((L, T + 1, B, H), dt)
-        self.cs = np.zeros((L, T + 1, B, H), dt)
-        self.aux = np.zeros((L, T, B, H), dt)  # LSTM: tanh(c); GRU: r*h
+        # every (T*B)-row buffer holds P blocks of batch rows, time-major inside a block
+        # (kernels.py); row r of that layout is row perm[r] of the time-major (T, B) order
+        self.perm = np.concatenate([(np.arange(T)[:, None] * B + np.arange(p * B // P, (p + 1) * B // P)).ravel()
+                                    for p in range(P)])
+        self.targets = np.zeros(T * B, np.int32)
+        self.gates = np.zeros((L, T * B, G), dt)
+        self.hs = np.zeros((L, T * B, H), dt)  # h after each step
+        self.cs = np.zeros((L, T * B, H), dt)  # LSTM: c after each step
+        self.aux = np.zeros((L, T * B, H), dt)  # LSTM: tanh(c); GRU: r*h
+        self.h0 = np.zeros((L, B, H), dt)  # the state before the first step
+        self.c0 = np.zeros((L, B, H), dt)
         self.dropped = np.zeros((L, T * B, H), dt)  # input of layers >= 1 and of the decoder, after dropout
         self.inputs = [None] * L  # what each of them read: a view of hs without dropout, else `dropped`
         self.masks = np.zeros((L, T * B, H), dt)
@@ -108,13 +115,25 @@ class Network:
         self.dc = np.zeros((B, H), dt)
         self.w_ih0_t = np.zeros((V, G), dt)
         self.no_table = np.zeros((0, G), dt)
+        self.no_input = np.zeros((0, H), dt)
+        # per-block partial gradients, summed in a fixed order by kernels.reduce_parts
+        self.d_tables = np.zeros((P, V, G), dt)
         self.no_tables = np.zeros((P, 0, G), dt)
-        self.d_tables = np.zeros((P, V, G), dt)  # per-part partial gradients, reduced in order
         self.d_biases = np.zeros((P, G), dt)
+        self.d_w_hh_parts = np.zeros((P, G, H), dt)
+        self.d_w_ih_parts = np.zeros((P, G, H), dt)
+        self.d_table = np.zeros((V, G), dt)
         self.bias = np.zeros(G, dt)
 
     def _nparts(self, B):
         return max(1, min(numba.get_num_threads(), B)) if self.strategy == "batch" else 1
+
+    def time_major(self, rows):
+        """A (T*B, ...) workspace buffer of the last pass in (T, B, ...) order."""
+        T, B, _ = self._shape
+        out = np.empty_like(rows)
+        out[self.perm] = rows
+        return out.reshape(T, B, *rows.shape[1:])
 
     # ------------------------------------------------------------ passes
     def forward(self, x, y, state, rng=None):
@@ -124,37 +143,37 @@ class Network:
         T, B = x.shape
         self._workspace(T, B)
         p = self.params
-        nparts = self._nparts(B)
+        nparts = self._shape[2]
         training = rng is not None and self.dropout > 0
         for layer in range(self.L):
             w_ih, w_hh = p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"]
             np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=self.bias)
-            gates = self.gates[layer]
             if layer == 0:
                 self.w_ih0_t[:] = w_ih.T
-                table = self.w_ih0_t
+                table, below = self.w_ih0_t, self.no_input
             else:
-                table = self.no_table
-                below = self._layer_input(layer, training, rng)
-                K.gemm(False, True, K.ONE, below, w_ih, K.ZERO, gates.reshape(T * B, -1))
-            hs, cs = self.hs[layer], self.cs[layer]
-            hs[0], cs[0] = state[layer, 0], state[layer, 1]
+                table, below = self.no_table, self._layer_input(layer, training, rng)
+            h0, c0 = self.h0[layer], self.c0[layer]
+            h0[:], c0[:] = state[layer, 0], state[layer, 1]
+            args = (self.kind, self.gates[layer], self.bias, table, x)
+            per_layer = (w_ih, below, w_hh, h0, c0, self.hs[layer], self.cs[layer], self.aux[layer],
+                         state[layer, 0], state[layer, 1])
             if nparts > 1:
-                K.forward_parallel(self.kind, gates, self.bias, table, x, w_hh, hs, cs, self.aux[layer], nparts)
+                K.forward_parallel(*args, *per_layer, nparts)
             else:
-                K.recurrence_forward(self.kind, gates, self.bias, table, x, w_hh, hs, cs, self.aux[layer], 0, B)
-            state[layer, 0], state[layer, 1] = hs[T], cs[T]
+                K.layer_forward(*args, 0, *per_layer)
         top = self._layer_input(self.L, training, rng)
         self.logits[:] = p["decoder.bias"]
         K.gemm(False, True, K.ONE, top, p["decoder.weight"], K.ONE, self.logits)
-        K.log_softmax_nll(self.logits, y.reshape(-1), self.row_loss, self.dtype(1.0 / B))
+        np.take(y.reshape(-1), self.perm, out=self.targets)
+        K.log_softmax_nll(self.logits, self.targets, self.row_loss, self.dtype(1.0 / B))
         return float(self.row_loss.sum(dtype=np.float64)) / (B * T)
 
     def _layer_input(self, layer, training, rng):
         """The input of layer `layer` (or of the decoder when layer == L): the outputs of the
         layer below (a view: no copy), or a copy through dropout when training; remembered in
         self.inputs[layer % L] for the backward pass."""
-        below = self.hs[layer - 1, 1:].reshape(-1, self.H)
+        below = self.hs[layer - 1]
         if training:
             below_dropped = self.dropped[layer % self.L]
             mask = self.masks[layer % self.L]
@@ -168,10 +187,9 @@ class Network:
     def backward(self, x, training_dropout):
         """Gradients of the last forward's loss (the sum over timesteps of the per-step
         batch-mean NLL, as char-rnn: not divided by T) into self.grads."""
-        T, B = x.shape
         p, g = self.params, self.grads
-        nparts = self._nparts(B)
-        H = self.H
+        nparts = self._shape[2]
+        chunks = numba.get_num_threads()
         top = self.inputs[0]  # self.inputs[L % L]: the decoder's input
         K.gemm(True, False, K.ONE, self.logits, top, K.ZERO, g["decoder.weight"])
         self.logits.sum(axis=0, out=g["decoder.bias"])
@@ -179,30 +197,26 @@ class Network:
         for layer in range(self.L - 1, -1, -1):
             if training_dropout:
                 K.multiply(self.d_in, self.masks[(layer + 1) % self.L], self.d_in)
-            d_out = self.d_in.reshape(T, B, H)  # read by the recurrence before d_in is rewritten
-            gates = self.gates[layer]
-            w_hh = p[f"layers.{layer}.w_hh"]
-            d_tables = self.d_tables if layer == 0 else self.no_tables
-            hs, cs, aux = self.hs[layer], self.cs[layer], self.aux[layer]
+            first = layer == 0
+            below = self.no_input if first else self.inputs[layer]
+            d_tables = self.d_tables if first else self.no_tables
+            # d_in is read as the gradient of this layer's outputs, then holds its input's
+            args = (self.kind, self.gates[layer], x)
+            per_layer = (p[f"layers.{layer}.w_ih"], below, p[f"layers.{layer}.w_hh"], self.h0[layer],
+                         self.c0[layer], self.hs[layer], self.cs[layer], self.aux[layer], self.d_in, self.dh,
+                         self.dc)
             if nparts > 1:
-                K.backward_parallel(self.kind, gates, w_hh, hs, cs, aux, d_out, self.dh, self.dc, x,
-                                    self.d_biases, d_tables, nparts)
+                K.backward_parallel(*args, *per_layer, self.d_biases, d_tables, self.d_w_hh_parts,
+                                    self.d_w_ih_parts, self.d_in, nparts)
             else:
-                K.recurrence_backward(self.kind, gates, w_hh, hs, cs, aux, d_out, self.dh, self.dc, x,
-                                      self.d_biases[0], d_tables[0], 0, B)
-            d_gates = gates.reshape(T * B, -1)
-            h_prev = hs[:T].reshape(T * B, H)
-            d_w_hh = g[f"layers.{layer}.w_hh"]
-            if self.model == "gru":  # z, r act on h; the candidate's weights act on r*h
-                K.gemm(True, False, K.ONE, d_gates[:, :2 * H], h_prev, K.ZERO, d_w_hh[:2 * H])
-                K.gemm(True, False, K.ONE, d_gates[:, 2 * H:], aux.reshape(T * B, H), K.ZERO, d_w_hh[2 * H:])
-            else:
-                K.gemm(True, False, K.ONE, d_gates, h_prev, K.ZERO, d_w_hh)
-            d_bias = self.d_biases[:nparts].sum(axis=0)
-            g[f"layers.{layer}.b_ih"][:] = d_bias
+                K.layer_backward(*args, 0, *per_layer, self.d_biases[0], d_tables[0], self.d_w_hh_parts[0],
+                                 self.d_w_ih_parts[0], self.d_in)
+            K.reduce_parts(self.d_w_hh_parts.reshape(nparts, -1), g[f"layers.{layer}.w_hh"].reshape(-1), chunks)
+            d_bias = g[f"layers.{layer}.b_ih"]
+            K.reduce_parts(self.d_biases, d_bias, 1)
             g[f"layers.{layer}.b_hh"][:] = d_bias
-            if layer == 0:
-                g["layers.0.w_ih"][:] = self.d_tables[:nparts].sum(axis=0).T
+            if first:
+                K.reduce_parts(self.d_tables.reshape(nparts, -1), self.d_table.reshape(-1), chunks)
+                g["layers.0.w_ih"][:] = self.d_table.T
             else:
-                K.gemm(True, False, K.ONE, d_gates, self.inputs[layer], K.ZERO, g[f"layers.{layer}.w_ih"])
-                K.gemm(False, False, K.ONE, d_gates, p[f"layers.{layer}.w_ih"], K.ZERO, self.d_in)
+                K.reduce_parts(self.d_w_ih_parts.reshape(nparts, -1), g[f"layers.{layer}.w_ih"].reshape(-1), chunks)

@@ -99,7 +99,7 @@ def test_dropout_forward_matches_reference_with_the_same_masks(model):
     net, x, y, state = _setup(np.float64, "batch", dropout=0.4, model=model)
     state[:, 1] = 0 if model != "lstm" else state[:, 1]
     net.forward(x, y, state.copy(), np.random.default_rng(9))
-    masks = {l: net.masks[l % L].reshape(T, B, H).copy() for l in range(1, L + 1)}
+    masks = {l: net.time_major(net.masks[l % L]) for l in range(1, L + 1)}
     np.testing.assert_allclose(np.unique(masks[1]), [0.0, 1 / 0.6])
     params = dict(net.params.views)
     loss_ref, cache, _ = R.forward(model, params, x, y, state, L, masks)
