@@ -111,28 +111,23 @@ def phi_rnn_worker(args):
     return times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9, profile
 
 
-PROFILED_KERNELS = ("gemm", "forward_parallel", "backward_parallel", "layer_forward", "layer_backward",
-                    "reduce_parts", "multiply", "log_softmax_nll", "rmsprop_step")
+PROFILED_KERNELS = ("forward_parallel", "backward_parallel", "layer_forward", "layer_backward",
+                    "decoder_forward_parallel", "decoder_backward_parallel", "decoder_forward",
+                    "decoder_backward", "reduce_parts", "multiply", "rmsprop_step")
 
 
 def _time_kernel_calls():
-    """Wraps the kernels that the model and the optimizer call from Python with timers; GEMMs
-    are told apart by shape (M x N x K). Returns the dict the timers add seconds to."""
+    """Wraps the kernels that the model and the optimizer call from Python with timers.
+    Returns the dict the timers add seconds to."""
     from collections import defaultdict
     from phi_rnn import kernels as K
     spent = defaultdict(float)
 
     def timed(name, kernel):
         def call(*args):
-            if name == "gemm":
-                trans_a, trans_b, _, a, b, _, c = args
-                label = f"gemm {c.shape[0]} x {c.shape[1]} x {a.shape[0] if trans_a else a.shape[1]}" \
-                        f"{' (A^T)' if trans_a else ''}{' (B^T)' if trans_b else ''}"
-            else:
-                label = name
             t0 = time.perf_counter()
             result = kernel(*args)
-            spent[label] += time.perf_counter() - t0
+            spent[name] += time.perf_counter() - t0
             return result
         return call
 

@@ -589,29 +589,72 @@ def reduce_parts(parts, out, nchunks):
                 o[j] += src[j]
 
 
-# ---------------------------------------------------------------- loss
+# ---------------------------------------------------------------- decoder and loss
+
+@njit(**_opts)
+def softmax_nll_row(z, y, grad_scale):
+    """z (V): logits in, grad_scale * d(NLL)/d(logits) out for target y; returns the NLL."""
+    zy = z[y]
+    zmax = z[0]
+    for j in range(1, z.shape[0]):
+        zmax = max(zmax, z[j])
+    for j in range(z.shape[0]):  # apart from the sum: a float sum would keep it scalar
+        z[j] = fast_exp(z[j] - zmax)
+    total = ZERO
+    for j in range(z.shape[0]):
+        total += z[j]
+    inv = grad_scale / total
+    for j in range(z.shape[0]):
+        z[j] = z[j] * inv
+    z[y] -= grad_scale
+    return zmax + np.log(total) - zy
+
+
+@njit(**_opts)
+def decoder_forward(top, dec_w, dec_b, targets, logits, row_loss, grad_scale):
+    """A block of R rows: logits (R, V) = top (R, H) @ dec_w^T + dec_b; row_loss (R) gets each
+    row's NLL (summed by the caller in a fixed order) and logits d(loss)/d(logits), where loss
+    = grad_scale * the sum of the row NLLs."""
+    for r in range(logits.shape[0]):
+        logits[r] = dec_b
+    gemm(False, True, ONE, top, dec_w, ONE, logits)
+    for r in range(logits.shape[0]):
+        row_loss[r] = softmax_nll_row(logits[r], targets[r], grad_scale)
+
+
+@njit(**_opts)
+def decoder_backward(d_logits, top, dec_w, d_w, d_b, d_top):
+    """A block's decoder gradients: partials d_w (V, H), d_b (V); d_top (R, H) = the gradient
+    of the decoder's input."""
+    gemm(True, False, ONE, d_logits, top, ZERO, d_w)
+    d_b[:] = ZERO
+    for r in range(d_logits.shape[0]):
+        row = d_logits[r]
+        for j in range(row.shape[0]):
+            d_b[j] += row[j]
+    gemm(False, False, ONE, d_logits, dec_w, ZERO, d_top)
+
 
 @njit(parallel=True, **_opts)
-def log_softmax_nll(logits, targets, row_loss, grad_scale):
-    """logits (R, V) in, d(loss)/d(logits) out, where loss = grad_scale * sum of row NLLs;
-    row_loss (R) gets each row's NLL (summed by the caller in a fixed order)."""
-    for r in prange(logits.shape[0]):
-        z = logits[r]
-        y = targets[r]
-        zy = z[y]
-        zmax = z[0]
-        for j in range(1, z.shape[0]):
-            zmax = max(zmax, z[j])
-        for j in range(z.shape[0]):  # apart from the sum: a float sum would keep it scalar
-            z[j] = fast_exp(z[j] - zmax)
-        total = ZERO
-        for j in range(z.shape[0]):
-            total += z[j]
-        row_loss[r] = zmax + np.log(total) - zy
-        inv = grad_scale / total
-        for j in range(z.shape[0]):
-            z[j] = z[j] * inv
-        z[y] -= grad_scale
+def decoder_forward_parallel(top, dec_w, dec_b, targets, logits, row_loss, grad_scale, T, nparts):
+    """decoder_forward for every block of T * (batch rows) rows (the layout above)."""
+    B = logits.shape[0] // T
+    for p in prange(nparts):
+        set_num_threads_local(1)
+        r0, r1 = T * (p * B // nparts), T * ((p + 1) * B // nparts)
+        decoder_forward(top[r0:r1], dec_w, dec_b, targets[r0:r1], logits[r0:r1], row_loss[r0:r1], grad_scale)
+        set_num_threads_local(0)
+
+
+@njit(parallel=True, **_opts)
+def decoder_backward_parallel(d_logits, top, dec_w, d_w_parts, d_b_parts, d_top, T, nparts):
+    """decoder_backward for every block; partials in d_w_parts (nparts, V, H), d_b_parts (nparts, V)."""
+    B = d_logits.shape[0] // T
+    for p in prange(nparts):
+        set_num_threads_local(1)
+        r0, r1 = T * (p * B // nparts), T * ((p + 1) * B // nparts)
+        decoder_backward(d_logits[r0:r1], top[r0:r1], dec_w, d_w_parts[p], d_b_parts[p], d_top[r0:r1])
+        set_num_threads_local(0)
 
 
 # ---------------------------------------------------------------- optimizer

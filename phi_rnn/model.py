@@ -123,6 +123,8 @@ class Network:
         self.d_w_hh_parts = np.zeros((P, G, H), dt)
         self.d_w_ih_parts = np.zeros((P, G, H), dt)
         self.d_table = np.zeros((V, G), dt)
+        self.d_dec_w_parts = np.zeros((P, V, H), dt)
+        self.d_dec_b_parts = np.zeros((P, V), dt)
         self.bias = np.zeros(G, dt)
 
     def _nparts(self, B):
@@ -163,10 +165,13 @@ class Network:
             else:
                 K.layer_forward(*args, 0, *per_layer)
         top = self._layer_input(self.L, training, rng)
-        self.logits[:] = p["decoder.bias"]
-        K.gemm(False, True, K.ONE, top, p["decoder.weight"], K.ONE, self.logits)
         np.take(y.reshape(-1), self.perm, out=self.targets)
-        K.log_softmax_nll(self.logits, self.targets, self.row_loss, self.dtype(1.0 / B))
+        decoder = (top, p["decoder.weight"], p["decoder.bias"], self.targets, self.logits, self.row_loss,
+                   self.dtype(1.0 / B))
+        if nparts > 1:
+            K.decoder_forward_parallel(*decoder, T, nparts)
+        else:
+            K.decoder_forward(*decoder)
         return float(self.row_loss.sum(dtype=np.float64)) / (B * T)
 
     def _layer_input(self, layer, training, rng):
@@ -188,12 +193,16 @@ class Network:
         """Gradients of the last forward's loss (the sum over timesteps of the per-step
         batch-mean NLL, as char-rnn: not divided by T) into self.grads."""
         p, g = self.params, self.grads
-        nparts = self._shape[2]
+        T, _, nparts = self._shape
         chunks = numba.get_num_threads()
-        top = self.inputs[0]  # self.inputs[L % L]: the decoder's input
-        K.gemm(True, False, K.ONE, self.logits, top, K.ZERO, g["decoder.weight"])
-        self.logits.sum(axis=0, out=g["decoder.bias"])
-        K.gemm(False, False, K.ONE, self.logits, p["decoder.weight"], K.ZERO, self.d_in)
+        # self.inputs[L % L] is the decoder's input; d_in gets the gradient of it
+        decoder = (self.logits, self.inputs[0], p["decoder.weight"])
+        if nparts > 1:
+            K.decoder_backward_parallel(*decoder, self.d_dec_w_parts, self.d_dec_b_parts, self.d_in, T, nparts)
+        else:
+            K.decoder_backward(*decoder, self.d_dec_w_parts[0], self.d_dec_b_parts[0], self.d_in)
+        K.reduce_parts(self.d_dec_w_parts.reshape(nparts, -1), g["decoder.weight"].reshape(-1), chunks)
+        K.reduce_parts(self.d_dec_b_parts, g["decoder.bias"], 1)
         for layer in range(self.L - 1, -1, -1):
             if training_dropout:
                 K.multiply(self.d_in, self.masks[(layer + 1) % self.L], self.d_in)

@@ -123,18 +123,35 @@ def test_lstm_cell_forward_backward_match_reference():
     np.testing.assert_allclose(dc, dct * f, atol=2e-5, rtol=1e-5)
 
 
-def test_log_softmax_nll_loss_and_gradient():
+def test_decoder_forward_backward_loss_and_gradients():
     from reference import log_softmax
-    logits = (rng.standard_normal((40, 13)) * 4).astype(np.float32)
-    targets = rng.integers(0, 13, 40).astype(np.int32)
-    lp = log_softmax(logits.astype(np.float64))
-    row_loss = np.empty(40, np.float32)
-    grad = logits.copy()
-    K.log_softmax_nll(grad, targets, row_loss, np.float32(0.25))
-    np.testing.assert_allclose(row_loss, -lp[np.arange(40), targets], rtol=1e-5, atol=1e-5)
-    expect = np.exp(lp)
-    expect[np.arange(40), targets] -= 1
-    np.testing.assert_allclose(grad, 0.25 * expect, atol=1e-6)
+    R, H, V = 40, 9, 13
+    top = rng.standard_normal((R, H)).astype(np.float32)
+    w = rng.standard_normal((V, H)).astype(np.float32)
+    b = rng.standard_normal(V).astype(np.float32)
+    targets = rng.integers(0, V, R).astype(np.int32)
+    logits, row_loss = np.empty((R, V), np.float32), np.empty(R, np.float32)
+    K.decoder_forward(top, w, b, targets, logits, row_loss, np.float32(0.25))
+    lp = log_softmax(top.astype(np.float64) @ w.T + b)
+    np.testing.assert_allclose(row_loss, -lp[np.arange(R), targets], rtol=1e-5, atol=1e-5)
+    d_logits = np.exp(lp)
+    d_logits[np.arange(R), targets] -= 1
+    d_logits *= 0.25
+    np.testing.assert_allclose(logits, d_logits, atol=1e-6)
+    d_w, d_b, d_top = np.empty_like(w), np.empty_like(b), np.empty_like(top)
+    K.decoder_backward(logits, top, w, d_w, d_b, d_top)
+    np.testing.assert_allclose(d_w, d_logits.T @ top, atol=1e-5)
+    np.testing.assert_allclose(d_b, d_logits.sum(0), atol=1e-6)
+    np.testing.assert_allclose(d_top, d_logits @ w, atol=1e-5)
+
+
+def test_reduce_parts_sums_in_order_for_any_chunking():
+    parts = rng.standard_normal((3, 1001)).astype(np.float32)
+    expect = (parts[0] + parts[1]) + parts[2]  # float32, left to right
+    for chunks in (1, 2, 7):
+        out = np.empty(1001, np.float32)
+        K.reduce_parts(parts, out, chunks)
+        np.testing.assert_array_equal(out, expect)
 
 
 def test_rmsprop_step_matches_char_rnn_formula():

@@ -1,4 +1,4 @@
-"""bench/speed.py --profile: per-kernel times that account for the iteration; bench/sampling.py:
+"""bench/speed.py --profile: per-kernel times that fit in the iteration; bench/sampling.py:
 rates and the weight bytes each generated character reads."""
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 SPEED = Path(__file__).resolve().parent.parent / "bench" / "speed.py"
 
 
-def test_profile_names_each_kernel_and_gemm_shape_and_fits_in_the_iteration():
+def test_profile_names_each_kernel_and_fits_in_the_iteration():
     T, B, H, V = 6, 8, 16, 10
     argv = [sys.executable, str(SPEED), "--no-torch", "--profile", "--json", "--threads", "2",
             "--rnn_size", str(H), "--num_layers", "2", "--batch_size", str(B), "--seq_length", str(T),
@@ -17,12 +17,8 @@ def test_profile_names_each_kernel_and_gemm_shape_and_fits_in_the_iteration():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     profile = report["profile"]
-    rows = T * B
-    assert {"forward_parallel", "backward_parallel", "reduce_parts", "rmsprop_step", "log_softmax_nll",
-            f"gemm {rows} x {V} x {H} (B^T)",   # the decoder
-            f"gemm {V} x {H} x {rows} (A^T)",   # its weight gradient
-            f"gemm {rows} x {H} x {V}",         # the gradient of its input
-            } <= set(profile)
+    assert {"forward_parallel", "backward_parallel", "decoder_forward_parallel", "decoder_backward_parallel",
+            "reduce_parts", "rmsprop_step"} <= set(profile)
     assert all(ms > 0 for ms in profile.values())
     iteration = report["phi_rnn"]["ms"]
     assert sum(profile.values()) <= sum(iteration) / len(iteration)
