@@ -4,8 +4,10 @@ pass of a stack of recurrent layers plus the decoder, built from phi_rnn.kernels
 Per layer (cuDNN's structure): one input projection for all timesteps (a row gather for the
 one-hot first layer, one GEMM above it), then per step only the recurrent GEMM and one fused
 cell kernel; backward mirrors it, and the weight gradients are one GEMM each over all
-timesteps. The decoder and the softmax cross-entropy run over all timesteps at once.
-"""
+timesteps. The decoder and the softmax cross-entropy run over all timesteps at once. With
+the batch strategy each thread does all of this for its own block of batch rows (the
+activation layout of kernels.py), and the blocks' partial weight gradients are summed in a
+fixed order."""
 import numba
 import numpy as np
 
