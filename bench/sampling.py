@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
 from phi_rnn.errors import UsageError  # noqa: E402
-from speed import run_worker, versions  # noqa: E402
+from speed import run_torch_reference, run_worker, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -167,14 +167,11 @@ def main(argv=None):
               "weight_kb_per_char": mine["weight_bytes"] / 1024, "huge_page_kb": mine["huge_page_kb"],
               "phi_rnn": rates(mine), "torch": None, "ratio": None}
     report["weight_gb_per_s"] = mine["weight_bytes"] * report["phi_rnn"]["median_chars_per_s"] / 1e9
-    if args.torch:
-        import importlib.util
-        if importlib.util.find_spec("torch") is not None:
-            try:
-                report["torch"] = rates(run_worker("torch", worker_argv, plan.threads, script=__file__))
-                report["ratio"] = report["phi_rnn"]["median_chars_per_s"] / report["torch"]["median_chars_per_s"]
-            except RuntimeError as e:
-                print(f"sampling.py: warning: {e}", file=sys.stderr)
+    theirs = run_torch_reference(worker_argv, plan.threads, script=__file__) if args.torch else None
+    if theirs:
+        report["torch"] = rates(theirs)
+        report["versions"]["torch"] = theirs["version"]
+        report["ratio"] = report["phi_rnn"]["median_chars_per_s"] / report["torch"]["median_chars_per_s"]
     if args.json:
         print(json.dumps(report))
     else:

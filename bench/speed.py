@@ -235,16 +235,11 @@ def main(argv=None):
         "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"], mine["rss_mb"]),
         "torch": None, "ratio": None, "profile": mine["profile"] or None,
     }
-    if args.torch:
-        try:
-            import importlib.util
-            if importlib.util.find_spec("torch") is not None:
-                theirs = run_worker("torch", worker_argv, plan.threads)
-                report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"], theirs["rss_mb"])
-                report["versions"]["torch"] = _torch_version()
-                report["ratio"] = report["phi_rnn"]["median_ms"] / report["torch"]["median_ms"]
-        except RuntimeError as e:
-            print(f"speed.py: warning: {e}", file=sys.stderr)
+    theirs = run_torch_reference(worker_argv, plan.threads) if args.torch else None
+    if theirs:
+        report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"], theirs["rss_mb"])
+        report["versions"]["torch"] = theirs["version"]
+        report["ratio"] = report["phi_rnn"]["median_ms"] / report["torch"]["median_ms"]
     if args.json:
         print(json.dumps(report))
     else:
@@ -252,10 +247,21 @@ def main(argv=None):
     return 0
 
 
-def _torch_version():
+def run_torch_reference(argv, threads, script=__file__):
+    """The PyTorch worker's JSON with its torch version added; None when torch is not
+    importable or the worker fails (then with a warning)."""
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        result = run_worker("torch", argv, threads, script)
+    except RuntimeError as e:
+        print(f"{os.path.basename(script)}: warning: {e}", file=sys.stderr)
+        return None
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
                          capture_output=True, text=True)
-    return out.stdout.strip()
+    result["version"] = out.stdout.strip()
+    return result
 
 
 def print_report(r):
