@@ -455,21 +455,21 @@ def rnn_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, hs):
 
 @njit(**_opts)
 def rnn_recurrence_backward(gates, w_hh, dhs, dh, tokens, b0, d_bias, d_table):
+    """As lstm_recurrence_backward, for (T, nb, H) gates holding h' = tanh(a)."""
     nb = dh.shape[0]
     for t in range(gates.shape[0] - 1, -1, -1):
         g = gates[t]
         dho = dhs[t]
-        dhr = dh
         for b in range(g.shape[0]):
             gb = g[b]
             ob = dho[b]
-            hb = dhr[b]
+            hb = dh[b]
             for j in range(gb.shape[0]):
                 a = gb[j]
                 gb[j] = (ob[j] + hb[j]) * (ONE - a * a)
         accumulate_step(g, tokens[t, b0:b0 + nb], d_bias, d_table)
         if t > 0:
-            gemm(False, False, ONE, g, w_hh, ZERO, dhr)
+            gemm(False, False, ONE, g, w_hh, ZERO, dh)
 
 
 # ---------------------------------------------------------------- one layer, any cell

@@ -44,6 +44,30 @@ def test_init_is_char_rnn():
 
 
 @pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("steps, batch", [(1, 5), (2, 1), (3, 7)])
+def test_block_layout_edges_match_reference_in_float64(model, steps, batch):
+    """One step (no recurrent weight-gradient rows after the first), one batch row (one
+    block), and blocks of unequal size (7 rows over the threads)."""
+    rng = np.random.default_rng(5)
+    net = Network(model, V, H, L, dtype=np.float64)
+    net.init_params(rng)
+    x = rng.integers(0, V, (steps, batch)).astype(np.int32)
+    y = rng.integers(0, V, (steps, batch)).astype(np.int32)
+    state = rng.standard_normal((L, 2, batch, H))
+    if model != "lstm":
+        state[:, 1] = 0
+    params = dict(net.params.views)
+    loss_ref, cache, final_ref = R.forward(model, params, x, y, state, L)
+    grads_ref = R.backward(model, params, x, y, cache, L)
+    carried = state.copy()
+    assert abs(net.forward(x, y, carried) - loss_ref) < 1e-12
+    net.backward(x, False)
+    np.testing.assert_allclose(carried, final_ref, atol=1e-12)
+    for name, g in grads_ref.items():
+        np.testing.assert_allclose(net.grads[name], g, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("strategy", ["batch", "gemm"])
 def test_float32_forward_backward_match_numpy_reference(strategy, model):
     net, x, y, state = _setup(np.float32, strategy, model=model)
