@@ -44,7 +44,13 @@ def test_sampling_bench_reports_rates_and_the_weights_each_character_reads():
     assert report["config"]["model"] == "gru" and report["threads"] == 1
 
 
-def test_sampling_bench_rejects_bad_flags_in_one_line():
-    result = subprocess.run([sys.executable, str(SAMPLING), "--chars", "0"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "sampling.py: error: --chars must be positive, got 0"
+def test_sampling_bench_rejects_bad_input_in_one_line(tmp_path):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_text("not a checkpoint")
+    for argv, message in ((["--chars", "0"], "--chars must be positive, got 0"),
+                          (["--checkpoint", str(corrupt)], "--checkpoint measures phi_rnn alone: add --no-torch"),
+                          (["--checkpoint", str(corrupt), "--no-torch"], "is truncated or corrupt")):
+        result = subprocess.run([sys.executable, str(SAMPLING), *argv], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, argv
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sampling.py: error: ") and message in lines[0], lines
