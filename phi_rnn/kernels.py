@@ -30,24 +30,30 @@ _LN2_HI = F32(0.693145751953125)  # ln 2 split so that n * _LN2_HI is exact
 _LN2_LO = F32(1.428606765330187e-06)
 _EXP_LO = F32(-87.0)
 _EXP_HI = F32(88.0)
-_C2, _C3, _C4 = F32(1 / 2), F32(1 / 6), F32(1 / 24)
-_C5, _C6, _C7 = F32(1 / 120), F32(1 / 720), F32(1 / 5040)
+# e^r on |r| <= ln2/2: degree-6 minimax coefficients (relative error 1.9e-9 in exact
+# arithmetic; fitted by Lawson-weighted least squares on Chebyshev nodes)
+_P0, _P1, _P2 = F32(1.0000000005541703), F32(1.00000003632326), F32(0.49999992079775435)
+_P3, _P4 = F32(0.16666420169566126), F32(0.04166822557715331)
+_P5, _P6 = F32(0.008374815828753964), F32(0.0013836845653134014)
 _TWO = F32(2.0)
 _HALF = F32(0.5)
 
 
 # ---------------------------------------------------------------- transcendentals
 # libm's expf/tanhf are scalar calls the vectoriser cannot touch (~200 us for a 50 x 512 gate
-# block). exp(x) = 2^n * e^r with |r| <= ln2/2: a degree-7 Taylor polynomial of e^r is
-# accurate to ~5e-9 there, and 2^n is built from its exponent bits. float64 (used by the
-# finite-difference gradient checks) takes libm's exact functions instead.
+# block). exp(x) = 2^n * e^r with |r| <= ln2/2: a degree-6 polynomial of e^r, and 2^n built
+# from its exponent bits. Fused multiply-adds ('contract', the only fast-math flag) make the
+# LSTM cell 30% faster (3.45 -> 2.27 ns per unit with the degree-6 polynomial) and are
+# slightly more accurate (tests/test_kernels.py). These flags stay on the instructions when
+# _exp32 is inlined into a kernel. float64 (used by the finite-difference gradient checks)
+# takes libm's exact functions instead.
 
-@njit(**_opts)
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _exp32(x):
     x = min(max(x, _EXP_LO), _EXP_HI)
     n = np.floor(x * _LOG2E + _HALF)
     r = x - n * _LN2_HI - n * _LN2_LO
-    p = ONE + r * (ONE + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * (_C6 + r * _C7))))))
+    p = _P0 + r * (_P1 + r * (_P2 + r * (_P3 + r * (_P4 + r * (_P5 + r * _P6)))))
     scale = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
     return p * scale
 
