@@ -113,7 +113,7 @@ def phi_rnn_worker(args):
 
 PROFILED_KERNELS = ("forward_parallel", "backward_parallel", "layer_forward", "layer_backward",
                     "decoder_forward_parallel", "decoder_backward_parallel", "decoder_forward",
-                    "decoder_backward", "reduce_parts", "multiply", "rmsprop_step")
+                    "decoder_backward", "reduce_parts", "reduce_parts_transposed", "multiply", "rmsprop_step")
 
 
 def _time_kernel_calls():

@@ -122,9 +122,8 @@ class Network:
         self.d_tables = np.zeros((P, V, G), dt)
         self.no_tables = np.zeros((P, 0, G), dt)
         self.d_biases = np.zeros((P, G), dt)
-        self.d_w_hh_parts = np.zeros((P, G, H), dt)
-        self.d_w_ih_parts = np.zeros((P, G, H), dt)
-        self.d_table = np.zeros((V, G), dt)
+        self.d_w_hh_parts = np.zeros((P, H, G), dt)  # weight gradients transposed (kernels.layer_backward)
+        self.d_w_ih_parts = np.zeros((P, H, G), dt)
         self.d_dec_w_parts = np.zeros((P, V, H), dt)
         self.d_dec_b_parts = np.zeros((P, V), dt)
         self.bias = np.zeros(G, dt)
@@ -222,12 +221,8 @@ class Network:
             else:
                 K.layer_backward(*args, 0, *per_layer, self.d_biases[0], d_tables[0], self.d_w_hh_parts[0],
                                  self.d_w_ih_parts[0], self.d_in)
-            K.reduce_parts(self.d_w_hh_parts.reshape(nparts, -1), g[f"layers.{layer}.w_hh"].reshape(-1), chunks)
+            K.reduce_parts_transposed(self.d_w_hh_parts, g[f"layers.{layer}.w_hh"], chunks)
             d_bias = g[f"layers.{layer}.b_ih"]
             K.reduce_parts(self.d_biases, d_bias, 1)
             g[f"layers.{layer}.b_hh"][:] = d_bias
-            if first:
-                K.reduce_parts(self.d_tables.reshape(nparts, -1), self.d_table.reshape(-1), chunks)
-                g["layers.0.w_ih"][:] = self.d_table.T
-            else:
-                K.reduce_parts(self.d_w_ih_parts.reshape(nparts, -1), g[f"layers.{layer}.w_ih"].reshape(-1), chunks)
+            K.reduce_parts_transposed(self.d_tables if first else self.d_w_ih_parts, g[f"layers.{layer}.w_ih"], chunks)

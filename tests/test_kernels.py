@@ -154,6 +154,15 @@ def test_reduce_parts_sums_in_order_for_any_chunking():
         np.testing.assert_array_equal(out, expect)
 
 
+def test_reduce_parts_transposed_sums_in_order_for_any_chunking():
+    parts = rng.standard_normal((3, 37, 101)).astype(np.float32)
+    expect = ((parts[0] + parts[1]) + parts[2]).T
+    for chunks in (1, 2, 7):
+        out = np.empty((101, 37), np.float32)
+        K.reduce_parts_transposed(parts, out, chunks)
+        np.testing.assert_array_equal(out, expect)
+
+
 def test_rmsprop_step_matches_char_rnn_formula():
     n = 1000
     p = rng.standard_normal(n).astype(np.float32)
