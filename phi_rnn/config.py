@@ -52,6 +52,14 @@ def add_train_arguments(p):
          help="batch: threads split the batch; gemm: MKL-threaded GEMM per step")
 
 
+def train_defaults():
+    """{option: default} of `train`: a value that differs was given on the command line."""
+    import argparse
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    return vars(p.parse_args([]))
+
+
 def add_sample_arguments(p):
     p.add_argument("checkpoint", help="checkpoint .npz, or `latest` (in cv/)")
     _add(p, "length", type=int, default=2000, help="characters to sample")

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from phi_rnn import checkpoint, data
+from phi_rnn import checkpoint, config, data
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
 from phi_rnn.model import Network
@@ -76,6 +76,17 @@ def evaluate(net, loader, split="val"):
     return total / loader.size[split]
 
 
+def _take_options(o, saved, names, reason, log):
+    """Set options `names` of o from a checkpoint's; warn about each one the command line set
+    to something else (a value other than the default: it was given on purpose)."""
+    defaults = config.train_defaults()
+    for name in names:
+        given = getattr(o, name)
+        if given != defaults[name] and given != saved[name]:
+            log(f"warning: --{name} {given} ignored: {reason} {saved[name]}")
+        setattr(o, name, saved[name])
+
+
 def _check_vocab(ck, vocab, encoding):
     if ck.meta.get("encoding", "utf-8") != encoding:
         raise UsageError(f"{ck.path} was trained with --encoding {ck.meta.get('encoding')}, "
@@ -133,17 +144,14 @@ def train(o, log=print):
     init = checkpoint.load(o.init_from, o.checkpoint_dir) if o.init_from else None
     source = resume or init
     if resume:
-        saved = resume.meta["options"]
-        for name in RUN_OPTIONS:
-            setattr(o, name, saved[name])
+        _take_options(o, resume.meta["options"], RUN_OPTIONS, "a resumed run keeps the checkpoint's", log)
         missing = [name for name in RESUME_ARRAYS if name not in resume.arrays]
         if missing:
             raise UsageError(f"cannot resume from {resume.path}: it lacks {', '.join(missing)}; "
                              f"--init_from starts a new run from its weights")
         log(f"resuming from {resume.path} at iteration {resume.meta['iteration']}")
     elif init:
-        for name in ARCH_OPTIONS:
-            setattr(o, name, init.meta[name])
+        _take_options(o, init.meta, ARCH_OPTIONS, "--init_from takes the checkpoint's", log)
         log(f"initializing from {init.path} (model {o.model}, {o.num_layers} x {o.rnn_size})")
 
     ids, vocab = data.load_corpus(os.path.join(o.data_dir, "input.txt"), o.encoding)

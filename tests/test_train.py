@@ -93,6 +93,26 @@ def test_resume_is_bit_identical_across_epoch_and_decay(tmp_path, dropout):
     assert a.meta["learning_rate"] == b.meta["learning_rate"] == 2e-3 * 0.5
 
 
+def test_conflicting_flags_on_resume_and_init_from_are_named_and_ignored(tmp_path):
+    corpus, path = trained_checkpoint(str(tmp_path), 12000, 3)
+    cv = tmp_path / "cv"
+    resumed = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--resume", "latest", "--max_iters", 5,
+                      "--eval_val_every", 5, "--learning_rate", 0.01, "--dropout", 0.5, "--checkpoint_dir", cv,
+                      check=True)
+    assert "warning: --learning_rate 0.01 ignored: a resumed run keeps the checkpoint's 0.002" in resumed.stdout
+    assert "warning: --dropout 0.5 ignored" in resumed.stdout
+    assert "--rnn_size" not in resumed.stdout  # given, but equal to the checkpoint's
+    ck = _final(cv)
+    assert ck.meta["iteration"] == 5 and ck.meta["options"]["learning_rate"] == 0.002
+    assert ck.meta["options"]["dropout"] == 0.0
+
+    fresh = run_cli("train", "--data_dir", corpus, "--init_from", path, "--rnn_size", 32, "--max_iters", 2,
+                    "--batch_size", 8, "--seq_length", 16, "--eval_val_every", 2, "--checkpoint_dir",
+                    tmp_path / "cv2", check=True)
+    assert "warning: --rnn_size 32 ignored: --init_from takes the checkpoint's 16" in fresh.stdout
+    assert _final(tmp_path / "cv2").meta["rnn_size"] == 16
+
+
 def test_sigterm_at_random_moments_leaves_a_resumable_checkpoint(tmp_path):
     corpus = small_corpus(tmp_path / "data", 40000)
     rnd = random.Random(1234)
