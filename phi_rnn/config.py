@@ -1,6 +1,8 @@
 """Every option of `train` and `sample` in one place: char-rnn's flags and defaults
 (train.lua / sample.lua; `--rnn_size` and `--rnn-size` alike) plus phi_rnn's own, and the
 checks that turn bad values into one clear line."""
+import argparse
+
 from phi_rnn.errors import UsageError
 
 MAX_SIZE = {"rnn_size": 1 << 15, "num_layers": 64, "seq_length": 1 << 16, "batch_size": 1 << 16}
@@ -54,7 +56,6 @@ def add_train_arguments(p):
 
 def train_defaults():
     """{option: default} of `train`: a value that differs was given on the command line."""
-    import argparse
     p = argparse.ArgumentParser()
     add_train_arguments(p)
     return vars(p.parse_args([]))
