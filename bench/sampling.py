@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
 from phi_rnn.errors import UsageError  # noqa: E402
-from speed import run_torch_reference, run_worker, versions  # noqa: E402
+from speed import print_machine, run_torch_reference, run_worker, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -181,9 +181,7 @@ def main(argv=None):
 
 def print_report(r):
     c = r["config"]
-    print(f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; "
-          + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
-    print(r["placement"])
+    print_machine(r)
     huge = "unknown" if r["huge_page_kb"] is None else f"{r['huge_page_kb']} kB"
     print(f"config: {c['model']} {c['num_layers']} x {c['rnn_size']}, vocab {c['vocab']}, temperature "
           f"{r['temperature']}; {r['weight_kb_per_char']:.0f} KB of weights read per character; "

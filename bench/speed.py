@@ -264,11 +264,16 @@ def run_torch_reference(argv, threads, script=__file__):
     return result
 
 
-def print_report(r):
-    c = r["config"]
+def print_machine(r):
+    """The first lines of a report: machine, versions, thread placement."""
     print(f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['logical_cpus']} CPUs; "
           + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
     print(r["placement"])
+
+
+def print_report(r):
+    c = r["config"]
+    print_machine(r)
     print(f"config: {c['model']} {c['num_layers']} x {c['rnn_size']}, batch {c['batch_size']}, seq "
           f"{c['seq_length']}, vocab {c['vocab']}; strategy {r['strategy']}; "
           f"{r['gflop_per_iter']:.3f} GFLOP/iteration; sgemm peak {r['peak_gflops']:.1f} GFLOP/s "
