@@ -50,6 +50,9 @@ def _add_runtime_arguments(p):
     affinity.add_thread_arguments(g)
     g.add_argument("--deterministic", action="store_true",
                    help="MKL conditional numerical reproducibility (MKL_CBWR): identical results run to run")
+    g.add_argument("--blas", choices=("libxsmm", "mkl"), default=None,
+                   help="float32 GEMMs: libxsmm's JIT kernels for every one-thread product (needs "
+                        "`make native` with libxsmm installed; the default then) or MKL for all")
 
 
 def _start_runtimes(args, log, announce=True):
@@ -60,13 +63,24 @@ def _start_runtimes(args, log, announce=True):
     plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
     if announce:
         log(plan.describe())
-    from phi_rnn import kernels  # noqa: F401  (loads MKL and numba under the plan)
+    from phi_rnn import blas, kernels  # noqa: F401  (loads MKL and numba under the plan)
+    select_blas(args.blas)
     verification = affinity.verify(plan)
     if announce:
         log(verification.describe())
+        log(f"gemm: {blas.describe_backend()}")
     for problem in verification.mismatches:
         log(f"warning: {problem}")
     return plan
+
+
+def select_blas(name):
+    """--blas: the given GEMM backend, or the default (libxsmm where built, else MKL)."""
+    from phi_rnn import blas
+    try:
+        blas.set_backend(name or blas.default_backend())
+    except ValueError as e:
+        raise UsageError(f"--blas {name}: {e}") from None
 
 
 def main(argv=None):

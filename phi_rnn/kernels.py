@@ -5,9 +5,10 @@ layer's activations live in (T*B, G) gate buffers (LSTM blocks i, f, o, g; GRU z
 stored as blocks of batch rows, time-major inside a block (one block: plain time-major).
 
 Parallel strategy "batch": each thread runs a layer on its own block of batch rows (input
-projection, recurrence, weight-gradient partials) with MKL inside running single-threaded
-(numba and MKL share one OpenMP runtime; nested parallelism is off), so a timestep needs no
-barrier and no activation changes core. Strategy "gemm": one block, a serial recurrence with
+projection, recurrence, weight-gradient partials) with MKL inside set to one thread (numba
+and MKL share one OpenMP runtime; nested parallelism is off), which also hands those
+products to libxsmm when it is the backend (blas.py), so a timestep needs no barrier and no
+activation changes core. Strategy "gemm": one block, a serial recurrence with
 MKL-threaded GEMMs (better when batch rows per thread get few).
 
 Kernels are compiled with error_model='numpy' (Python's error model blocks the loop
@@ -115,35 +116,29 @@ def vtanh(x, out):
 
 # ---------------------------------------------------------------- GEMM helpers
 
-@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _row_times_matrix_t(a, b, beta, c):
-    """c (1, N) = a (1, K) @ b (N, K)^T + beta * c as N dot products: a batch of one (text
-    generation) streams b once. Four rows at a time share each load of a and amortise the
-    horizontal sums (2.35 vs 2.7 us for 512 x 128, near L2 bandwidth); reassociation lets
-    the dots vectorise (sums in another order, checked against the training network in
-    tests/test_models.py)."""
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _row_times_matrix(a, b, beta, c):
+    """c (1, N) = a (1, K) @ b (K, N) + beta * c for a batch of one (text generation): b is
+    streamed once, four of its rows per pass over c so that c is loaded and stored a
+    quarter as often."""
     x = a[0]
     out = c[0]
-    n4 = b.shape[0] - b.shape[0] % 4
-    for n in range(0, n4, 4):
-        r0, r1, r2, r3 = b[n], b[n + 1], b[n + 2], b[n + 3]
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for k in range(x.shape[0]):
-            xk = x[k]
-            a0 += r0[k] * xk
-            a1 += r1[k] * xk
-            a2 += r2[k] * xk
-            a3 += r3[k] * xk
-        out[n] = a0 + beta * out[n]
-        out[n + 1] = a1 + beta * out[n + 1]
-        out[n + 2] = a2 + beta * out[n + 2]
-        out[n + 3] = a3 + beta * out[n + 3]
-    for n in range(n4, b.shape[0]):
-        row = b[n]
-        acc = np.float32(0.0)
-        for k in range(row.shape[0]):
-            acc += row[k] * x[k]
-        out[n] = acc + beta * out[n]
+    if beta == 0:  # as BLAS: c is not read (it may hold anything)
+        out[:] = 0
+    else:
+        for n in range(out.shape[0]):
+            out[n] = beta * out[n]
+    k4 = b.shape[0] - b.shape[0] % 4
+    for k in range(0, k4, 4):
+        r0, r1, r2, r3 = b[k], b[k + 1], b[k + 2], b[k + 3]
+        x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+        for n in range(out.shape[0]):
+            out[n] += x0 * r0[n] + x1 * r1[n] + x2 * r2[n] + x3 * r3[n]
+    for k in range(k4, b.shape[0]):
+        row = b[k]
+        xk = x[k]
+        for n in range(out.shape[0]):
+            out[n] += xk * row[n]
 
 
 @njit(**_opts)
@@ -157,8 +152,8 @@ def gemm(trans_a, trans_b, alpha, a, b, beta, c):
     if c.itemsize == 8:
         dgemm(ROW_MAJOR, ta, tb, m, n, k, np.float64(alpha), a.ctypes.data, a.strides[0] // 8,
               b.ctypes.data, b.strides[0] // 8, np.float64(beta), c.ctypes.data, c.strides[0] // 8)
-    elif m == 1 and trans_b and not trans_a and alpha == 1:
-        _row_times_matrix_t(a, b, np.float32(beta), c)
+    elif m == 1 and not trans_a and not trans_b and alpha == 1:
+        _row_times_matrix(a, b, np.float32(beta), c)
     else:
         sgemm(ROW_MAJOR, ta, tb, m, n, k, np.float32(alpha), a.ctypes.data, a.strides[0] // 4,
               b.ctypes.data, b.strides[0] // 4, np.float32(beta), c.ctypes.data, c.strides[0] // 4)
@@ -273,18 +268,18 @@ def accumulate_step(d_gates_t, tokens_t, d_bias, d_table):
 
 
 @njit(**_opts)
-def lstm_step_forward(g, bias, w_hh, h_prev, c_prev, h, c, tanh_c):
-    """One step for rows nb: g (nb, 4H) input projection in, activations out; h_prev, c_prev
-    (nb, H) in; h, c, tanh_c (nb, H) out."""
-    gemm(False, True, ONE, h_prev, w_hh, ONE, g)
+def lstm_step_forward(g, bias, w_hh_t, h_prev, c_prev, h, c, tanh_c):
+    """One step for rows nb: g (nb, 4H) input projection in, activations out; w_hh_t (H, 4H)
+    the recurrent weights transposed; h_prev, c_prev (nb, H) in; h, c, tanh_c (nb, H) out."""
+    gemm(False, False, ONE, h_prev, w_hh_t, ONE, g)
     lstm_cell_forward(g, bias, c_prev, c, tanh_c, h)
 
 
 @njit(**_opts)
-def lstm_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, c0, hs, cs, tanh_c):
+def lstm_recurrence_forward(gates, bias, table, tokens, b0, w_hh_t, h0, c0, hs, cs, tanh_c):
     """One block of nb batch rows (columns b0.. of tokens (T, B)), all steps. gates (T, nb, 4H):
     input projection in (unless the one-hot table (V, 4H) is given), activations out; bias
-    (4H); w_hh (4H, H); h0, c0 (nb, H) the state before step 0; hs, cs, tanh_c (T, nb, H)
+    (4H); w_hh_t (H, 4H); h0, c0 (nb, H) the state before step 0; hs, cs, tanh_c (T, nb, H)
     after each step."""
     nb = h0.shape[0]
     for t in range(gates.shape[0]):
@@ -292,9 +287,9 @@ def lstm_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, c0, hs, cs
         if table.shape[0] > 0:
             gather_step(g, table, tokens[t, b0:b0 + nb])
         if t == 0:
-            lstm_step_forward(g, bias, w_hh, h0, c0, hs[0], cs[0], tanh_c[0])
+            lstm_step_forward(g, bias, w_hh_t, h0, c0, hs[0], cs[0], tanh_c[0])
         else:
-            lstm_step_forward(g, bias, w_hh, hs[t - 1], cs[t - 1], hs[t], cs[t], tanh_c[t])
+            lstm_step_forward(g, bias, w_hh_t, hs[t - 1], cs[t - 1], hs[t], cs[t], tanh_c[t])
 
 
 @njit(**_opts)
@@ -391,18 +386,18 @@ def gru_reset_backward(gates, h_prev, d_rh, dh):
 
 
 @njit(**_opts)
-def gru_step_forward(g, bias, w_hh, h_prev, h, rh):
-    """One step for rows nb: g (nb, 3H) input projection in, activations out; h_prev (nb, H)
-    in; h, rh = r*h_prev (nb, H) out."""
+def gru_step_forward(g, bias, w_hh_t, h_prev, h, rh):
+    """One step for rows nb: g (nb, 3H) input projection in, activations out; w_hh_t (H, 3H);
+    h_prev (nb, H) in; h, rh = r*h_prev (nb, H) out."""
     H = h_prev.shape[1]
-    gemm(False, True, ONE, h_prev, w_hh[0:2 * H], ONE, g[:, 0:2 * H])
+    gemm(False, False, ONE, h_prev, w_hh_t[:, 0:2 * H], ONE, g[:, 0:2 * H])
     gru_gates_forward(g, bias, h_prev, rh)
-    gemm(False, True, ONE, rh, w_hh[2 * H:3 * H], ONE, g[:, 2 * H:3 * H])
+    gemm(False, False, ONE, rh, w_hh_t[:, 2 * H:3 * H], ONE, g[:, 2 * H:3 * H])
     gru_output_forward(g, bias, h_prev, h)
 
 
 @njit(**_opts)
-def gru_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, hs, rh):
+def gru_recurrence_forward(gates, bias, table, tokens, b0, w_hh_t, h0, hs, rh):
     """As lstm_recurrence_forward, for (T, nb, 3H) gates; rh (T, nb, H)."""
     nb = h0.shape[0]
     for t in range(gates.shape[0]):
@@ -410,9 +405,9 @@ def gru_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, hs, rh):
         if table.shape[0] > 0:
             gather_step(g, table, tokens[t, b0:b0 + nb])
         if t == 0:
-            gru_step_forward(g, bias, w_hh, h0, hs[0], rh[0])
+            gru_step_forward(g, bias, w_hh_t, h0, hs[0], rh[0])
         else:
-            gru_step_forward(g, bias, w_hh, hs[t - 1], hs[t], rh[t])
+            gru_step_forward(g, bias, w_hh_t, hs[t - 1], hs[t], rh[t])
 
 
 @njit(**_opts)
@@ -433,9 +428,10 @@ def gru_recurrence_backward(gates, w_hh, h0, hs, dhs, dh, d_rh, tokens, b0, d_bi
 # ---------------------------------------------------------------- vanilla RNN: h' = tanh(x W + h U + b)
 
 @njit(**_opts)
-def rnn_step_forward(g, bias, w_hh, h_prev, h):
-    """One step for rows nb: g (nb, H) input projection in, h' = tanh(a) out (also in h)."""
-    gemm(False, True, ONE, h_prev, w_hh, ONE, g)
+def rnn_step_forward(g, bias, w_hh_t, h_prev, h):
+    """One step for rows nb: g (nb, H) input projection in, h' = tanh(a) out (also in h);
+    w_hh_t (H, H) the recurrent weights transposed."""
+    gemm(False, False, ONE, h_prev, w_hh_t, ONE, g)
     for b in range(g.shape[0]):
         gb = g[b]
         hb = h[b]
@@ -446,7 +442,7 @@ def rnn_step_forward(g, bias, w_hh, h_prev, h):
 
 
 @njit(**_opts)
-def rnn_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, hs):
+def rnn_recurrence_forward(gates, bias, table, tokens, b0, w_hh_t, h0, hs):
     """As lstm_recurrence_forward, for (T, nb, H) gates holding h' = tanh(a)."""
     nb = h0.shape[0]
     for t in range(gates.shape[0]):
@@ -454,9 +450,9 @@ def rnn_recurrence_forward(gates, bias, table, tokens, b0, w_hh, h0, hs):
         if table.shape[0] > 0:
             gather_step(g, table, tokens[t, b0:b0 + nb])
         if t == 0:
-            rnn_step_forward(g, bias, w_hh, h0, hs[0])
+            rnn_step_forward(g, bias, w_hh_t, h0, hs[0])
         else:
-            rnn_step_forward(g, bias, w_hh, hs[t - 1], hs[t])
+            rnn_step_forward(g, bias, w_hh_t, hs[t - 1], hs[t])
 
 
 @njit(**_opts)
@@ -484,28 +480,30 @@ KINDS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 
 @njit(**_opts)
-def layer_forward(kind, gates, bias, table, tokens, b0, w_ih, below, w_hh, h0, c0, hs, cs, aux, h_last, c_last):
+def layer_forward(kind, gates, bias, table, tokens, b0, w_ih_t, below, w_hh_t, h0, c0, hs, cs, aux, h_last,
+                  c_last):
     """One block of nb batch rows of a layer, all T steps, rows time-major inside the block:
-    gates (T*nb, G) out (its input projection is `below` (T*nb, H_in) @ w_ih^T, or the
-    one-hot `table` gathered per step); h0, c0 (nb, H) the state before step 0; hs, cs, aux
+    gates (T*nb, G) out (its input projection is `below` (T*nb, H_in) @ w_ih_t (H_in, G), or
+    the one-hot `table` gathered per step); w_hh_t (H, G); the forward takes the weights
+    transposed, so that every product is A @ B, the form libxsmm runs (blas.py); h0, c0 (nb, H) the state before step 0; hs, cs, aux
     (T*nb, H): h, c (LSTM) and tanh(c) (LSTM) / r*h (GRU) after each step; h_last, c_last
     (nb, H) get the state after the last step."""
     T = tokens.shape[0]
     nb, H = h0.shape
     G = gates.shape[1]
     if table.shape[0] == 0:
-        gemm(False, True, ONE, below, w_ih, ZERO, gates)
+        gemm(False, False, ONE, below, w_ih_t, ZERO, gates)
     g3 = gates.reshape((T, nb, G))
     h3 = hs.reshape((T, nb, H))
     c3 = cs.reshape((T, nb, H))
     a3 = aux.reshape((T, nb, H))
     if kind == LSTM:
-        lstm_recurrence_forward(g3, bias, table, tokens, b0, w_hh, h0, c0, h3, c3, a3)
+        lstm_recurrence_forward(g3, bias, table, tokens, b0, w_hh_t, h0, c0, h3, c3, a3)
         c_last[:] = c3[T - 1]
     elif kind == GRU:
-        gru_recurrence_forward(g3, bias, table, tokens, b0, w_hh, h0, h3, a3)
+        gru_recurrence_forward(g3, bias, table, tokens, b0, w_hh_t, h0, h3, a3)
     else:
-        rnn_recurrence_forward(g3, bias, table, tokens, b0, w_hh, h0, h3)
+        rnn_recurrence_forward(g3, bias, table, tokens, b0, w_hh_t, h0, h3)
     h_last[:] = h3[T - 1]
 
 
@@ -553,7 +551,7 @@ def layer_backward(kind, gates, tokens, b0, w_ih, below, w_hh, h0, c0, hs, cs, a
 # slower on 2 cores): no activation cache line is written by one core and read by another.
 
 @njit(parallel=True, **_opts)
-def forward_parallel(kind, gates, bias, table, tokens, w_ih, below, w_hh, h0, c0, hs, cs, aux,
+def forward_parallel(kind, gates, bias, table, tokens, w_ih_t, below, w_hh_t, h0, c0, hs, cs, aux,
                      h_last, c_last, nparts):
     """layer_forward for every block; h0, c0, h_last, c_last (B, H)."""
     T, B = tokens.shape
@@ -561,7 +559,7 @@ def forward_parallel(kind, gates, bias, table, tokens, w_ih, below, w_hh, h0, c0
         set_num_threads_local(1)
         b0, b1 = p * B // nparts, (p + 1) * B // nparts
         r0, r1 = T * b0, T * b1
-        layer_forward(kind, gates[r0:r1], bias, table, tokens, b0, w_ih, below[r0:r1], w_hh, h0[b0:b1],
+        layer_forward(kind, gates[r0:r1], bias, table, tokens, b0, w_ih_t, below[r0:r1], w_hh_t, h0[b0:b1],
                       c0[b0:b1], hs[r0:r1], cs[r0:r1], aux[r0:r1], h_last[b0:b1], c_last[b0:b1])
         set_num_threads_local(0)
 
@@ -638,13 +636,13 @@ def softmax_nll_row(z, y, grad_scale):
 
 
 @njit(**_opts)
-def decoder_forward(top, dec_w, dec_b, targets, logits, row_loss, grad_scale):
-    """A block of R rows: logits (R, V) = top (R, H) @ dec_w^T + dec_b; row_loss (R) gets each
+def decoder_forward(top, dec_w_t, dec_b, targets, logits, row_loss, grad_scale):
+    """A block of R rows: logits (R, V) = top (R, H) @ dec_w_t (H, V) + dec_b; row_loss (R) gets each
     row's NLL (summed by the caller in a fixed order) and logits d(loss)/d(logits), where loss
     = grad_scale * the sum of the row NLLs."""
     for r in range(logits.shape[0]):
         logits[r] = dec_b
-    gemm(False, True, ONE, top, dec_w, ONE, logits)
+    gemm(False, False, ONE, top, dec_w_t, ONE, logits)
     for r in range(logits.shape[0]):
         row_loss[r] = softmax_nll_row(logits[r], targets[r], grad_scale)
 
@@ -663,13 +661,13 @@ def decoder_backward(d_logits, top, dec_w, d_w, d_b, d_top):
 
 
 @njit(parallel=True, **_opts)
-def decoder_forward_parallel(top, dec_w, dec_b, targets, logits, row_loss, grad_scale, T, nparts):
+def decoder_forward_parallel(top, dec_w_t, dec_b, targets, logits, row_loss, grad_scale, T, nparts):
     """decoder_forward for every block of T * (batch rows) rows (the layout above)."""
     B = logits.shape[0] // T
     for p in prange(nparts):
         set_num_threads_local(1)
         r0, r1 = T * (p * B // nparts), T * ((p + 1) * B // nparts)
-        decoder_forward(top[r0:r1], dec_w, dec_b, targets[r0:r1], logits[r0:r1], row_loss[r0:r1], grad_scale)
+        decoder_forward(top[r0:r1], dec_w_t, dec_b, targets[r0:r1], logits[r0:r1], row_loss[r0:r1], grad_scale)
         set_num_threads_local(0)
 
 
@@ -729,34 +727,35 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
 # and the decoder in one compiled call.
 
 @njit(**_opts)
-def step_forward(kind, g, bias, w_hh, h_prev, c_prev, h, c, aux):
+def step_forward(kind, g, bias, w_hh_t, h_prev, c_prev, h, c, aux):
     if kind == LSTM:
-        lstm_step_forward(g, bias, w_hh, h_prev, c_prev, h, c, aux)
+        lstm_step_forward(g, bias, w_hh_t, h_prev, c_prev, h, c, aux)
     elif kind == GRU:
-        gru_step_forward(g, bias, w_hh, h_prev, h, aux)
+        gru_step_forward(g, bias, w_hh_t, h_prev, h, aux)
     else:
-        rnn_step_forward(g, bias, w_hh, h_prev, h)
+        rnn_step_forward(g, bias, w_hh_t, h_prev, h)
 
 
 @njit(**_opts)
 def generation_step(kind, token, weights, state, aux, gates, logits):
-    """weights = (w_ih0_t (V, G), w_ih (max(L-1, 1), G, H), w_hh (L, G, H), bias (L, G),
-    dec_w (V, H), dec_b (V)); state (L, 2, 2, 1, H): per layer h and c at [0] (in) and [1]
-    (out); aux (1, H), gates (1, G) scratch; logits (1, V) out."""
-    w_ih0_t, w_ih, w_hh, bias, dec_w, dec_b = weights
-    L = w_hh.shape[0]
+    """weights = (w_ih0_t (V, G), w_ih_t (max(L-1, 1), H, G), w_hh_t (L, H, G), bias (L, G),
+    dec_w_t (H, V), dec_b (V)): the weights transposed, as the training forward takes them;
+    state (L, 2, 2, 1, H): per layer h and c at [0] (in) and [1] (out); aux (1, H), gates
+    (1, G) scratch; logits (1, V) out."""
+    w_ih0_t, w_ih_t, w_hh_t, bias, dec_w_t, dec_b = weights
+    L = w_hh_t.shape[0]
     for layer in range(L):
         hs = state[layer, 0]
         cs = state[layer, 1]
         if layer == 0:
             gates[0, :] = w_ih0_t[token]  # the one-hot input projection
         else:
-            gemm(False, True, ONE, state[layer - 1, 0, 0], w_ih[layer - 1], ZERO, gates)
-        step_forward(kind, gates, bias[layer], w_hh[layer], hs[0], cs[0], hs[1], cs[1], aux)
+            gemm(False, False, ONE, state[layer - 1, 0, 0], w_ih_t[layer - 1], ZERO, gates)
+        step_forward(kind, gates, bias[layer], w_hh_t[layer], hs[0], cs[0], hs[1], cs[1], aux)
         hs[0] = hs[1]
         cs[0] = cs[1]
     logits[0, :] = dec_b
-    gemm(False, True, ONE, state[L - 1, 0, 0], dec_w, ONE, logits)
+    gemm(False, False, ONE, state[L - 1, 0, 0], dec_w_t, ONE, logits)
 
 
 @njit(**_opts)

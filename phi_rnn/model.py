@@ -115,7 +115,11 @@ class Network:
         self.d_in = np.zeros((T * B, H), dt)   # gradient of a layer's input = the outputs below
         self.dh = np.zeros((B, H), dt)
         self.dc = np.zeros((B, H), dt)
+        # the forward's weights transposed (kernels.layer_forward); layer 0 uses the table w_ih0_t
         self.w_ih0_t = np.zeros((V, G), dt)
+        self.w_ih_t = np.zeros((L, H, G), dt)
+        self.w_hh_t = np.zeros((L, H, G), dt)
+        self.dec_w_t = np.zeros((H, V), dt)
         self.no_table = np.zeros((0, G), dt)
         self.no_input = np.zeros((0, H), dt)
         # per-block partial gradients, summed in a fixed order by kernels.reduce_parts
@@ -149,17 +153,19 @@ class Network:
         nparts = self._shape[2]
         training = rng is not None and self.dropout > 0
         for layer in range(self.L):
-            w_ih, w_hh = p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"]
+            w_ih_t, w_hh_t = self.w_ih_t[layer], self.w_hh_t[layer]
+            w_hh_t[:] = p[f"layers.{layer}.w_hh"].T
             np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=self.bias)
             if layer == 0:
-                self.w_ih0_t[:] = w_ih.T
+                self.w_ih0_t[:] = p["layers.0.w_ih"].T
                 table, below = self.w_ih0_t, self.no_input
             else:
+                w_ih_t[:] = p[f"layers.{layer}.w_ih"].T
                 table, below = self.no_table, self._layer_input(layer, training, rng)
             h0, c0 = self.h0[layer], self.c0[layer]
             h0[:], c0[:] = state[layer, 0], state[layer, 1]
             args = (self.kind, self.gates[layer], self.bias, table, x)
-            per_layer = (w_ih, below, w_hh, h0, c0, self.hs[layer], self.cs[layer], self.aux[layer],
+            per_layer = (w_ih_t, below, w_hh_t, h0, c0, self.hs[layer], self.cs[layer], self.aux[layer],
                          state[layer, 0], state[layer, 1])
             if nparts > 1:
                 K.forward_parallel(*args, *per_layer, nparts)
@@ -167,7 +173,8 @@ class Network:
                 K.layer_forward(*args, 0, *per_layer)
         top = self._layer_input(self.L, training, rng)
         np.take(y.reshape(-1), self.perm, out=self.targets)
-        decoder = (top, p["decoder.weight"], p["decoder.bias"], self.targets, self.logits, self.row_loss,
+        self.dec_w_t[:] = p["decoder.weight"].T
+        decoder = (top, self.dec_w_t, p["decoder.bias"], self.targets, self.logits, self.row_loss,
                    self.dtype(1.0 / B))
         if nparts > 1:
             K.decoder_forward_parallel(*decoder, T, nparts)

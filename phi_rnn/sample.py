@@ -48,11 +48,11 @@ class Generator:
         self.encoding = ck.meta.get("encoding", "utf-8")
         self.vocab = ck.vocab
         self.index = {s: i for i, s in enumerate(self.vocab)}
-        upper = [p[f"layers.{l}.w_ih"] for l in range(1, L)] or [np.zeros((gh, hidden))]
+        upper = [p[f"layers.{l}.w_ih"].T for l in range(1, L)] or [np.zeros((hidden, gh))]
         self.weights = _one_huge_page_region(
-            (p["layers.0.w_ih"].T, np.stack(upper), np.stack([p[f"layers.{l}.w_hh"] for l in range(L)]),
+            (p["layers.0.w_ih"].T, np.stack(upper), np.stack([p[f"layers.{l}.w_hh"].T for l in range(L)]),
              np.stack([p[f"layers.{l}.b_ih"] + p[f"layers.{l}.b_hh"] for l in range(L)]),
-             p["decoder.weight"], p["decoder.bias"]))
+             p["decoder.weight"].T, p["decoder.bias"]))
         self.state = np.zeros((L, 2, 2, 1, hidden), np.float32)
         self.aux = np.zeros((1, hidden), np.float32)
         self.gates = np.zeros((1, gh), np.float32)

@@ -8,3 +8,38 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 
 # Two threads (or one on a 1-CPU box), no binding: the batch strategy really runs in parallel.
 affinity.configure(threads=min(2, len(os.sched_getaffinity(0))), policy="none")
+
+import pytest  # noqa: E402
+
+from phi_rnn import blas  # noqa: E402
+
+# Set in CI (.ci/run): the libxsmm backend must then be built and tested, never skipped.
+REQUIRE_LIBXSMM = "PHI_RNN_REQUIRE_LIBXSMM"
+
+
+def _require_libxsmm():
+    if blas.default_backend() != "libxsmm":
+        if os.environ.get(REQUIRE_LIBXSMM):
+            pytest.fail(blas.SMALL_GEMM_MISSING)
+        pytest.skip(f"{blas.SMALL_GEMM_MISSING} (CI sets {REQUIRE_LIBXSMM}=1: fails there)")
+
+
+@pytest.fixture(params=blas.BACKENDS)
+def blas_backend(request):
+    """Each float32 GEMM backend in turn (libxsmm only where `make native` built it)."""
+    if request.param == "libxsmm":
+        _require_libxsmm()
+    chosen = blas.backend()
+    blas.set_backend(request.param)
+    yield request.param
+    blas.set_backend(chosen)
+
+
+@pytest.fixture
+def with_libxsmm():
+    """For tests that switch between the backends themselves; restores the choice after."""
+    _require_libxsmm()
+    chosen = blas.backend()
+    yield
+    blas.set_backend(chosen)
+    blas.count_calls(False)

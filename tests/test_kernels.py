@@ -48,15 +48,79 @@ def test_gemm_matches_numpy(ta, tb, dtype, tol):
     np.testing.assert_allclose(c, expect, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("m, n, k", [(25, 512, 128), (7, 5, 3), (1250, 65, 128)])
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
-@pytest.mark.parametrize("rows", [1, 3, 65, 512])  # four rows at a time, then the remainder
-def test_gemm_single_row_path_matches_numpy(beta, rows):
-    """The batch-of-one path (dot products, reassociated) used for text generation."""
-    a = rng.standard_normal((1, 128)).astype(np.float32)
-    b = rng.standard_normal((rows, 128)).astype(np.float32)
-    c = rng.standard_normal((1, rows)).astype(np.float32)
-    expect = a.astype(np.float64) @ b.T.astype(np.float64) + beta * c
-    K.gemm(False, True, 1.0, a, b, beta, c)
+def test_gemm_backends_on_one_thread_match_numpy(m, n, k, ta, tb, beta, blas_backend):
+    """The float32 products as the per-thread blocks call them (MKL set to one thread), with
+    operands that are column blocks of wider rows (GRU's gate blocks). libxsmm takes every
+    one whose B is not transposed; MKL the rest."""
+    from phi_rnn import blas
+    a = rng.standard_normal((k, m + 3) if ta else (m, k + 3)).astype(np.float32)[:, :m if ta else k]
+    b = rng.standard_normal((n, k + 2) if tb else (k, n + 2)).astype(np.float32)[:, :k if tb else n]
+    c_wide = rng.standard_normal((m, n + 5)).astype(np.float32)
+    c = c_wide[:, :n]
+    if beta == 0:
+        c[:, 0] = np.nan  # beta 0: c is not read
+    expect = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b) + (beta * c if beta else 0)
+    beyond = c_wide[:, n:].copy()
+    blas.count_calls(blas_backend == "libxsmm")
+    previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
+    try:
+        K.gemm(ta, tb, 1.0, a, b, beta, c)
+    finally:
+        blas._mkl.MKL_Set_Num_Threads_Local(previous)
+    np.testing.assert_allclose(c, expect, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    np.testing.assert_array_equal(c_wide[:, n:], beyond)  # the columns past n are not c's
+    if blas_backend == "libxsmm":
+        assert blas.calls() == ((0, 1) if tb else (1, 0))
+        blas.count_calls(False)
+
+
+def test_libxsmm_leaves_thread_binding_to_the_affinity_controller(with_libxsmm):
+    """libxsmm's start-up sets OMP_PROC_BIND=TRUE where no binding is set, which made libgomp
+    pin the main thread (and every thread it starts) to one CPU; small_gemm takes it out.
+    The tests run with policy none: nothing may be bound."""
+    import ctypes
+    import os
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    assert "OMP_PROC_BIND" not in os.environ and libc.getenv(b"OMP_PROC_BIND") is None
+    c = np.zeros((25, 512), np.float32)
+    K.gemm(False, False, 1.0, np.ones((25, 128), np.float32), np.ones((128, 512), np.float32), 0.0, c)
+    assert os.sched_getaffinity(0) == set(range(os.cpu_count())) & os.sched_getaffinity(os.getppid())
+
+
+def test_libxsmm_leaves_a_product_streaming_over_8_mib_to_mkl(with_libxsmm):
+    """libxsmm does not block for the caches: a B operand over 8 MiB (here 1100 x 2048
+    floats, 9 MB) goes to MKL, one just under it (1000 x 2048) to libxsmm; both exact."""
+    from phi_rnn import blas
+    blas.set_backend("libxsmm")
+    previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
+    try:
+        for k, expected_calls in ((1000, (1, 0)), (1100, (0, 1))):
+            a = rng.standard_normal((8, k)).astype(np.float32)
+            b = rng.standard_normal((k, 2048)).astype(np.float32)
+            c = np.empty((8, 2048), np.float32)
+            blas.count_calls(True)
+            K.gemm(False, False, 1.0, a, b, 0.0, c)
+            assert blas.calls() == expected_calls, k
+            np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+    finally:
+        blas._mkl.MKL_Set_Num_Threads_Local(previous)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("inner", [1, 3, 128, 130])  # four rows of b at a time, then the remainder
+def test_gemm_single_row_path_matches_numpy(beta, inner):
+    """The batch-of-one path used for text generation."""
+    a = rng.standard_normal((1, inner)).astype(np.float32)
+    b = rng.standard_normal((inner, 512)).astype(np.float32)
+    c = rng.standard_normal((1, 512)).astype(np.float32)
+    if beta == 0:
+        c[0, :3] = np.nan  # beta 0: c is not read
+    expect = a.astype(np.float64) @ b.astype(np.float64) + (beta * c if beta else 0)
+    K.gemm(False, False, 1.0, a, b, beta, c)
     np.testing.assert_allclose(c, expect, rtol=1e-5, atol=1e-4)
 
 
@@ -131,7 +195,7 @@ def test_decoder_forward_backward_loss_and_gradients():
     b = rng.standard_normal(V).astype(np.float32)
     targets = rng.integers(0, V, R).astype(np.int32)
     logits, row_loss = np.empty((R, V), np.float32), np.empty(R, np.float32)
-    K.decoder_forward(top, w, b, targets, logits, row_loss, np.float32(0.25))
+    K.decoder_forward(top, np.ascontiguousarray(w.T), b, targets, logits, row_loss, np.float32(0.25))
     lp = log_softmax(top.astype(np.float64) @ w.T + b)
     np.testing.assert_allclose(row_loss, -lp[np.arange(R), targets], rtol=1e-5, atol=1e-5)
     d_logits = np.exp(lp)
