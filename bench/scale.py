@@ -337,7 +337,7 @@ SERIES_FIELDS = ("scaling", "config", "model", "strategy", "policy")
 CSV_FIELDS = ("index", "key", "status", "scaling", "config", "model", "num_layers", "rnn_size",
               "batch_size", "seq_length", "vocab", "threads", "strategy", "policy",
               "median_ms", "min_ms", "max_ms", "spread_pct", "chars_per_s", "gflop_per_iter",
-              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "placement",
+              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "gemm", "placement",
               "error")
 
 
@@ -367,7 +367,7 @@ def record_to_row(record):
         row.update(status="failed", error=record.get("error", ""))
         return row
     timing = result["phi_rnn"]
-    row.update(status="ok", error="", placement=result.get("placement", ""),
+    row.update(status="ok", error="", placement=result.get("placement", ""), gemm=result.get("gemm", ""),
                gflop_per_iter=result.get("gflop_per_iter"),
                peak_gflops=result.get("peak_gflops"))
     for field in ("median_ms", "min_ms", "max_ms", "chars_per_s", "gflops", "pct_peak"):
@@ -445,7 +445,7 @@ def machine_description(done):
         return {}
     first = next(iter(seen.values()))
     description = {"machine": first.get("machine"), "versions": first.get("versions"),
-                   "env": next(iter(done.values())).get("env", {})}
+                   "gemm": first.get("gemm"), "env": next(iter(done.values())).get("env", {})}
     if len(seen) > 1:
         description["other_machines"] = [r.get("machine") for r in list(seen.values())[1:]]
     return description
@@ -543,6 +543,7 @@ def machine_markdown(machine):
              f"{m.get('logical_cpus')} logical CPUs, {m.get('numa_nodes')} NUMA nodes), "
              f"host {m.get('hostname')}",
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in (machine.get("versions") or {}).items()),
+             f"- GEMM backend: {machine.get('gemm')}",
              "- Environment: " + (", ".join(f"`{k}={v}`" for k, v in machine["env"].items())
                                   or "no OMP_/KMP_/MKL_/NUMBA_ variables set")]
     for other in machine.get("other_machines", []):
