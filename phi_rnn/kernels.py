@@ -484,10 +484,10 @@ def layer_forward(kind, gates, bias, table, tokens, b0, w_ih_t, below, w_hh_t, h
                   c_last):
     """One block of nb batch rows of a layer, all T steps, rows time-major inside the block:
     gates (T*nb, G) out (its input projection is `below` (T*nb, H_in) @ w_ih_t (H_in, G), or
-    the one-hot `table` gathered per step); w_hh_t (H, G); the forward takes the weights
-    transposed, so that every product is A @ B, the form libxsmm runs (blas.py); h0, c0 (nb, H) the state before step 0; hs, cs, aux
-    (T*nb, H): h, c (LSTM) and tanh(c) (LSTM) / r*h (GRU) after each step; h_last, c_last
-    (nb, H) get the state after the last step."""
+    the one-hot `table` gathered per step); w_hh_t (H, G). The forward takes the weights
+    transposed so that every product is A @ B, the form libxsmm runs (blas.py). h0, c0
+    (nb, H) the state before step 0; hs, cs, aux (T*nb, H): h, c (LSTM) and tanh(c) (LSTM)
+    / r*h (GRU) after each step; h_last, c_last (nb, H) get the state after the last step."""
     T = tokens.shape[0]
     nb, H = h0.shape
     G = gates.shape[1]
