@@ -64,7 +64,9 @@ dgemm = types.ExternalFunction(
 set_num_threads_local = types.ExternalFunction("MKL_Set_Num_Threads_Local", types.int32(types.int32))
 
 
-SMALL_GEMM_PATH = Path(__file__).resolve().parent.parent / "native" / "build" / "libsmall_gemm.so"
+# native/build/libsmall_gemm.so of this source tree, or a build elsewhere
+SMALL_GEMM_PATH = Path(os.environ.get("PHI_RNN_SMALL_GEMM")
+                       or Path(__file__).resolve().parent.parent / "native" / "build" / "libsmall_gemm.so")
 SMALL_GEMM_MISSING = "libxsmm backend not built: apt install libxsmm-dev (or conda install libxsmm), then `make native`"
 BACKENDS = ("libxsmm", "mkl")
 

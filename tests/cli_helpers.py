@@ -9,7 +9,7 @@ TINY_MODEL = ["--rnn_size", "16", "--num_layers", "2", "--batch_size", "8", "--s
 
 
 def run_cli(*args, timeout=300, check=False, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **kw.pop("env", {}))
     result = subprocess.run([sys.executable, "-m", "phi_rnn", *map(str, args)], cwd=kw.pop("cwd", ROOT),
                             capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check and result.returncode != 0:

@@ -1,7 +1,7 @@
 """A private single-node Slurm scheduler with its PBS wrappers, for testing `phi_rnn submit`.
 
 Debian has no PBS server, but Slurm's PBS wrappers (qsub, qstat, qdel from
-slurm-wlm-torque) run real jobs on one machine.  `.ci/slurm-install.sh` installs the
+slurm-wlm-torque) run real jobs on one machine.  `.ci/system-install.sh` installs the
 packages; this module installs nothing.  It writes a private slurm.conf, munge key and
 spool/state/log dirs under one temp dir, starts munged (as user munge), slurmctld and
 slurmd in the foreground so that their pids are ours, waits until the node is idle, and
@@ -50,11 +50,11 @@ def missing_prerequisite():
         return "not root: slurmd must run jobs as root here"
     missing = [name for name in REQUIRED_PROGRAMS if shutil.which(name) is None]
     if missing:
-        return f"missing {' '.join(missing)}: run .ci/slurm-install.sh (as root)"
+        return f"missing {' '.join(missing)}: run .ci/system-install.sh (as root)"
     try:
         pwd.getpwnam("munge")
     except KeyError:
-        return "no 'munge' user: run .ci/slurm-install.sh (as root)"
+        return "no 'munge' user: run .ci/system-install.sh (as root)"
     return None
 
 

@@ -105,3 +105,17 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, argv, message):
 
 def test_there_are_at_least_twenty_distinct_cases():
     assert len({c[2] for c in CASES}) >= 20
+
+
+def test_blas_libxsmm_without_the_library_is_one_line_exit_2_and_the_default_falls_back_to_mkl(world, tmp_path):
+    """Where small_gemm is not built (here: PHI_RNN_SMALL_GEMM names no file), asking for
+    libxsmm is a usage error; without --blas the run goes on MKL and says so."""
+    argv = [a.format(**world) for a in T[:-1]] + [str(tmp_path / "cv")]
+    missing = {"PHI_RNN_SMALL_GEMM": os.path.join(world["root"], "no-libsmall_gemm.so")}
+    result = run_cli(*argv, "--blas", "libxsmm", env=missing)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("phi_rnn: error: --blas libxsmm: libxsmm backend not built: apt install libxsmm-dev")
+    result = run_cli(*argv, env=missing)
+    assert result.returncode == 0, result.stderr
+    assert "gemm: mkl " in result.stdout

@@ -1,7 +1,7 @@
 """`python -m phi_rnn submit`: rendered scripts, bad input, real jobs on Slurm's PBS wrappers.
 
 The scheduler tests need the private Slurm of tests/slurm_cluster.py (packages from
-.ci/slurm-install.sh, root); they skip loudly without it.  Their jobs are submitted
+.ci/system-install.sh, root); they skip loudly without it.  Their jobs are submitted
 together by one fixture and run side by side; each test then waits for its own.
 """
 
