@@ -48,10 +48,20 @@ def test_gemm_matches_numpy(ta, tb, dtype, tol):
     np.testing.assert_allclose(c, expect, rtol=tol, atol=tol)
 
 
+@pytest.fixture
+def one_mkl_thread():
+    """MKL set to one thread on this thread, as inside the per-thread blocks (where the
+    libxsmm backend takes over), for the length of the test."""
+    from phi_rnn import blas
+    previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
+    yield
+    blas._mkl.MKL_Set_Num_Threads_Local(previous)
+
+
 @pytest.mark.parametrize("m, n, k", [(25, 512, 128), (7, 5, 3), (1250, 65, 128)])
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_gemm_backends_on_one_thread_match_numpy(m, n, k, ta, tb, beta, blas_backend):
+def test_gemm_backends_on_one_thread_match_numpy(m, n, k, ta, tb, beta, blas_backend, one_mkl_thread):
     """The float32 products as the per-thread blocks call them (MKL set to one thread), with
     operands that are column blocks of wider rows (GRU's gate blocks). libxsmm takes every
     one whose B is not transposed; MKL the rest."""
@@ -65,11 +75,7 @@ def test_gemm_backends_on_one_thread_match_numpy(m, n, k, ta, tb, beta, blas_bac
     expect = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b) + (beta * c if beta else 0)
     beyond = c_wide[:, n:].copy()
     blas.count_calls(blas_backend == "libxsmm")
-    previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
-    try:
-        K.gemm(ta, tb, 1.0, a, b, beta, c)
-    finally:
-        blas._mkl.MKL_Set_Num_Threads_Local(previous)
+    K.gemm(ta, tb, 1.0, a, b, beta, c)
     np.testing.assert_allclose(c, expect, rtol=1e-4, atol=1e-4 * np.sqrt(k))
     np.testing.assert_array_equal(c_wide[:, n:], beyond)  # the columns past n are not c's
     if blas_backend == "libxsmm":
@@ -91,23 +97,19 @@ def test_libxsmm_leaves_thread_binding_to_the_affinity_controller(with_libxsmm):
     assert os.sched_getaffinity(0) == set(range(os.cpu_count())) & os.sched_getaffinity(os.getppid())
 
 
-def test_libxsmm_leaves_a_product_streaming_over_8_mib_to_mkl(with_libxsmm):
+def test_libxsmm_leaves_a_product_streaming_over_8_mib_to_mkl(with_libxsmm, one_mkl_thread):
     """libxsmm does not block for the caches: a B operand over 8 MiB (here 1100 x 2048
     floats, 9 MB) goes to MKL, one just under it (1000 x 2048) to libxsmm; both exact."""
     from phi_rnn import blas
     blas.set_backend("libxsmm")
-    previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
-    try:
-        for k, expected_calls in ((1000, (1, 0)), (1100, (0, 1))):
-            a = rng.standard_normal((8, k)).astype(np.float32)
-            b = rng.standard_normal((k, 2048)).astype(np.float32)
-            c = np.empty((8, 2048), np.float32)
-            blas.count_calls(True)
-            K.gemm(False, False, 1.0, a, b, 0.0, c)
-            assert blas.calls() == expected_calls, k
-            np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
-    finally:
-        blas._mkl.MKL_Set_Num_Threads_Local(previous)
+    for k, expected_calls in ((1000, (1, 0)), (1100, (0, 1))):
+        a = rng.standard_normal((8, k)).astype(np.float32)
+        b = rng.standard_normal((k, 2048)).astype(np.float32)
+        c = np.empty((8, 2048), np.float32)
+        blas.count_calls(True)
+        K.gemm(False, False, 1.0, a, b, 0.0, c)
+        assert blas.calls() == expected_calls, k
+        np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
