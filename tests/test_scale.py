@@ -3,7 +3,6 @@
 End-to-end tests run the real bench/speed.py on the `tiny` config with a few iterations.
 """
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -25,15 +24,9 @@ STUDY_KEYS = [f"{scaling}-tiny-lstm-batch-compact-t00{p}"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def load_scale():
-    spec = importlib.util.spec_from_file_location("scale", SCALE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-scale = load_scale()
+sys.path.insert(0, str(BENCH))
+import scale_fit  # noqa: E402
+import scale_points  # noqa: E402
 
 
 def run_scale(*args, check=True):
@@ -70,11 +63,11 @@ def amdahl_speedups(serial, threads, overhead=0.0):
 
 def test_amdahl_fit_recovers_serial_fraction_and_extrapolates_by_the_formula():
     threads = [1, 2, 4, 8, 16]
-    fit = scale.best_fit(threads, amdahl_speedups(0.07, threads))
-    assert fit.name == scale.AMDAHL
+    fit = scale_fit.best_fit(threads, amdahl_speedups(0.07, threads))
+    assert fit.name == scale_fit.AMDAHL
     assert fit.serial_fraction == pytest.approx(0.07, abs=1e-9)
     assert fit.rms_rel_error < 1e-9 and not fit.underdetermined
-    for p in scale.EXTRAPOLATE_TO:
+    for p in scale_fit.EXTRAPOLATE_TO:
         assert fit.speedup(p) == pytest.approx(1 / (0.07 + 0.93 / p), rel=1e-9)
 
 
@@ -82,7 +75,7 @@ def test_amdahl_fit_is_least_squares_under_noise():
     threads = [1, 2, 4, 8, 16, 32]
     noisy = [s * (1 + e) for s, e in
              zip(amdahl_speedups(0.1, threads), [0, 0.03, -0.02, 0.04, -0.03, 0.02])]
-    fit = scale.fit_amdahl(threads, noisy)
+    fit = scale_fit.fit_amdahl(threads, noisy)
     assert fit.serial_fraction == pytest.approx(0.1, abs=0.02)
 
     def rms_rel_error(serial):  # the objective, written out independently
@@ -96,19 +89,19 @@ def test_amdahl_fit_is_least_squares_under_noise():
 
 def test_overhead_model_is_chosen_when_the_data_has_an_overhead():
     threads = [1, 2, 4, 8, 16, 32]
-    fit = scale.best_fit(threads, amdahl_speedups(0.05, threads, overhead=0.01))
-    assert fit.name == scale.AMDAHL_OVERHEAD
+    fit = scale_fit.best_fit(threads, amdahl_speedups(0.05, threads, overhead=0.01))
+    assert fit.name == scale_fit.AMDAHL_OVERHEAD
     assert fit.serial_fraction == pytest.approx(0.05, abs=1e-9)
     assert fit.overhead == pytest.approx(0.01, abs=1e-9)
     assert fit.speedup(272) == pytest.approx(1 / (0.05 + 0.95 / 272 + 0.01 * math.log2(272)))
 
 
 def test_two_points_give_an_exact_but_underdetermined_fit():
-    fit = scale.fit_amdahl([1, 2], [1.0, 1.6])
+    fit = scale_fit.fit_amdahl([1, 2], [1.0, 1.6])
     assert fit.underdetermined and fit.points == 1
     assert fit.speedup(2) == pytest.approx(1.6)  # 1/1.6 = s + (1-s)/2 -> s = 0.25
     assert fit.serial_fraction == pytest.approx(0.25)
-    assert scale.fit_amdahl([1], [1.0]) is None
+    assert scale_fit.fit_amdahl([1], [1.0]) is None
 
 
 # ---------------------------------------------------------------- enumeration
@@ -130,10 +123,10 @@ def test_point_enumeration_is_deterministic_and_complete():
 
 
 def test_default_threads_are_powers_of_two_plus_all_cores():
-    assert scale.default_threads(68) == [1, 2, 4, 8, 16, 32, 64, 68]
-    assert scale.default_threads(2) == [1, 2]
-    assert scale.parse_config("3x512-b128") == ("3x512-b128", 3, 512, 128, 100)
-    assert scale.parse_config("2x256-s100") == ("2x256-s100", 2, 256, 50, 100)
+    assert scale_points.default_threads(68) == [1, 2, 4, 8, 16, 32, 64, 68]
+    assert scale_points.default_threads(2) == [1, 2]
+    assert scale_points.parse_config("3x512-b128") == scale_points.Config("3x512-b128", 3, 512, 128, 100)
+    assert scale_points.parse_config("2x256-s100") == scale_points.Config("2x256-s100", 2, 256, 50, 100)
 
 
 def test_bad_input_is_one_line_and_status_2():
@@ -162,7 +155,7 @@ def test_full_tiny_study_writes_every_output(study):
     assert machine["gemm"].startswith(blas.default_backend())
     md = (out / "results.md").read_text()
     assert "## Machine" in md and "model (Amdahl fit" in md and "underdetermined" in md
-    for p in scale.EXTRAPOLATE_TO:
+    for p in scale_fit.EXTRAPOLATE_TO:
         assert f"| {p} |" in md
 
 
@@ -177,7 +170,7 @@ def test_collect_merges_point_files_with_correct_arithmetic(study, tmp_path):
             record["batch_size"] * record["point"]["seq_length"])
 
     base = {r["point"]["scaling"]: r for r in records if r["point"]["threads"] == 1}
-    expected = {scale.Point(**r["point"]).key:
+    expected = {scale_points.Point(**r["point"]).key:
                 ms_per_char(base[r["point"]["scaling"]]) / ms_per_char(r) for r in records}
     weak_two = next(r for r in records if r["point"]["scaling"] == "weak"
                     and r["point"]["threads"] == 2)
@@ -190,13 +183,13 @@ def test_collect_merges_point_files_with_correct_arithmetic(study, tmp_path):
         assert float(row["efficiency"]) == pytest.approx(
             expected[row["key"]] / int(row["threads"]), rel=1e-9)
         assert float(row["median_ms"]) == pytest.approx(
-            next(r for r in records if scale.Point(**r["point"]).key == row["key"])
+            next(r for r in records if scale_points.Point(**r["point"]).key == row["key"])
             ["result"]["phi_rnn"]["median_ms"])
     results = json.loads((out / "results.json").read_text())
     assert len(results["points"]) == 4 and len(results["models"]) == 2
     for model in results["models"]:
         two = next(r for r in rows if r["scaling"] == model["scaling"] and r["threads"] == "2")
-        fit = scale.Fit(**model["fit"])
+        fit = scale_fit.Fit(**model["fit"])
         # one point beyond 1 thread: 1/S = s + (1-s)/2 exactly, s bounded to [0, 1]
         serial = min(max(2 / float(two["speedup"]) - 1, 0.0), 1.0)
         assert fit.serial_fraction == pytest.approx(serial, abs=1e-9)

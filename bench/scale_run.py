@@ -1,0 +1,122 @@
+"""Running the scaling study's points: each one bench/speed.py in a fresh process group,
+its result one JSON file under OUT/points/ (OUT/failed/ when it fails)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+SPEED_SCRIPT = Path(__file__).parent / "speed.py"
+ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "NUMBA_")
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+def write_atomic(path, text):
+    """Temp file + rename: a killed writer never leaves a half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def relevant_env():
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
+
+
+def last_line(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def run_point(point, out, iters, warmup, timeout=None):
+    """Run one point in a fresh process; write points/<key>.json and return None, or write
+    failed/<key>.json and return the one-line reason."""
+    command = [sys.executable, str(SPEED_SCRIPT)] + point.speed_args(iters, warmup)
+    # recorded as it would be typed in the project directory: results carry no local paths
+    typed = ["python", "bench/speed.py"] + command[2:]
+    record = {"point": asdict(point), "batch_size": point.batch_size, "command": typed,
+              "env": relevant_env(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    start = time.perf_counter()
+    returncode, stdout, stderr = run_process_group(command, timeout)
+    record["wall_s"] = round(time.perf_counter() - start, 3)
+    record["stderr_tail"] = stderr[-2000:]
+    result, error = parse_speed_output(returncode, stdout, stderr)
+    failed_path = out / "failed" / f"{point.key}.json"
+    if error:
+        record.update(returncode=returncode, error=error)
+        write_json_atomic(failed_path, record)
+        return error
+    record["result"] = result
+    write_json_atomic(out / "points" / f"{point.key}.json", record)
+    failed_path.unlink(missing_ok=True)  # an earlier failure of this point is superseded
+    return None
+
+
+def _unblock_interrupts():  # in the child, before exec: speed.py gets the usual signal mask
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+
+
+def run_process_group(command, timeout):
+    """(returncode or None on timeout, stdout, stderr). speed.py measures in a worker process
+    of its own, so a timeout or an interrupt kills the whole process group: an orphaned
+    worker would go on computing and disturb the next point's timings. Interrupts are held
+    while the child starts: delivered inside Popen, one would leave it running unkilled."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, preexec_fn=_unblock_interrupts)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)  # a held signal fires here
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, stdout, stderr + f"\ntimed out after {timeout} s"
+    except BaseException:  # Ctrl-C, or SIGTERM turned into KeyboardInterrupt
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def parse_speed_output(returncode, stdout, stderr):
+    """(result, None) for a usable speed.py run, else (None, one-line reason)."""
+    if returncode != 0:
+        return None, last_line(stderr) or f"speed.py exited with status {returncode}"
+    try:
+        result = json.loads(stdout)
+        float(result["phi_rnn"]["median_ms"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"speed.py printed no usable JSON ({type(exc).__name__}: {exc})"
+    return result, None
+
+
+def is_done(point, out):
+    return (out / "points" / f"{point.key}.json").exists()
+
+
+def run_study(points, out, iters, warmup, timeout):
+    """Run every point without a result file; returns (ran, skipped, failed keys)."""
+    pending = [p for p in points if not is_done(p, out)]
+    skipped = len(points) - len(pending)
+    failed = []
+    with tqdm(pending, unit="point", desc="scale", file=sys.stderr) as bar:
+        for point in bar:
+            bar.set_postfix_str(point.key)
+            error = run_point(point, out, iters, warmup, timeout)
+            if error:
+                failed.append(point.key)
+                bar.write(f"failed: {point.key}: {error}")
+    return len(pending), skipped, failed
