@@ -120,12 +120,19 @@ def describe_backend():
 
 
 def count_calls(on):
-    """Start (and zero) or stop counting the float32 GEMM calls per library (libxsmm built only)."""
+    """Start (and zero) or stop counting the float32 GEMM calls per library. The counters live
+    in small_gemm: without it there is nothing to stop, and starting is refused."""
+    if _small_gemm is None:
+        if on:
+            raise ValueError(SMALL_GEMM_MISSING)
+        return
     _small_gemm.phi_gemm_count_calls(int(on))
 
 
 def calls():
-    """(libxsmm, mkl) float32 GEMM calls since count_calls(True)."""
+    """(libxsmm, mkl) float32 GEMM calls since count_calls(True) (small_gemm built only)."""
+    if _small_gemm is None:
+        raise ValueError(SMALL_GEMM_MISSING)
     out = (ctypes.c_ulonglong * 2)()
     _small_gemm.phi_gemm_calls(out)
     return out[0], out[1]
