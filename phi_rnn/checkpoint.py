@@ -1,15 +1,15 @@
 """Checkpoints: one .npz (no pickles) with the parameters under their documented names,
 the optimizer state, the carried hidden state and a JSON `meta` string (options,
-vocabulary, progress, RNG state). Writes are atomic (temp file + fsync + rename); a
+vocabulary, progress, RNG state). Writes are atomic (phi_rnn.files.atomic_write); a
 `latest` file in the checkpoint directory names the newest checkpoint."""
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from phi_rnn.errors import UsageError
+from phi_rnn.files import atomic_write
 from phi_rnn.config import MODELS
 from phi_rnn.model import param_shapes
 
@@ -20,30 +20,6 @@ LATEST = "latest"
 def checkpoint_name(savefile, epoch, val_loss):
     """char-rnn's name: lm_<savefile>_epoch<%.2f>_<%.4f> (validation loss), as .npz."""
     return f"lm_{savefile}_epoch{epoch:.2f}_{val_loss:.4f}.npz"
-
-
-def _fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(path, params, meta, rms=None, state=None, train_losses=None):
@@ -58,8 +34,8 @@ def save(path, params, meta, rms=None, state=None, train_losses=None):
     if train_losses is not None:
         arrays["train_losses"] = np.asarray(train_losses, dtype=np.float32)
     arrays["meta"] = np.array(json.dumps(dict(meta, format_version=FORMAT_VERSION)))
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
-    _atomic_write(os.path.join(os.path.dirname(path) or ".", LATEST),
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(os.path.join(os.path.dirname(path) or ".", LATEST),
                   lambda f: f.write(os.path.basename(path).encode() + b"\n"))
 
 

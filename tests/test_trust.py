@@ -72,3 +72,42 @@ def test_same_seed_same_threads_identical_and_pinning_does_not_change_results(tm
     assert len(losses[0]) == 30 and losses[0] == losses[1] == losses[2]
     assert "policy compact, CPUs [0, 1]" in runs[0].stdout
     assert "verified: OpenMP threads on CPUs [0, 1]" in runs[0].stdout
+
+
+def test_atomic_write_respects_the_umask_and_leaves_nothing_behind_on_failure(tmp_path):
+    from phi_rnn.files import TEMP_PREFIX, atomic_write
+    target = tmp_path / "f"
+    previous = os.umask(0o027)
+    try:
+        atomic_write(str(target), lambda f: f.write(b"one"))
+        assert target.read_bytes() == b"one" and (target.stat().st_mode & 0o777) == 0o640
+        os.umask(0o002)
+        atomic_write(str(target), lambda f: f.write(b"two"))
+        assert target.read_bytes() == b"two" and (target.stat().st_mode & 0o777) == 0o664
+    finally:
+        os.umask(previous)
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    try:
+        atomic_write(str(target), fail)
+    except OSError as e:
+        assert e.errno == 28
+    else:
+        raise AssertionError("the failure was swallowed")
+    assert target.read_bytes() == b"two"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
+
+
+def test_checkpoint_and_latest_are_readable_by_the_group_under_umask_002(tmp_path):
+    corpus = small_corpus(tmp_path / "data")
+    cv = tmp_path / "cv"
+    previous = os.umask(0o002)
+    try:
+        run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", 1, "--checkpoint_dir", cv, check=True)
+    finally:
+        os.umask(previous)
+    (npz,) = glob.glob(str(cv / "*.npz"))
+    for path in (npz, str(cv / "latest")):
+        assert os.stat(path).st_mode & 0o777 == 0o664, path
