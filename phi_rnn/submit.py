@@ -9,10 +9,13 @@ Usage (options before `--`, the phi_rnn command to run in the job after it):
 
 The job script carries #PBS directives (name, queue, nodes=X:ppn=Y for Torque or
 select=X:ncpus=Y:mpiprocs=1:ompthreads=T for PBS Pro, walltime, account, mail, output
-paths, array range), changes to the submit directory, activates the environment (the
-project's .venv by default, --venv PATH or --conda-env NAME), logs the node (host, CPU
-model, job id, array index, date) and then `exec`s the phi_rnn command, so that the
-scheduler's signals reach Python itself rather than a waiting shell:
+paths, array range), changes to the submit directory, activates the environment (by
+default the one running `submit`: its venv, its conda environment, or its interpreter's
+directory put first on PATH; --venv PATH or --conda-env NAME otherwise), logs the node (host,
+CPU model, job id, array index, date, directory) and then `exec`s the phi_rnn command, so
+that the scheduler's signals reach Python itself rather than a waiting shell. Every value
+from the command line or the submit directory reaches the script as one single-quoted
+shell word (or a checked #PBS directive): nothing in it is ever expanded or run.
 
 - `train`: `python -m phi_rnn train --threads T [--policy P] ARGS`; T defaults to the
   cores requested (--ppn / --ncpus).
@@ -58,6 +61,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +99,7 @@ def add_submit_arguments(parser):
     parser.add_argument("--threads", type=int, help="train threads (default: --ppn)")
     parser.add_argument("--policy", choices=POLICIES, help="train affinity policy")
     parser.add_argument("--venv", type=Path, help="virtual environment to activate "
-                        f"(default: {PROJECT_ROOT / '.venv'})")
+                        "(default: the environment running submit)")
     parser.add_argument("--conda-env", help="conda environment to activate instead")
     parser.add_argument("--pbs-line", action="append", default=[], metavar="DIRECTIVE",
                         help="extra '#PBS DIRECTIVE' line (repeatable)")
@@ -299,9 +303,10 @@ def checked_array(array, flavor):
 
 
 def absolute(path, submit_dir):
-    if re.search(r"\s", path):
-        raise UsageError(f"output path {path!r} has a space: qsub cannot take it")
-    return submit_dir / Path(path).expanduser()
+    full = submit_dir / Path(path).expanduser()
+    if re.search(r"\s", str(full)):
+        raise UsageError(f"output path {str(full)!r} has a space: qsub cannot take it")
+    return full
 
 
 def activation_lines(venv, conda_env):
@@ -313,11 +318,32 @@ def activation_lines(venv, conda_env):
                 'exit 1; }',
                 'eval "$(conda shell.bash hook)"',
                 f"conda activate {env}"]
-    venv = (venv or PROJECT_ROOT / ".venv").expanduser().resolve()
+    if venv is None:
+        return current_environment_lines()
+    venv = venv.expanduser().resolve()
     if not (venv / "bin" / "activate").is_file():
         raise UsageError(f"no virtual environment at {venv} (missing bin/activate): "
                          "give --venv PATH or --conda-env NAME")
     return [f"source {shlex.quote(str(venv / 'bin' / 'activate'))}"]
+
+
+def current_environment_lines():
+    """Activate the environment whose Python runs submit (sys.prefix): phi_rnn is installed
+    there. A conda environment is activated by its path; a venv by its activate script;
+    a plain interpreter by putting its directory first on PATH."""
+    prefix = Path(sys.prefix)
+    if (prefix / "conda-meta").is_dir():
+        return ['command -v conda >/dev/null || { echo "conda not found on $(hostname)" >&2; '
+                'exit 1; }',
+                'eval "$(conda shell.bash hook)"',
+                f"conda activate {shlex.quote(str(prefix))}"]
+    if (prefix / "bin" / "activate").is_file():
+        return [f"source {shlex.quote(str(prefix / 'bin' / 'activate'))}"]
+    bindir = Path(sys.executable).parent
+    if not (bindir / "python").exists():
+        raise UsageError(f"{sys.executable} is neither in a venv nor in a conda environment and "
+                         f"{bindir} has no `python`: give --venv PATH or --conda-env NAME")
+    return [f'PATH={shlex.quote(str(bindir))}:"$PATH"']
 
 
 def directives(job):
@@ -360,18 +386,20 @@ def qsub_options(job):
 def render_script(job):
     index_setup = [f'IDX="{ARRAY_INDEX}"'] if job.array else []
     index_log = ', array index $IDX' if job.array else ""
-    submit_dir = shlex.quote(str(job.submit_dir))
     lines = [
         "#!/bin/bash",
         *(f"#PBS {line}" for line in directives(job)),
         "# Rendered by 'python -m phi_rnn submit'.",
         "set -e",
-        f'cd "${{PBS_O_WORKDIR:-{submit_dir}}}"',
+        # a value inside "${VAR:-...}" would still be expanded: the directory is its own word
+        f"SUBMIT_DIR={shlex.quote(str(job.submit_dir))}",
+        'cd -- "${PBS_O_WORKDIR:-$SUBMIT_DIR}"',
         *job.activation,
         *index_setup,
         f'echo "phi_rnn job ${{PBS_JOBID:-?}}{index_log} on $(hostname) at $(date \'+%F %T %Z\')"',
         'echo "cpu: $(grep -m1 \'model name\' /proc/cpuinfo | cut -d: -f2- | sed \'s/^ *//\')'
         ', $(nproc) usable of $(grep -c ^processor /proc/cpuinfo)"',
+        'echo "dir: $PWD"',
         "echo " + shlex.quote("run: " + job.run_line.removeprefix("exec ")),
         job.run_line,
     ]

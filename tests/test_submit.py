@@ -6,6 +6,7 @@ together by one fixture and run side by side; each test then waits for its own.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_torque_script_for_training(tmp_path):
     assert script.startswith("#!/bin/bash\n")
     assert directives(script) == ["-N phi-train", "-q manycore", "-l nodes=1:ppn=64",
                                   "-l walltime=02:00:00", "-j oe"]
-    assert f'cd "${{PBS_O_WORKDIR:-{tmp_path}}}"' in script
+    assert f"SUBMIT_DIR={tmp_path}\n" in script and 'cd -- "${PBS_O_WORKDIR:-$SUBMIT_DIR}"' in script
     assert "source " in script and ".venv/bin/activate" in script
     assert "${PBS_JOBID" in script and "/proc/cpuinfo" in script
     assert exec_line(script) == ("exec python -m phi_rnn train --threads 64 "
@@ -108,6 +109,53 @@ def test_conda_environment_and_separate_error_file(tmp_path):
     assert ".venv" not in script
     assert directives(script)[-2:] == [f"-o {tmp_path}/o.log", f"-e {tmp_path}/e.log"]
     assert f"qsub -o {tmp_path}/o.log -e {tmp_path}/e.log phi-train" in script
+
+
+HOSTILE_NAMES = ["sd $(touch pwned1)", "a`touch pwned2`b", "q'\"; touch pwned3; #", "$(touch pwned4",
+                 "${HOME}", "with space", "new\nline; touch pwned5", "back\\slash \\\"; touch pwned6 \\"]
+
+
+def run_rendered(script, tmp_path, env):
+    """Runs a rendered script with bash (its job command must be harmless) from tmp_path."""
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    return subprocess.run(["bash", str(path)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize("scheduler_sets_workdir", [False, True])
+def test_rendered_script_is_inert_to_hostile_directory_and_argument_values(tmp_path, name, scheduler_sets_workdir):
+    """A submit directory, a venv path and job arguments holding shell syntax: the rendered
+    script, run by bash with and without PBS_O_WORKDIR, changes into the directory,
+    activates the venv, passes the arguments on verbatim and executes nothing of them."""
+    here = tmp_path / "outside"
+    here.mkdir()
+    hostile = tmp_path / name
+    hostile.mkdir()
+    venv = tmp_path / ("venv " + name)
+    venv.mkdir()
+    (venv / "bin").symlink_to(Path(sys.prefix) / "bin")  # the real venv behind a hostile path
+    result = submit("--ppn", "1", "--venv", str(venv), "--output", str(here / "o;touch>pwned7`touch>pwned8`.log"), "--dry-run",
+                    "--", "train", "--savefile", name, "--help", cwd=hostile)
+    assert result.returncode == 0, result.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("PBS_O_WORKDIR", "VIRTUAL_ENV")}
+    if scheduler_sets_workdir:
+        env["PBS_O_WORKDIR"] = str(hostile)
+    job = run_rendered(result.stdout, here, env)
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert f"dir: {hostile}\n" in job.stdout
+    assert "usage: phi_rnn train" in job.stdout  # python ran, from the venv
+    assert "run: python -m phi_rnn train --threads 1 --savefile " in job.stdout
+    created = list(tmp_path.rglob("pwned*"))
+    assert created == [], created
+
+
+def test_default_environment_is_the_one_running_submit(tmp_path):
+    """Whoever installed phi_rnn into their own environment: submit activates that one."""
+    result = submit("--ppn", "1", "--dry-run", "--", "train", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"source {Path(sys.prefix) / 'bin' / 'activate'}" in result.stdout
 
 
 @pytest.mark.parametrize("argv, message", [
