@@ -1,4 +1,4 @@
-"""`python -m phi_rnn` / `phi-rnn`: train, sample, topo, submit, data.
+"""`python -m phi_rnn` / `phi-rnn`: train, sample, topo, submit, data, export.
 
 Thread counts and affinity are applied (phi_rnn.affinity.configure) before anything that
 starts numba, MKL or OpenMP is imported: those runtimes read their settings once, at load.
@@ -42,6 +42,11 @@ def _parser():
     d = sub.add_parser("data", help="fetch tiny-shakespeare into --data_dir (sha256-verified)")
     d.add_argument("--data_dir", "--data-dir", default="data/tinyshakespeare")
     d.add_argument("--mirror", default=None, help="local directory holding tinyshakespeare.txt (offline nodes)")
+
+    e = sub.add_parser("export", help="write a checkpoint's model as ONNX or for PyTorch (phi_rnn/export.py)")
+    e.add_argument("checkpoint", help="checkpoint .npz, `latest` (in cv/) or a checkpoint directory")
+    e.add_argument("--to", required=True, help="onnx (LSTM, GRU, RNN) or torch (LSTM, RNN)")
+    e.add_argument("out", help="file to write (replaced atomically)")
     return p
 
 
@@ -105,6 +110,9 @@ def main(argv=None):
             from phi_rnn.data import ensure_tinyshakespeare
             print(ensure_tinyshakespeare(args.data_dir, args.mirror))
             return 0
+        if args.command == "export":
+            from phi_rnn import export
+            return export.export_command(args)
     except UsageError as e:
         print(f"phi_rnn: error: {e}", file=sys.stderr)
         return e.exit_status
