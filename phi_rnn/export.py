@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from phi_rnn import checkpoint
+from phi_rnn import checkpoint, files
 from phi_rnn.errors import UsageError
 
 FORMATS = ("onnx", "torch")
@@ -165,7 +165,7 @@ def export(source, to, out):
     ck = _load(source)
     payload = _serialize(ck, to)
     try:
-        checkpoint._atomic_write(out, lambda f: f.write(payload))
+        files.atomic_write(out, lambda f: f.write(payload))
     except OSError as e:
         raise UsageError(f"cannot write {out} ({e.strerror})") from None
     return ck
