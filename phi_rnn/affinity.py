@@ -257,6 +257,58 @@ def read_topology(sysfs: str | Path = "/sys", cpuinfo: str | Path = "/proc/cpuin
                     **read_cpuinfo(Path(cpuinfo)))
 
 
+# ------------------------------------------------------------------------------ ranks on a node
+
+
+def node_cpus(cgroup_root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> list[int] | None:
+    """The CPUs the batch system gave this job on this node: the cpuset of this process's cgroup
+    (v2 cpuset.cpus.effective, v1 cpuset.effective_cpus), or None where there is none.  Not this
+    process's affinity mask: an MPI launcher may have narrowed that to one core per rank."""
+    for line in (read_text(Path(proc_cgroup)) or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        relative = path.lstrip("/")
+        if controllers == "":
+            candidates = [Path(cgroup_root, relative, "cpuset.cpus.effective")]
+        elif "cpuset" in controllers.split(","):
+            candidates = [Path(cgroup_root, "cpuset", relative, "cpuset.effective_cpus"),
+                          Path(cgroup_root, "cpuset", relative, "cpuset.cpus")]
+        else:
+            continue
+        for candidate in candidates:
+            text = read_text(candidate)
+            if text:
+                return parse_cpu_list(text)
+    return None
+
+
+def rank_topology(topology: Topology, local_rank: int, local_size: int, oversubscribe: bool = False) -> Topology:
+    """The part of the node that node-local rank `local_rank` of `local_size` gets: the usable
+    cores in compact order (socket, NUMA node, core) cut into local_size contiguous runs as even as
+    possible, every hardware thread of a core going with it.  Ranks never share a core, and with
+    as many ranks as sockets or NUMA domains each rank gets exactly one (hybrid MPI + OpenMP).
+    More ranks than cores only with oversubscribe (tests): rank r then shares core r mod cores."""
+    cores = topology.usable_cores()
+    if local_size > len(cores):
+        if not oversubscribe:
+            raise UsageError(f"{local_size} MPI ranks on this node but only {len(cores)} cores "
+                             f"(CPUs {format_cpu_list(topology.allowed)}): ranks must not share cores; "
+                             f"add --oversubscribe to allow it")
+        cores = [cores[local_rank % len(cores)]]
+        local_rank, local_size = 0, 1
+    start, stop = local_rank * len(cores) // local_size, (local_rank + 1) * len(cores) // local_size
+    mine = sorted(cpu.id for core in cores[start:stop] for cpu in core)
+    return Topology(cpus=topology.cpus, allowed=mine, nodes=topology.nodes, caches=topology.caches,
+                    vendor=topology.vendor, model_name=topology.model_name, family=topology.family,
+                    model=topology.model)
+
+
+def rank_plans(topology: Topology, ranks_per_node: int, threads: int | None = None, policy: str = "compact",
+               threads_per_core: int | None = None, oversubscribe: bool = False) -> list[Plan]:
+    """The plan of every rank on one node (topo --ranks-per-node)."""
+    return [make_plan(rank_topology(topology, rank, ranks_per_node, oversubscribe), threads, policy,
+                      threads_per_core, oversubscribe) for rank in range(ranks_per_node)]
+
+
 # ---------------------------------------------------------------------------------- placement
 
 
@@ -270,13 +322,16 @@ class Plan:
     topology: Topology
     env: dict[str, str] = field(default_factory=dict)
     unset: list[str] = field(default_factory=list)
+    launcher_mask: list[int] | None = None  # the affinity configure() found and replaced (MPI ranks)
 
     def describe(self) -> str:
         cpus = f"CPUs {short_list(self.cpus)}" if self.cpus else "not bound"
         per_core = f", {self.threads_per_core} threads/core" if self.threads_per_core > 1 and self.cpus else ""
         over = ", oversubscribed" if self.oversubscribed else ""
+        launcher = (f", overriding the launcher's binding to CPUs {format_cpu_list(self.launcher_mask)}"
+                    if self.launcher_mask is not None else "")
         return (f"placement: {self.threads} thread{'s' * (self.threads != 1)}, policy {self.policy}"
-                f"{per_core}{over}, {cpus} ({self.topology.describe()}), MKL+numba on libgomp")
+                f"{per_core}{over}, {cpus} ({self.topology.describe()}), MKL+numba on libgomp{launcher}")
 
     def to_dict(self) -> dict:
         return {"threads": self.threads, "policy": self.policy, "cpus": self.cpus,
@@ -463,7 +518,25 @@ def configure(threads: int | None = None, policy: str = "compact", threads_per_c
     for name in plan.unset:
         os.environ.pop(name, None)
     os.environ.update(plan.env)
+    mask = sorted(os.sched_getaffinity(0))
+    if mask != plan.topology.allowed:
+        # an MPI rank: its share of the node. Some launchers bind each rank to one core (Open MPI
+        # for np <= 2), which libgomp would honour by stacking every thread there: replaced too
+        os.sched_setaffinity(0, plan.topology.allowed)
+        if not set(plan.topology.allowed) <= set(mask):
+            plan.launcher_mask = mask
     return plan
+
+
+def configure_rank(local_rank: int, local_size: int, threads: int | None = None, policy: str = "compact",
+                   threads_per_core: int | None = None, oversubscribe: bool = False) -> Plan:
+    """configure() for node-local MPI rank `local_rank` of `local_size`: its threads on its own
+    share of the node's cores (rank_topology); one process (local_size 1) as configure()."""
+    topology = None
+    if local_size > 1:
+        node = read_topology(allowed=node_cpus())
+        topology = rank_topology(node, local_rank, local_size, oversubscribe)
+    return configure(threads, policy, threads_per_core, oversubscribe, topology=topology)
 
 
 # --------------------------------------------------------------------------------------- verify

@@ -289,6 +289,51 @@ def test_runtime_mismatches_are_reported(vm):
     assert affinity.runtime_mismatches(plan, numba_ok, None, ["libgomp"]) == ["MKL (libmkl_rt) not found"]
 
 
+# ------------------------------------------------------------------------------ MPI ranks on a node
+
+
+def test_one_rank_per_socket_on_a_two_socket_xeon(xeon):
+    plans = affinity.rank_plans(xeon, 2)
+    for socket, plan in enumerate(plans):
+        assert {xeon.cpus[c].socket for c in plan.topology.allowed} == {socket}
+        assert len(plan.topology.allowed) == 32  # 16 cores x 2 hardware threads
+        assert plan.threads == 16 and len(set(plan.cpus)) == 16  # default: one thread per core
+        assert {xeon.cpus[c].core for c in plan.cpus} == {xeon.cpus[c].core for c in plan.topology.allowed}
+    assert not set(plans[0].topology.allowed) & set(plans[1].topology.allowed)
+
+
+def test_ranks_on_a_xeon_phi_get_disjoint_contiguous_cores(phi):
+    plans = affinity.rank_plans(phi, 4, threads=34, threads_per_core=2)
+    cores = [sorted({phi.cpus[c].core for c in plan.topology.allowed}) for plan in plans]
+    assert [len(c) for c in cores] == [17] * 4  # quadrant / SNC-4: a quarter of the 68 cores each
+    assert sum(cores, []) == sorted(set(sum(cores, [])))  # disjoint
+    for plan, own in zip(plans, cores):
+        assert {phi.cpus[c].core for c in plan.cpus} == set(own)  # 2 threads on each of its 17 cores
+        assert plan.env["OMP_NUM_THREADS"] == "34"
+    uneven = affinity.rank_plans(phi, 3)
+    assert [p.threads for p in uneven] == [22, 23, 23]
+
+
+def test_more_ranks_than_cores_is_refused_unless_oversubscribed(vm):
+    with pytest.raises(UsageError, match="3 MPI ranks on this node but only 2 cores"):
+        affinity.rank_topology(vm, 0, 3)
+    shared = [affinity.rank_topology(vm, r, 4, oversubscribe=True).allowed for r in range(4)]
+    assert shared == [[0], [1], [0], [1]]
+
+
+def test_node_cpus_come_from_the_cgroup_not_the_launchers_mask(tmp_path):
+    v2 = tmp_path / "v2"
+    write(v2 / "job/step/cpuset.cpus.effective", "4-7,12")
+    write(tmp_path / "cgroup2", "0::/job/step")
+    assert affinity.node_cpus(v2, tmp_path / "cgroup2") == [4, 5, 6, 7, 12]
+    v1 = tmp_path / "v1"
+    write(v1 / "cpuset/slurm/job_1/cpuset.effective_cpus", "0-3")
+    write(tmp_path / "cgroup1", "9:memory:/slurm/job_1\n3:cpuset,cpuacct:/slurm/job_1")
+    assert affinity.node_cpus(v1, tmp_path / "cgroup1") == [0, 1, 2, 3]
+    write(tmp_path / "none", "4:memory:/x")
+    assert affinity.node_cpus(v1, tmp_path / "none") is None
+
+
 # ------------------------------------------------------------------------- on this real machine
 
 
@@ -353,3 +398,4 @@ def test_configure_after_the_runtimes_loaded_is_refused():
     assert done.returncode != 0
     assert "RuntimeError: phi_rnn.affinity.configure() must run before the runtimes load" in done.stderr
     assert "numba" in done.stderr.splitlines()[-1]
+
