@@ -46,6 +46,8 @@ def add_train_arguments(p):
     g = p.add_argument_group("bookkeeping")
     _add(g, "print_every", type=int, default=1)
     _add(g, "eval_val_every", type=int, default=1000)
+    _add(g, "val_max_batches", type=int, default=None,
+         help="evaluate only the first N validation batches, the same ones each time (default: all)")
     _add(g, "checkpoint_dir", default="cv")
     _add(g, "savefile", default="lstm")
     _add(g, "keep", type=int, default=0, help="keep the last K checkpoints and the best (0 = all)")
@@ -93,6 +95,8 @@ def validate_train(o):
            f"--train_frac {o.train_frac} + --val_frac {o.val_frac} exceed 1")
     _check(o.print_every >= 1, f"--print_every must be at least 1, got {o.print_every}")
     _check(o.eval_val_every >= 1, f"--eval_val_every must be at least 1, got {o.eval_val_every}")
+    _check(o.val_max_batches is None or o.val_max_batches >= 1,
+           f"--val_max_batches must be positive, got {o.val_max_batches}")
     _check(o.keep >= 0, f"--keep must be 0 (keep all) or positive, got {o.keep}")
     _check(not (o.init_from and o.resume), "give --init_from or --resume, not both")
 

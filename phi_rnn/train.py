@@ -65,15 +65,17 @@ def _optimizer_step(net, lr, alpha, clip):
     return float(np.sqrt(sq_grad.sum()) / np.sqrt(sq_param.sum()))
 
 
-def evaluate(net, loader, split="val"):
-    """Mean loss over a split: state from zeros, carried across its batches, no dropout."""
+def evaluate(net, loader, max_batches=None, split="val"):
+    """Mean loss over the first max_batches (default: all) batches of a split: state from
+    zeros, carried across its batches, no dropout. Returns (loss, batches)."""
     loader.reset(split)
-    state = net.zero_state(loader.x.shape[2])
+    batches = min(max_batches or loader.size[split], loader.size[split])
+    state = net.zero_state(loader.batch_size)
     total = 0.0
-    for _ in range(loader.size[split]):
+    for _ in range(batches):
         x, y = loader.next_batch(split)
         total += net.forward(x, y, state)
-    return total / loader.size[split]
+    return total / batches, batches
 
 
 def _take_options(o, saved, names, reason, log):
@@ -99,6 +101,16 @@ def _check_vocab(ck, vocab, encoding):
                          f"not in the checkpoint; the checkpoint has {names(extra)} not in the data")
 
 
+def _check_corpus(ck, corpus, path):
+    """--resume continues on the corpus it was trained on (the position in the data means
+    nothing on another); --init_from may start anywhere."""
+    trained_on = ck.meta.get("corpus_sha256")
+    if trained_on is not None and trained_on != corpus.sha256:
+        raise UsageError(f"{ck.path} was trained on another corpus (sha256 {trained_on[:16]}..., {path} has "
+                         f"{corpus.sha256[:16]}...); --resume continues on the same data, --init_from "
+                         f"starts a new run from its weights")
+
+
 def _check_writable(directory):
     try:
         os.makedirs(directory, exist_ok=True)
@@ -113,9 +125,10 @@ def _check_writable(directory):
 class Run:
     """Everything a checkpoint must hold to continue exactly."""
 
-    def __init__(self, o, vocab):
+    def __init__(self, o, vocab, corpus_sha256):
         self.options = dict(vars(o))
         self.vocab = vocab
+        self.corpus_sha256 = corpus_sha256
         self.iteration = 0
         self.learning_rate = o.learning_rate
         self.train_losses = []
@@ -125,6 +138,7 @@ class Run:
     def meta(self, net, loader, rng, epoch):
         return {"model": net.model, "rnn_size": net.H, "num_layers": net.L, "vocab": self.vocab,
                 "vocab_size": len(self.vocab), "encoding": self.options["encoding"],
+                "corpus_sha256": self.corpus_sha256,
                 "options": self.options, "iteration": self.iteration, "epoch": epoch,
                 "learning_rate": self.learning_rate, "val_losses": self.val_losses, "loss0": self.loss0,
                 "data_position": loader.position, "rng_state": rng.bit_generator.state}
@@ -154,10 +168,14 @@ def train(o, log=print):
         _take_options(o, init.meta, ARCH_OPTIONS, "--init_from takes the checkpoint's", log)
         log(f"initializing from {init.path} (model {o.model}, {o.num_layers} x {o.rnn_size})")
 
-    ids, vocab = data.load_corpus(os.path.join(o.data_dir, "input.txt"), o.encoding)
+    corpus_path = os.path.join(o.data_dir, "input.txt")
+    corpus = data.load_corpus(corpus_path, o.encoding, log)
+    vocab = corpus.vocab
+    if resume:
+        _check_corpus(resume, corpus, corpus_path)
     if source:
         _check_vocab(source, vocab, o.encoding)
-    loader = data.CharLoader(ids, o.batch_size, o.seq_length, o.train_frac, o.val_frac)
+    loader = data.CharLoader(corpus.ids, o.batch_size, o.seq_length, o.train_frac, o.val_frac, len(vocab))
     _check_writable(o.checkpoint_dir)
     log(f"vocab size: {len(vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
         f"{loader.ntest} test batches of {o.batch_size} x {o.seq_length}")
@@ -165,7 +183,7 @@ def train(o, log=print):
     compile_kernels(o.model, o.strategy, log)
     net = Network(o.model, len(vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy)
     rng = np.random.default_rng(o.seed)
-    run = Run(o, vocab)
+    run = Run(o, vocab, corpus.sha256)
     state = net.zero_state(o.batch_size)
     if source:
         for name, value in source.params.items():
@@ -177,7 +195,7 @@ def train(o, log=print):
         net.rms[:] = resume.arrays["optim.rms"]
         state[:] = resume.arrays["state"]
         rng.bit_generator.state = resume.meta["rng_state"]
-        loader.position.update(resume.meta["data_position"])
+        loader.restore(resume.meta["data_position"])
     log(f"number of parameters in the model: {net.params.data.size}")
 
     iterations = int(o.max_epochs * loader.ntrain)
@@ -199,7 +217,10 @@ def train(o, log=print):
         checkpoint.prune(o.checkpoint_dir, o.savefile, o.keep, path)
         return path
 
+    trained_since_eval = 0.0  # seconds of training since the last evaluation
+    warned_slow_eval = False
     while run.iteration < last:
+        t_iteration = time.perf_counter()
         i = run.iteration + 1
         x, y = loader.next_batch("train")
         t0 = time.perf_counter()
@@ -221,11 +242,22 @@ def train(o, log=print):
         if i % loader.ntrain == 0 and o.learning_rate_decay < 1 and epoch >= o.learning_rate_decay_after:
             run.learning_rate *= o.learning_rate_decay
             log(f"decayed learning rate by a factor {o.learning_rate_decay} to {run.learning_rate}")
+        trained_since_eval += time.perf_counter() - t_iteration
         if i % o.eval_val_every == 0 or i == last:
-            val_loss = evaluate(net, loader) if loader.nval else loss
+            t_eval = time.perf_counter()
+            val_loss, batches = evaluate(net, loader, o.val_max_batches) if loader.nval else (loss, 0)
+            eval_seconds = time.perf_counter() - t_eval
             run.val_losses[str(i)] = val_loss
             last_saved = save(val_loss)
-            log(f"validation loss {val_loss:.4f}; saved checkpoint {last_saved}")
+            log(f"validation loss {val_loss:.4f} ({batches} batches in {eval_seconds:.1f} s); "
+                f"saved checkpoint {last_saved}")
+            if eval_seconds > trained_since_eval and not warned_slow_eval:
+                warned_slow_eval = True
+                fits = max(1, int(batches * 0.1 * trained_since_eval / eval_seconds))
+                log(f"note: this evaluation took longer ({eval_seconds:.1f} s) than the training since the "
+                    f"previous one ({trained_since_eval:.1f} s); --val_max_batches {fits} would evaluate "
+                    f"the first {fits} validation batches (the same ones each time) in about a tenth of it")
+            trained_since_eval = 0.0
         if i % o.print_every == 0:
             log(f"{i}/{iterations} (epoch {epoch:.3f}), train_loss = {loss:6.8f}, "
                 f"grad/param norm = {norm_ratio:6.4e}, time/batch = {elapsed:.4f}s", flush=True)
