@@ -19,16 +19,16 @@ CSV/JSON), scale_report.py (Markdown), scale_plot.py (PNG).
 """
 import argparse
 import signal
-import socket
 import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from scale_collect import collect  # noqa: E402
-from scale_points import (MODELS, POLICIES, PRESETS, SCALINGS, STRATEGIES,  # noqa: E402
+from scale_machine import claim, slug, this_machine  # noqa: E402
+from scale_points import (BLAS, MODELS, POLICIES, PRESETS, SCALINGS, STRATEGIES,  # noqa: E402
                           default_threads, enumerate_points, parse_config, physical_cores)
-from scale_run import is_done, run_point, run_study  # noqa: E402
+from scale_run import is_done, run_point, run_study, write_json_atomic  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ITERS, DEFAULT_WARMUP = 20, 3
@@ -91,6 +91,9 @@ def build_parser():
                              "serial kernels, MKL-threaded GEMMs (default: both)")
     parser.add_argument("--policies", type=comma_list(POLICIES), default=["compact"],
                         help=f"affinity policies, of {', '.join(POLICIES)} (default compact)")
+    parser.add_argument("--blas", type=comma_list(BLAS), default=[""],
+                        help="float32 GEMM backends to compare, of libxsmm, mkl (default: "
+                             "speed.py's, libxsmm where built)")
     parser.add_argument("--scaling", type=comma_list(SCALINGS), default=["strong"],
                         help="strong: fixed batch; weak: batch = config batch x threads")
     parser.add_argument("--vocab", type=int, default=65)
@@ -101,14 +104,21 @@ def build_parser():
     parser.add_argument("--quick", action="store_true", help="fewer iterations: a smoke run")
     parser.add_argument("--timeout", type=float, help="seconds before a point counts as failed")
     parser.add_argument("--out", type=Path,
-                        help="results directory (default results/scale-<hostname>; give it "
-                             "explicitly for job arrays spread over nodes)")
+                        help="results directory (default results/scale-<cpu model>-<cores>c-<isa>, "
+                             "this machine's)")
+    parser.add_argument("--set-aside", action="store_true",
+                        help="when OUT holds another machine's study, move it to "
+                             "OUT/set-aside-<its machine>/ instead of refusing")
+    parser.add_argument("--no-report", action="store_true",
+                        help="run the points, leave merging to a later --collect")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--list", action="store_true", help="print the points with their index")
     action.add_argument("--count", action="store_true", help="print the number of points")
     action.add_argument("--point", type=int, metavar="K", help="run point K only")
     action.add_argument("--collect", type=Path, metavar="DIR",
                         help="merge the point files in DIR into the reports, run nothing")
+    action.add_argument("--print-out", action="store_true",
+                        help="print the results directory these options write to")
     return parser
 
 
@@ -122,7 +132,7 @@ def resolve_options(parser, args):
     if args.iters < 1 or args.warmup < 0 or args.vocab < 2:
         parser.error("--iters must be >= 1, --warmup >= 0 and --vocab >= 2")
     if args.out is None:
-        args.out = REPO_ROOT / "results" / f"scale-{socket.gethostname()}"
+        args.out = REPO_ROOT / "results" / f"scale-{slug(this_machine())}"
 
 
 def report_collected(out):
@@ -150,8 +160,12 @@ def main(argv=None):
         report_collected(args.collect)
         return 0
     resolve_options(parser, args)
+    if args.print_out:
+        print(args.out)
+        return 0
     axes = {"scaling": args.scaling, "config": args.configs, "model": args.models,
-            "strategy": args.strategies, "policy": args.policies, "threads": args.threads}
+            "strategy": args.strategies, "blas": args.blas, "policy": args.policies,
+            "threads": args.threads}
     points = enumerate_points(axes, args.vocab)
     if args.count:
         print(len(points))
@@ -160,10 +174,15 @@ def main(argv=None):
         for point in points:
             print(f"{point.index}\t{point.key}\tbatch {point.batch_size}")
         return 0
+    if args.point is not None and not 0 <= args.point < len(points):
+        parser.error(f"--point {args.point}: the study has points 0..{len(points) - 1}")
+    refusal = claim(args.out, args.set_aside, write_json_atomic)
+    if refusal:
+        parser.error(refusal)
     interrupt_on_sigterm()
     try:
         if args.point is not None:
-            return run_single(parser, args, points)
+            return run_single(args, points[args.point])
         ran, skipped, failed = run_study(points, args.out, args.iters, args.warmup,
                                          args.timeout)
     except KeyboardInterrupt:
@@ -173,15 +192,13 @@ def main(argv=None):
     print(f"{len(points)} points: {ran} run, {skipped} already done, {len(failed)} failed")
     for key in failed:
         print(f"  failed: {key}")
-    report_collected(args.out)
+    if not args.no_report:
+        report_collected(args.out)
     return 1 if failed else 0
 
 
-def run_single(parser, args, points):
+def run_single(args, point):
     """Job-array task: one point, no reports (--collect merges once all tasks are done)."""
-    if not 0 <= args.point < len(points):
-        parser.error(f"--point {args.point}: the study has points 0..{len(points) - 1}")
-    point = points[args.point]
     if is_done(point, args.out):
         print(f"point {point.index} {point.key}: already done in {args.out}")
         return 0

@@ -12,10 +12,12 @@ from scale_report import write_markdown
 from scale_run import write_atomic, write_json_atomic
 
 CSV_FIELDS = ("index", "key", "status", "scaling", "config", "model", "num_layers", "rnn_size",
-              "batch_size", "seq_length", "vocab", "threads", "strategy", "policy",
+              "batch_size", "seq_length", "vocab", "threads", "strategy", "blas", "policy",
               "median_ms", "min_ms", "max_ms", "spread_pct", "chars_per_s", "gflop_per_iter",
               "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "gemm", "placement",
               "error")
+
+
 def load_records(out):
     """Finished and failed point records in OUT; a success supersedes a failure."""
     def read_all(sub):
@@ -31,6 +33,7 @@ def record_to_row(record):
     row = {f: point[f] for f in ("index", "scaling", "config", "num_layers", "rnn_size",
                                  "seq_length", "vocab", "model", "strategy", "policy",
                                  "threads")}
+    row["blas"] = point.get("blas", "")
     row["key"] = Point(**point).key
     row["batch_size"] = record["batch_size"]
     result = record.get("result")
@@ -106,17 +109,21 @@ def extrapolate(fit, base, threads):
             "chars_per_s": base["chars_per_s"] * speedup, "gflops": base["gflops"] * speedup}
 
 
-def machine_description(done):
-    """machine.json: hardware and versions as speed.py saw them, plus the study's env."""
+def machine_description(done, recorded):
+    """machine.json: the hardware as recorded when the study started (recorded; as speed.py
+    saw it for older studies), versions and GEMM backends as the points ran, the study's env."""
     seen = {}
     for record in done.values():
         result = record["result"]
         seen.setdefault(json.dumps(result.get("machine"), sort_keys=True), result)
+    description = dict(recorded)
     if not seen:
-        return {}
+        return description
     first = next(iter(seen.values()))
-    description = {"machine": first.get("machine"), "versions": first.get("versions"),
-                   "gemm": first.get("gemm"), "env": next(iter(done.values())).get("env", {})}
+    description.setdefault("machine", first.get("machine"))
+    gemms = dict.fromkeys(r["result"].get("gemm") for r in done.values())
+    description.update(versions=first.get("versions"), gemm="; ".join(map(str, gemms)),
+                       env=next(iter(done.values())).get("env", {}))
     if len(seen) > 1:
         description["other_machines"] = [r.get("machine") for r in list(seen.values())[1:]]
     return description
@@ -129,7 +136,9 @@ def collect(out):
     rows.sort(key=lambda r: (r["index"], r["key"]))
     add_speedups(rows)
     models = fit_series(rows)
-    machine = machine_description(done)
+    path = out / "machine.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    machine = machine_description(done, recorded)
     write_json_atomic(out / "machine.json", machine)
     write_json_atomic(out / "results.json", {"machine": machine, "points": rows,
                                              "models": models})

@@ -24,9 +24,10 @@ CUSTOM_CONFIG = re.compile(r"^(\d+)x(\d+)(?:-b(\d+))?(?:-s(\d+))?$")
 MODELS = ("lstm", "gru", "rnn")
 STRATEGIES = ("batch", "gemm")
 POLICIES = ("compact", "scatter", "balanced", "none")
+BLAS = ("libxsmm", "mkl")  # "" (the default): what speed.py picks, libxsmm where built
 SCALINGS = ("strong", "weak")
 # slowest first; a point's key lists them in this order
-DIMENSIONS = ("scaling", "config", "model", "strategy", "policy", "threads")
+DIMENSIONS = ("scaling", "config", "model", "strategy", "blas", "policy", "threads")
 # a series: the points that differ only in their thread count
 SERIES_FIELDS = DIMENSIONS[:-1]
 
@@ -54,6 +55,7 @@ class Point:
     strategy: str
     policy: str
     threads: int
+    blas: str = ""
 
     @property
     def batch_size(self):
@@ -62,7 +64,8 @@ class Point:
 
     @property
     def key(self):
-        return (f"{self.scaling}-{self.config}-{self.model}-{self.strategy}-{self.policy}"
+        blas = f"-{self.blas}" if self.blas else ""
+        return (f"{self.scaling}-{self.config}-{self.model}-{self.strategy}{blas}-{self.policy}"
                 f"-t{self.threads:03d}")
 
     def speed_args(self, iters, warmup):
@@ -71,7 +74,7 @@ class Point:
                 "--seq_length", str(self.seq_length), "--vocab", str(self.vocab),
                 "--threads", str(self.threads), "--policy", self.policy,
                 "--strategy", self.strategy, "--iters", str(iters), "--warmup", str(warmup),
-                "--no-torch", "--json"]
+                "--no-torch", "--json"] + (["--blas", self.blas] if self.blas else [])
 
 
 def series_of(row):

@@ -20,9 +20,9 @@ def write_markdown(path, rows, models, machine):
               "Speedup is throughput (chars/s) over the 1-thread point of the same series; "
               "efficiency = speedup / threads. Rows marked *model* are extrapolations of the "
               "fitted model, not measurements.", "",
-              "| scaling | config | model | strategy | policy | threads | batch | source "
+              "| " + " | ".join(SERIES_FIELDS) + " | threads | batch | source "
               "| median ms | min-max ms | chars/s | GFLOP/s | % peak | speedup | efficiency |",
-              "|" + "---|" * 15]
+              "|" + "---|" * (len(SERIES_FIELDS) + 10)]
     models_by_series = {tuple(m[f] for f in SERIES_FIELDS): m for m in models}
     ok_rows = [r for r in rows if r["status"] == "ok"]
     for series in dict.fromkeys(series_of(r) for r in ok_rows):
@@ -45,8 +45,8 @@ def write_markdown(path, rows, models, machine):
               "t(p)/t(1) = s + (1-s)/p + c*log2(p) per series (c = 0: Amdahl), least squares on "
               "relative error. Extrapolating from a few cores to a Xeon Phi assumes the same "
               "bottlenecks there; treat it as a model, not a forecast.", "",
-              "| scaling | config | model | strategy | policy | fit | serial fraction s | overhead c "
-              "| RMS rel. error | note |", "|" + "---|" * 10]
+              "| " + " | ".join(SERIES_FIELDS) + " | fit | serial fraction s | overhead c "
+              "| RMS rel. error | note |", "|" + "---|" * (len(SERIES_FIELDS) + 5)]
     for m in models:
         fit = m["fit"] or {}
         lines.append(f"| {' | '.join(m[f] for f in SERIES_FIELDS)} | {fit.get('name', '')} "
@@ -60,17 +60,22 @@ def write_markdown(path, rows, models, machine):
 
 
 def machine_markdown(machine):
-    if not machine:
+    if not machine.get("versions"):
         return ["No finished points.", ""]
     m = machine.get("machine") or {}
     lines = ["## Machine", "",
-             f"- CPU: {m.get('cpu')} ({m.get('sockets')} sockets, {m.get('cores')} cores, "
+             f"- CPU: {m.get('cpu')} ({m.get('isa', 'vector ISA not recorded')}; "
+             f"{m.get('sockets')} sockets, {m.get('cores')} cores, "
              f"{m.get('logical_cpus')} logical CPUs, {m.get('numa_nodes')} NUMA nodes), "
-             f"host {m.get('hostname')}",
-             "- Versions: " + ", ".join(f"{k} {v}" for k, v in (machine.get("versions") or {}).items()),
-             f"- GEMM backend: {machine.get('gemm')}",
-             "- Environment: " + (", ".join(f"`{k}={v}`" for k, v in machine["env"].items())
-                                  or "no OMP_/KMP_/MKL_/NUMBA_ variables set")]
+             f"host {m.get('hostname')}"]
+    if m.get("caches"):
+        lines.append("- Caches: " + ", ".join(m["caches"]))
+    lines += ["- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+              f"- GEMM backend: {machine.get('gemm')}",
+              "- Environment: " + (", ".join(f"`{k}={v}`" for k, v in machine.get("env", {}).items())
+                                   or "no OMP_/KMP_/MKL_/NUMBA_ variables set")]
     for other in machine.get("other_machines", []):
         lines.append(f"- Also measured on: {other.get('hostname')} ({other.get('cpu')})")
+    if machine.get("topo"):
+        lines += ["", "`python -m phi_rnn topo` on this machine:", "", "```", machine["topo"], "```"]
     return lines + [""]

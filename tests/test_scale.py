@@ -26,6 +26,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 sys.path.insert(0, str(BENCH))
 import scale_fit  # noqa: E402
+import scale_machine  # noqa: E402
 import scale_points  # noqa: E402
 
 
@@ -300,3 +301,57 @@ def test_failing_point_is_recorded_and_the_study_goes_on(study, tmp_path):
     assert all(r["error"] == error for r in rows if r["status"] == "failed")
     md = (out / "results.md").read_text()
     assert "## Failed points" in md and error in md
+
+
+# ---------------------------------------------------------------- one machine per study
+
+def test_default_output_is_this_machines_and_machine_json_describes_it(study):
+    out = Path(run_scale("--print-out").stdout.strip())
+    machine = json.loads((study[0] / "machine.json").read_text())["machine"]
+    assert out.name == f"scale-{scale_machine.slug(machine)}"
+    assert f"-{machine['cores']}c-{machine['isa']}" in out.name
+    assert machine["isa"] == scale_machine.vector_isa(scale_machine.cpu_flags())
+    assert machine["caches"] and machine["numa"]
+    topo = json.loads((study[0] / "machine.json").read_text())["topo"]
+    assert topo.startswith("topology: ") and "verified" in topo
+
+
+def test_committed_study_is_not_resumed_on_another_machine(tmp_path):
+    """results/scale-vm was measured on the 2-core AVX-512 VM; a 2-core AVX2 VM with the same
+    CPU name is another machine."""
+    recorded = json.loads((BENCH.parent / "results" / "scale-vm" / "machine.json").read_text())
+    avx2_vm = {**recorded["machine"], "isa": "avx2"}
+    assert scale_machine.identity(avx2_vm) != scale_machine.identity(recorded["machine"])
+    assert scale_machine.slug(avx2_vm) != scale_machine.slug(recorded["machine"])
+
+
+def test_resume_refuses_or_sets_aside_another_machines_points(study, tmp_path):
+    out = copy_study(study, tmp_path)
+    machine_json = out / "machine.json"
+    recorded = json.loads(machine_json.read_text())
+    recorded["machine"].update(cpu="Intel(R) Xeon Phi(TM) CPU 7250 @ 1.40GHz", cores=68)
+    machine_json.write_text(json.dumps(recorded))
+    theirs = {p.name: p.read_bytes() for p in point_files(out)}
+    proc = run_scale(*STUDY, "--out", out, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "Xeon Phi" in proc.stderr and "--set-aside" in proc.stderr
+    assert {p.name: p.read_bytes() for p in point_files(out)} == theirs  # untouched
+    proc = run_scale(*STUDY, "--out", out, "--set-aside", "--no-report")
+    assert "4 points: 4 run, 0 already done, 0 failed" in proc.stdout
+    aside = out / "set-aside-intel-xeon-phi-cpu-7250-1-40ghz-68c-avx512"
+    assert {p.name: p.read_bytes() for p in point_files(aside)} == theirs
+    assert json.loads(machine_json.read_text())["machine"]["cores"] == study_cores(study)
+
+
+def study_cores(study):
+    return json.loads((study[0] / "machine.json").read_text())["machine"]["cores"]
+
+
+def test_blas_is_a_dimension_of_its_own():
+    lines = run_scale("--threads", "1", "--configs", "tiny", "--strategies", "batch",
+                      "--blas", "libxsmm,mkl", "--list").stdout.splitlines()
+    assert [line.split("\t")[1] for line in lines] == [
+        "strong-tiny-lstm-batch-libxsmm-compact-t001", "strong-tiny-lstm-batch-mkl-compact-t001"]
+    point = scale_points.Point(0, "strong", "tiny", 1, 16, 4, 8, 65, "lstm", "batch", "compact", 1,
+                               blas="mkl")
+    assert point.speed_args(3, 1)[-2:] == ["--blas", "mkl"]
