@@ -11,17 +11,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from phi_rnn.files import atomic_write
+
 SPEED_SCRIPT = Path(__file__).parent / "speed.py"
 ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "NUMBA_")
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 def write_atomic(path, text):
-    """Temp file + rename: a killed writer never leaves a half-written file behind."""
+    """A killed writer or a crash never leaves a half-written file behind (files.atomic_write:
+    temp file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_json_atomic(path, obj):

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# The scaling study on a bare many-core machine, in one command.
+#
+#   bash bench/manycore.sh bundle   here (after `make install`): MKL's libraries from the venv's
+#                                   mkl wheel plus native/build, xz-compressed into
+#                                   bench/manycore-bundle/ (git-ignored; carry it with the tree)
+#   bash bench/manycore.sh          there: unpack, warm numba's cache once, measure, collect
+#
+# "There" is a machine with Python (numpy, numba, threadpoolctl, tqdm, matplotlib) and no MKL,
+# no libxsmm, no package index. The study writes results/scale-<cpu model>-<cores>c/. Its
+# parts run most important first and stop at a deadline (MANYCORE_BUDGET_S, default 450 s
+# after the start), so a slow machine still leaves a collected, smaller study.
+#
+# Environment: PYTHON (default python3), THREADS (default 1,2,4,8,12,16, capped at the cores
+# this process may use), MANYCORE_BUDGET_S, MANYCORE_QUICK=1 (a few iterations: the proof run).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUNDLE_DIR=$ROOT/bench/manycore-bundle
+ARCHIVE=$BUNDLE_DIR/phi_rnn-manycore.tar.xz
+UNPACKED=$BUNDLE_DIR/unpacked
+PYTHON=${PYTHON:-python3}
+# MKL's single dynamic library, the interface and GNU-OpenMP threading layers it loads, and
+# the CPU paths a 16-core x86-64 server takes: def (AMD, and any CPU MKL does not tune
+# for), avx2, avx512 (Intel). LD_DEBUG=files showed nothing else loaded for sgemm.
+MKL_LIBS=(libmkl_rt libmkl_intel_lp64 libmkl_gnu_thread libmkl_core libmkl_def libmkl_avx2 libmkl_avx512)
+
+say() { echo "manycore: $*" >&2; }
+die() { say "error: $*"; exit 2; }
+
+build_bundle() {
+    local venv_python=${VENV_PYTHON:-$ROOT/.venv/bin/python}
+    [ -x "$venv_python" ] || die "no $venv_python: run make install first"
+    local mkl_rt
+    mkl_rt=$("$venv_python" -c 'from phi_rnn.blas import MKL_RT_PATH; print(MKL_RT_PATH)')
+    local mkl_dir stage
+    mkl_dir=$(dirname "$mkl_rt")
+    [ -f "$ROOT/native/build/libsmall_gemm.so" ] && [ -x "$ROOT/native/build/affinity_probe" ] \
+        || die "native/build is incomplete: make native (with libxsmm installed)"
+    stage=$(mktemp -d)
+    trap 'rm -rf "$stage"' EXIT
+    mkdir -p "$stage/lib" "$stage/native"
+    for lib in "${MKL_LIBS[@]}"; do
+        cp "$mkl_dir/$lib".so.* "$stage/lib/" || die "$lib not found next to $mkl_rt"
+    done
+    cp "$ROOT/native/build/libsmall_gemm.so" "$ROOT/native/build/affinity_probe" "$stage/native/"
+    # libgomp for a machine without one (numba's omp layer and MKL's GNU layer both need it)
+    cp "$(gcc -print-file-name=libgomp.so.1)" "$stage/lib/" 2>/dev/null || true
+    "$venv_python" -c 'from phi_rnn.blas import mkl_version; print(mkl_version())' > "$stage/MKL_VERSION"
+    mkdir -p "$BUNDLE_DIR"
+    # the x86 filter and a dictionary as large as the biggest library: the CPU-path
+    # libraries share much of their code
+    tar -C "$stage" -cf - . | xz --x86 --lzma2=preset=9e,dict=128MiB -T1 > "$ARCHIVE.tmp"
+    mv "$ARCHIVE.tmp" "$ARCHIVE"
+    say "wrote $ARCHIVE ($(du -m "$ARCHIVE" | cut -f1) MB): MKL $(cat "$stage/MKL_VERSION"), ${MKL_LIBS[*]}, libsmall_gemm.so, affinity_probe"
+}
+
+unpack_bundle() {
+    [ -f "$ARCHIVE" ] || die "no $ARCHIVE: build it with 'bash bench/manycore.sh bundle' where make install works, and carry it"
+    if [ ! -f "$UNPACKED/.done" ] || [ "$ARCHIVE" -nt "$UNPACKED/.done" ]; then
+        rm -rf "$UNPACKED"
+        mkdir -p "$UNPACKED"
+        xz -dc "$ARCHIVE" | tar -C "$UNPACKED" -xf -
+        touch "$UNPACKED/.done"
+    fi
+    # phi_rnn looks for its native pieces in native/build (git-ignored, so never carried)
+    mkdir -p "$ROOT/native/build"
+    cp "$UNPACKED/native/affinity_probe" "$UNPACKED/native/libsmall_gemm.so" "$ROOT/native/build/"
+    export PHI_RNN_MKL_RT
+    PHI_RNN_MKL_RT=$(ls "$UNPACKED"/lib/libmkl_rt.so.*)
+    if ! "$PYTHON" -c 'import ctypes.util, sys; sys.exit(ctypes.util.find_library("gomp") is None)'; then
+        say "no libgomp on this machine: using the bundle's"
+        export LD_LIBRARY_PATH=$UNPACKED/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    fi
+}
+
+check_python() {
+    "$PYTHON" -c 'import numpy, numba, threadpoolctl, tqdm, matplotlib' 2>/dev/null \
+        || die "$PYTHON lacks one of numpy, numba, threadpoolctl, tqdm, matplotlib"
+}
+
+# MKL dies at its first GEMM when the CPU path it wants is not in the bundle (libmkl_avx10 on
+# the newest Xeons): cap it at the paths bundled, and say so.
+check_mkl() {
+    local probe='import ctypes, os, numpy as np
+mkl = ctypes.CDLL(os.environ["PHI_RNN_MKL_RT"])
+a = np.ones((64, 64), np.float32); c = np.zeros_like(a)
+p = lambda x: x.ctypes.data_as(ctypes.c_void_p)
+mkl.cblas_sgemm(101, 111, 111, 64, 64, 64, ctypes.c_float(1), p(a), 64, p(a), 64, ctypes.c_float(0), p(c), 64)
+assert c[0, 0] == 64'
+    if MKL_THREADING_LAYER=GNU "$PYTHON" -c "$probe" 2>/dev/null; then return; fi
+    for isa in AVX512 AVX2; do
+        if MKL_ENABLE_INSTRUCTIONS=$isa MKL_THREADING_LAYER=GNU "$PYTHON" -c "$probe" 2>/dev/null; then
+            say "MKL's code path for this CPU is not bundled: MKL_ENABLE_INSTRUCTIONS=$isa"
+            export MKL_ENABLE_INSTRUCTIONS=$isa
+            return
+        fi
+    done
+    die "MKL from the bundle cannot run a GEMM here: $(MKL_THREADING_LAYER=GNU "$PYTHON" -c "$probe" 2>&1 | tail -1)"
+}
+
+# libsmall_gemm.so was built here; on a machine whose C library is older it cannot load:
+# then every GEMM runs on MKL and the libxsmm comparison is left out.
+check_libxsmm() {
+    if "$PYTHON" -c 'import ctypes, sys; ctypes.CDLL(sys.argv[1])' "$ROOT/native/build/libsmall_gemm.so" 2>/dev/null; then
+        LIBXSMM=1
+    else
+        say "libsmall_gemm.so does not load here ($("$PYTHON" -c 'import ctypes, sys; ctypes.CDLL(sys.argv[1])' "$ROOT/native/build/libsmall_gemm.so" 2>&1 | tail -1)): MKL only"
+        rm -f "$ROOT/native/build/libsmall_gemm.so"
+        LIBXSMM=0
+    fi
+}
+
+usable_cores() {
+    "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from scale_points import physical_cores; print(physical_cores())' "$ROOT/bench"
+}
+
+# THREADS with every count above the usable cores dropped
+thread_counts() {
+    local cores=$1 out=() t
+    IFS=, read -ra wanted <<< "${THREADS:-1,2,4,8,12,16}"
+    for t in "${wanted[@]}"; do [ "$t" -le "$cores" ] && out+=("$t"); done
+    (IFS=,; echo "${out[*]}")
+}
+
+run_study() {
+    local start=$SECONDS budget=${MANYCORE_BUDGET_S:-450}
+    check_python
+    unpack_bundle
+    check_mkl
+    check_libxsmm
+    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+    local cores threads top scale=("$PYTHON" "$ROOT/bench/scale.py")
+    cores=$(usable_cores)
+    threads=$(thread_counts "$cores")
+    top=${threads##*,}
+    [ -n "$threads" ] || die "no thread count of ${THREADS:-1,2,4,8,12,16} fits the $cores usable cores"
+    local out
+    out=$("${scale[@]}" --print-out)
+    say "$cores usable cores; threads $threads; results in ${out#"$ROOT"/}"
+
+    # numba compiles every kernel once (~15-25 s) into phi_rnn's cache; each point then
+    # starts from the cache
+    say "warming numba's cache"
+    "$PYTHON" "$ROOT/bench/speed.py" --rnn_size 16 --num_layers 1 --batch_size 4 --seq_length 8 \
+        --iters 1 --warmup 1 --threads 1 --no-torch --json > /dev/null
+    "$PYTHON" "$ROOT/bench/speed.py" --rnn_size 16 --num_layers 1 --batch_size 4 --seq_length 8 \
+        --iters 1 --warmup 1 --threads 1 --no-torch --json --strategy gemm > /dev/null
+
+    local quick=()
+    [ "${MANYCORE_QUICK:-0}" = 1 ] && quick=(--iters 2 --warmup 1)
+    # most important first; each part is skipped once the budget is spent
+    local parts=(
+        "char-rnn strong scaling, batch and gemm|--configs char-rnn --strategies batch,gemm --threads $threads --iters 20 --warmup 3"
+        "block time per batch rows, one core (the model's first part)|--configs 2x128-b1,2x128-b2,2x128-b4,2x128-b8,2x128-b16,2x128-b25,2x128-b50 --strategies batch --threads 1 --iters 20 --warmup 3"
+        "weak scaling, batch 8 per thread|--configs 2x128-b8 --scaling weak --strategies batch,gemm --threads $threads --iters 20 --warmup 3"
+        "compact vs scatter at $top threads|--configs char-rnn --strategies batch --policies scatter --threads $top --iters 20 --warmup 3"
+        "MKL vs libxsmm at 1 and $top threads|--configs char-rnn --strategies batch --blas mkl --threads 1,$top --iters 20 --warmup 3"
+        "3x512 batch 128 strong scaling, batch and gemm|--configs 3x512-b128 --strategies batch,gemm --threads $threads --iters 3 --warmup 1"
+    )
+    local part label args left
+    for part in "${parts[@]}"; do
+        label=${part%%|*}
+        read -ra args <<< "${part#*|}"
+        [ "$LIBXSMM" = 1 ] || [[ "$label" != MKL* ]] || { say "skipped (no libxsmm): $label"; continue; }
+        left=$((budget - (SECONDS - start)))
+        if [ "$left" -lt 10 ]; then say "budget spent, skipped: $label"; continue; fi
+        say "$label ($left s left)"
+        # scale.py stops cleanly on SIGTERM: the running point leaves no file, the rest stay
+        timeout -s TERM "$left" "${scale[@]}" "${args[@]}" "${quick[@]}" --timeout "$left" --no-report \
+            || say "part ended with status $?: $label"
+    done
+    "${scale[@]}" --collect "$out"
+    say "done in $((SECONDS - start)) s: ${out#"$ROOT"/}"
+}
+
+case "${1:-run}" in
+    bundle) build_bundle ;;
+    run) run_study ;;
+    *) die "usage: bash bench/manycore.sh [bundle|run]" ;;
+esac
