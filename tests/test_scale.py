@@ -32,7 +32,7 @@ import scale_points  # noqa: E402
 
 def run_scale(*args, check=True):
     proc = subprocess.run([sys.executable, str(SCALE), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"scale.py {args} exited {proc.returncode}:\n{proc.stderr}")
     return proc
