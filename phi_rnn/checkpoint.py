@@ -4,6 +4,7 @@ vocabulary, progress, RNG state). Writes are atomic (phi_rnn.files.atomic_write)
 `latest` file in the checkpoint directory names the newest checkpoint."""
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -97,6 +98,9 @@ def load(path, checkpoint_dir="cv"):
         raise UsageError(f"checkpoint {path} has incomplete metadata") from None
     if model not in MODELS:
         raise UsageError(f"checkpoint {path} holds an unknown model type {model!r}")
+    fingerprint = meta.get("corpus_sha256")  # absent in checkpoints written before it existed
+    if fingerprint is not None and not (isinstance(fingerprint, str) and re.fullmatch("[0-9a-f]{64}", fingerprint)):
+        raise UsageError(f"checkpoint {path} has a corrupt corpus_sha256 {fingerprint!r:.80}")
     params = {}
     for name, shape in param_shapes(model, len(vocab), rnn_size, num_layers):
         if name not in arrays:

@@ -164,15 +164,16 @@ def _encode_chunk(buf, n, final, utf8, lut, symbols, nseen, out):
     i = 0
     count = 0
     while i < n:
-        run = _known_bytes(buf[i:n], utf8, lut, out[count:])
-        i += run
-        count += run
-        if i == n:
-            break
         b = buf[i]
         cp = np.int64(b)
         step = 1
-        if utf8 and b >= 0x80:
+        if b < 0x80 or not utf8:
+            if i + 1 < n and (buf[i + 1] < 0x80 or not utf8) and lut[b] >= 0:
+                run = _known_bytes(buf[i:n], utf8, lut, out[count:])  # a run of known one-byte symbols
+                i += run
+                count += run
+                continue
+        else:
             lo, hi = 0x80, 0xBF  # the range of the second byte (no overlongs, surrogates, > U+10FFFF)
             if 0xC2 <= b <= 0xDF:
                 need, cp = 1, np.int64(b & 0x1F)
@@ -567,6 +568,8 @@ class CharLoader:
 
     def restore(self, positions):
         """Positions saved by a checkpoint (data_position), checked against this corpus."""
+        if not isinstance(positions, dict):
+            raise UsageError(f"the checkpoint's data position {positions!r:.80} is not a split -> batch table")
         for split, value in positions.items():
             if split not in SPLITS or not isinstance(value, int) or not 0 <= value < max(self.size[split], 1):
                 raise UsageError(f"the checkpoint's data position {split} = {value!r} does not fit this "

@@ -343,7 +343,7 @@ def test_restored_data_position_is_checked(tmp_path):
     loader = data.CharLoader(corpus.ids, 2, 3, 0.5, 0.5)
     loader.restore({"train": 1, "val": 0, "test": 0})
     assert loader.position["train"] == 1
-    for bad in ({"train": 2}, {"val": -1}, {"train": 1.0}, {"nope": 0}):
+    for bad in ({"train": 2}, {"val": -1}, {"train": 1.0}, {"nope": 0}, [1, 2], "train"):
         with pytest.raises(UsageError, match="data position"):
             loader.restore(bad)
 
@@ -377,6 +377,14 @@ def test_resume_on_another_corpus_is_refused_and_init_from_allowed(tmp_path):
     result = run_cli("train", "--data_dir", other, *TINY_MODEL, "--max_iters", 2, "--checkpoint_dir",
                      tmp_path / "cv2", "--init_from", ck.path, check=True)
     assert "initializing from" in result.stdout
+    import json
+    with np.load(ck.path) as z:
+        arrays = {k: z[k] for k in z.files}
+    for bad in (12345, "not hex", "A" * 64):
+        meta = dict(json.loads(str(arrays["meta"])), corpus_sha256=bad)
+        np.savez(tmp_path / "bad.npz", **dict(arrays, meta=np.array(json.dumps(meta))))
+        with pytest.raises(UsageError, match="has a corrupt corpus_sha256"):
+            checkpoint.load(str(tmp_path / "bad.npz"))
 
 
 def test_evaluation_is_timed_limited_by_val_max_batches_and_a_slow_one_is_named_once(tmp_path):
