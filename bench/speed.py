@@ -34,8 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--seq_length", "--seq-length", type=int, default=50)
     p.add_argument("--vocab", type=int, default=65, help="vocabulary size (tiny-shakespeare: 65)")
     p.add_argument("--strategy", default="batch", choices=("batch", "gemm"))
-    p.add_argument("--blas", choices=("libxsmm", "mkl"), default=None,
-                   help="float32 GEMM backend (default: libxsmm where built, else MKL)")
+    p.add_argument("--blas", choices=("libxsmm", "openblas", "mkl"), default=None,
+                   help="float32 GEMM backend for the one-thread products (default: the fastest here)")
     p.add_argument("--iters", type=int, default=30, help="timed iterations")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch reference")
@@ -77,11 +77,9 @@ def sgemm_peak_gflops(n=2048, reps=5):
     from phi_rnn import kernels as K
     a = np.random.default_rng(0).random((n, n), dtype=np.float32)
     c = np.zeros_like(a)
-    chosen = blas.backend()
-    blas.set_backend("mkl")  # at one thread the libxsmm backend would take this product
-    K.gemm(False, False, 1.0, a, a, 0.0, c)
-    best = min(_timed(lambda: K.gemm(False, False, 1.0, a, a, 0.0, c)) for _ in range(reps))
-    blas.set_backend(chosen)
+    with blas.using("mkl"):  # at one thread the small-GEMM backend would take this product
+        K.gemm(False, False, 1.0, a, a, 0.0, c)
+        best = min(_timed(lambda: K.gemm(False, False, 1.0, a, a, 0.0, c)) for _ in range(reps))
     return 2 * n ** 3 / best / 1e9
 
 
@@ -121,7 +119,11 @@ def _timed(fn):
 def phi_rnn_worker(args):
     import numpy as np
     from phi_rnn import blas
-    blas.set_backend(args.blas or blas.default_backend())
+    if args.blas:
+        try:
+            blas.set_backend(args.blas, "chosen with --blas")
+        except ValueError as e:
+            raise UsageError(f"--blas {args.blas}: {e}") from None
     from phi_rnn.model import Network, gemm_flops
     from phi_rnn.train import _optimizer_step, compile_kernels
     compile_kernels(args.model, args.strategy, lambda *a, **k: None)
@@ -220,6 +222,8 @@ def run_worker(kind, argv, threads, script=__file__):
         env = {k: v for k, v in env.items() if not k.startswith(RUNTIME_PREFIXES)}
         env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode == 2:  # bad input, said in one line
+        raise UsageError(result.stderr.strip().splitlines()[-1].removeprefix("speed.py: error: "))
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"{kind} worker failed: {tail}")
@@ -248,16 +252,20 @@ def main(argv=None):
         print(f"speed.py: error: {e}", file=sys.stderr)
         return 2
     args.threads = plan.threads
-    if args.worker == "phi_rnn":
-        times, gflop, profile = phi_rnn_worker(args)
-        from phi_rnn import blas
-        print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops(),
-                          "small_peak": small_gemm_peak_gflops(), "gemm": blas.describe_backend(),
-                          "versions": versions(), "rss_mb": peak_rss_mb(), "profile": profile}))
-        return 0
-
-    worker_argv = [a for a in argv if a not in ("--json",)]
-    mine = run_worker("phi_rnn", worker_argv, plan.threads)
+    try:
+        if args.worker == "phi_rnn":
+            times, gflop, profile = phi_rnn_worker(args)
+            from phi_rnn import blas
+            print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops(),
+                              "small_peak": small_gemm_peak_gflops(), "gemm": blas.describe_backend(),
+                              "vector": blas.vector_width(), "versions": versions(), "rss_mb": peak_rss_mb(),
+                              "profile": profile}))
+            return 0
+        worker_argv = [a for a in argv if a not in ("--json",)]
+        mine = run_worker("phi_rnn", worker_argv, plan.threads)
+    except UsageError as e:
+        print(f"speed.py: error: {e}", file=sys.stderr)
+        return 2
     topo = plan.topology.to_dict()
     report = {
         "machine": {"cpu": topo["model_name"], "sockets": topo["sockets"], "cores": topo["cores"],
@@ -267,7 +275,7 @@ def main(argv=None):
         "config": {"model": args.model, "rnn_size": args.rnn_size, "num_layers": args.num_layers,
                    "batch_size": args.batch_size, "seq_length": args.seq_length, "vocab": args.vocab},
         "threads": plan.threads, "policy": plan.policy, "strategy": args.strategy,
-        "placement": plan.describe(), "gemm": mine["gemm"], "gflop_per_iter": mine["gflop"],
+        "placement": plan.describe(), "gemm": mine["gemm"], "vector": mine["vector"], "gflop_per_iter": mine["gflop"],
         "peak_gflops": mine["peak"], "small_gemm_peak_gflops": mine["small_peak"],
         "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"], mine["rss_mb"]),
         "torch": None, "ratio": None, "profile": mine["profile"] or None,
@@ -307,7 +315,7 @@ def print_machine(r):
           + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
     print(r["placement"])
     if "gemm" in r:
-        print(f"gemm: {r['gemm']}")
+        print(f"gemm: {r['gemm']}" + (f"; vectors {r['vector']}" if r.get("vector") else ""))
 
 
 def best_rate(r):

@@ -1,4 +1,5 @@
-"""The GEMMs of the compiled kernels: float32 through libxsmm or MKL, float64 through MKL.
+"""The GEMMs of the compiled kernels: float32 through MKL, OpenBLAS or libxsmm, float64
+through MKL.
 
 MKL (libmkl_rt from the `mkl` wheel or a conda env) is loaded into the process with llvmlite
 so that compiled kernels resolve its functions by symbol name: a call costs ~0.05 us from
@@ -6,19 +7,37 @@ numba instead of ~2 us through ctypes from Python, and the kernels stay cacheabl
 process-specific addresses baked into them). Pointers are passed as integers
 (`array.ctypes.data`): on x86-64 a pointer and an int64 travel the same way.
 
-The kernels' float32 GEMM is the symbol `phi_rnn_sgemm`, with cblas_sgemm's signature. It is
-bound to native/small_gemm.c (libxsmm's JIT kernels for every product MKL would run on one
-thread, MKL for the rest) when `make native` built it, else to MKL's cblas_sgemm itself.
-set_backend switches between libxsmm and MKL at any time, also after the kernels compiled.
+The kernels' float32 GEMM is the symbol `phi_rnn_sgemm`, with cblas_sgemm's signature,
+bound to a compiled dispatcher (`_dispatch_sgemm`). Products MKL
+would run on one thread (inside phi_rnn's per-thread blocks, or every product when phi_rnn
+runs on one thread) go to the chosen small-GEMM library; the ones MKL threads stay on MKL:
+
+- "openblas": OpenBLAS from the `scipy-openblas32` wheel (a dependency, so every install
+  has it), set to one thread: it only ever runs products that must stay on their thread.
+- "libxsmm": libxsmm's JIT kernels through native/small_gemm.c, where `make native` built
+  it (libxsmm installed); libxsmm declines some products (small_gemm.c), MKL runs those.
+- "mkl": MKL for all.
+
+The choice lives in a word of memory the compiled code reads on every call (set_backend
+changes it at any time, also after the kernels compiled); default_backend() picks the
+fastest on this machine by measurement (MKL's generic code path on AMD CPUs loses to both
+others there; on Intel CPUs MKL is fast) and keeps the result per machine in a small cache
+file, so that every run on a machine uses the same library (the same rounding: --resume
+stays bit-exact).
 """
+import contextlib
 import ctypes
 import glob
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from llvmlite import binding
-from numba import types
+import numpy as np
+from llvmlite import binding, ir
+from numba import cfunc, njit, types
+from numba.extending import intrinsic
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
@@ -47,98 +66,376 @@ _mkl = ctypes.CDLL(MKL_RT_PATH)
 _i32 = types.int32
 _f32 = types.float32
 _ptr = types.intp
-# void cblas_sgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-sgemm = types.ExternalFunction(
-    "phi_rnn_sgemm",
-    types.void(_i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr, _i32, _ptr, _i32, _f32, _ptr, _i32),
-)
 _f64 = types.float64
+# void cblas_dgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 dgemm = types.ExternalFunction(
     "cblas_dgemm",
     types.void(_i32, _i32, _i32, _i32, _i32, _i32, _f64, _ptr, _i32, _ptr, _i32, _f64, _ptr, _i32),
 )
+_SGEMM_ARGS = (_i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr, _i32, _ptr, _i32, _f32, _ptr, _i32)
+# The three float32 GEMMs, each bound to an address below (symbol names of phi_rnn's own,
+# so that no other library's cblas_sgemm in the process can stand in for them).
+_mkl_sgemm = types.ExternalFunction("phi_rnn_mkl_sgemm", types.void(*_SGEMM_ARGS))
+_openblas_sgemm = types.ExternalFunction("phi_rnn_openblas_sgemm", types.void(*_SGEMM_ARGS))
+_xsmm_sgemm = types.ExternalFunction("phi_rnn_xsmm_sgemm", types.int32(*_SGEMM_ARGS))
+_mkl_max_threads = types.ExternalFunction("MKL_Get_Max_Threads", types.int32())
 
 # int mkl_set_num_threads_local(int n): this thread's MKL thread count; 0 = back to global.
 # MKL called inside a numba prange must run sequentially: left to its global count it opens
 # nested regions that cost ~3x on a 2-core machine (measured).
 set_num_threads_local = types.ExternalFunction("MKL_Set_Num_Threads_Local", types.int32(types.int32))
 
-
-# native/build/libsmall_gemm.so of this source tree, or a build elsewhere
-SMALL_GEMM_PATH = Path(os.environ.get("PHI_RNN_SMALL_GEMM")
-                       or Path(__file__).resolve().parent.parent / "native" / "build" / "libsmall_gemm.so")
-SMALL_GEMM_MISSING = "libxsmm backend not built: apt install libxsmm-dev (or conda install libxsmm), then `make native`"
-BACKENDS = ("libxsmm", "mkl")
+BACKENDS = ("libxsmm", "openblas", "mkl")
+_CODES = {"mkl": 0, "libxsmm": 1, "openblas": 2}
 
 
 def _address(library, name):
     return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
 
 
-def _bind_sgemm():
-    """Bind phi_rnn_sgemm; returns the small_gemm library, or None when it is not built."""
+# ---------------------------------------------------------------- the libraries
+
+# native/build/libsmall_gemm.so of this source tree, or a build elsewhere
+SMALL_GEMM_PATH = Path(os.environ.get("PHI_RNN_SMALL_GEMM")
+                       or Path(__file__).resolve().parent.parent / "native" / "build" / "libsmall_gemm.so")
+SMALL_GEMM_MISSING = "libxsmm backend not built: apt install libxsmm-dev (or conda install libxsmm), then `make native`"
+_OPENBLAS_ENV = "PHI_RNN_OPENBLAS"  # a libscipy_openblas.so elsewhere, or a path naming no file: none
+OPENBLAS_MISSING = "openblas backend not installed: pip install scipy-openblas32"
+
+
+def _load_small_gemm():
     if not SMALL_GEMM_PATH.exists():
-        binding.add_symbol("phi_rnn_sgemm", _address(_mkl, "cblas_sgemm"))
         return None
     lib = ctypes.CDLL(str(SMALL_GEMM_PATH))
-    lib.phi_gemm_init(ctypes.c_void_p(_address(_mkl, "cblas_sgemm")),
-                      ctypes.c_void_p(_address(_mkl, "MKL_Get_Max_Threads")))
-    lib.phi_gemm_target.restype = ctypes.c_char_p
-    binding.add_symbol("phi_rnn_sgemm", _address(lib, "phi_sgemm"))
+    lib.phi_xsmm_init()
+    lib.phi_xsmm_target.restype = ctypes.c_char_p
     return lib
 
 
-_small_gemm = _bind_sgemm()
+def _openblas_path():
+    if os.environ.get(_OPENBLAS_ENV):
+        return Path(os.environ[_OPENBLAS_ENV])
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    return Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
+
+
+def _load_openblas():
+    path = _openblas_path()
+    if path is None or not path.exists():
+        return None
+    lib = ctypes.CDLL(str(path))
+    # OpenBLAS runs only products that must stay on their thread (numba's workers, or the
+    # one thread of a one-thread run): its own threads would oversubscribe the cores. Its
+    # global count is this library copy's alone (numpy and scipy carry their own copies).
+    lib.scipy_openblas_set_num_threads(1)
+    lib.scipy_openblas_get_config.restype = ctypes.c_char_p
+    lib.scipy_openblas_get_corename.restype = ctypes.c_char_p
+    return lib
+
+
+_small_gemm = _load_small_gemm()
+_openblas = _load_openblas()
+_mkl_sgemm_address = _address(_mkl, "cblas_sgemm")
+binding.add_symbol("phi_rnn_mkl_sgemm", _mkl_sgemm_address)
+# A library that is missing gets MKL's address: never called (set_backend refuses it), but
+# the kernels must link.
+binding.add_symbol("phi_rnn_openblas_sgemm",
+                   _address(_openblas, "scipy_cblas_sgemm") if _openblas else _mkl_sgemm_address)
+binding.add_symbol("phi_rnn_xsmm_sgemm",
+                   _address(_small_gemm, "phi_xsmm_sgemm") if _small_gemm else _mkl_sgemm_address)
+
+# The words the compiled dispatcher reads: the backend's code and whether to count calls;
+# the counters (small-GEMM library, MKL).
+_choice = ctypes.c_int32(0)
+_counting = ctypes.c_int32(0)
+_calls = (ctypes.c_uint64 * 2)()
+binding.add_symbol("phi_rnn_gemm_choice", ctypes.addressof(_choice))
+binding.add_symbol("phi_rnn_gemm_counting", ctypes.addressof(_counting))
+binding.add_symbol("phi_rnn_gemm_calls", ctypes.addressof(_calls))
+
+
+def _external_global(builder, name, ty):
+    module = builder.module
+    try:
+        return module.get_global(name)
+    except KeyError:
+        variable = ir.GlobalVariable(module, ty, name)
+        variable.linkage = "external"
+        return variable
+
+
+def _word_reader(symbol):
+    """An intrinsic returning the int32 at the process symbol `symbol`, read at run time."""
+    @intrinsic
+    def read(typingctx):
+        def codegen(context, builder, signature, args):
+            return builder.load(_external_global(builder, symbol, ir.IntType(32)))
+        return types.int32(), codegen
+    return read
+
+
+_read_choice = _word_reader("phi_rnn_gemm_choice")
+_read_counting = _word_reader("phi_rnn_gemm_counting")
+
+
+@intrinsic
+def _count_call(typingctx, index):
+    """Atomically add 1 to counter `index` (0: small-GEMM library, 1: MKL)."""
+    def codegen(context, builder, signature, args):
+        counters = _external_global(builder, "phi_rnn_gemm_calls", ir.ArrayType(ir.IntType(64), 2))
+        slot = builder.gep(counters, [ir.Constant(ir.IntType(32), 0), args[0]])
+        builder.atomic_rmw("add", slot, ir.Constant(ir.IntType(64), 1), "monotonic")
+        return context.get_dummy_value()
+    return types.void(index), codegen
+
+
+@cfunc(types.void(*_SGEMM_ARGS), cache=True)
+def _dispatch_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """cblas_sgemm on the chosen backend (module docstring); a, b, c are addresses."""
+    choice = _read_choice()
+    small = False
+    if choice != 0 and _mkl_max_threads() == 1:
+        if choice == 2:
+            _openblas_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+            small = True
+        else:
+            small = _xsmm_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) != 0
+    if not small:
+        _mkl_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+    if _read_counting() != 0:
+        _count_call(0 if small else 1)
+
+
+# The kernels' float32 GEMM: cblas_sgemm's signature, bound to the dispatcher. The kernels
+# call it by this name (compiled and cached kernels link to whatever it is bound to here).
+binding.add_symbol("phi_rnn_sgemm", _dispatch_sgemm.address)
+sgemm = types.ExternalFunction("phi_rnn_sgemm", types.void(*_SGEMM_ARGS))
+
+
+# ---------------------------------------------------------------- choosing
+
 _backend = "mkl"
+_reason = ""
 
 
-def default_backend():
-    return "libxsmm" if _small_gemm is not None else "mkl"
+def available():
+    """The backends this process can run, in BACKENDS order."""
+    present = {"libxsmm": _small_gemm is not None, "openblas": _openblas is not None, "mkl": True}
+    return tuple(name for name in BACKENDS if present[name])
 
 
-def set_backend(name):
-    """Run the float32 GEMMs on `name` ("libxsmm" or "mkl") from now on."""
-    global _backend
+def set_backend(name, reason=""):
+    """Run the float32 GEMMs on `name` from now on; `reason` is what describe_backend says."""
+    global _backend, _reason
     if name not in BACKENDS:
         raise ValueError(f"unknown GEMM backend {name!r} (choose from {', '.join(BACKENDS)})")
-    if name == "libxsmm" and _small_gemm is None:
-        raise ValueError(SMALL_GEMM_MISSING)
-    if _small_gemm is not None:
-        _small_gemm.phi_gemm_set_backend(int(name == "libxsmm"))
-    _backend = name
+    if name not in available():
+        raise ValueError(SMALL_GEMM_MISSING if name == "libxsmm" else OPENBLAS_MISSING)
+    _choice.value = _CODES[name]
+    _backend, _reason = name, reason
 
 
 def backend():
     return _backend
 
 
+@contextlib.contextmanager
+def using(name):
+    """Run the float32 GEMMs on `name` inside the block, then on the backend before."""
+    chosen, reason = _backend, _reason
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(chosen, reason)
+
+
+def library_version(name):
+    if name == "openblas":
+        return _openblas.scipy_openblas_get_config().decode().split()[1]
+    if name == "libxsmm":
+        return "1.17"
+    return mkl_version()
+
+
 def describe_backend():
-    """One line for reports: the backend and, for libxsmm, the instruction set it generates."""
+    """One line for reports: the backend, what it runs, and why it was chosen."""
     if _backend == "libxsmm":
-        return f"libxsmm ({_small_gemm.phi_gemm_target().decode()} kernels; MKL for threaded GEMMs)"
-    return f"mkl {mkl_version()}"
+        text = f"libxsmm ({_small_gemm.phi_xsmm_target().decode()} kernels; MKL for threaded GEMMs)"
+    elif _backend == "openblas":
+        text = (f"openblas {library_version('openblas')} ({_openblas.scipy_openblas_get_corename().decode()} "
+                f"kernels, one thread each; MKL {mkl_version()} for threaded GEMMs)")
+    else:
+        text = f"mkl {mkl_version()}"
+    return f"{text}; {_reason}" if _reason else text
+
+
+# The per-thread products of a char-rnn iteration (2 x 128 LSTM, 65 symbols, 25 of its 50
+# batch rows per thread, 50 steps), each with the number of calls that gives it its share of
+# the iteration's work: (calls, trans_a, m, n, k). Each layer's recurrent products forward
+# and backward, input projection, input gradient and weight gradient (x^T dG), the decoder.
+MEASURED_PRODUCTS = ((50, False, 25, 512, 128), (50, False, 25, 128, 512), (1, False, 1250, 512, 128),
+                     (1, False, 1250, 128, 512), (1, True, 128, 512, 1250), (1, False, 1250, 65, 128),
+                     (1, True, 65, 128, 1250))
+
+
+@njit(cache=True)
+def _run_products(operands, products):
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for p in range(products.shape[0]):
+        trans_a = TRANS if products[p, 1] else NO_TRANS
+        m, n, k = products[p, 2], products[p, 3], products[p, 4]
+        a, b, c = operands[p]
+        for _ in range(products[p, 0]):
+            sgemm(ROW_MAJOR, trans_a, NO_TRANS, m, n, k, one, a.ctypes.data, a.shape[1], b.ctypes.data,
+                  b.shape[1], zero, c.ctypes.data, c.shape[1])
+
+
+def measure_rates(names, rounds=7):
+    """Single-thread GFLOP/s of each backend in `names` on MEASURED_PRODUCTS: the backends
+    interleaved round by round, the median round each, timed in this thread's CPU time (time
+    other processes take the core from it does not count)."""
+    from numba.typed import List
+    rng = np.random.default_rng(0)
+    operands = List()
+    for _, trans_a, m, n, k in MEASURED_PRODUCTS:
+        a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+        operands.append((a, rng.standard_normal((k, n)).astype(np.float32), np.zeros((m, n), np.float32)))
+    products = np.array([(calls, int(t), m, n, k) for calls, t, m, n, k in MEASURED_PRODUCTS], np.int64)
+    flop = sum(2 * calls * m * n * k for calls, _, m, n, k in MEASURED_PRODUCTS)
+    previous = _mkl.MKL_Set_Num_Threads_Local(1)
+    seconds = {name: [] for name in names}
+    try:
+        for r in range(rounds + 1):
+            for name in names:
+                with using(name):
+                    t0 = time.thread_time()
+                    _run_products(operands, products)
+                    if r:  # round 0 warms up (libxsmm generates its kernels there)
+                        seconds[name].append(time.thread_time() - t0)
+    finally:
+        _mkl.MKL_Set_Num_Threads_Local(previous)
+    return {name: flop / float(np.median(s)) / 1e9 for name, s in seconds.items()}
+
+
+# MKL is kept unless another library is faster by this much: a tie is noise.
+MARGIN = 1.05
+
+
+def choose(rates):
+    """The backend to run given measured rates {name: GFLOP/s}: the fastest, MKL unless
+    another beats it by MARGIN."""
+    best = max(rates, key=rates.get)
+    if "mkl" in rates and rates[best] < MARGIN * rates["mkl"]:
+        return "mkl"
+    return best
+
+
+def vector_width():
+    """The widest float vectors this process's libraries use: "AVX-512", "AVX2", or
+    "SSE"; with "(AVX2 emulated: ...)" when the environment caps the libraries below
+    what the CPU has."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    width = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    caps = [f"{v}={os.environ[v]}" for v in _EMULATION_VARS if os.environ.get(v)]
+    return f"{width} (capped: {', '.join(caps)})" if caps else width
+
+
+# Settings that make the libraries generate code for an older CPU (an AVX2 one emulated).
+_EMULATION_VARS = ("NUMBA_CPU_NAME", "MKL_ENABLE_INSTRUCTIONS", "LIBXSMM_TARGET", "OPENBLAS_CORETYPE")
+
+
+def _machine_key():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    libraries = ", ".join(f"{name} {library_version(name)}" for name in available())
+    return f"{model}; {vector_width()}; {libraries}"
+
+
+def cache_path():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "phi_rnn" / "gemm_backend.json"
+
+
+_default = None
+
+
+def default_backend():
+    """The backend phi_rnn runs when none is asked for (the one set at import)."""
+    return _default_choice()[0]
+
+
+def _default_choice():
+    """(backend, reason): the one library present, or the fastest here by measure_rates,
+    measured once per machine (CPU, vector width, libraries) and kept in cache_path()."""
+    global _default
+    if _default is None:
+        _default = _measured_choice()
+    return _default
+
+
+def _measured_choice():
+    names = available()
+    if len(names) == 1:
+        return names[0], "the only library present"
+    key = _machine_key()
+    path = cache_path()
+    try:
+        entry = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        entry = None
+    if not (isinstance(entry, dict) and isinstance(entry.get("rates"), dict)
+            and set(entry["rates"]) == set(names)):
+        entry = {"rates": measure_rates(names), "measured": time.strftime("%Y-%m-%d %H:%M")}
+        _remember(path, key, entry)
+    rates = entry["rates"]
+    listed = ", ".join(f"{name} {rates[name]:.1f}" for name in sorted(rates, key=rates.get, reverse=True))
+    return choose(rates), f"fastest here (1-thread GFLOP/s on a char-rnn step's products: {listed}; measured {entry['measured']})"
+
+
+def _remember(path, key, entry):
+    """Add `entry` to the cache file; a cache that cannot be written is only not kept."""
+    from phi_rnn.files import atomic_write
+    try:
+        known = json.loads(path.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    known[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(str(path), lambda f: f.write(json.dumps(known, indent=1).encode()))
+    except OSError:
+        pass
 
 
 def count_calls(on):
-    """Start (and zero) or stop counting the float32 GEMM calls per library. The counters live
-    in small_gemm: without it there is nothing to stop, and starting is refused."""
-    if _small_gemm is None:
-        if on:
-            raise ValueError(SMALL_GEMM_MISSING)
-        return
-    _small_gemm.phi_gemm_count_calls(int(on))
+    """Start (and zero) or stop counting the float32 GEMM calls per library (off by default:
+    a counter shared by the threads would move between cores on every call)."""
+    if on:
+        _calls[0] = _calls[1] = 0
+    _counting.value = int(on)
 
 
 def calls():
-    """(libxsmm, mkl) float32 GEMM calls since count_calls(True) (small_gemm built only)."""
-    if _small_gemm is None:
-        raise ValueError(SMALL_GEMM_MISSING)
-    out = (ctypes.c_ulonglong * 2)()
-    _small_gemm.phi_gemm_calls(out)
-    return out[0], out[1]
-
-
-set_backend(default_backend())
+    """(small-GEMM library, MKL) float32 GEMM calls since count_calls(True)."""
+    return _calls[0], _calls[1]
 
 
 def mkl_version():
@@ -147,3 +444,6 @@ def mkl_version():
     _mkl.MKL_Get_Version_String(buf, 256)
     text = buf.value.decode(errors="replace").strip()
     return text.split("Version ")[1].split()[0].split("-")[0] if "Version " in text else text
+
+
+set_backend(*_default_choice())

@@ -55,9 +55,9 @@ def _add_runtime_arguments(p):
     affinity.add_thread_arguments(g)
     g.add_argument("--deterministic", action="store_true",
                    help="MKL conditional numerical reproducibility (MKL_CBWR): identical results run to run")
-    g.add_argument("--blas", choices=("libxsmm", "mkl"), default=None,
-                   help="float32 GEMMs: libxsmm's JIT kernels for every one-thread product (needs "
-                        "`make native` with libxsmm installed; the default then) or MKL for all")
+    g.add_argument("--blas", choices=("libxsmm", "openblas", "mkl"), default=None,
+                   help="float32 GEMMs MKL would run on one thread: on libxsmm's JIT kernels (needs "
+                        "`make native` with libxsmm installed), OpenBLAS, or MKL (default: the fastest here)")
 
 
 def _start_runtimes(args, log, announce=True):
@@ -80,10 +80,12 @@ def _start_runtimes(args, log, announce=True):
 
 
 def select_blas(name):
-    """--blas: the given GEMM backend, or the default (libxsmm where built, else MKL)."""
+    """--blas: the given GEMM backend, or the default (the fastest here, set by blas)."""
     from phi_rnn import blas
+    if not name:
+        return
     try:
-        blas.set_backend(name or blas.default_backend())
+        blas.set_backend(name, "chosen with --blas")
     except ValueError as e:
         raise UsageError(f"--blas {name}: {e}") from None
 

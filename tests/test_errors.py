@@ -107,15 +107,20 @@ def test_there_are_at_least_twenty_distinct_cases():
     assert len({c[2] for c in CASES}) >= 20
 
 
-def test_blas_libxsmm_without_the_library_is_one_line_exit_2_and_the_default_falls_back_to_mkl(world, tmp_path):
-    """Where small_gemm is not built (here: PHI_RNN_SMALL_GEMM names no file), asking for
-    libxsmm is a usage error; without --blas the run goes on MKL and says so."""
+@pytest.mark.parametrize("library, variable, message", [
+    ("libxsmm", "PHI_RNN_SMALL_GEMM", "libxsmm backend not built: apt install libxsmm-dev"),
+    ("openblas", "PHI_RNN_OPENBLAS", "openblas backend not installed: pip install scipy-openblas32")])
+def test_blas_without_its_library_is_one_line_exit_2_and_the_default_is_another(world, tmp_path, library,
+                                                                                  variable, message):
+    """Where a small-GEMM library is missing (here: its variable names no file), asking for
+    it is a usage error; without --blas the run goes on another backend and says so."""
     argv = [a.format(**world) for a in T[:-1]] + [str(tmp_path / "cv")]
-    missing = {"PHI_RNN_SMALL_GEMM": os.path.join(world["root"], "no-libsmall_gemm.so")}
-    result = run_cli(*argv, "--blas", "libxsmm", env=missing)
+    missing = {variable: os.path.join(world["root"], "no-library.so")}
+    result = run_cli(*argv, "--blas", library, env=missing)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("phi_rnn: error: --blas libxsmm: libxsmm backend not built: apt install libxsmm-dev")
+    assert lines[0].startswith(f"phi_rnn: error: --blas {library}: {message}")
     result = run_cli(*argv, env=missing)
     assert result.returncode == 0, result.stderr
-    assert "gemm: mkl " in result.stdout
+    gemm = [line for line in result.stdout.splitlines() if line.startswith("gemm: ")]
+    assert len(gemm) == 1 and not gemm[0].startswith(f"gemm: {library}"), gemm

@@ -1,0 +1,141 @@
+"""The float32 GEMM backends and the choice between them (phi_rnn/blas.py): OpenBLAS on the
+products MKL would run on one thread, MKL keeping the threaded ones; the choice measured once
+per machine and kept; a missing library a one-line usage error."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from phi_rnn import blas
+from phi_rnn import kernels as K
+
+rng = np.random.default_rng(7)
+
+
+@pytest.fixture
+def on_openblas():
+    if "openblas" not in blas.available():
+        pytest.fail(blas.OPENBLAS_MISSING)  # a dependency of phi_rnn: always installed
+    with blas.using("openblas"):
+        yield
+    blas.count_calls(False)
+
+
+@pytest.mark.parametrize("mkl_threads", [1, 2])
+def test_openblas_runs_the_one_thread_products_and_mkl_keeps_the_threaded_ones(on_openblas, mkl_threads):
+    """The per-thread products of a char-rnn step (MKL set to one thread, as inside the
+    per-thread blocks) go to OpenBLAS; with MKL free to thread (2 threads here) the product
+    stays on MKL. Both match numpy."""
+    if mkl_threads > 1 and blas._mkl.MKL_Get_Max_Threads() < 2:
+        pytest.skip("one CPU: MKL runs every product on one thread")
+    previous = blas._mkl.MKL_Set_Num_Threads_Local(mkl_threads)
+    try:
+        for _, trans_a, m, n, k in blas.MEASURED_PRODUCTS:
+            a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+            b = rng.standard_normal((k, n)).astype(np.float32)
+            c = np.full((m, n), np.nan, np.float32)  # beta 0: c is not read
+            blas.count_calls(True)
+            K.gemm(trans_a, False, 1.0, a, b, 0.0, c)
+            assert blas.calls() == ((1, 0) if mkl_threads == 1 else (0, 1)), (m, n, k)
+            expect = (a.T if trans_a else a).astype(np.float64) @ b
+            np.testing.assert_allclose(c, expect, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    finally:
+        blas._mkl.MKL_Set_Num_Threads_Local(previous)
+
+
+def test_openblas_in_the_parallel_blocks_matches_mkl_and_runs_every_product():
+    """A char-rnn sized LSTM iteration with the batch strategy (numba's workers, MKL on one
+    thread in each): on OpenBLAS every float32 GEMM of the forward and backward runs there;
+    loss and gradients agree with MKL's to float32 accuracy."""
+    from phi_rnn.model import Network
+    r = np.random.default_rng(1)
+    net = Network("lstm", 65, 128, 2, strategy="batch")
+    net.init_params(r)
+    x = r.integers(0, 65, (50, 50)).astype(np.int32)
+    y = r.integers(0, 65, (50, 50)).astype(np.int32)
+    results = {}
+    for name in ("openblas", "mkl"):
+        with blas.using(name):
+            blas.count_calls(True)
+            loss = net.forward(x, y, net.zero_state(50))
+            net.backward(x, False)
+            blas.count_calls(False)
+            results[name] = loss, net.grads.data.copy(), blas.calls()
+    on_openblas, on_mkl = results["openblas"][2]
+    assert on_mkl == 0 and on_openblas >= 2 * 2 * 99  # per block and layer: 50 + 49 recurrent products
+    assert results["mkl"][2] == (0, on_openblas)
+    (loss_o, grads_o, _), (loss_m, grads_m, _) = results["openblas"], results["mkl"]
+    assert abs(loss_o - loss_m) < 1e-5 * abs(loss_m)
+    np.testing.assert_allclose(grads_o, grads_m, rtol=1e-3, atol=1e-5 * np.abs(grads_m).max())
+
+
+def test_choose_takes_the_fastest_and_keeps_mkl_on_a_tie():
+    assert blas.choose({"mkl": 80.0, "openblas": 95.0, "libxsmm": 110.0}) == "libxsmm"
+    assert blas.choose({"mkl": 80.0, "openblas": 95.0}) == "openblas"
+    assert blas.choose({"mkl": 100.0, "openblas": 103.0, "libxsmm": 90.0}) == "mkl"  # within MARGIN
+    assert blas.choose({"mkl": 100.0, "openblas": 60.0}) == "mkl"
+    assert blas.choose({"openblas": 60.0, "libxsmm": 70.0}) == "libxsmm"
+
+
+def test_measured_rates_are_positive_and_leave_the_backend_as_it_was(on_openblas):
+    rates = blas.measure_rates(("openblas", "mkl"), rounds=1)
+    assert set(rates) == {"openblas", "mkl"} and all(rate > 0 for rate in rates.values())
+    assert blas.backend() == "openblas"
+
+
+def _default_in_a_fresh_process(cache_home):
+    code = ("from phi_rnn import blas; import json; "
+            "print(json.dumps([blas.backend(), blas.default_backend(), blas.describe_backend(), "
+            "str(blas.cache_path())]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(cache_home)))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_default_is_measured_once_per_machine_and_kept(tmp_path):
+    """The first process measures and keeps the rates per machine (CPU, vector width,
+    libraries); the next takes the choice from the file (here edited to make MKL the
+    fastest), so every run on a machine uses the same library."""
+    backend, default, described, path = _default_in_a_fresh_process(tmp_path)
+    kept = json.loads(open(path).read())
+    (key, entry), = kept.items()
+    assert set(entry["rates"]) == set(blas.available()) and key.endswith(
+        ", ".join(f"{n} {blas.library_version(n)}" for n in blas.available()))
+    assert backend == default == blas.choose(entry["rates"])
+    assert described.startswith(default) and "fastest here" in described
+    entry["rates"] = {name: 1.0 for name in entry["rates"]} | {"mkl": 2.0}
+    with open(path, "w") as f:
+        json.dump(kept, f)
+    backend, _, described, _ = _default_in_a_fresh_process(tmp_path)
+    assert backend == "mkl" and "mkl 2.0" in described
+
+
+def test_an_unwritable_cache_only_is_not_kept(tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    backend, default, _, _ = _default_in_a_fresh_process(blocked)
+    assert backend == default in blas.available()
+
+
+def test_vector_width_names_an_emulated_cpu(monkeypatch):
+    monkeypatch.delenv("NUMBA_CPU_NAME", raising=False)
+    native = blas.vector_width()
+    assert native in ("AVX-512", "AVX2", "SSE")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert blas.vector_width() == f"{native} (capped: MKL_ENABLE_INSTRUCTIONS=AVX2)"
+
+
+SPEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "speed.py")
+
+
+def test_speed_blas_openblas_without_it_is_one_line_exit_2(tmp_path):
+    env = dict(os.environ, PHI_RNN_OPENBLAS=str(tmp_path / "no-library.so"))
+    result = subprocess.run([sys.executable, SPEED, "--no-torch", "--blas", "openblas", "--threads", "1"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == f"speed.py: error: --blas openblas: {blas.OPENBLAS_MISSING}"
