@@ -92,8 +92,8 @@ def build_parser():
     parser.add_argument("--policies", type=comma_list(POLICIES), default=["compact"],
                         help=f"affinity policies, of {', '.join(POLICIES)} (default compact)")
     parser.add_argument("--blas", type=comma_list(BLAS), default=[""],
-                        help="float32 GEMM backends to compare, of libxsmm, mkl (default: "
-                             "speed.py's, libxsmm where built)")
+                        help="float32 GEMM backends to compare, of libxsmm, openblas, mkl (default: "
+                             "speed.py's, the fastest here)")
     parser.add_argument("--scaling", type=comma_list(SCALINGS), default=["strong"],
                         help="strong: fixed batch; weak: batch = config batch x threads")
     parser.add_argument("--vocab", type=int, default=65)

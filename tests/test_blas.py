@@ -139,3 +139,20 @@ def test_speed_blas_openblas_without_it_is_one_line_exit_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0] == f"speed.py: error: --blas openblas: {blas.OPENBLAS_MISSING}"
+
+
+BACKENDS_BENCH = os.path.join(os.path.dirname(SPEED), "backends.py")
+
+
+def test_backends_bench_runs_each_backend_and_rejects_an_unknown_one():
+    tiny = ["--rnn_size", "16", "--batch_size", "8", "--seq_length", "6", "--vocab", "10", "--iters", "3",
+            "--warmup", "1"]
+    result = subprocess.run([sys.executable, BACKENDS_BENCH, "--no-torch", "--rounds", "1",
+                             "--backends", "openblas,mkl", *tiny], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "[openblas " in lines["openblas"] and "[mkl " in lines["mkl"]
+    assert "vectors " in result.stdout and "/ floor" in lines["openblas"]
+    result = subprocess.run([sys.executable, BACKENDS_BENCH, "--backends", "blis"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip() == "backends.py: error: --backends blis unknown"

@@ -1,0 +1,85 @@
+"""The float32 GEMM backends side by side: bench/speed.py's phi_rnn worker on each backend and
+PyTorch's, interleaved round after round in fresh processes (a busy machine then slows them
+alike), with the medians over the rounds and the ratios of each round.
+
+    python bench/backends.py --threads 1 --rounds 5
+    python bench/backends.py --threads 2 --backends openblas,mkl --no-torch
+    PHI_RNN_SMALL_GEMM=/nonexistent python bench/backends.py   # as without libxsmm
+
+Every config flag of bench/speed.py passes through (--rnn_size, --batch_size, --iters, ...).
+"""
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed import run_torch_reference, run_worker  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from phi_rnn.errors import UsageError  # noqa: E402
+
+BACKENDS = ("libxsmm", "openblas", "mkl")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated, of libxsmm, openblas, mkl (those not present here are left out)")
+    p.add_argument("--no-torch", dest="torch", action="store_false")
+    args, speed_argv = p.parse_known_args(argv)
+    args.backends = args.backends.split(",")
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown or args.rounds < 1 or args.threads < 1:
+        raise UsageError(f"--backends {','.join(unknown)} unknown" if unknown else "--rounds and --threads must be positive")
+    return args, speed_argv
+
+
+def main(argv=None):
+    try:
+        args, speed_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"backends.py: error: {e}", file=sys.stderr)
+        return 2
+    medians = {b: [] for b in args.backends}
+    floors, torch_ms, header = [], [], {}
+    for r in range(args.rounds):
+        for b in list(medians):
+            try:
+                out = run_worker("phi_rnn", speed_argv + ["--blas", b], args.threads)
+            except UsageError as e:  # the library is not present here
+                print(f"{b}: left out ({e})", file=sys.stderr)
+                del medians[b]
+                continue
+            medians[b].append(statistics.median(out["times"]) * 1e3)
+            floors.append(out["gflop"] / out["peak"] * 1e3)
+            header.setdefault(b, out["gemm"])
+            header["vector"] = out["vector"]
+            header["versions"] = out["versions"]
+        if args.torch:
+            theirs = run_torch_reference(speed_argv, args.threads)
+            if theirs:
+                torch_ms.append(statistics.median(theirs["times"]) * 1e3)
+                header["versions"]["torch"] = theirs["version"]
+        print(f"round {r + 1}: " + ", ".join(f"{b} {m[-1]:.2f}" for b, m in medians.items())
+              + (f", torch {torch_ms[-1]:.2f}" if torch_ms else "") + " ms", file=sys.stderr, flush=True)
+    print(", ".join(f"{k} {v}" for k, v in header["versions"].items()))
+    print(f"threads {args.threads}; vectors {header['vector']}; {args.rounds} rounds, each a median of the "
+          f"iterations; GEMM floor (MKL 2048^3 sgemm rate of each run) median {statistics.median(floors):.2f} ms")
+    floor = statistics.median(floors)
+    for b, ms in medians.items():
+        line = (f"{b:9s} {statistics.median(ms):7.2f} ms ({min(ms):.2f}-{max(ms):.2f})  "
+                f"/ floor {statistics.median(ms) / floor:.2f}")
+        if len(torch_ms) == len(ms):
+            ratios = [m / t for m, t in zip(ms, torch_ms)]
+            line += f"  / torch {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        print(line + f"   [{header[b]}]")
+    if torch_ms:
+        print(f"{'torch':9s} {statistics.median(torch_ms):7.2f} ms ({min(torch_ms):.2f}-{max(torch_ms):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
