@@ -12,6 +12,9 @@ upper case, an emoji for each 'E'). Each run is the real CLI, `python -m phi_rnn
 script reads its output as it comes and samples its /proc/PID/status every 10 ms:
 private memory is RssAnon (what the process itself allocated; the memory-mapped token
 cache and the page cache are file pages, RssFile, shared and evictable, reported apart).
+"corpus load" is the corpus's own share of a cached run, timed in this process: open the
+cache, build the loader, gather the first batch. The rest of a run's start (Python,
+numba's cached kernels, MKL, the thread placement check) does not depend on the corpus.
 The corpus files and their caches are deleted afterwards unless --keep.
 """
 import argparse
@@ -137,6 +140,20 @@ def run_training(data_dir, checkpoint_dir, threads):
             "seconds": time.perf_counter() - t0}
 
 
+def corpus_load_ms(path):
+    """The corpus's own share of a cached run, in this process: open the cache, make the
+    loader, gather the first batch (median of 5)."""
+    from phi_rnn import data
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        corpus = data.load_corpus(path, log=lambda *a, **k: None)
+        data.CharLoader(corpus.ids, 50, 50, 0.95, 0.05, len(corpus.vocab)).next_batch("train")
+        times.append((time.perf_counter() - t0) * 1e3)
+        del corpus
+    return sorted(times)[2]
+
+
 def measure(args, root):
     rows = []
     for kind in args.kinds:
@@ -151,6 +168,7 @@ def measure(args, root):
             row = {"kind": kind, "bytes": os.path.getsize(path)}
             for run in ("first", "cached"):
                 row[run] = run_training(data_dir, os.path.join(data_dir, "cv"), args.threads)
+            row["cached"]["corpus_load_ms"] = corpus_load_ms(path)
             rows.append(row)
             if not args.keep:
                 shutil.rmtree(data_dir)
@@ -162,17 +180,18 @@ def measure(args, root):
 def print_header(m, threads):
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m['logical_cpus']} CPUs, {m['memory_gb']:.0f} GiB; "
           f"CPU flags: {m['cpu_flags']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    print("load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
     print(f"runs: python -m phi_rnn train (2 x 128 LSTM, batch 50, seq 50, 2 iterations, --val_max_batches 1), "
           f"threads {threads or 'all'}; private = peak RssAnon, file = peak RssFile")
     print(f"{'corpus':>18} | {'first run: to 1st iteration':>27} {'encode':>9} {'private':>9} {'file':>8} | "
-          f"{'cached: to 1st iteration':>24} {'private':>9} {'file':>8}")
+          f"{'cached: to 1st iteration':>24} {'private':>9} {'file':>8} {'corpus load':>12}")
 
 
 def print_row(r, flush=False):
     f, c = r["first"], r["cached"]
     print(f"{r['kind']:>9} {r['bytes'] / 1e6:6.0f} MB | {f['first_iteration_s']:25.1f} s {f['encode_mb_per_s'] or 0:5d} MB/s "
           f"{f['peak_private_mb']:6.0f} MB {f['peak_file_mb']:5.0f} MB | {c['first_iteration_s']:22.1f} s "
-          f"{c['peak_private_mb']:6.0f} MB {c['peak_file_mb']:5.0f} MB", flush=flush)
+          f"{c['peak_private_mb']:6.0f} MB {c['peak_file_mb']:5.0f} MB {c['corpus_load_ms']:9.1f} ms", flush=flush)
 
 
 def main(argv=None):

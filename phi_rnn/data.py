@@ -557,11 +557,12 @@ class CharLoader:
                              f"corrupt; delete {getattr(self.ids, 'filename', 'it')} and run again")
         return x, y
 
-    def next_batch(self, split):
-        """(x, y), each (seq_length, batch_size) int32; cycles through the split."""
+    def next_batch(self, split, s0=0, s1=None):
+        """(x, y) of the split's next batch, each (seq_length, s1-s0) int32 (streams [s0, s1),
+        default all); cycles through the split."""
         k = self.offset[split] + self.position[split]
         self.position[split] = (self.position[split] + 1) % self.size[split]
-        return self.batch(k)
+        return self.batch(k, s0, s1)
 
     def reset(self, split):
         self.position[split] = 0

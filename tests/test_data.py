@@ -55,6 +55,8 @@ def test_batches_targets_and_wraparound_by_hand(tmp_path):
     assert letters(x) == ["jkl", "vwx"] and letters(y) == ["klm", "wxa"]
     x, y = loader.batch(3, 1, 2)  # one stream only
     assert letters(x) == ["vwx"] and letters(y) == ["wxa"]
+    x, y = loader.next_batch("train", 0, 1)
+    assert letters(x) == ["def"] and letters(y) == ["efg"] and loader.position["train"] == 0
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "bytes"])
