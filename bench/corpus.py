@@ -73,6 +73,8 @@ def make_corpus(path, kind, size):
             f.write(block)
         rest = block[:size % len(block)]
         f.write(rest[:rest.rfind(b"\n") + 1])
+        f.flush()
+        os.fsync(f.fileno())  # on disk, as a real corpus is: the first run does not pay its writeback
 
 
 def machine():

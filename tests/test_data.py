@@ -299,6 +299,23 @@ def test_stale_temp_files_of_killed_runs_are_removed_and_others_kept(tmp_path):
     assert not temps["stale"].exists() and temps["locked"].exists() and temps["new"].exists()
 
 
+def test_a_full_disk_while_encoding_is_one_line_and_leaves_nothing(tmp_path):
+    import resource
+    import signal
+    corpus_dir = small_corpus(tmp_path / "data", 300000)
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000))
+
+    result = run_cli("train", "--data_dir", corpus_dir, *TINY_MODEL, "--max_iters", 2, "--checkpoint_dir",
+                     tmp_path / "cv", preexec_fn=limit_file_size)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "cannot write the token cache" in lines[0] and "input.txt.utf-8.tokens" in lines[0]
+    assert os.listdir(corpus_dir) == ["input.txt"]
+
+
 def test_corpus_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
     devzero = tmp_path / "zero"
     devzero.mkdir()
