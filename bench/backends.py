@@ -27,11 +27,12 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma-separated, of libxsmm, openblas, mkl (those not present here are left out)")
+                   help="comma-separated, of libxsmm, openblas, mkl, or STEP+SEQUENCE pairs such as "
+                        "libxsmm+openblas (those not present here are left out)")
     p.add_argument("--no-torch", dest="torch", action="store_false")
     args, speed_argv = p.parse_known_args(argv)
     args.backends = args.backends.split(",")
-    unknown = [b for b in args.backends if b not in BACKENDS]
+    unknown = [b for b in args.backends if not set(b.split("+")) <= set(BACKENDS)]
     if unknown or args.rounds < 1 or args.threads < 1:
         raise UsageError(f"--backends {','.join(unknown)} unknown" if unknown else "--rounds and --threads must be positive")
     return args, speed_argv

@@ -17,6 +17,8 @@ runs on one thread) go to the chosen small-GEMM library; the ones MKL threads st
 - "libxsmm": libxsmm's JIT kernels through native/small_gemm.c, where `make native` built
   it (libxsmm installed); libxsmm declines some products (small_gemm.c), MKL runs those.
 - "mkl": MKL for all.
+- "libxsmm+openblas" (any two): the first for the per-step products, the second for the
+  whole-sequence ones (STEP_ROWS below).
 
 The choice lives in a word of memory the compiled code reads on every call (set_backend
 changes it at any time, also after the kernels compiled); default_backend() picks the
@@ -87,6 +89,13 @@ set_num_threads_local = types.ExternalFunction("MKL_Set_Num_Threads_Local", type
 
 BACKENDS = ("libxsmm", "openblas", "mkl")
 _CODES = {"mkl": 0, "libxsmm": 1, "openblas": 2}
+# A product with fewer rows than this and A not transposed is a per-step one (a recurrence's
+# batch rows times a weight matrix, 50 times an iteration); the rest run over all steps at
+# once (input projections and gradients, weight gradients x^T dG, the decoder). Libraries
+# differ per kind: libxsmm's hsw kernels run the per-step products fastest and the
+# transposed weight gradients at half OpenBLAS's rate (bench/README.md).
+STEP_ROWS = 256
+KINDS = ("step", "sequence")
 
 
 def _address(library, name):
@@ -147,11 +156,12 @@ binding.add_symbol("phi_rnn_openblas_sgemm",
 binding.add_symbol("phi_rnn_xsmm_sgemm",
                    _address(_small_gemm, "phi_xsmm_sgemm") if _small_gemm else _mkl_sgemm_address)
 
-# The words the compiled dispatcher reads: the backend's code and whether to count calls;
-# the counters (small-GEMM library, MKL).
+# The words the compiled dispatcher reads: the backends' codes (per-step products in the low
+# byte, whole-sequence ones in the next) and whether to count calls; the counters, one per
+# library in code order (MKL, libxsmm, OpenBLAS).
 _choice = ctypes.c_int32(0)
 _counting = ctypes.c_int32(0)
-_calls = (ctypes.c_uint64 * 2)()
+_calls = (ctypes.c_uint64 * 3)()
 binding.add_symbol("phi_rnn_gemm_choice", ctypes.addressof(_choice))
 binding.add_symbol("phi_rnn_gemm_counting", ctypes.addressof(_counting))
 binding.add_symbol("phi_rnn_gemm_calls", ctypes.addressof(_calls))
@@ -183,9 +193,9 @@ _read_counting = _word_reader("phi_rnn_gemm_counting")
 
 @intrinsic
 def _count_call(typingctx, index):
-    """Atomically add 1 to counter `index` (0: small-GEMM library, 1: MKL)."""
+    """Atomically add 1 to the calls of the library with code `index`."""
     def codegen(context, builder, signature, args):
-        counters = _external_global(builder, "phi_rnn_gemm_calls", ir.ArrayType(ir.IntType(64), 2))
+        counters = _external_global(builder, "phi_rnn_gemm_calls", ir.ArrayType(ir.IntType(64), 3))
         slot = builder.gep(counters, [ir.Constant(ir.IntType(32), 0), args[0]])
         builder.atomic_rmw("add", slot, ir.Constant(ir.IntType(64), 1), "monotonic")
         return context.get_dummy_value()
@@ -196,17 +206,18 @@ def _count_call(typingctx, index):
 def _dispatch_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     """cblas_sgemm on the chosen backend (module docstring); a, b, c are addresses."""
     choice = _read_choice()
-    small = False
+    ran = 0  # the code of the library that ran it
     if choice != 0 and _mkl_max_threads() == 1:
-        if choice == 2:
+        code = choice & 255 if m < STEP_ROWS and trans_a == NO_TRANS else choice >> 8
+        if code == 2:
             _openblas_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-            small = True
-        else:
-            small = _xsmm_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) != 0
-    if not small:
+            ran = 2
+        elif code == 1 and _xsmm_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+            ran = 1
+    if ran == 0:
         _mkl_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
     if _read_counting() != 0:
-        _count_call(0 if small else 1)
+        _count_call(ran)
 
 
 # The kernels' float32 GEMM: cblas_sgemm's signature, bound to the dispatcher. The kernels
@@ -227,14 +238,24 @@ def available():
     return tuple(name for name in BACKENDS if present[name])
 
 
+def libraries(name):
+    """The (per-step, whole-sequence) libraries of backend `name`: "openblas" runs both kinds
+    of product on OpenBLAS, "libxsmm+openblas" the per-step ones on libxsmm."""
+    parts = name.split("+")
+    if len(parts) > 2 or not all(part in BACKENDS for part in parts):
+        raise ValueError(f"unknown GEMM backend {name!r} (choose from {', '.join(BACKENDS)}, "
+                         "or per-step+whole-sequence libraries such as libxsmm+openblas)")
+    return parts[0], parts[-1]
+
+
 def set_backend(name, reason=""):
     """Run the float32 GEMMs on `name` from now on; `reason` is what describe_backend says."""
     global _backend, _reason
-    if name not in BACKENDS:
-        raise ValueError(f"unknown GEMM backend {name!r} (choose from {', '.join(BACKENDS)})")
-    if name not in available():
-        raise ValueError(SMALL_GEMM_MISSING if name == "libxsmm" else OPENBLAS_MISSING)
-    _choice.value = _CODES[name]
+    step, sequence = libraries(name)
+    for library in (step, sequence):
+        if library not in available():
+            raise ValueError(SMALL_GEMM_MISSING if library == "libxsmm" else OPENBLAS_MISSING)
+    _choice.value = _CODES[step] | _CODES[sequence] << 8
     _backend, _reason = name, reason
 
 
@@ -261,15 +282,24 @@ def library_version(name):
     return mkl_version()
 
 
+def _describe_library(name):
+    if name == "libxsmm":
+        return f"libxsmm {library_version(name)} ({_small_gemm.phi_xsmm_target().decode()} kernels)"
+    if name == "openblas":
+        return f"openblas {library_version(name)} ({_openblas.scipy_openblas_get_corename().decode()} kernels)"
+    return f"mkl {mkl_version()}"
+
+
 def describe_backend():
     """One line for reports: the backend, what it runs, and why it was chosen."""
-    if _backend == "libxsmm":
-        text = f"libxsmm ({_small_gemm.phi_xsmm_target().decode()} kernels; MKL for threaded GEMMs)"
-    elif _backend == "openblas":
-        text = (f"openblas {library_version('openblas')} ({_openblas.scipy_openblas_get_corename().decode()} "
-                f"kernels, one thread each; MKL {mkl_version()} for threaded GEMMs)")
-    else:
+    step, sequence = libraries(_backend)
+    if step == sequence == "mkl":
         text = f"mkl {mkl_version()}"
+    elif step == sequence:
+        text = f"{_backend}: {_describe_library(step)} on one thread; MKL for threaded GEMMs"
+    else:
+        text = (f"{_backend}: {_describe_library(step)} for the per-step products, {_describe_library(sequence)} "
+                "for the whole-sequence ones, on one thread; MKL for threaded GEMMs")
     return f"{text}; {_reason}" if _reason else text
 
 
@@ -283,9 +313,9 @@ MEASURED_PRODUCTS = ((50, False, 25, 512, 128), (50, False, 25, 128, 512), (1, F
 
 
 @njit(cache=True)
-def _run_products(operands, products):
+def _run_products(operands, products, first, stop):
     one, zero = np.float32(1.0), np.float32(0.0)
-    for p in range(products.shape[0]):
+    for p in range(first, stop):
         trans_a = TRANS if products[p, 1] else NO_TRANS
         m, n, k = products[p, 2], products[p, 3], products[p, 4]
         a, b, c = operands[p]
@@ -295,7 +325,8 @@ def _run_products(operands, products):
 
 
 def measure_rates(names, rounds=7):
-    """Single-thread GFLOP/s of each backend in `names` on MEASURED_PRODUCTS: the backends
+    """Single-thread GFLOP/s {library: {"step": ..., "sequence": ...}} of each library in
+    `names` on MEASURED_PRODUCTS' per-step and whole-sequence products: the libraries
     interleaved round by round, the median round each, timed in this thread's CPU time (time
     other processes take the core from it does not count)."""
     from numba.typed import List
@@ -305,20 +336,27 @@ def measure_rates(names, rounds=7):
         a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
         operands.append((a, rng.standard_normal((k, n)).astype(np.float32), np.zeros((m, n), np.float32)))
     products = np.array([(calls, int(t), m, n, k) for calls, t, m, n, k in MEASURED_PRODUCTS], np.int64)
-    flop = sum(2 * calls * m * n * k for calls, _, m, n, k in MEASURED_PRODUCTS)
+    step = [not t and m < STEP_ROWS for _, t, m, _, _ in MEASURED_PRODUCTS]
+    split = step.index(False)
+    assert not any(step[split:])  # the per-step products first
+    ranges = {"step": (0, split), "sequence": (split, len(step))}
+    flop = {kind: sum(2 * c * m * n * k for c, _, m, n, k in MEASURED_PRODUCTS[lo:hi])
+            for kind, (lo, hi) in ranges.items()}
     previous = _mkl.MKL_Set_Num_Threads_Local(1)
-    seconds = {name: [] for name in names}
+    seconds = {(name, kind): [] for name in names for kind in KINDS}
     try:
         for r in range(rounds + 1):
             for name in names:
                 with using(name):
-                    t0 = time.thread_time()
-                    _run_products(operands, products)
-                    if r:  # round 0 warms up (libxsmm generates its kernels there)
-                        seconds[name].append(time.thread_time() - t0)
+                    for kind, (lo, hi) in ranges.items():
+                        t0 = time.thread_time()
+                        _run_products(operands, products, lo, hi)
+                        if r:  # round 0 warms up (libxsmm generates its kernels there)
+                            seconds[name, kind].append(time.thread_time() - t0)
     finally:
         _mkl.MKL_Set_Num_Threads_Local(previous)
-    return {name: flop / float(np.median(s)) / 1e9 for name, s in seconds.items()}
+    return {name: {kind: flop[kind] / float(np.median(seconds[name, kind])) / 1e9 for kind in KINDS}
+            for name in names}
 
 
 # MKL is kept unless another library is faster by this much: a tie is noise.
@@ -326,12 +364,17 @@ MARGIN = 1.05
 
 
 def choose(rates):
-    """The backend to run given measured rates {name: GFLOP/s}: the fastest, MKL unless
-    another beats it by MARGIN."""
-    best = max(rates, key=rates.get)
-    if "mkl" in rates and rates[best] < MARGIN * rates["mkl"]:
-        return "mkl"
-    return best
+    """The backend to run given measured rates {library: {"step": GFLOP/s, "sequence": ...}}:
+    per kind of product the fastest library, MKL unless another beats it by MARGIN; one name
+    when both kinds go to the same library, else "step-library+sequence-library"."""
+    chosen = []
+    for kind in KINDS:
+        of_kind = {name: r[kind] for name, r in rates.items()}
+        best = max(of_kind, key=of_kind.get)
+        if "mkl" in of_kind and of_kind[best] < MARGIN * of_kind["mkl"]:
+            best = "mkl"
+        chosen.append(best)
+    return chosen[0] if chosen[0] == chosen[1] else "+".join(chosen)
 
 
 def vector_width():
@@ -399,13 +442,14 @@ def _measured_choice():
         entry = json.loads(path.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         entry = None
-    if not (isinstance(entry, dict) and isinstance(entry.get("rates"), dict)
-            and set(entry["rates"]) == set(names)):
+    if not (isinstance(entry, dict) and isinstance(entry.get("rates"), dict) and set(entry["rates"]) == set(names)
+            and all(isinstance(r, dict) and set(r) == set(KINDS) for r in entry["rates"].values())):
         entry = {"rates": measure_rates(names), "measured": time.strftime("%Y-%m-%d %H:%M")}
         _remember(path, key, entry)
     rates = entry["rates"]
-    listed = ", ".join(f"{name} {rates[name]:.1f}" for name in sorted(rates, key=rates.get, reverse=True))
-    return choose(rates), f"fastest here (1-thread GFLOP/s on a char-rnn step's products: {listed}; measured {entry['measured']})"
+    listed = ", ".join(f"{name} {r['step']:.1f}/{r['sequence']:.1f}" for name, r in rates.items())
+    return choose(rates), (f"fastest here (1-thread GFLOP/s on a char-rnn iteration's per-step/whole-sequence "
+                           f"products: {listed}; measured {entry['measured']})")
 
 
 def _remember(path, key, entry):
@@ -429,13 +473,18 @@ def count_calls(on):
     """Start (and zero) or stop counting the float32 GEMM calls per library (off by default:
     a counter shared by the threads would move between cores on every call)."""
     if on:
-        _calls[0] = _calls[1] = 0
+        _calls[0] = _calls[1] = _calls[2] = 0
     _counting.value = int(on)
 
 
 def calls():
-    """(small-GEMM library, MKL) float32 GEMM calls since count_calls(True)."""
-    return _calls[0], _calls[1]
+    """(small-GEMM libraries, MKL) float32 GEMM calls since count_calls(True)."""
+    return _calls[1] + _calls[2], _calls[0]
+
+
+def calls_per_library():
+    """{library: float32 GEMM calls since count_calls(True)}."""
+    return {name: _calls[code] for name, code in _CODES.items()}
 
 
 def mkl_version():

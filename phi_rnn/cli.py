@@ -55,9 +55,11 @@ def _add_runtime_arguments(p):
     affinity.add_thread_arguments(g)
     g.add_argument("--deterministic", action="store_true",
                    help="MKL conditional numerical reproducibility (MKL_CBWR): identical results run to run")
-    g.add_argument("--blas", choices=("libxsmm", "openblas", "mkl"), default=None,
+    g.add_argument("--blas", metavar="libxsmm|openblas|mkl", default=None,
                    help="float32 GEMMs MKL would run on one thread: on libxsmm's JIT kernels (needs "
-                        "`make native` with libxsmm installed), OpenBLAS, or MKL (default: the fastest here)")
+                        "`make native` with libxsmm installed), OpenBLAS, or MKL; STEP+SEQUENCE (e.g. "
+                        "libxsmm+openblas) for the per-step and the whole-sequence products (default: the "
+                        "fastest here)")
 
 
 def _start_runtimes(args, log, announce=True):

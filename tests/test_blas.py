@@ -72,17 +72,52 @@ def test_openblas_in_the_parallel_blocks_matches_mkl_and_runs_every_product():
     np.testing.assert_allclose(grads_o, grads_m, rtol=1e-3, atol=1e-5 * np.abs(grads_m).max())
 
 
-def test_choose_takes_the_fastest_and_keeps_mkl_on_a_tie():
-    assert blas.choose({"mkl": 80.0, "openblas": 95.0, "libxsmm": 110.0}) == "libxsmm"
-    assert blas.choose({"mkl": 80.0, "openblas": 95.0}) == "openblas"
-    assert blas.choose({"mkl": 100.0, "openblas": 103.0, "libxsmm": 90.0}) == "mkl"  # within MARGIN
-    assert blas.choose({"mkl": 100.0, "openblas": 60.0}) == "mkl"
-    assert blas.choose({"openblas": 60.0, "libxsmm": 70.0}) == "libxsmm"
+def _rates(**per_library):
+    return {name: {"step": step, "sequence": sequence} for name, (step, sequence) in per_library.items()}
+
+
+def test_choose_takes_the_fastest_per_kind_of_product_and_keeps_mkl_on_a_tie():
+    assert blas.choose(_rates(mkl=(80, 80), openblas=(95, 95), libxsmm=(110, 100))) == "libxsmm"
+    assert blas.choose(_rates(mkl=(80, 80), openblas=(95, 90))) == "openblas"
+    assert blas.choose(_rates(mkl=(100, 100), openblas=(103, 104), libxsmm=(90, 90))) == "mkl"  # within MARGIN
+    assert blas.choose(_rates(mkl=(100, 100), openblas=(60, 60))) == "mkl"
+    # libxsmm's AVX2 kernels: fastest per step, half OpenBLAS's rate on the weight gradients
+    assert blas.choose(_rates(mkl=(69, 74), openblas=(70, 81), libxsmm=(76, 61))) == "libxsmm+openblas"
+    assert blas.choose(_rates(mkl=(80, 90), libxsmm=(110, 60))) == "libxsmm+mkl"
+
+
+def test_a_pair_runs_the_per_step_products_on_the_first_library_and_the_rest_on_the_second():
+    if "libxsmm" not in blas.available():
+        pytest.skip(blas.SMALL_GEMM_MISSING)
+    previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
+    try:
+        with blas.using("libxsmm+openblas"):
+            for _, trans_a, m, n, k in blas.MEASURED_PRODUCTS:
+                a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+                b = rng.standard_normal((k, n)).astype(np.float32)
+                c = np.empty((m, n), np.float32)
+                blas.count_calls(True)
+                K.gemm(trans_a, False, 1.0, a, b, 0.0, c)
+                blas.count_calls(False)
+                step = m < blas.STEP_ROWS and not trans_a
+                expected = {"libxsmm": int(step), "openblas": int(not step), "mkl": 0}
+                assert blas.calls_per_library() == expected, (m, n, k, trans_a)
+                np.testing.assert_allclose(c, (a.T if trans_a else a).astype(np.float64) @ b, rtol=1e-4,
+                                           atol=1e-4 * np.sqrt(k))
+    finally:
+        blas._mkl.MKL_Set_Num_Threads_Local(previous)
+
+
+def test_a_backend_that_is_not_one_is_refused():
+    for name in ("blis", "libxsmm+openblas+mkl", "openblas+"):
+        with pytest.raises(ValueError, match="unknown GEMM backend"):
+            blas.set_backend(name)
 
 
 def test_measured_rates_are_positive_and_leave_the_backend_as_it_was(on_openblas):
     rates = blas.measure_rates(("openblas", "mkl"), rounds=1)
-    assert set(rates) == {"openblas", "mkl"} and all(rate > 0 for rate in rates.values())
+    assert set(rates) == {"openblas", "mkl"}
+    assert all(set(r) == {"step", "sequence"} and min(r.values()) > 0 for r in rates.values())
     assert blas.backend() == "openblas"
 
 
@@ -107,11 +142,12 @@ def test_the_default_is_measured_once_per_machine_and_kept(tmp_path):
         ", ".join(f"{n} {blas.library_version(n)}" for n in blas.available()))
     assert backend == default == blas.choose(entry["rates"])
     assert described.startswith(default) and "fastest here" in described
-    entry["rates"] = {name: 1.0 for name in entry["rates"]} | {"mkl": 2.0}
+    entry["rates"] = {name: {"step": 1.0, "sequence": 1.0} for name in entry["rates"]}
+    entry["rates"]["mkl"] = {"step": 2.0, "sequence": 3.0}
     with open(path, "w") as f:
         json.dump(kept, f)
     backend, _, described, _ = _default_in_a_fresh_process(tmp_path)
-    assert backend == "mkl" and "mkl 2.0" in described
+    assert backend == "mkl" and "mkl 2.0/3.0" in described
 
 
 def test_an_unwritable_cache_only_is_not_kept(tmp_path):
@@ -151,7 +187,7 @@ def test_backends_bench_runs_each_backend_and_rejects_an_unknown_one():
                              "--backends", "openblas,mkl", *tiny], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
-    assert "[openblas " in lines["openblas"] and "[mkl " in lines["mkl"]
+    assert "[openblas: openblas " in lines["openblas"] and "[mkl " in lines["mkl"]
     assert "vectors " in result.stdout and "/ floor" in lines["openblas"]
     result = subprocess.run([sys.executable, BACKENDS_BENCH, "--backends", "blis"], capture_output=True,
                             text=True, timeout=60)
