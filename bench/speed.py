@@ -22,12 +22,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
+from phi_rnn.cells import MODELS  # noqa: E402  (light too)
 from phi_rnn.errors import UsageError  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="lstm", choices=("lstm", "gru", "rnn"))
+    p.add_argument("--model", default="lstm", choices=MODELS)
     p.add_argument("--rnn_size", "--rnn-size", type=int, default=128)
     p.add_argument("--num_layers", "--num-layers", type=int, default=2)
     p.add_argument("--batch_size", "--batch-size", type=int, default=50)
@@ -126,7 +127,7 @@ def phi_rnn_worker(args):
         except ValueError as e:
             raise UsageError(f"--blas {args.blas}: {e}") from None
     from phi_rnn.model import Network, gemm_flops
-    from phi_rnn.train import _optimizer_step, compile_kernels
+    from phi_rnn.train import compile_kernels
     compile_kernels(args.model, args.strategy, lambda *a, **k: None)
     rng = np.random.default_rng(0)
     net = Network(args.model, args.vocab, args.rnn_size, args.num_layers, strategy=args.strategy)
@@ -140,23 +141,23 @@ def phi_rnn_worker(args):
         x, y = batches[k % 4]
         net.forward(x, y, state)
         net.backward(x, False)
-        _optimizer_step(net, 2e-3, 0.95, 5.0)
+        net.update(2e-3, 0.95, 5.0)
 
     for k in range(args.warmup):
         iteration(k)
-    spent = _time_kernel_calls() if args.profile else {}
+    spent = _time_kernel_calls(net) if args.profile else {}
     times = [_timed(lambda: iteration(k)) for k in range(args.iters)]
     profile = {label: seconds / args.iters * 1e3 for label, seconds in spent.items()}
     return times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9, profile
 
 
-PROFILED_KERNELS = ("forward_parallel", "backward_parallel", "layer_forward", "layer_backward",
-                    "decoder_forward_parallel", "decoder_backward_parallel", "decoder_forward",
-                    "decoder_backward", "reduce_parts", "reduce_parts_transposed", "multiply", "rmsprop_step")
+PROFILED_KERNELS = ("reduce_parts", "reduce_parts_transposed", "multiply", "rmsprop_step")
 
 
-def _time_kernel_calls():
-    """Wraps the kernels that the model and the optimizer call from Python with timers.
+def _time_kernel_calls(net):
+    """Wraps the kernels that the model and the optimizer call from Python with timers: the
+    network's training passes (a layer's and the decoder's forward and backward, serial or
+    per block as its strategy chose) and the reductions, dropout and optimizer kernels.
     Returns the dict the timers add seconds to."""
     from collections import defaultdict
     from phi_rnn import kernels as K
@@ -170,6 +171,7 @@ def _time_kernel_calls():
             return result
         return call
 
+    net.passes = K.Passes(*(timed(name, kernel) for name, kernel in net.passes._asdict().items()))
     for name in PROFILED_KERNELS:
         setattr(K, name, timed(name, getattr(K, name)))
     return spent

@@ -11,8 +11,7 @@ import numpy as np
 
 from phi_rnn.errors import UsageError
 from phi_rnn.files import atomic_write
-from phi_rnn.config import MODELS
-from phi_rnn.model import param_shapes
+from phi_rnn.model import MODELS, param_shapes
 
 FORMAT_VERSION = 1
 LATEST = "latest"

@@ -3,11 +3,11 @@
 checks that turn bad values into one clear line."""
 import argparse
 
+from phi_rnn.cells import MODELS
 from phi_rnn.errors import UsageError
 
 MAX_SIZE = {"rnn_size": 1 << 15, "num_layers": 64, "seq_length": 1 << 16, "batch_size": 1 << 16}
 STRATEGIES = ("batch", "gemm")
-MODELS = ("lstm", "gru", "rnn")
 
 
 def _add(parser, name, **kw):

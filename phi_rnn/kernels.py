@@ -16,11 +16,14 @@ Kernels are compiled with error_model='numpy' (Python's error model blocks the l
 vectoriser on division) and never index at an offset inside a hot loop (slice views start
 at 0), which the vectoriser also needs.
 """
+from collections import namedtuple
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
 from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, dgemm, set_num_threads_local, sgemm
+from phi_rnn.cells import KINDS
 
 _opts = dict(cache=True, error_model="numpy")
 
@@ -238,11 +241,54 @@ def lstm_cell_backward(gates, c_prev, tanh_c, dh_out, dh, dc):
             dcb[j] = dct * f
 
 
+# ---------------------------------------------------------------- a layer's named state
+# A layer's arrays travel as namedtuples (numba compiles them as structs of arrays), so that
+# arrays of one shape (hs, cs, aux, d_out) cannot be swapped by position. Rows: (T*B, .)
+# buffers hold blocks of batch rows, time-major inside a block (the layout above).
+
+LayerWeights = namedtuple("LayerWeights", ["w_ih_t", "w_hh_t", "bias", "w_ih", "w_hh"])
+LayerWeights.__doc__ = """One layer's weights, G = gate units, H_in = V (first layer) or H.
+w_ih_t (H_in, G), w_hh_t (H, G): transposed for the forward, so that every product is A @ B,
+the form libxsmm runs (blas.py); the first layer's w_ih_t is the one-hot table, gathered by
+token. bias (G) = b_ih + b_hh. w_ih (G, H_in), w_hh (G, H): as stored, for the backward."""
+
+LayerActivations = namedtuple("LayerActivations", ["x", "gates", "hs", "cs", "aux", "h0", "c0", "h_last",
+                                                   "c_last"])
+LayerActivations.__doc__ = """One layer's activations. x (T*B, H_in): its input, the outputs of the
+layer below after dropout (the first layer reads tokens instead: its x is empty and never
+read); gates (T*B, G): activations (LSTM i, f, o, g; GRU z, r, c); hs, cs, aux (T*B, H): h,
+c (LSTM) and tanh(c) (LSTM) / r*h (GRU) after each step; h0, c0 (B, H): the state before
+the first step; h_last, c_last (B, H): after the last (c_last = c0 for GRU and RNN)."""
+
+LayerGradients = namedtuple("LayerGradients", ["d_out", "dh", "dc"])
+LayerGradients.__doc__ = """d_out (T*B, H): the gradient of the layer's outputs in; of its input x
+out (above the first layer; the same rows, each read before it is written); dh, dc (B, H):
+scratch for the recurrent gradients."""
+
+WeightGradients = namedtuple("WeightGradients", ["d_bias", "d_w_ih_t", "d_w_hh_t"])
+WeightGradients.__doc__ = """One block's partial weight gradients (the *_blocks kernels take them
+with a leading block axis): d_bias (G), d_w_ih_t (H_in, G), d_w_hh_t (H, G). Transposed,
+x^T dG: MKL runs that form faster than dG^T x at these shapes (bench/README);
+reduce_parts_transposed sums the blocks and turns them."""
+
+Steps = namedtuple("Steps", ["gates", "hs", "cs", "aux", "h0", "c0"])
+Steps.__doc__ = """A block's activations viewed per step: gates (T, nb, G); hs, cs, aux
+(T, nb, H); h0, c0 (nb, H)."""
+
+
+@njit(**_opts)
+def _steps(a, T):
+    nb, H = a.h0.shape
+    G = a.gates.shape[1]
+    return Steps(a.gates.reshape((T, nb, G)), a.hs.reshape((T, nb, H)), a.cs.reshape((T, nb, H)),
+                 a.aux.reshape((T, nb, H)), a.h0, a.c0)
+
+
 # ---------------------------------------------------------------- recurrences
-# One layer over all T steps for batch rows b0:b1. The first layer's one-hot input
-# projection is a row gather done here, per step, while the rows are hot in cache:
-# `table` (V, G) = w_ih^T with `tokens` (T, B); upper layers pass an empty table and arrive
-# with their input projection (one GEMM over all steps) already in `gates`.
+# One layer over all T steps for a block of nb batch rows. The first layer's one-hot input
+# projection is a row gather done here, per step, while the rows are hot in cache (w.w_ih_t
+# is the table, `tokens` (T, nb) the block's columns); upper layers arrive with their input
+# projection (one GEMM over all steps) already in the gates.
 
 @njit(**_opts)
 def gather_step(gates_t, table, tokens_t):
@@ -255,14 +301,15 @@ def gather_step(gates_t, table, tokens_t):
 
 
 @njit(**_opts)
-def accumulate_step(d_gates_t, tokens_t, d_bias, d_table):
-    """d_bias (G) += column sums of d_gates_t (nb, G); d_table (V, G) rows tokens_t += rows:
-    the bias and one-hot input weight gradients, accumulated while d_gates_t is in cache."""
+def accumulate_step(d_gates_t, tokens_t, first, d_bias, d_table):
+    """d_bias (G) += column sums of d_gates_t (nb, G); for the first layer also d_table (V, G)
+    rows tokens_t += rows: the bias and one-hot input weight gradients, accumulated while
+    d_gates_t is in cache."""
     for b in range(d_gates_t.shape[0]):
         src = d_gates_t[b]
         for j in range(src.shape[0]):
             d_bias[j] += src[j]
-        if d_table.shape[0] > 0:
+        if first:
             dst = d_table[tokens_t[b]]
             for j in range(src.shape[0]):
                 dst[j] += src[j]
@@ -277,36 +324,32 @@ def lstm_step_forward(g, bias, w_hh_t, h_prev, c_prev, h, c, tanh_c):
 
 
 @njit(**_opts)
-def lstm_recurrence_forward(gates, bias, table, tokens, b0, w_hh_t, h0, c0, hs, cs, tanh_c):
-    """One block of nb batch rows (columns b0.. of tokens (T, B)), all steps. gates (T, nb, 4H):
-    input projection in (unless the one-hot table (V, 4H) is given), activations out; bias
-    (4H); w_hh_t (H, 4H); h0, c0 (nb, H) the state before step 0; hs, cs, tanh_c (T, nb, H)
-    after each step."""
-    nb = h0.shape[0]
-    for t in range(gates.shape[0]):
-        g = gates[t]
-        if table.shape[0] > 0:
-            gather_step(g, table, tokens[t, b0:b0 + nb])
+def lstm_recurrence_forward(first, tokens, w, s):
+    """All steps of a block: s.gates (T, nb, 4H) input projection in (unless `first`: then
+    gathered here), activations out; s.hs, s.cs, s.aux = tanh(c) out."""
+    for t in range(s.gates.shape[0]):
+        g = s.gates[t]
+        if first:
+            gather_step(g, w.w_ih_t, tokens[t])
         if t == 0:
-            lstm_step_forward(g, bias, w_hh_t, h0, c0, hs[0], cs[0], tanh_c[0])
+            lstm_step_forward(g, w.bias, w.w_hh_t, s.h0, s.c0, s.hs[0], s.cs[0], s.aux[0])
         else:
-            lstm_step_forward(g, bias, w_hh_t, hs[t - 1], cs[t - 1], hs[t], cs[t], tanh_c[t])
+            lstm_step_forward(g, w.bias, w.w_hh_t, s.hs[t - 1], s.cs[t - 1], s.hs[t], s.cs[t], s.aux[t])
 
 
 @njit(**_opts)
-def lstm_recurrence_backward(gates, w_hh, c0, cs, tanh_c, dhs, dh, dc, tokens, b0, d_bias, d_table):
-    """The block's steps T-1..0. gates (T, nb, 4H): activations in, pre-activation gradients
-    out; dhs (T, nb, H): gradient of each step's output from above; dh, dc (nb, H): the
-    recurrent gradients (zeroed by the caller: truncated BPTT); d_bias (4H) and d_table
-    (V, 4H, or empty above the first layer) get this block's partial gradients."""
-    nb = c0.shape[0]
-    for t in range(gates.shape[0] - 1, -1, -1):
-        g = gates[t]
-        c_prev = c0 if t == 0 else cs[t - 1]
-        lstm_cell_backward(g, c_prev, tanh_c[t], dhs[t], dh, dc)
-        accumulate_step(g, tokens[t, b0:b0 + nb], d_bias, d_table)
+def lstm_recurrence_backward(first, tokens, w, s, d_out, dh, dc, dw):
+    """The block's steps T-1..0. s.gates: activations in, pre-activation gradients out;
+    d_out (T, nb, H): gradient of each step's output from above; dh, dc (nb, H): the
+    recurrent gradients (zeroed by the caller: truncated BPTT); dw.d_bias and (first layer)
+    dw.d_w_ih_t, the one-hot table's gradient, get this block's partial gradients."""
+    for t in range(s.gates.shape[0] - 1, -1, -1):
+        g = s.gates[t]
+        c_prev = s.c0 if t == 0 else s.cs[t - 1]
+        lstm_cell_backward(g, c_prev, s.aux[t], d_out[t], dh, dc)
+        accumulate_step(g, tokens[t], first, dw.d_bias, dw.d_w_ih_t)
         if t > 0:  # the initial state is a constant: no gradient flows into it
-            gemm(False, False, ONE, g, w_hh, ZERO, dh)
+            gemm(False, False, ONE, g, w.w_hh, ZERO, dh)
 
 
 # ---------------------------------------------------------------- GRU (char-rnn's GRU.lua)
@@ -398,32 +441,31 @@ def gru_step_forward(g, bias, w_hh_t, h_prev, h, rh):
 
 
 @njit(**_opts)
-def gru_recurrence_forward(gates, bias, table, tokens, b0, w_hh_t, h0, hs, rh):
-    """As lstm_recurrence_forward, for (T, nb, 3H) gates; rh (T, nb, H)."""
-    nb = h0.shape[0]
-    for t in range(gates.shape[0]):
-        g = gates[t]
-        if table.shape[0] > 0:
-            gather_step(g, table, tokens[t, b0:b0 + nb])
+def gru_recurrence_forward(first, tokens, w, s):
+    """As lstm_recurrence_forward, for (T, nb, 3H) gates; s.aux = r*h."""
+    for t in range(s.gates.shape[0]):
+        g = s.gates[t]
+        if first:
+            gather_step(g, w.w_ih_t, tokens[t])
         if t == 0:
-            gru_step_forward(g, bias, w_hh_t, h0, hs[0], rh[0])
+            gru_step_forward(g, w.bias, w.w_hh_t, s.h0, s.hs[0], s.aux[0])
         else:
-            gru_step_forward(g, bias, w_hh_t, hs[t - 1], hs[t], rh[t])
+            gru_step_forward(g, w.bias, w.w_hh_t, s.hs[t - 1], s.hs[t], s.aux[t])
 
 
 @njit(**_opts)
-def gru_recurrence_backward(gates, w_hh, h0, hs, dhs, dh, d_rh, tokens, b0, d_bias, d_table):
+def gru_recurrence_backward(first, tokens, w, s, d_out, dh, d_rh, dw):
     """As lstm_recurrence_backward; d_rh (nb, H) is scratch for the gradient of r*h."""
-    nb, H = h0.shape
-    for t in range(gates.shape[0] - 1, -1, -1):
-        g = gates[t]
-        h_prev = h0 if t == 0 else hs[t - 1]
-        gru_output_backward(g, h_prev, dhs[t], dh)
-        gemm(False, False, ONE, g[:, 2 * H:3 * H], w_hh[2 * H:3 * H], ZERO, d_rh)
+    H = s.h0.shape[1]
+    for t in range(s.gates.shape[0] - 1, -1, -1):
+        g = s.gates[t]
+        h_prev = s.h0 if t == 0 else s.hs[t - 1]
+        gru_output_backward(g, h_prev, d_out[t], dh)
+        gemm(False, False, ONE, g[:, 2 * H:3 * H], w.w_hh[2 * H:3 * H], ZERO, d_rh)
         gru_reset_backward(g, h_prev, d_rh, dh)
-        accumulate_step(g, tokens[t, b0:b0 + nb], d_bias, d_table)
+        accumulate_step(g, tokens[t], first, dw.d_bias, dw.d_w_ih_t)
         if t > 0:
-            gemm(False, False, ONE, g[:, 0:2 * H], w_hh[0:2 * H], ONE, dh)
+            gemm(False, False, ONE, g[:, 0:2 * H], w.w_hh[0:2 * H], ONE, dh)
 
 
 # ---------------------------------------------------------------- vanilla RNN: h' = tanh(x W + h U + b)
@@ -443,26 +485,24 @@ def rnn_step_forward(g, bias, w_hh_t, h_prev, h):
 
 
 @njit(**_opts)
-def rnn_recurrence_forward(gates, bias, table, tokens, b0, w_hh_t, h0, hs):
+def rnn_recurrence_forward(first, tokens, w, s):
     """As lstm_recurrence_forward, for (T, nb, H) gates holding h' = tanh(a)."""
-    nb = h0.shape[0]
-    for t in range(gates.shape[0]):
-        g = gates[t]
-        if table.shape[0] > 0:
-            gather_step(g, table, tokens[t, b0:b0 + nb])
+    for t in range(s.gates.shape[0]):
+        g = s.gates[t]
+        if first:
+            gather_step(g, w.w_ih_t, tokens[t])
         if t == 0:
-            rnn_step_forward(g, bias, w_hh_t, h0, hs[0])
+            rnn_step_forward(g, w.bias, w.w_hh_t, s.h0, s.hs[0])
         else:
-            rnn_step_forward(g, bias, w_hh_t, hs[t - 1], hs[t])
+            rnn_step_forward(g, w.bias, w.w_hh_t, s.hs[t - 1], s.hs[t])
 
 
 @njit(**_opts)
-def rnn_recurrence_backward(gates, w_hh, dhs, dh, tokens, b0, d_bias, d_table):
+def rnn_recurrence_backward(first, tokens, w, s, d_out, dh, dw):
     """As lstm_recurrence_backward, for (T, nb, H) gates holding h' = tanh(a)."""
-    nb = dh.shape[0]
-    for t in range(gates.shape[0] - 1, -1, -1):
-        g = gates[t]
-        dho = dhs[t]
+    for t in range(s.gates.shape[0] - 1, -1, -1):
+        g = s.gates[t]
+        dho = d_out[t]
         for b in range(g.shape[0]):
             gb = g[b]
             ob = dho[b]
@@ -470,114 +510,115 @@ def rnn_recurrence_backward(gates, w_hh, dhs, dh, tokens, b0, d_bias, d_table):
             for j in range(gb.shape[0]):
                 a = gb[j]
                 gb[j] = (ob[j] + hb[j]) * (ONE - a * a)
-        accumulate_step(g, tokens[t, b0:b0 + nb], d_bias, d_table)
+        accumulate_step(g, tokens[t], first, dw.d_bias, dw.d_w_ih_t)
         if t > 0:
-            gemm(False, False, ONE, g, w_hh, ZERO, dh)
+            gemm(False, False, ONE, g, w.w_hh, ZERO, dh)
 
 
 # ---------------------------------------------------------------- one layer, any cell
-LSTM, GRU, RNN = 0, 1, 2
-KINDS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+LSTM, GRU, RNN = KINDS["lstm"], KINDS["gru"], KINDS["rnn"]
 
 
 @njit(**_opts)
-def layer_forward(kind, gates, bias, table, tokens, b0, w_ih_t, below, w_hh_t, h0, c0, hs, cs, aux, h_last,
-                  c_last):
-    """One block of nb batch rows of a layer, all T steps, rows time-major inside the block:
-    gates (T*nb, G) out (its input projection is `below` (T*nb, H_in) @ w_ih_t (H_in, G), or
-    the one-hot `table` gathered per step); w_hh_t (H, G). The forward takes the weights
-    transposed so that every product is A @ B, the form libxsmm runs (blas.py). h0, c0
-    (nb, H) the state before step 0; hs, cs, aux (T*nb, H): h, c (LSTM) and tanh(c) (LSTM)
-    / r*h (GRU) after each step; h_last, c_last (nb, H) get the state after the last step."""
+def layer_forward(kind, first, tokens, b0, w, a):
+    """One block of a layer, all T steps: the block's nb batch rows are columns b0.. of tokens
+    (T, B), and `a` holds only its rows. Its gates get the input projection, a.x @ w.w_ih_t
+    (one GEMM over all steps) or, for the first layer, the table rows of the tokens; then the
+    recurrence; then the state after the last step."""
     T = tokens.shape[0]
-    nb, H = h0.shape
-    G = gates.shape[1]
-    if table.shape[0] == 0:
-        gemm(False, False, ONE, below, w_ih_t, ZERO, gates)
-    g3 = gates.reshape((T, nb, G))
-    h3 = hs.reshape((T, nb, H))
-    c3 = cs.reshape((T, nb, H))
-    a3 = aux.reshape((T, nb, H))
+    nb = a.h0.shape[0]
+    if not first:
+        gemm(False, False, ONE, a.x, w.w_ih_t, ZERO, a.gates)
+    s = _steps(a, T)
+    block_tokens = tokens[:, b0:b0 + nb]
     if kind == LSTM:
-        lstm_recurrence_forward(g3, bias, table, tokens, b0, w_hh_t, h0, c0, h3, c3, a3)
-        c_last[:] = c3[T - 1]
-    elif kind == GRU:
-        gru_recurrence_forward(g3, bias, table, tokens, b0, w_hh_t, h0, h3, a3)
+        lstm_recurrence_forward(first, block_tokens, w, s)
+        a.c_last[:] = s.cs[T - 1]
     else:
-        rnn_recurrence_forward(g3, bias, table, tokens, b0, w_hh_t, h0, h3)
-    h_last[:] = h3[T - 1]
+        if kind == GRU:
+            gru_recurrence_forward(first, block_tokens, w, s)
+        else:
+            rnn_recurrence_forward(first, block_tokens, w, s)
+        a.c_last[:] = a.c0
+    a.h_last[:] = s.hs[T - 1]
 
 
 @njit(**_opts)
-def layer_backward(kind, gates, tokens, b0, w_ih, below, w_hh, h0, c0, hs, cs, aux, d_out, dh, dc,
-                   d_bias, d_table, d_w_hh_t, d_w_ih_t, d_below):
-    """The block's backward, all steps: gates (T*nb, G) activations in, pre-activation
-    gradients out; d_out (T*nb, H) the gradient of the layer's outputs. The block's partial
-    gradients go to d_bias (G), d_table (V, G; first layer) or d_w_ih_t (H_in, G) (above it),
-    and d_w_hh_t (H, G): the weight gradients transposed, x^T dG, which MKL runs at 97
-    GFLOP/s against 87 for dG^T x (1 thread, 1250 rows); reduce_parts_transposed sums and
-    turns them. d_below (T*nb, H_in; above the first layer) gets the gradient of the layer's
-    input. d_out and d_below may be the same rows: d_out is read before."""
+def layer_backward(kind, first, tokens, b0, w, a, d, dw):
+    """The block's backward, all steps: a.gates activations in, pre-activation gradients out;
+    d (LayerGradients, the block's rows) and dw (WeightGradients) as documented there."""
     T = tokens.shape[0]
-    nb, H = h0.shape
-    G = gates.shape[1]
-    dh[:] = ZERO  # truncated BPTT: no gradient arrives from beyond the last step
-    dc[:] = ZERO
-    d_bias[:] = ZERO
-    d_table[:] = ZERO
-    g3 = gates.reshape((T, nb, G))
-    d3 = d_out.reshape((T, nb, H))
+    nb, H = a.h0.shape
+    G = a.gates.shape[1]
+    d.dh[:] = ZERO  # truncated BPTT: no gradient arrives from beyond the last step
+    d.dc[:] = ZERO
+    dw.d_bias[:] = ZERO
+    if first:
+        dw.d_w_ih_t[:] = ZERO  # accumulated row by row; above, one GEMM writes it
+    s = _steps(a, T)
+    block_tokens = tokens[:, b0:b0 + nb]
+    d_out = d.d_out.reshape((T, nb, H))
     if kind == LSTM:
-        lstm_recurrence_backward(g3, w_hh, c0, cs.reshape((T, nb, H)), aux.reshape((T, nb, H)), d3, dh, dc,
-                                 tokens, b0, d_bias, d_table)
+        lstm_recurrence_backward(first, block_tokens, w, s, d_out, d.dh, d.dc, dw)
     elif kind == GRU:
-        gru_recurrence_backward(g3, w_hh, h0, hs.reshape((T, nb, H)), d3, dh, dc, tokens, b0, d_bias, d_table)
+        gru_recurrence_backward(first, block_tokens, w, s, d_out, d.dh, d.dc, dw)
     else:
-        rnn_recurrence_backward(g3, w_hh, d3, dh, tokens, b0, d_bias, d_table)
+        rnn_recurrence_backward(first, block_tokens, w, s, d_out, d.dh, dw)
     # weight gradients over all steps: the recurrent input is h0 at step 0, then hs[0:T-1]
     hh = 2 * H if kind == GRU else G  # GRU: z, r act on h; the candidate's weights on r*h
-    gemm(True, False, ONE, h0, gates[:nb, :hh], ZERO, d_w_hh_t[:, :hh])
-    gemm(True, False, ONE, hs[:(T - 1) * nb], gates[nb:, :hh], ONE, d_w_hh_t[:, :hh])
+    gemm(True, False, ONE, a.h0, a.gates[:nb, :hh], ZERO, dw.d_w_hh_t[:, :hh])
+    gemm(True, False, ONE, a.hs[:(T - 1) * nb], a.gates[nb:, :hh], ONE, dw.d_w_hh_t[:, :hh])
     if kind == GRU:
-        gemm(True, False, ONE, aux, gates[:, hh:], ZERO, d_w_hh_t[:, hh:])
-    if d_table.shape[0] == 0:  # above the first layer
-        gemm(True, False, ONE, below, gates, ZERO, d_w_ih_t)
-        gemm(False, False, ONE, gates, w_ih, ZERO, d_below)
+        gemm(True, False, ONE, a.aux, a.gates[:, hh:], ZERO, dw.d_w_hh_t[:, hh:])
+    if not first:
+        gemm(True, False, ONE, a.x, a.gates, ZERO, dw.d_w_ih_t)
+        gemm(False, False, ONE, a.gates, w.w_ih, ZERO, d.d_out)
 
 
 # Batch strategy: block p of nparts holds batch rows [p*B/nparts, (p+1)*B/nparts), and every
 # (T*B)-row buffer stores the blocks one after another, time-major inside each. A thread then
 # runs a layer's input projection, recurrence, weight-gradient partials and input gradient on
-# its own contiguous rows with MKL sequential inside (left to its global count it nests, ~3x
-# slower on 2 cores): no activation cache line is written by one core and read by another.
+# its own contiguous rows with MKL sequential inside (left to its global count it nests):
+# no activation cache line is written by one core and read by another.
+
+@njit(**_opts)
+def _block_activations(a, T, b0, b1):
+    r0, r1 = T * b0, T * b1
+    return LayerActivations(a.x[r0:r1], a.gates[r0:r1], a.hs[r0:r1], a.cs[r0:r1], a.aux[r0:r1], a.h0[b0:b1],
+                            a.c0[b0:b1], a.h_last[b0:b1], a.c_last[b0:b1])
+
+
+@njit(**_opts)
+def _block_gradients(d, T, b0, b1):
+    return LayerGradients(d.d_out[T * b0:T * b1], d.dh[b0:b1], d.dc[b0:b1])
+
+
+@njit(**_opts)
+def _part(dw, p):
+    return WeightGradients(dw.d_bias[p], dw.d_w_ih_t[p], dw.d_w_hh_t[p])
+
 
 @njit(parallel=True, **_opts)
-def forward_parallel(kind, gates, bias, table, tokens, w_ih_t, below, w_hh_t, h0, c0, hs, cs, aux,
-                     h_last, c_last, nparts):
-    """layer_forward for every block; h0, c0, h_last, c_last (B, H)."""
+def layer_forward_blocks(kind, first, tokens, w, a, nparts):
+    """layer_forward for every block, one per thread; `a` holds all B rows."""
     T, B = tokens.shape
     for p in prange(nparts):
         set_num_threads_local(1)
         b0, b1 = p * B // nparts, (p + 1) * B // nparts
-        r0, r1 = T * b0, T * b1
-        layer_forward(kind, gates[r0:r1], bias, table, tokens, b0, w_ih_t, below[r0:r1], w_hh_t, h0[b0:b1],
-                      c0[b0:b1], hs[r0:r1], cs[r0:r1], aux[r0:r1], h_last[b0:b1], c_last[b0:b1])
+        layer_forward(kind, first, tokens, b0, w, _block_activations(a, T, b0, b1))
         set_num_threads_local(0)
 
 
 @njit(parallel=True, **_opts)
-def backward_parallel(kind, gates, tokens, w_ih, below, w_hh, h0, c0, hs, cs, aux, d_out, dh, dc,
-                      d_bias_parts, d_table_parts, d_w_hh_parts, d_w_ih_parts, d_below, nparts):
-    """layer_backward for every block; the (nparts, ...) arrays get each block's partial
+def layer_backward_blocks(kind, first, tokens, w, a, d, dw, nparts):
+    """layer_backward for every block; dw's (nparts, ...) arrays get each block's partial
     gradients, summed by reduce_parts(_transposed) in a fixed order."""
     T, B = tokens.shape
     for p in prange(nparts):
         set_num_threads_local(1)
         b0, b1 = p * B // nparts, (p + 1) * B // nparts
-        r0, r1 = T * b0, T * b1
-        layer_backward(kind, gates[r0:r1], tokens, b0, w_ih, below[r0:r1], w_hh, h0[b0:b1], c0[b0:b1],
-                       hs[r0:r1], cs[r0:r1], aux[r0:r1], d_out[r0:r1], dh[b0:b1], dc[b0:b1], d_bias_parts[p],
-                       d_table_parts[p], d_w_hh_parts[p], d_w_ih_parts[p], d_below[r0:r1])
+        layer_backward(kind, first, tokens, b0, w, _block_activations(a, T, b0, b1),
+                       _block_gradients(d, T, b0, b1), _part(dw, p))
         set_num_threads_local(0)
 
 
@@ -617,6 +658,18 @@ def reduce_parts_transposed(parts, out, nchunks):
 
 # ---------------------------------------------------------------- decoder and loss
 
+DecoderWeights = namedtuple("DecoderWeights", ["w_t", "b", "w"])
+DecoderWeights.__doc__ = "w_t (H, V) the weights transposed (forward), b (V), w (V, H) as stored (backward)."
+
+DecoderActivations = namedtuple("DecoderActivations", ["x", "targets", "logits", "row_loss"])
+DecoderActivations.__doc__ = """x (R, H): the decoder's input, the top layer's outputs after
+dropout; targets (R); logits (R, V): the logits, then the gradient of the loss by them;
+row_loss (R): each row's NLL."""
+
+DecoderGradients = namedtuple("DecoderGradients", ["d_w", "d_b"])
+DecoderGradients.__doc__ = "One block's partial gradients d_w (V, H), d_b (V) (a leading block axis for *_blocks)."
+
+
 @njit(**_opts)
 def softmax_nll_row(z, y, grad_scale):
     """z (V): logits in, grad_scale * d(NLL)/d(logits) out for target y; returns the NLL."""
@@ -637,50 +690,80 @@ def softmax_nll_row(z, y, grad_scale):
 
 
 @njit(**_opts)
-def decoder_forward(top, dec_w_t, dec_b, targets, logits, row_loss, grad_scale):
-    """A block of R rows: logits (R, V) = top (R, H) @ dec_w_t (H, V) + dec_b; row_loss (R) gets each
-    row's NLL (summed by the caller in a fixed order) and logits d(loss)/d(logits), where loss
-    = grad_scale * the sum of the row NLLs."""
-    for r in range(logits.shape[0]):
-        logits[r] = dec_b
-    gemm(False, False, ONE, top, dec_w_t, ONE, logits)
-    for r in range(logits.shape[0]):
-        row_loss[r] = softmax_nll_row(logits[r], targets[r], grad_scale)
+def decoder_forward(w, a, grad_scale):
+    """A block of R rows: logits = x @ w_t + b; row_loss gets each row's NLL (summed by the
+    caller in a fixed order) and logits d(loss)/d(logits), where loss = grad_scale * the sum
+    of the row NLLs."""
+    for r in range(a.logits.shape[0]):
+        a.logits[r] = w.b
+    gemm(False, False, ONE, a.x, w.w_t, ONE, a.logits)
+    for r in range(a.logits.shape[0]):
+        a.row_loss[r] = softmax_nll_row(a.logits[r], a.targets[r], grad_scale)
 
 
 @njit(**_opts)
-def decoder_backward(d_logits, top, dec_w, d_w, d_b, d_top):
-    """A block's decoder gradients: partials d_w (V, H), d_b (V); d_top (R, H) = the gradient
-    of the decoder's input."""
-    gemm(True, False, ONE, d_logits, top, ZERO, d_w)
-    d_b[:] = ZERO
-    for r in range(d_logits.shape[0]):
-        row = d_logits[r]
+def decoder_backward(w, a, d_x, dw):
+    """A block's decoder gradients from a.logits (holding d(loss)/d(logits)): the partials dw;
+    d_x (R, H) = the gradient of the decoder's input."""
+    gemm(True, False, ONE, a.logits, a.x, ZERO, dw.d_w)
+    dw.d_b[:] = ZERO
+    for r in range(a.logits.shape[0]):
+        row = a.logits[r]
         for j in range(row.shape[0]):
-            d_b[j] += row[j]
-    gemm(False, False, ONE, d_logits, dec_w, ZERO, d_top)
+            dw.d_b[j] += row[j]
+    gemm(False, False, ONE, a.logits, w.w, ZERO, d_x)
+
+
+@njit(**_opts)
+def _block_decoder(a, r0, r1):
+    return DecoderActivations(a.x[r0:r1], a.targets[r0:r1], a.logits[r0:r1], a.row_loss[r0:r1])
 
 
 @njit(parallel=True, **_opts)
-def decoder_forward_parallel(top, dec_w_t, dec_b, targets, logits, row_loss, grad_scale, T, nparts):
+def decoder_forward_blocks(w, a, grad_scale, T, nparts):
     """decoder_forward for every block of T * (batch rows) rows (the layout above)."""
-    B = logits.shape[0] // T
+    B = a.logits.shape[0] // T
     for p in prange(nparts):
         set_num_threads_local(1)
         r0, r1 = T * (p * B // nparts), T * ((p + 1) * B // nparts)
-        decoder_forward(top[r0:r1], dec_w_t, dec_b, targets[r0:r1], logits[r0:r1], row_loss[r0:r1], grad_scale)
+        decoder_forward(w, _block_decoder(a, r0, r1), grad_scale)
         set_num_threads_local(0)
 
 
 @njit(parallel=True, **_opts)
-def decoder_backward_parallel(d_logits, top, dec_w, d_w_parts, d_b_parts, d_top, T, nparts):
-    """decoder_backward for every block; partials in d_w_parts (nparts, V, H), d_b_parts (nparts, V)."""
-    B = d_logits.shape[0] // T
+def decoder_backward_blocks(w, a, d_x, dw, T, nparts):
+    """decoder_backward for every block; dw's (nparts, ...) arrays get the partials."""
+    B = a.logits.shape[0] // T
     for p in prange(nparts):
         set_num_threads_local(1)
         r0, r1 = T * (p * B // nparts), T * ((p + 1) * B // nparts)
-        decoder_backward(d_logits[r0:r1], top[r0:r1], dec_w, d_w_parts[p], d_b_parts[p], d_top[r0:r1])
+        decoder_backward(w, _block_decoder(a, r0, r1), d_x[r0:r1], DecoderGradients(dw.d_w[p], dw.d_b[p]))
         set_num_threads_local(0)
+
+
+# ---------------------------------------------------------------- serial or parallel, chosen once
+
+Passes = namedtuple("Passes", ["layer_forward", "layer_backward", "decoder_forward", "decoder_backward"])
+
+
+def training_passes(nparts):
+    """The kernels of a training iteration over `nparts` blocks of batch rows, with one
+    signature whichever runs them: (kind, first, tokens, w, a), (kind, first, tokens, w, a,
+    d, dw), (w, a, grad_scale, T), (w, a, d_x, dw, T); the weight-gradient partials dw with a
+    leading block axis. One block runs in the calling thread with MKL threaded (strategy
+    gemm, or one thread); more run one per thread (strategy batch)."""
+    if nparts == 1:
+        return Passes(
+            lambda kind, first, tokens, w, a: layer_forward(kind, first, tokens, 0, w, a),
+            lambda kind, first, tokens, w, a, d, dw: layer_backward(kind, first, tokens, 0, w, a, d,
+                                                                    WeightGradients(*(x[0] for x in dw))),
+            lambda w, a, grad_scale, T: decoder_forward(w, a, grad_scale),
+            lambda w, a, d_x, dw, T: decoder_backward(w, a, d_x, DecoderGradients(*(x[0] for x in dw))))
+    return Passes(
+        lambda kind, first, tokens, w, a: layer_forward_blocks(kind, first, tokens, w, a, nparts),
+        lambda kind, first, tokens, w, a, d, dw: layer_backward_blocks(kind, first, tokens, w, a, d, dw, nparts),
+        lambda w, a, grad_scale, T: decoder_forward_blocks(w, a, grad_scale, T, nparts),
+        lambda w, a, d_x, dw, T: decoder_backward_blocks(w, a, d_x, dw, T, nparts))
 
 
 # ---------------------------------------------------------------- optimizer

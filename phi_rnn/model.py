@@ -12,10 +12,10 @@ import numba
 import numpy as np
 
 from phi_rnn import kernels as K
-from phi_rnn.config import MODELS
+from phi_rnn.cells import GATES, KINDS, MODELS  # noqa: F401  (the cell types; re-exported)
 
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # blocks: lstm i, f, o, g; gru z, r, c; rnn one
 INIT_RANGE = 0.08
+RMS_CHUNKS = 64  # fixed chunking of the optimizer: results independent of the thread count
 
 
 def param_shapes(model, vocab_size, rnn_size, num_layers):
@@ -46,6 +46,30 @@ class FlatBuffer:
         return self.views[name]
 
 
+def transposed_weights(params, num_layers, out=None):
+    """The forward's weights, transposed so that every product is A @ B (the form libxsmm
+    runs, blas.py), as kernels.generation_step takes them: (w_ih0_t (V, G) the one-hot table,
+    w_ih_t (max(L-1, 1), H, G) of layers 1.., w_hh_t (L, H, G), bias (L, G) = b_ih + b_hh,
+    dec_w_t (H, V), dec_b (V)). `params` maps the checkpoint's names to arrays; `out`, a
+    previous result, is refilled in place."""
+    L, p = num_layers, params
+    if out is None:
+        G, H = p["layers.0.w_hh"].shape
+        V, dt = p["decoder.bias"].shape[0], p["decoder.bias"].dtype
+        out = (np.zeros((V, G), dt), np.zeros((max(L - 1, 1), H, G), dt), np.zeros((L, H, G), dt),
+               np.zeros((L, G), dt), np.zeros((H, V), dt), np.zeros(V, dt))
+    w_ih0_t, w_ih_t, w_hh_t, bias, dec_w_t, dec_b = out
+    w_ih0_t[:] = p["layers.0.w_ih"].T
+    for layer in range(L):
+        if layer > 0:
+            w_ih_t[layer - 1] = p[f"layers.{layer}.w_ih"].T
+        w_hh_t[layer] = p[f"layers.{layer}.w_hh"].T
+        np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=bias[layer])
+    dec_w_t[:] = p["decoder.weight"].T
+    dec_b[:] = p["decoder.bias"]
+    return out
+
+
 def gemm_flops(model, vocab_size, rnn_size, num_layers, batch_size, seq_length):
     """GEMM floating-point operations of one training iteration. Forward: every layer's
     recurrent product, the input products of layers >= 1 (the first is a gather) and the
@@ -67,14 +91,21 @@ class Network:
         if model not in MODELS:
             raise ValueError(f"unknown model type {model!r}")
         self.model, self.V, self.H, self.L = model, vocab_size, rnn_size, num_layers
-        self.kind = K.KINDS[model]
+        self.kind = KINDS[model]
         self.dropout = dropout
         self.strategy = strategy
         self.dtype = np.dtype(dtype).type
         shapes = param_shapes(model, vocab_size, rnn_size, num_layers)
         self.params = FlatBuffer(shapes, dtype)
         self.grads = FlatBuffer(shapes, dtype)
-        self.rms = np.zeros_like(self.params.data)
+        self.rms = np.zeros_like(self.params.data)  # RMSprop's running mean of squared gradients
+        self.transposed = transposed_weights(self.params, num_layers)  # refilled by every forward
+        w_ih0_t, w_ih_t, w_hh_t, bias, dec_w_t, dec_b = self.transposed
+        p = self.params
+        self.weights = [K.LayerWeights(w_ih0_t if layer == 0 else w_ih_t[layer - 1], w_hh_t[layer], bias[layer],
+                                       p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"])
+                        for layer in range(num_layers)]
+        self.decoder_weights = K.DecoderWeights(dec_w_t, dec_b, p["decoder.weight"])
         self._shape = None
 
     # ------------------------------------------------------------ set-up
@@ -90,50 +121,33 @@ class Network:
         return np.zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
 
     def _workspace(self, T, B):
-        P = self._nparts(B)
+        P = max(1, min(numba.get_num_threads(), B)) if self.strategy == "batch" else 1
         if self._shape == (T, B, P):
             return
         self._shape = (T, B, P)
+        self.passes = K.training_passes(P)
         L, H, V, G = self.L, self.H, self.V, GATES[self.model] * self.H
-        dt = self.dtype
+        rows = lambda width: np.zeros((T * B, width), self.dtype)  # noqa: E731
+        state = lambda: np.zeros((B, H), self.dtype)  # noqa: E731
         # every (T*B)-row buffer holds P blocks of batch rows, time-major inside a block
         # (kernels.py); row r of that layout is row perm[r] of the time-major (T, B) order
         self.perm = np.concatenate([(np.arange(T)[:, None] * B + np.arange(p * B // P, (p + 1) * B // P)).ravel()
                                     for p in range(P)])
-        self.targets = np.zeros(T * B, np.int32)
-        self.gates = np.zeros((L, T * B, G), dt)
-        self.hs = np.zeros((L, T * B, H), dt)  # h after each step
-        self.cs = np.zeros((L, T * B, H), dt)  # LSTM: c after each step
-        self.aux = np.zeros((L, T * B, H), dt)  # LSTM: tanh(c); GRU: r*h
-        self.h0 = np.zeros((L, B, H), dt)  # the state before the first step
-        self.c0 = np.zeros((L, B, H), dt)
-        self.dropped = np.zeros((L, T * B, H), dt)  # input of layers >= 1 and of the decoder, after dropout
-        self.inputs = [None] * L  # what each of them read: a view of hs without dropout, else `dropped`
-        self.masks = np.zeros((L, T * B, H), dt)
-        self.logits = np.zeros((T * B, V), dt)
-        self.row_loss = np.zeros(T * B, dt)
-        self.d_in = np.zeros((T * B, H), dt)   # gradient of a layer's input = the outputs below
-        self.dh = np.zeros((B, H), dt)
-        self.dc = np.zeros((B, H), dt)
-        # the forward's weights transposed (kernels.layer_forward); layer 0 uses the table w_ih0_t
-        self.w_ih0_t = np.zeros((V, G), dt)
-        self.w_ih_t = np.zeros((L, H, G), dt)
-        self.w_hh_t = np.zeros((L, H, G), dt)
-        self.dec_w_t = np.zeros((H, V), dt)
-        self.no_table = np.zeros((0, G), dt)
-        self.no_input = np.zeros((0, H), dt)
-        # per-block partial gradients, summed in a fixed order by kernels.reduce_parts
-        self.d_tables = np.zeros((P, V, G), dt)
-        self.no_tables = np.zeros((P, 0, G), dt)
-        self.d_biases = np.zeros((P, G), dt)
-        self.d_w_hh_parts = np.zeros((P, H, G), dt)  # weight gradients transposed (kernels.layer_backward)
-        self.d_w_ih_parts = np.zeros((P, H, G), dt)
-        self.d_dec_w_parts = np.zeros((P, V, H), dt)
-        self.d_dec_b_parts = np.zeros((P, V), dt)
-        self.bias = np.zeros(G, dt)
-
-    def _nparts(self, B):
-        return max(1, min(numba.get_num_threads(), B)) if self.strategy == "batch" else 1
+        # x of each layer above the first is set by every forward (the outputs below, or their copy
+        # through dropout); the first layer reads the tokens
+        self.acts = [K.LayerActivations(np.zeros((0, H), self.dtype), rows(G), rows(H), rows(H), rows(H),
+                                        state(), state(), state(), state()) for _ in range(L)]
+        self.decoder = K.DecoderActivations(None, np.zeros(T * B, np.int32), rows(V), np.zeros(T * B, self.dtype))
+        self.dropped = np.zeros((L, T * B, H), self.dtype)  # [l - 1]: input of layer l (l = L: the decoder's)
+        self.masks = np.zeros((L, T * B, H), self.dtype)  # after dropout, and the masks that made it
+        # gradients: d_out of each layer in turn (the decoder's input's, then each layer's input's)
+        self.layer_grads = K.LayerGradients(rows(H), state(), state())
+        # per-block partial weight gradients, summed in a fixed order by kernels.reduce_parts(_transposed)
+        d_bias, d_w_hh_t = np.zeros((P, G), self.dtype), np.zeros((P, H, G), self.dtype)
+        self.weight_grads = [K.WeightGradients(d_bias, np.zeros((P, V, G), self.dtype), d_w_hh_t)]
+        if L > 1:
+            self.weight_grads += [K.WeightGradients(d_bias, np.zeros((P, H, G), self.dtype), d_w_hh_t)] * (L - 1)
+        self.decoder_grads = K.DecoderGradients(np.zeros((P, V, H), self.dtype), np.zeros((P, V), self.dtype))
 
     def time_major(self, rows):
         """A (T*B, ...) workspace buffer of the last pass in (T, B, ...) order."""
@@ -149,87 +163,59 @@ class Network:
         the NLL, averaged over the T steps."""
         T, B = x.shape
         self._workspace(T, B)
-        p = self.params
-        nparts = self._shape[2]
-        training = rng is not None and self.dropout > 0
+        transposed_weights(self.params, self.L, out=self.transposed)
+        dropout = rng is not None and self.dropout > 0
         for layer in range(self.L):
-            w_ih_t, w_hh_t = self.w_ih_t[layer], self.w_hh_t[layer]
-            w_hh_t[:] = p[f"layers.{layer}.w_hh"].T
-            np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=self.bias)
-            if layer == 0:
-                self.w_ih0_t[:] = p["layers.0.w_ih"].T
-                table, below = self.w_ih0_t, self.no_input
-            else:
-                w_ih_t[:] = p[f"layers.{layer}.w_ih"].T
-                table, below = self.no_table, self._layer_input(layer, training, rng)
-            h0, c0 = self.h0[layer], self.c0[layer]
-            h0[:], c0[:] = state[layer, 0], state[layer, 1]
-            args = (self.kind, self.gates[layer], self.bias, table, x)
-            per_layer = (w_ih_t, below, w_hh_t, h0, c0, self.hs[layer], self.cs[layer], self.aux[layer],
-                         state[layer, 0], state[layer, 1])
-            if nparts > 1:
-                K.forward_parallel(*args, *per_layer, nparts)
-            else:
-                K.layer_forward(*args, 0, *per_layer)
-        top = self._layer_input(self.L, training, rng)
-        np.take(y.reshape(-1), self.perm, out=self.targets)
-        self.dec_w_t[:] = p["decoder.weight"].T
-        decoder = (top, self.dec_w_t, p["decoder.bias"], self.targets, self.logits, self.row_loss,
-                   self.dtype(1.0 / B))
-        if nparts > 1:
-            K.decoder_forward_parallel(*decoder, T, nparts)
-        else:
-            K.decoder_forward(*decoder)
-        return float(self.row_loss.sum(dtype=np.float64)) / (B * T)
+            a = self.acts[layer]
+            if layer > 0:
+                a = self.acts[layer] = a._replace(x=self._input(layer, dropout, rng))
+            a.h0[:], a.c0[:] = state[layer, 0], state[layer, 1]
+            self.passes.layer_forward(self.kind, layer == 0, x, self.weights[layer], a)
+            state[layer, 0], state[layer, 1] = a.h_last, a.c_last
+        dec = self.decoder = self.decoder._replace(x=self._input(self.L, dropout, rng))
+        np.take(y.reshape(-1), self.perm, out=dec.targets)
+        self.passes.decoder_forward(self.decoder_weights, dec, self.dtype(1.0 / B), T)
+        return float(dec.row_loss.sum(dtype=np.float64)) / (B * T)
 
-    def _layer_input(self, layer, training, rng):
-        """The input of layer `layer` (or of the decoder when layer == L): the outputs of the
-        layer below (a view: no copy), or a copy through dropout when training; remembered in
-        self.inputs[layer % L] for the backward pass."""
-        below = self.hs[layer - 1]
-        if training:
-            below_dropped = self.dropped[layer % self.L]
-            mask = self.masks[layer % self.L]
-            keep = rng.random(mask.shape, dtype=np.float32) >= self.dropout
-            np.multiply(keep, self.dtype(1.0 / (1.0 - self.dropout)), out=mask)
-            K.multiply(below, mask, below_dropped)
-            below = below_dropped
-        self.inputs[layer % self.L] = below
-        return below
+    def _input(self, layer, dropout, rng):
+        """The input of layer `layer` (the decoder's when layer == L): the outputs of the
+        layer below (a view: no copy), or with dropout a copy through a fresh mask."""
+        below = self.acts[layer - 1].hs
+        if not dropout:
+            return below
+        mask = self.masks[layer - 1]
+        keep = rng.random(mask.shape, dtype=np.float32) >= self.dropout
+        np.multiply(keep, self.dtype(1.0 / (1.0 - self.dropout)), out=mask)
+        K.multiply(below, mask, self.dropped[layer - 1])
+        return self.dropped[layer - 1]
 
     def backward(self, x, training_dropout):
         """Gradients of the last forward's loss (the sum over timesteps of the per-step
         batch-mean NLL, as char-rnn: not divided by T) into self.grads."""
-        p, g = self.params, self.grads
-        T, _, nparts = self._shape
+        g = self.grads
+        T, _, P = self._shape
         chunks = numba.get_num_threads()
-        # self.inputs[L % L] is the decoder's input; d_in gets the gradient of it
-        decoder = (self.logits, self.inputs[0], p["decoder.weight"])
-        if nparts > 1:
-            K.decoder_backward_parallel(*decoder, self.d_dec_w_parts, self.d_dec_b_parts, self.d_in, T, nparts)
-        else:
-            K.decoder_backward(*decoder, self.d_dec_w_parts[0], self.d_dec_b_parts[0], self.d_in)
-        K.reduce_parts(self.d_dec_w_parts.reshape(nparts, -1), g["decoder.weight"].reshape(-1), chunks)
-        K.reduce_parts(self.d_dec_b_parts, g["decoder.bias"], 1)
+        d = self.layer_grads
+        self.passes.decoder_backward(self.decoder_weights, self.decoder, d.d_out, self.decoder_grads, T)
+        K.reduce_parts(self.decoder_grads.d_w.reshape(P, -1), g["decoder.weight"].reshape(-1), chunks)
+        K.reduce_parts(self.decoder_grads.d_b, g["decoder.bias"], 1)
         for layer in range(self.L - 1, -1, -1):
-            if training_dropout:
-                K.multiply(self.d_in, self.masks[(layer + 1) % self.L], self.d_in)
-            first = layer == 0
-            below = self.no_input if first else self.inputs[layer]
-            d_tables = self.d_tables if first else self.no_tables
-            # d_in is read as the gradient of this layer's outputs, then holds its input's
-            args = (self.kind, self.gates[layer], x)
-            per_layer = (p[f"layers.{layer}.w_ih"], below, p[f"layers.{layer}.w_hh"], self.h0[layer],
-                         self.c0[layer], self.hs[layer], self.cs[layer], self.aux[layer], self.d_in, self.dh,
-                         self.dc)
-            if nparts > 1:
-                K.backward_parallel(*args, *per_layer, self.d_biases, d_tables, self.d_w_hh_parts,
-                                    self.d_w_ih_parts, self.d_in, nparts)
-            else:
-                K.layer_backward(*args, 0, *per_layer, self.d_biases[0], d_tables[0], self.d_w_hh_parts[0],
-                                 self.d_w_ih_parts[0], self.d_in)
-            K.reduce_parts_transposed(self.d_w_hh_parts, g[f"layers.{layer}.w_hh"], chunks)
-            d_bias = g[f"layers.{layer}.b_ih"]
-            K.reduce_parts(self.d_biases, d_bias, 1)
-            g[f"layers.{layer}.b_hh"][:] = d_bias
-            K.reduce_parts_transposed(self.d_tables if first else self.d_w_ih_parts, g[f"layers.{layer}.w_ih"], chunks)
+            if training_dropout:  # through the dropout on the input of the layer above
+                K.multiply(d.d_out, self.masks[layer], d.d_out)
+            dw = self.weight_grads[layer]
+            self.passes.layer_backward(self.kind, layer == 0, x, self.weights[layer], self.acts[layer], d, dw)
+            K.reduce_parts_transposed(dw.d_w_hh_t, g[f"layers.{layer}.w_hh"], chunks)
+            K.reduce_parts(dw.d_bias, g[f"layers.{layer}.b_ih"], 1)
+            g[f"layers.{layer}.b_hh"][:] = g[f"layers.{layer}.b_ih"]
+            K.reduce_parts_transposed(dw.d_w_ih_t, g[f"layers.{layer}.w_ih"], chunks)
+
+    # ------------------------------------------------------------ optimizer
+    def update(self, learning_rate, decay_rate, grad_clip):
+        """One RMSprop step, char-rnn's: clamp the gradients to [-grad_clip, grad_clip],
+        m = decay_rate*m + (1-decay_rate)*g^2, p -= learning_rate*g/(sqrt(m)+1e-8). Returns
+        |clamped gradient| / |updated parameters| (char-rnn's grad/param norm)."""
+        sq_grad = np.zeros(RMS_CHUNKS)
+        sq_param = np.zeros(RMS_CHUNKS)
+        K.rmsprop_step(self.params.data, self.grads.data, self.rms, learning_rate, decay_rate, grad_clip,
+                       RMS_CHUNKS, sq_grad, sq_param)
+        return float(np.sqrt(sq_grad.sum()) / np.sqrt(sq_param.sum()))

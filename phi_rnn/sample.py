@@ -8,7 +8,7 @@ import numpy as np
 from phi_rnn import checkpoint, data
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
-from phi_rnn.model import GATES
+from phi_rnn.model import GATES, KINDS, transposed_weights
 
 BLOCK = 4096  # characters generated per compiled call, then written out
 _HUGE_PAGE = 2 << 20
@@ -43,16 +43,12 @@ class Generator:
     def __init__(self, ck):
         p, L = ck.params, int(ck.meta["num_layers"])
         hidden = int(ck.meta["rnn_size"])
-        self.kind = K.KINDS[ck.meta["model"]]
+        self.kind = KINDS[ck.meta["model"]]
         gh = GATES[ck.meta["model"]] * hidden
         self.encoding = ck.meta.get("encoding", "utf-8")
         self.vocab = ck.vocab
         self.index = {s: i for i, s in enumerate(self.vocab)}
-        upper = [p[f"layers.{l}.w_ih"].T for l in range(1, L)] or [np.zeros((hidden, gh))]
-        self.weights = _one_huge_page_region(
-            (p["layers.0.w_ih"].T, np.stack(upper), np.stack([p[f"layers.{l}.w_hh"].T for l in range(L)]),
-             np.stack([p[f"layers.{l}.b_ih"] + p[f"layers.{l}.b_hh"] for l in range(L)]),
-             p["decoder.weight"].T, p["decoder.bias"]))
+        self.weights = _one_huge_page_region(transposed_weights(p, L))
         self.state = np.zeros((L, 2, 2, 1, hidden), np.float32)
         self.aux = np.zeros((1, hidden), np.float32)
         self.gates = np.zeros((1, gh), np.float32)

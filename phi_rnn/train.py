@@ -16,7 +16,6 @@ from phi_rnn.model import Network
 
 EXIT_DIVERGED = 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-RMS_CHUNKS = 64  # fixed chunking of the optimizer: results independent of the thread count
 # what --resume needs beyond the weights
 RESUME_ARRAYS = ("optim.rms", "state", "train_losses")
 # options that define the model and its training math: taken from the checkpoint on --resume
@@ -50,19 +49,10 @@ def compile_kernels(model, strategy, log):
     x = np.zeros((2, 2), np.int32)
     net.forward(x, x, net.zero_state(2), np.random.default_rng(0))
     net.backward(x, True)
-    _optimizer_step(net, 1e-3, 0.95, 5.0)
-    compiled = any(d.stats.cache_misses for d in (K.forward_parallel, K.backward_parallel, K.rmsprop_step))
+    net.update(1e-3, 0.95, 5.0)
+    compiled = any(d.stats.cache_misses for d in (K.layer_forward, K.layer_forward_blocks, K.rmsprop_step))
     log(f"kernels ready in {time.perf_counter() - t0:.1f} s ({'compiled' if compiled else 'from cache'})",
         flush=True)
-
-
-def _optimizer_step(net, lr, alpha, clip):
-    """RMSprop over the flat buffer; returns |clamped grad| / |updated params| (char-rnn's
-    grad/param norm)."""
-    sq_grad = np.zeros(RMS_CHUNKS)
-    sq_param = np.zeros(RMS_CHUNKS)
-    K.rmsprop_step(net.params.data, net.grads.data, net.rms, lr, alpha, clip, RMS_CHUNKS, sq_grad, sq_param)
-    return float(np.sqrt(sq_grad.sum()) / np.sqrt(sq_param.sum()))
 
 
 def evaluate(net, loader, max_batches=None, split="val"):
@@ -226,7 +216,7 @@ def train(o, log=print):
         t0 = time.perf_counter()
         loss = net.forward(x, y, state, rng if o.dropout > 0 else None)
         net.backward(x, o.dropout > 0)
-        norm_ratio = _optimizer_step(net, run.learning_rate, o.decay_rate, o.grad_clip)
+        norm_ratio = net.update(run.learning_rate, o.decay_rate, o.grad_clip)
         elapsed = time.perf_counter() - t0
         epoch = i / loader.ntrain
 

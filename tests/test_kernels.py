@@ -152,11 +152,14 @@ def test_gather_step_and_accumulate_step_match_numpy():
     grad = rng.standard_normal((30, 24)).astype(np.float32)
     d_bias = np.ones(24, np.float32)
     d_table = np.ones((11, 24), np.float32)
-    K.accumulate_step(grad, tokens, d_bias, d_table)
+    K.accumulate_step(grad, tokens, True, d_bias, d_table)
     expect = np.ones((11, 24))
     np.add.at(expect, tokens, grad.astype(np.float64))
     np.testing.assert_allclose(d_table, expect, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(d_bias, 1 + grad.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+    K.accumulate_step(grad, tokens, False, d_bias, d_table)  # above the first layer: the bias only
+    np.testing.assert_allclose(d_table, expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_bias, 1 + 2 * grad.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_lstm_cell_forward_backward_match_reference():
@@ -196,8 +199,10 @@ def test_decoder_forward_backward_loss_and_gradients():
     w = rng.standard_normal((V, H)).astype(np.float32)
     b = rng.standard_normal(V).astype(np.float32)
     targets = rng.integers(0, V, R).astype(np.int32)
-    logits, row_loss = np.empty((R, V), np.float32), np.empty(R, np.float32)
-    K.decoder_forward(top, np.ascontiguousarray(w.T), b, targets, logits, row_loss, np.float32(0.25))
+    a = K.DecoderActivations(top, targets, np.empty((R, V), np.float32), np.empty(R, np.float32))
+    weights = K.DecoderWeights(np.ascontiguousarray(w.T), b, w)
+    logits, row_loss = a.logits, a.row_loss
+    K.decoder_forward(weights, a, np.float32(0.25))
     lp = log_softmax(top.astype(np.float64) @ w.T + b)
     np.testing.assert_allclose(row_loss, -lp[np.arange(R), targets], rtol=1e-5, atol=1e-5)
     d_logits = np.exp(lp)
@@ -205,7 +210,7 @@ def test_decoder_forward_backward_loss_and_gradients():
     d_logits *= 0.25
     np.testing.assert_allclose(logits, d_logits, atol=1e-6)
     d_w, d_b, d_top = np.empty_like(w), np.empty_like(b), np.empty_like(top)
-    K.decoder_backward(logits, top, w, d_w, d_b, d_top)
+    K.decoder_backward(weights, a, d_top, K.DecoderGradients(d_w, d_b))
     np.testing.assert_allclose(d_w, d_logits.T @ top, atol=1e-5)
     np.testing.assert_allclose(d_b, d_logits.sum(0), atol=1e-6)
     np.testing.assert_allclose(d_top, d_logits @ w, atol=1e-5)

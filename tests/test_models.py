@@ -53,7 +53,7 @@ def test_generation_step_equals_training_network(model):
     tokens = gen.encode("abc" + text)
     x = tokens[:-1].reshape(-1, 1)
     net.forward(x, np.zeros_like(x), net.zero_state(1))
-    top = net.inputs[0]  # the decoder's input at every step
+    top = net.decoder.x  # the decoder's input at every step
     logits = top @ net.params["decoder.weight"].T + net.params["decoder.bias"]
     chosen = logits[np.arange(2, len(x)), tokens[3:]]
     assert np.all(chosen >= logits[2:].max(axis=1) - 1e-4)  # the argmax, up to float32 ties

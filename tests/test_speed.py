@@ -17,8 +17,8 @@ def test_profile_names_each_kernel_and_fits_in_the_iteration():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     profile = report["profile"]
-    assert {"forward_parallel", "backward_parallel", "decoder_forward_parallel", "decoder_backward_parallel",
-            "reduce_parts", "rmsprop_step"} <= set(profile)
+    assert {"layer_forward", "layer_backward", "decoder_forward", "decoder_backward", "reduce_parts",
+            "reduce_parts_transposed", "rmsprop_step"} <= set(profile)
     assert all(ms > 0 for ms in profile.values())
     iteration = report["phi_rnn"]["ms"]
     assert sum(profile.values()) <= sum(iteration) / len(iteration)
