@@ -3,14 +3,17 @@ recurrences, the loss, the optimizer and generation. Shapes are in each signatur
 timesteps, B batch rows, H hidden units, V vocabulary, G = 4H / 3H / H gate units. A
 layer's activations live in (T*B, G) gate buffers (LSTM blocks i, f, o, g; GRU z, r, c),
 stored as blocks of batch rows, time-major inside a block (one block: plain time-major).
+A layer's kernels take its weights, activations and gradients as named tuples
+(LayerWeights, LayerActivations, LayerGradients, WeightGradients; the decoder's likewise);
+training_passes picks the serial or the per-block versions once.
 
 Parallel strategy "batch": each thread runs a layer on its own block of batch rows (input
 projection, recurrence, weight-gradient partials) with MKL inside set to one thread (numba
 and MKL share one OpenMP runtime; nested parallelism is off), which also hands those
 products to libxsmm when it is the backend (blas.py), so a timestep needs no barrier and no
 activation changes core. Strategy "gemm": one block, a serial recurrence with
-MKL-threaded GEMMs, for when batch rows per thread get too few (on the 2-core development
-machine the batch strategy with libxsmm was still 2.2x faster at 2 rows per thread).
+MKL-threaded GEMMs, for when batch rows per thread get too few to keep a core busy
+(bench/README.md compares the two).
 
 Kernels are compiled with error_model='numpy' (Python's error model blocks the loop
 vectoriser on division) and never index at an offset inside a hot loop (slice views start
@@ -45,12 +48,12 @@ _HALF = F32(0.5)
 
 
 # ---------------------------------------------------------------- transcendentals
-# libm's expf/tanhf are scalar calls the vectoriser cannot touch (~200 us for a 50 x 512 gate
-# block). exp(x) = 2^n * e^r with |r| <= ln2/2: a degree-6 polynomial of e^r, and 2^n built
-# from its exponent bits. Fused multiply-adds ('contract', the only fast-math flag) make the
-# LSTM cell 30% faster (3.45 -> 2.27 ns per unit with the degree-6 polynomial) and are
-# slightly more accurate (tests/test_kernels.py). These flags stay on the instructions when
-# _exp32 is inlined into a kernel. float64 (used by the finite-difference gradient checks)
+# libm's expf/tanhf are scalar calls the vectoriser cannot touch, and the cells would spend
+# more time in them than in their GEMMs. exp(x) = 2^n * e^r with |r| <= ln2/2: a degree-6
+# polynomial of e^r, and 2^n built from its exponent bits. Fused multiply-adds ('contract',
+# the only fast-math flag) make the cells faster and are slightly more accurate
+# (tests/test_kernels.py). These flags stay on the instructions when _exp32 is inlined into
+# a kernel. float64 (used by the finite-difference gradient checks)
 # takes libm's exact functions instead.
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -845,8 +848,8 @@ def generation_step(kind, token, weights, state, aux, gates, logits):
 @njit(**_opts)
 def choose(logits, temperature, argmax, u, probs):
     """Next token from logits (V): argmax, or the inverse-CDF draw with uniform u from
-    softmax(logits / temperature); probs (V) is scratch for the unnormalised weights
-    (vectorised float32 exp: 0.48 -> 0.15 us per draw with libm's float64 exp)."""
+    softmax(logits / temperature); probs (V) is scratch for the unnormalised weights (a
+    loop of its own, so that the float32 exp vectorises)."""
     best = np.argmax(logits)
     if argmax:
         return best
