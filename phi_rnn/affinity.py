@@ -63,7 +63,7 @@ runtimes loaded.  `python -m phi_rnn topo [--json]` prints topology, plan, env a
 from __future__ import annotations
 
 import argparse
-import ctypes.util
+import ctypes
 import json
 import os
 import subprocess
@@ -71,10 +71,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phi_rnn import native
 from phi_rnn.errors import UsageError
 
 POLICIES = ("compact", "scatter", "balanced", "none")
-PROBE_PATH = Path(__file__).resolve().parent.parent / "native" / "build" / "affinity_probe"
+PROBE_PATH = native.affinity_probe_path()
 PROBE_MISSING = "native probe not built: run `make native`"
 XEON_PHI_MODELS = (87, 133)  # Knights Landing, Knights Mill (Intel family 6)
 RUNTIME_LIBRARIES = ("libgomp", "libiomp5", "libmkl_")
@@ -629,14 +630,12 @@ def numba_thread_placement(threads: int) -> list[dict]:
 
 def load_mkl() -> str | None:
     """Load libmkl_rt if nothing has yet (threadpoolctl only sees loaded libraries)."""
-    candidates = sorted(Path(sys.prefix, "lib").glob("libmkl_rt.so*")) + [ctypes.util.find_library("mkl_rt")]
-    for path in filter(None, candidates):
-        try:
-            ctypes.CDLL(str(path))
-            return str(path)
-        except OSError:
-            continue
-    return None
+    path = native.mkl_rt_path()  # the library blas.py loads
+    try:
+        ctypes.CDLL(path)
+        return path
+    except (OSError, TypeError):  # TypeError: none found
+        return None
 
 
 def runtime_mismatches(plan: Plan, numba_info: dict, mkl: dict | None, openmp: list[str]) -> list[str]:

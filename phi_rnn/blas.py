@@ -29,10 +29,8 @@ stays bit-exact).
 """
 import contextlib
 import ctypes
-import glob
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -41,24 +39,17 @@ from llvmlite import binding, ir
 from numba import cfunc, njit, types
 from numba.extending import intrinsic
 
-ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+from phi_rnn import native
 
-_ENV_PATH = "PHI_RNN_MKL_RT"
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
 def _find_mkl_rt():
-    if os.environ.get(_ENV_PATH):
-        return os.environ[_ENV_PATH]
-    prefixes = [sys.prefix, os.environ.get("CONDA_PREFIX", "")]
-    for prefix in prefixes:
-        if prefix:
-            found = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
-            if found:
-                return found[0]
-    raise ImportError(
-        "libmkl_rt not found: install the `mkl` package (pip install mkl) "
-        f"or point {_ENV_PATH} at libmkl_rt.so"
-    )
+    path = native.mkl_rt_path()
+    if path is None:
+        raise ImportError("libmkl_rt not found: install the `mkl` package (pip install mkl) "
+                          f"or point {native.MKL_RT_ENV} at libmkl_rt.so")
+    return path
 
 
 MKL_RT_PATH = _find_mkl_rt()
@@ -104,9 +95,7 @@ def _address(library, name):
 
 # ---------------------------------------------------------------- the libraries
 
-# native/build/libsmall_gemm.so of this source tree, or a build elsewhere
-SMALL_GEMM_PATH = Path(os.environ.get("PHI_RNN_SMALL_GEMM")
-                       or Path(__file__).resolve().parent.parent / "native" / "build" / "libsmall_gemm.so")
+SMALL_GEMM_PATH = native.small_gemm_path()
 SMALL_GEMM_MISSING = "libxsmm backend not built: apt install libxsmm-dev (or conda install libxsmm), then `make native`"
 _OPENBLAS_ENV = "PHI_RNN_OPENBLAS"  # a libscipy_openblas.so elsewhere, or a path naming no file: none
 OPENBLAS_MISSING = "openblas backend not installed: pip install scipy-openblas32"
