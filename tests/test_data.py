@@ -89,7 +89,6 @@ def test_training_on_the_map_gives_the_losses_of_reference_batches(tmp_path):
     the same network at the same thread count: the loader feeds training as before."""
     import numba
     from phi_rnn.model import Network
-    from phi_rnn.train import _optimizer_step
     corpus_dir = small_corpus(tmp_path / "data", 30000)
     threads = numba.get_num_threads()  # conftest's
     result = run_cli("train", "--data_dir", corpus_dir, *TINY_MODEL, "--max_iters", 6, "--threads", threads,
@@ -104,7 +103,7 @@ def test_training_on_the_map_gives_the_losses_of_reference_batches(tmp_path):
         x, y = np.ascontiguousarray(x.T, np.int32), np.ascontiguousarray(y.T, np.int32)
         losses.append(net.forward(x, y, state))
         net.backward(x, False)
-        _optimizer_step(net, 2e-3, 0.95, 5.0)
+        net.update(2e-3, 0.95, 5.0)
     assert train_losses(result.stdout) == [float(f"{loss:6.8f}") for loss in losses]
 
 
