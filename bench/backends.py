@@ -4,6 +4,7 @@ alike), with the medians over the rounds and the ratios of each round.
 
     python bench/backends.py --threads 1 --rounds 5
     python bench/backends.py --threads 2 --backends openblas,mkl --no-torch
+    python bench/backends.py --shapes --threads 1      # each GEMM of the iteration, per library
     PHI_RNN_SMALL_GEMM=/nonexistent python bench/backends.py   # as without libxsmm
 
 Every config flag of bench/speed.py passes through (--rnn_size, --batch_size, --iters, ...).
@@ -30,6 +31,9 @@ def parse_args(argv):
                    help="comma-separated, of libxsmm, openblas, mkl, or STEP+SEQUENCE pairs such as "
                         "libxsmm+openblas (those not present here are left out)")
     p.add_argument("--no-torch", dest="torch", action="store_false")
+    p.add_argument("--shapes", action="store_true",
+                   help="instead: 1-thread GFLOP/s (CPU time) of each library on each GEMM shape of the "
+                        "iteration with --threads threads' blocks")
     args, speed_argv = p.parse_known_args(argv)
     args.backends = args.backends.split(",")
     unknown = [b for b in args.backends if not set(b.split("+")) <= set(BACKENDS)]
@@ -38,12 +42,43 @@ def parse_args(argv):
     return args, speed_argv
 
 
+def shape_rates(args, speed_argv):
+    """Every GEMM shape of an iteration (speed.py's config, one block of batch / threads rows),
+    each library side by side on one thread."""
+    p = argparse.ArgumentParser()
+    for name, default in (("--rnn_size", 128), ("--num_layers", 2), ("--batch_size", 50), ("--seq_length", 50),
+                          ("--vocab", 65)):
+        p.add_argument(name, type=int, default=default)
+    config, _ = p.parse_known_args(speed_argv)
+    from phi_rnn import affinity
+    affinity.configure(1, "none", None, False)
+    from phi_rnn import blas
+    H, T, V, nb = config.rnn_size, config.seq_length, config.vocab, -(-config.batch_size // args.threads)
+    G, rows = 4 * H, T * nb
+    products = [("per-step forward h W_hh^T", (T, False, nb, G, H)), ("per-step backward dG W_hh", (T, False, nb, H, G)),
+                ("input projection", (1, False, rows, G, H)), ("input gradient", (1, False, rows, H, G)),
+                ("weight gradient x^T dG", (1, True, H, G, rows)), ("decoder logits", (1, False, rows, V, H)),
+                ("decoder input gradient", (1, False, rows, H, V)), ("decoder weight gradient", (1, True, V, H, rows))]
+    names = [b for b in args.backends if set(b.split("+")) <= set(blas.available())]
+    groups = {label: (i, i + 1) for i, (label, _) in enumerate(products)}
+    rates = blas.product_rates(names, [p for _, p in products], groups, rounds=args.rounds)
+    print(f"{blas.vector_width()}; 1 thread, GFLOP/s in CPU time, median of {args.rounds} interleaved rounds; "
+          + ", ".join(f"{n} {blas.library_version(n)}" for n in blas.available()))
+    print(f"{'product':28s} {'M x N x K':>24s}  " + "  ".join(f"{n:>9s}" for n in names))
+    for label, (_, trans_a, m, n, k) in products:
+        shape = f"{m} x {n} x {k}" + (" (A^T)" if trans_a else "")
+        print(f"{label:28s} {shape:>24s}  " + "  ".join(f"{rates[name, label]:9.1f}" for name in names))
+    return 0
+
+
 def main(argv=None):
     try:
         args, speed_argv = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as e:
         print(f"backends.py: error: {e}", file=sys.stderr)
         return 2
+    if args.shapes:
+        return shape_rates(args, speed_argv)
     medians = {b: [] for b in args.backends}
     floors, torch_ms, header = [], [], {}
     for r in range(args.rounds):

@@ -315,37 +315,41 @@ def _run_products(operands, products, first, stop):
 
 def measure_rates(names, rounds=7):
     """Single-thread GFLOP/s {library: {"step": ..., "sequence": ...}} of each library in
-    `names` on MEASURED_PRODUCTS' per-step and whole-sequence products: the libraries
-    interleaved round by round, the median round each, timed in this thread's CPU time (time
-    other processes take the core from it does not count)."""
-    from numba.typed import List
-    rng = np.random.default_rng(0)
-    operands = List()
-    for _, trans_a, m, n, k in MEASURED_PRODUCTS:
-        a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
-        operands.append((a, rng.standard_normal((k, n)).astype(np.float32), np.zeros((m, n), np.float32)))
-    products = np.array([(calls, int(t), m, n, k) for calls, t, m, n, k in MEASURED_PRODUCTS], np.int64)
+    `names` on MEASURED_PRODUCTS' per-step and whole-sequence products."""
     step = [not t and m < STEP_ROWS for _, t, m, _, _ in MEASURED_PRODUCTS]
     split = step.index(False)
     assert not any(step[split:])  # the per-step products first
-    ranges = {"step": (0, split), "sequence": (split, len(step))}
-    flop = {kind: sum(2 * c * m * n * k for c, _, m, n, k in MEASURED_PRODUCTS[lo:hi])
-            for kind, (lo, hi) in ranges.items()}
+    rates = product_rates(names, MEASURED_PRODUCTS, {"step": (0, split), "sequence": (split, len(step))}, rounds)
+    return {name: {kind: rates[name, kind] for kind in KINDS} for name in names}
+
+
+def product_rates(names, products, groups, rounds=7):
+    """{(library, group): GFLOP/s} for each library in `names` (or backend) and each group
+    {name: (first, stop)} of `products` ((calls, trans_a, m, n, k), ...), on one thread: the
+    libraries interleaved round by round, the median round each, timed in this thread's CPU
+    time (time other processes take the core from it does not count)."""
+    from numba.typed import List
+    rng = np.random.default_rng(0)
+    operands = List()
+    for _, trans_a, m, n, k in products:
+        a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+        operands.append((a, rng.standard_normal((k, n)).astype(np.float32), np.zeros((m, n), np.float32)))
+    table = np.array([(calls, int(t), m, n, k) for calls, t, m, n, k in products], np.int64)
+    flop = {group: sum(2 * c * m * n * k for c, _, m, n, k in products[lo:hi]) for group, (lo, hi) in groups.items()}
     previous = _mkl.MKL_Set_Num_Threads_Local(1)
-    seconds = {(name, kind): [] for name in names for kind in KINDS}
+    seconds = {(name, group): [] for name in names for group in groups}
     try:
         for r in range(rounds + 1):
             for name in names:
                 with using(name):
-                    for kind, (lo, hi) in ranges.items():
+                    for group, (lo, hi) in groups.items():
                         t0 = time.thread_time()
-                        _run_products(operands, products, lo, hi)
+                        _run_products(operands, table, lo, hi)
                         if r:  # round 0 warms up (libxsmm generates its kernels there)
-                            seconds[name, kind].append(time.thread_time() - t0)
+                            seconds[name, group].append(time.thread_time() - t0)
     finally:
         _mkl.MKL_Set_Num_Threads_Local(previous)
-    return {name: {kind: flop[kind] / float(np.median(seconds[name, kind])) / 1e9 for kind in KINDS}
-            for name in names}
+    return {key: flop[key[1]] / float(np.median(s)) / 1e9 for key, s in seconds.items()}
 
 
 # MKL is kept unless another library is faster by this much: a tie is noise.

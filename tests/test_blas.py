@@ -189,6 +189,12 @@ def test_backends_bench_runs_each_backend_and_rejects_an_unknown_one():
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert "[openblas: openblas " in lines["openblas"] and "[mkl " in lines["mkl"]
     assert "vectors " in result.stdout and "/ floor" in lines["openblas"]
+    result = subprocess.run([sys.executable, BACKENDS_BENCH, "--shapes", "--rounds", "1", "--backends",
+                             "openblas,mkl", *tiny], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if " x " in line and "M x N" not in line]
+    assert len(rows) == 8 and all(float(row[-1]) > 0 and float(row[-2]) > 0 for row in rows)
+    assert "8 x 64 x 16" in result.stdout  # a per-step forward product: 8 rows, G = 64, H = 16
     result = subprocess.run([sys.executable, BACKENDS_BENCH, "--backends", "blis"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == "backends.py: error: --backends blis unknown"
