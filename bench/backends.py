@@ -5,6 +5,7 @@ alike), with the medians over the rounds and the ratios of each round.
     python bench/backends.py --threads 1 --rounds 5
     python bench/backends.py --threads 2 --backends openblas,mkl --no-torch
     python bench/backends.py --shapes --threads 1      # each GEMM of the iteration, per library
+    python bench/backends.py --cpu-time                # 1 thread, one process, iterations in CPU time
     PHI_RNN_SMALL_GEMM=/nonexistent python bench/backends.py   # as without libxsmm
 
 Every config flag of bench/speed.py passes through (--rnn_size, --batch_size, --iters, ...).
@@ -20,7 +21,7 @@ from speed import run_torch_reference, run_worker  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn.errors import UsageError  # noqa: E402
 
-BACKENDS = ("libxsmm", "openblas", "mkl")
+BACKENDS = ("libxsmm", "libxsmm+openblas", "openblas", "mkl")
 
 
 def parse_args(argv):
@@ -31,12 +32,16 @@ def parse_args(argv):
                    help="comma-separated, of libxsmm, openblas, mkl, or STEP+SEQUENCE pairs such as "
                         "libxsmm+openblas (those not present here are left out)")
     p.add_argument("--no-torch", dest="torch", action="store_false")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="instead: one process, one thread, the backends' iterations interleaved and timed in "
+                        "the thread's CPU time (what a busy machine's other processes take does not count), "
+                        "with the MKL 2048^3 sgemm floor timed the same way")
     p.add_argument("--shapes", action="store_true",
                    help="instead: 1-thread GFLOP/s (CPU time) of each library on each GEMM shape of the "
                         "iteration with --threads threads' blocks")
     args, speed_argv = p.parse_known_args(argv)
     args.backends = args.backends.split(",")
-    unknown = [b for b in args.backends if not set(b.split("+")) <= set(BACKENDS)]
+    unknown = [b for b in args.backends if not set(b.split("+")) <= {"libxsmm", "openblas", "mkl"}]
     if unknown or args.rounds < 1 or args.threads < 1:
         raise UsageError(f"--backends {','.join(unknown)} unknown" if unknown else "--rounds and --threads must be positive")
     return args, speed_argv
@@ -71,6 +76,64 @@ def shape_rates(args, speed_argv):
     return 0
 
 
+def cpu_times(args, speed_argv):
+    """The training iteration of speed.py's config on each backend, in one process on one
+    thread: 5 iterations per backend and round, rounds interleaved, CPU time."""
+    import time
+    import speed
+    config = speed.parse_args(speed_argv + ["--threads", "1"])
+    from phi_rnn import affinity
+    affinity.configure(1, "none", None, False)
+    import numpy as np
+    from phi_rnn import blas
+    from phi_rnn import kernels as K
+    from phi_rnn.model import Network, gemm_flops
+    from phi_rnn.train import compile_kernels
+    compile_kernels(config.model, config.strategy, lambda *a, **k: None)
+    rng = np.random.default_rng(0)
+    net = Network(config.model, config.vocab, config.rnn_size, config.num_layers, strategy=config.strategy)
+    net.init_params(rng)
+    T, B = config.seq_length, config.batch_size
+    batches = [(rng.integers(0, config.vocab, (T, B)).astype(np.int32),
+                rng.integers(0, config.vocab, (T, B)).astype(np.int32)) for _ in range(4)]
+    state = net.zero_state(B)
+
+    def iteration(k):
+        x, y = batches[k % 4]
+        net.forward(x, y, state)
+        net.backward(x, False)
+        net.update(2e-3, 0.95, 5.0)
+
+    names = [b for b in args.backends if set(b.split("+")) <= set(blas.available())]
+    ms = {name: [] for name in names}
+    for r in range(args.rounds + 1):
+        for name in names:
+            with blas.using(name):
+                iteration(0)
+                t0 = time.thread_time()
+                for k in range(5):
+                    iteration(k)
+                if r:
+                    ms[name].append((time.thread_time() - t0) / 5 * 1e3)
+    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    c = np.zeros_like(a)
+    with blas.using("mkl"):
+        best = float("inf")
+        for _ in range(6):
+            t0 = time.thread_time()
+            K.gemm(False, False, 1.0, a, a, 0.0, c)
+            best = min(best, time.thread_time() - t0)
+    floor = gemm_flops(config.model, config.vocab, config.rnn_size, config.num_layers, B, T) / (2 * 2048 ** 3 / best)
+    print(f"{blas.vector_width()}; 1 thread, CPU ms per iteration, median of {args.rounds} interleaved rounds of 5; "
+          f"GEMM floor (MKL 2048^3 sgemm, {2 * 2048 ** 3 / best / 1e9:.1f} GFLOP/s) {floor * 1e3:.2f} ms; "
+          + ", ".join(f"{n} {blas.library_version(n)}" for n in blas.available()))
+    for name in names:
+        median = float(np.median(ms[name]))
+        print(f"{name:17s} {median:7.2f} ms ({min(ms[name]):.2f}-{max(ms[name]):.2f})  / floor "
+              f"{median / (floor * 1e3):.2f}")
+    return 0
+
+
 def main(argv=None):
     try:
         args, speed_argv = parse_args(sys.argv[1:] if argv is None else argv)
@@ -79,6 +142,8 @@ def main(argv=None):
         return 2
     if args.shapes:
         return shape_rates(args, speed_argv)
+    if args.cpu_time:
+        return cpu_times(args, speed_argv)
     medians = {b: [] for b in args.backends}
     floors, torch_ms, header = [], [], {}
     for r in range(args.rounds):

@@ -195,6 +195,11 @@ def test_backends_bench_runs_each_backend_and_rejects_an_unknown_one():
     rows = [line.split() for line in result.stdout.splitlines() if " x " in line and "M x N" not in line]
     assert len(rows) == 8 and all(float(row[-1]) > 0 and float(row[-2]) > 0 for row in rows)
     assert "8 x 64 x 16" in result.stdout  # a per-step forward product: 8 rows, G = 64, H = 16
+    result = subprocess.run([sys.executable, BACKENDS_BENCH, "--cpu-time", "--rounds", "1", "--backends",
+                             "openblas,mkl", *tiny], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    timed = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines() if "/ floor" in line}
+    assert set(timed) == {"openblas", "mkl"} and min(timed.values()) > 0
     result = subprocess.run([sys.executable, BACKENDS_BENCH, "--backends", "blis"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == "backends.py: error: --backends blis unknown"
