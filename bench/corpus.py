@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def run_training(data_dir, checkpoint_dir, threads):
     if threads:
         cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     peak = {"RssAnon": 0, "RssFile": 0}
@@ -137,7 +139,9 @@ def run_training(data_dir, checkpoint_dir, threads):
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"train exited {proc.returncode}:\n{''.join(output[-20:])}")
-    return {"first_iteration_s": first, "encode_mb_per_s": rate,
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    return {"first_iteration_s": first, "encode_mb_per_s": rate, "cpu_s": cpu,
             "peak_private_mb": peak["RssAnon"] / 1024, "peak_file_mb": peak["RssFile"] / 1024,
             "seconds": time.perf_counter() - t0}
 
@@ -185,15 +189,18 @@ def print_header(m, threads):
     print("load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
     print(f"runs: python -m phi_rnn train (2 x 128 LSTM, batch 50, seq 50, 2 iterations, --val_max_batches 1), "
           f"threads {threads or 'all'}; private = peak RssAnon, file = peak RssFile")
-    print(f"{'corpus':>18} | {'first run: to 1st iteration':>27} {'encode':>9} {'private':>9} {'file':>8} | "
-          f"{'cached: to 1st iteration':>24} {'private':>9} {'file':>8} {'corpus load':>12}")
+    print("to 1st iteration: wall seconds from the start of the process to its first iteration line; cpu: "
+          "CPU seconds (user + sys, all threads) of the whole run, which a loaded machine does not inflate much")
+    print(f"{'corpus':>18} | {'first run: to 1st iteration':>27} {'cpu':>7} {'encode':>9} {'private':>9} {'file':>8} | "
+          f"{'cached: to 1st iteration':>24} {'cpu':>7} {'private':>9} {'file':>8} {'corpus load':>12}")
 
 
 def print_row(r, flush=False):
     f, c = r["first"], r["cached"]
-    print(f"{r['kind']:>9} {r['bytes'] / 1e6:6.0f} MB | {f['first_iteration_s']:25.1f} s {f['encode_mb_per_s'] or 0:5d} MB/s "
-          f"{f['peak_private_mb']:6.0f} MB {f['peak_file_mb']:5.0f} MB | {c['first_iteration_s']:22.1f} s "
-          f"{c['peak_private_mb']:6.0f} MB {c['peak_file_mb']:5.0f} MB {c['corpus_load_ms']:9.1f} ms", flush=flush)
+    print(f"{r['kind']:>9} {r['bytes'] / 1e6:6.0f} MB | {f['first_iteration_s']:25.1f} s {f['cpu_s']:5.1f} s "
+          f"{f['encode_mb_per_s'] or 0:4d} MB/s {f['peak_private_mb']:6.0f} MB {f['peak_file_mb']:5.0f} MB | "
+          f"{c['first_iteration_s']:22.1f} s {c['cpu_s']:5.1f} s {c['peak_private_mb']:6.0f} MB "
+          f"{c['peak_file_mb']:5.0f} MB {c['corpus_load_ms']:9.1f} ms", flush=flush)
 
 
 def main(argv=None):
