@@ -431,18 +431,41 @@ def _measured_choice():
         return names[0], "the only library present"
     key = _machine_key()
     path = cache_path()
-    try:
-        entry = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        entry = None
-    if not (isinstance(entry, dict) and isinstance(entry.get("rates"), dict) and set(entry["rates"]) == set(names)
-            and all(isinstance(r, dict) and set(r) == set(KINDS) for r in entry["rates"].values())):
-        entry = {"rates": measure_rates(names), "measured": time.strftime("%Y-%m-%d %H:%M")}
-        _remember(path, key, entry)
+    with _cache_lock(path):  # processes starting together (MPI ranks) measure once, not each
+        entry = _kept_rates(path, key, names)
+        if entry is None:
+            entry = {"rates": measure_rates(names), "measured": time.strftime("%Y-%m-%d %H:%M")}
+            _remember(path, key, entry)
     rates = entry["rates"]
     listed = ", ".join(f"{name} {r['step']:.1f}/{r['sequence']:.1f}" for name, r in rates.items())
     return choose(rates), (f"fastest here (1-thread GFLOP/s on a char-rnn iteration's per-step/whole-sequence "
                            f"products: {listed}; measured {entry['measured']})")
+
+
+def _kept_rates(path, key, names):
+    try:
+        entry = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if (isinstance(entry, dict) and isinstance(entry.get("rates"), dict) and set(entry["rates"]) == set(names)
+            and all(isinstance(r, dict) and set(r) == set(KINDS) for r in entry["rates"].values())):
+        return entry
+    return None
+
+
+@contextlib.contextmanager
+def _cache_lock(path):
+    """An exclusive lock on path + ".lock" for the block; none where it cannot be made."""
+    import fcntl
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(str(path) + ".lock", "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _remember(path, key, entry):

@@ -203,3 +203,15 @@ def test_backends_bench_runs_each_backend_and_rejects_an_unknown_one():
     result = subprocess.run([sys.executable, BACKENDS_BENCH, "--backends", "blis"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == "backends.py: error: --backends blis unknown"
+
+
+def test_processes_starting_together_measure_once(tmp_path):
+    """Two processes on a machine with no kept choice (as MPI ranks starting together): one
+    measures while the other waits for its answer, so both run the same library."""
+    code = ("from phi_rnn import blas; import json; print(json.dumps([blas.backend(), blas.describe_backend()]))")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    answers = [json.loads(run.communicate(timeout=300)[0]) for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert answers[0] == answers[1]  # the same backend, the same measured rates and time
