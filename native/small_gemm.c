@@ -37,6 +37,9 @@ void phi_xsmm_init(void) {
 /* The instruction set libxsmm generates code for on this CPU ("cpx", "hsw", ...). */
 const char *phi_xsmm_target(void) { return libxsmm_get_target_arch(); }
 
+/* The libxsmm this library was built with ("1.17-0", ...). */
+const char *phi_xsmm_version(void) { return LIBXSMM_VERSION; }
+
 /* C = alpha op(A) B + beta C through libxsmm; 1 when it ran, 0 when the product is not one
  * libxsmm takes (then nothing was touched). */
 int phi_xsmm_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,

@@ -107,6 +107,7 @@ def _load_small_gemm():
     lib = ctypes.CDLL(str(SMALL_GEMM_PATH))
     lib.phi_xsmm_init()
     lib.phi_xsmm_target.restype = ctypes.c_char_p
+    lib.phi_xsmm_version.restype = ctypes.c_char_p
     return lib
 
 
@@ -267,7 +268,7 @@ def library_version(name):
     if name == "openblas":
         return _openblas.scipy_openblas_get_config().decode().split()[1]
     if name == "libxsmm":
-        return "1.17"
+        return _small_gemm.phi_xsmm_version().decode()
     return mkl_version()
 
 
