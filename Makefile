@@ -2,6 +2,7 @@
 #   make train [THREADS=N] [POLICY=compact|scatter|balanced|none] [ARGS="--max_epochs 1 ..."]
 #   make sample [CKPT=cv/<file>.npz] [ARGS="--length 500 --temperature 0.8"]
 #   make test | bench | scale | submit ARGS="..." | topo | native | data | clean
+#   make manycore-bundle   MKL + native/build packed for bench/manycore.sh on a bare machine
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ ARGS ?=
 
 THREAD_FLAGS := $(if $(THREADS),--threads $(THREADS)) --policy $(POLICY)
 
-.PHONY: install native data train sample test bench scale submit topo clean
+.PHONY: install native data train sample test bench scale manycore-bundle submit topo clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -48,6 +49,9 @@ bench: $(STAMP)
 
 scale: $(STAMP)
 	$(PY) bench/scale.py $(ARGS)
+
+manycore-bundle: $(STAMP)
+	bash bench/manycore.sh bundle
 
 submit: $(STAMP)
 	$(PY) -m phi_rnn submit $(ARGS)

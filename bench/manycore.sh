@@ -38,7 +38,7 @@ build_bundle() {
     [ -f "$ROOT/native/build/libsmall_gemm.so" ] && [ -x "$ROOT/native/build/affinity_probe" ] \
         || die "native/build is incomplete: make native (with libxsmm installed)"
     stage=$(mktemp -d)
-    trap 'rm -rf "$stage"' EXIT
+    trap "rm -rf '$stage'" EXIT
     mkdir -p "$stage/lib" "$stage/native"
     for lib in "${MKL_LIBS[@]}"; do
         cp "$mkl_dir/$lib".so.* "$stage/lib/" || die "$lib not found next to $mkl_rt"
@@ -60,7 +60,9 @@ unpack_bundle() {
     if [ ! -f "$UNPACKED/.done" ] || [ "$ARCHIVE" -nt "$UNPACKED/.done" ]; then
         rm -rf "$UNPACKED"
         mkdir -p "$UNPACKED"
-        xz -dc "$ARCHIVE" | tar -C "$UNPACKED" -xf -
+        # Python's lzma, not xz(1): the one tool every such machine has
+        "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], filter="data")' \
+            "$ARCHIVE" "$UNPACKED"
         touch "$UNPACKED/.done"
     fi
     # phi_rnn looks for its native pieces in native/build (git-ignored, so never carried)
@@ -152,11 +154,12 @@ run_study() {
     # most important first; each part is skipped once the budget is spent
     local parts=(
         "char-rnn strong scaling, batch and gemm|--configs char-rnn --strategies batch,gemm --threads $threads --iters 20 --warmup 3"
-        "block time per batch rows, one core (the model's first part)|--configs 2x128-b1,2x128-b2,2x128-b4,2x128-b8,2x128-b16,2x128-b25,2x128-b50 --strategies batch --threads 1 --iters 20 --warmup 3"
+        "char-rnn block series: b batch rows on one core, b = ceil(50 / threads) (the model's R(b))|--configs 2x128-b1,2x128-b2,2x128-b4,2x128-b5,2x128-b7,2x128-b8,2x128-b13,2x128-b25 --strategies batch --threads 1 --iters 20 --warmup 3"
         "weak scaling, batch 8 per thread|--configs 2x128-b8 --scaling weak --strategies batch,gemm --threads $threads --iters 20 --warmup 3"
         "compact vs scatter at $top threads|--configs char-rnn --strategies batch --policies scatter --threads $top --iters 20 --warmup 3"
         "MKL vs libxsmm at 1 and $top threads|--configs char-rnn --strategies batch --blas mkl --threads 1,$top --iters 20 --warmup 3"
         "3x512 batch 128 strong scaling, batch and gemm|--configs 3x512-b128 --strategies batch,gemm --threads $threads --iters 3 --warmup 1"
+        "3x512 block series, b = ceil(128 / threads)|--configs 3x512-b1-s100,3x512-b2-s100,3x512-b8-s100,3x512-b11-s100,3x512-b16-s100,3x512-b32-s100,3x512-b64-s100 --strategies batch --threads 1 --iters 2 --warmup 1"
     )
     local part label args left
     for part in "${parts[@]}"; do

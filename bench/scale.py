@@ -4,8 +4,9 @@ A point is (scaling, config, model, strategy, policy, threads). Points are enume
 fixed order so that `--point K` names the same point in every job of a job array. Each
 finished point is one JSON file under OUT/points/ (written atomically), so an interrupted
 study resumes where it stopped and separate jobs can fill one directory; `--collect OUT`
-merges them into results.csv/json/md, machine.json and PNG plots, with an Amdahl model fitted
-per series and extrapolated to Xeon Phi thread counts.
+merges them into results.csv/json/md, machine.json and PNG plots, with a model of the time per
+iteration built from measured parts (scale_model.py), checked against every point and
+extrapolated to many-core counts.
 
     python bench/scale.py                                  # default study (a few minutes on 2 cores)
     python bench/scale.py --threads 1,2,4 --configs char-rnn,3x512 --scaling strong,weak
@@ -14,7 +15,8 @@ per series and extrapolated to Xeon Phi thread counts.
     python bench/scale.py --collect results/run1           # merge, no runs
 
 The jobs live next to this entry point: scale_points.py (what a point is, their order),
-scale_run.py (running them), scale_fit.py (the model), scale_collect.py (merging and the
+scale_machine.py (whose points they are), scale_run.py (running them), scale_barrier.py
+(the fork/join cost), scale_model.py (the model), scale_collect.py (merging and the
 CSV/JSON), scale_report.py (Markdown), scale_plot.py (PNG).
 """
 import argparse
@@ -28,7 +30,8 @@ from scale_collect import collect  # noqa: E402
 from scale_machine import claim, slug, this_machine  # noqa: E402
 from scale_points import (BLAS, MODELS, POLICIES, PRESETS, SCALINGS, STRATEGIES,  # noqa: E402
                           default_threads, enumerate_points, parse_config, physical_cores)
-from scale_run import is_done, run_point, run_study, write_json_atomic  # noqa: E402
+from scale_run import (is_done, measure_regions, run_point, run_study,  # noqa: E402
+                       write_json_atomic)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ITERS, DEFAULT_WARMUP = 20, 3
@@ -202,6 +205,7 @@ def run_single(args, point):
     if is_done(point, args.out):
         print(f"point {point.index} {point.key}: already done in {args.out}")
         return 0
+    measure_regions([point], args.out, args.timeout)
     error = run_point(point, args.out, args.iters, args.warmup, args.timeout)
     print(f"point {point.index} {point.key}: {'failed: ' + error if error else 'done'} "
           f"in {args.out}")

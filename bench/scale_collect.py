@@ -1,28 +1,30 @@
 """Collecting a scaling study: the point files of OUT merged into rows with speedups and
-fitted models, written as results.csv/json, machine.json, results.md and PNG plots."""
+the model of scale_model.py, written as results.csv/json, machine.json, results.md and PNG plots."""
 import csv
 import io
 import json
-from dataclasses import asdict
 
-from scale_fit import EXTRAPOLATE_TO, best_fit
+import numpy as np
+
+from scale_model import EXTRAPOLATE_TO, build_models, extrapolate, validate
 from scale_plot import write_plots
 from scale_points import SERIES_FIELDS, Point, series_of
 from scale_report import write_markdown
-from scale_run import write_atomic, write_json_atomic
+from scale_run import json_files, write_atomic, write_json_atomic
 
 CSV_FIELDS = ("index", "key", "status", "scaling", "config", "model", "num_layers", "rnn_size",
               "batch_size", "seq_length", "vocab", "threads", "strategy", "blas", "policy",
               "median_ms", "min_ms", "max_ms", "spread_pct", "chars_per_s", "gflop_per_iter",
-              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "gemm", "placement",
-              "error")
+              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "model_ms", "model_error", "gemm",
+              "placement", "error")
+CURVE_THREADS = sorted({int(round(p)) for p in np.geomspace(1, max(EXTRAPOLATE_TO), 40)})
 
 
 def load_records(out):
     """Finished and failed point records in OUT; a success supersedes a failure."""
     def read_all(sub):
         return {path.stem: json.loads(path.read_text())
-                for path in sorted((out / sub).glob("*.json"))}
+                for path in json_files(out / sub)}
     done = read_all("points")
     failed = {k: v for k, v in read_all("failed").items() if k not in done}
     return done, failed
@@ -43,7 +45,9 @@ def record_to_row(record):
     timing = result["phi_rnn"]
     row.update(status="ok", error="", placement=result.get("placement", ""), gemm=result.get("gemm", ""),
                gflop_per_iter=result.get("gflop_per_iter"),
-               peak_gflops=result.get("peak_gflops"))
+               peak_gflops=result.get("peak_gflops"),
+               small_gemm_peak_gflops=result.get("small_gemm_peak_gflops"),
+               profile=result.get("profile"), mean_ms=float(np.mean(timing["ms"])))
     for field in ("median_ms", "min_ms", "max_ms", "chars_per_s", "gflops", "pct_peak"):
         row[field] = timing.get(field)
     row["spread_pct"] = 100.0 * (timing["max_ms"] - timing["min_ms"]) / timing["median_ms"]
@@ -65,48 +69,36 @@ def add_speedups(rows):
         row["efficiency"] = row["speedup"] / row["threads"]
 
 
-def fit_series(rows):
-    """One fitted model per series with a 1-thread baseline, with its extrapolations."""
-    by_series = {}
-    for row in rows:
-        if row.get("speedup") is not None:
-            by_series.setdefault(series_of(row), []).append(row)
-    models = []
-    for series, members in by_series.items():
-        members.sort(key=lambda r: r["threads"])
-        fit = best_fit([r["threads"] for r in members], [r["speedup"] for r in members])
-        base = members[0]
-        entry = dict(zip(SERIES_FIELDS, series), fit=asdict(fit) if fit else None,
-                     note=fit_note(fit, members), extrapolated=[])
-        if fit:
-            entry["extrapolated"] = [extrapolate(fit, base, p) for p in EXTRAPOLATE_TO]
-        models.append(entry)
-    return models
+def model_series(rows, region_ms):
+    """The model per series (scale_model.py): every measured row gets model_ms and
+    model_error; returns one entry per series with its extrapolation."""
+    models = build_models(rows, region_ms)
+    validate(rows, models)
+    entries = []
+    for series in dict.fromkeys(series_of(r) for r in rows if r["status"] == "ok"):
+        members = sorted((r for r in rows if r["status"] == "ok" and series_of(r) == series),
+                         key=lambda r: r["threads"])
+        model = models.get(series)
+        errors = [abs(r["model_error"]) for r in members if r["model_error"] is not None]
+        entry = dict(zip(SERIES_FIELDS, series), modelled=model is not None,
+                     max_error=max(errors) if errors else None, extrapolated=[],
+                     note="" if model else "no model: needs profiled 1-thread points "
+                                          "(the series' and its shape's batch series)")
+        if model:
+            entry["extrapolated"] = extrapolate(series, model, members[0])
+            entry["curve"] = [[p, model.time_ms(p)] for p in CURVE_THREADS]
+            entry["base_ms"] = members[0]["median_ms"]
+        entries.append(entry)
+    return entries
 
 
-def fit_note(fit, members):
-    if fit is None:
-        return "no fit: needs a measured point beyond 1 thread"
-    notes = [f"fitted to {len(members)} points ({members[0]['threads']}-"
-             f"{members[-1]['threads']} threads)"]
-    if fit.underdetermined:
-        notes.append(f"underdetermined: only {fit.points} point beyond 1 thread, no residual "
-                     "to judge the fit; measure more thread counts before trusting it")
-    if fit.serial_fraction in (0.0, 1.0) and fit.rms_rel_error > 1e-6:
-        measured = "slowdown" if fit.serial_fraction else "superlinear speedup"
-        notes.append(f"s at its bound: the measured {measured} is outside what Amdahl's law "
-                     "can represent")
-    return "; ".join(notes)
-
-
-def extrapolate(fit, base, threads):
-    """Model prediction at a thread count, scaled from the measured 1-thread point."""
-    speedup = fit.speedup(threads)
-    batch = base["batch_size"] * threads if base["scaling"] == "weak" else base["batch_size"]
-    work = batch / base["batch_size"]
-    return {"threads": threads, "batch_size": batch, "speedup": speedup,
-            "efficiency": speedup / threads, "median_ms": base["median_ms"] * work / speedup,
-            "chars_per_s": base["chars_per_s"] * speedup, "gflops": base["gflops"] * speedup}
+def load_region_costs(out):
+    """{(policy, threads): ms} from OUT/regions/ (scale_barrier.py's measurements)."""
+    costs = {}
+    for path in json_files(out / "regions"):
+        record = json.loads(path.read_text())
+        costs[(record["policy"], record["threads"])] = record["region_us"] / 1e3
+    return costs
 
 
 def machine_description(done, recorded):
@@ -135,7 +127,7 @@ def collect(out):
     rows = [record_to_row(r) for r in list(done.values()) + list(failed.values())]
     rows.sort(key=lambda r: (r["index"], r["key"]))
     add_speedups(rows)
-    models = fit_series(rows)
+    models = model_series(rows, load_region_costs(out))
     path = out / "machine.json"
     recorded = json.loads(path.read_text()) if path.exists() else {}
     machine = machine_description(done, recorded)

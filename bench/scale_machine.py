@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from phi_rnn.affinity import read_topology
+from scale_run import json_files
 
 IDENTITY = ("cpu", "isa", "sockets", "cores", "logical_cpus", "numa_nodes")
 ISAS = ("avx512f", "avx2", "avx", "sse4_2")  # the best one present names the vector width
@@ -77,7 +78,7 @@ def recorded_machine(out):
     path = out / "machine.json"
     if path.exists():
         return json.loads(path.read_text()).get("machine")
-    for point in sorted((out / "points").glob("*.json")):
+    for point in json_files(out / "points"):
         return json.loads(point.read_text()).get("result", {}).get("machine")
     return None
 

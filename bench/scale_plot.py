@@ -1,7 +1,7 @@
 """The scaling study's plots: speedup, efficiency and GFLOP/s against threads."""
 import numpy as np
 
-from scale_fit import EXTRAPOLATE_TO, Fit
+from scale_model import EXTRAPOLATE_TO
 from scale_points import SERIES_FIELDS, series_of
 
 
@@ -15,20 +15,25 @@ def series_labels(series_list):
 
 def write_plots(out, rows, models):
     """speedup.png, efficiency.png, gflops.png: one panel per scaling mode, measured points
-    solid with markers, the fitted model dashed out to the extrapolation range."""
+    solid with markers, the model (scale_model.py) dashed out to the extrapolation range.
+    Series measured at one thread count only (the block series) are left out."""
     import matplotlib  # imported here: --list/--point jobs should not pay for it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measured = [r for r in rows if r.get("speedup") is not None]
+    counts = {}
+    for r in measured:
+        counts.setdefault(series_of(r), set()).add(r["threads"])
+    measured = [r for r in measured if len(counts[series_of(r)]) > 1]
     if not measured:
         return []
-    fits = {tuple(m[f] for f in SERIES_FIELDS): m["fit"] for m in models}
+    curves = {tuple(m[f] for f in SERIES_FIELDS): m for m in models if m.get("curve")}
     series_list = list(dict.fromkeys(series_of(r) for r in measured))
     labels = series_labels(series_list)
     scalings = list(dict.fromkeys(s[0] for s in series_list))
-    p_model = np.unique(np.geomspace(1, max(EXTRAPOLATE_TO), 200).round(2))
+    p_ideal = np.array([1, max(EXTRAPOLATE_TO)])
     metrics = [("speedup", "speedup"), ("efficiency", "parallel efficiency"),
                ("gflops", "GFLOP/s")]
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
@@ -43,16 +48,17 @@ def write_plots(out, rows, models):
                 threads = [r["threads"] for r in members]
                 line, = ax.plot(threads, [r[metric] for r in members], "o-",
                                 label=labels[series])
-                fit = fits.get(series)
-                if fit:
-                    model = Fit(**fit)
-                    speedup = np.array([model.speedup(p) for p in p_model])
+                model = curves.get(series)
+                if model:
+                    p_model, ms = np.array(model["curve"]).T
+                    work = p_model if scaling == "weak" else 1.0
+                    speedup = model["base_ms"] * work / ms
                     values = {"speedup": speedup, "efficiency": speedup / p_model,
                               "gflops": members[0]["gflops"] * speedup}[metric]
                     ax.plot(p_model, values, "--", color=line.get_color(),
-                            label=f"{labels[series]} model ({fit['name']} fit)")
+                            label=f"{labels[series]}: model")
             if metric == "speedup":
-                ax.plot(p_model, p_model, ":", color="gray", label="ideal")
+                ax.plot(p_ideal, p_ideal, ":", color="gray", label="ideal")
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(plain)
             if metric != "efficiency":

@@ -1,5 +1,6 @@
-"""The scaling study's Markdown report: the machine, measured rows and model rows apart,
-the fitted models, the failed points."""
+"""The scaling study's Markdown report: the machine, the measured points with the model's
+time and error for each, the model's extrapolation apart, the failed points."""
+from scale_model import VALIDATION_BAR
 from scale_points import SERIES_FIELDS, series_of
 from scale_run import write_atomic
 
@@ -14,44 +15,55 @@ def fmt_ms(value):
 
 
 def write_markdown(path, rows, models, machine):
-    lines = ["# Scaling study", ""]
-    lines += machine_markdown(machine)
-    lines += ["## Results", "",
+    series_cols = " | ".join(SERIES_FIELDS)
+    lines = ["# Scaling study", ""] + machine_markdown(machine)
+    lines += ["## Measured", "",
               "Speedup is throughput (chars/s) over the 1-thread point of the same series; "
-              "efficiency = speedup / threads. Rows marked *model* are extrapolations of the "
-              "fitted model, not measurements.", "",
-              "| " + " | ".join(SERIES_FIELDS) + " | threads | batch | source "
-              "| median ms | min-max ms | chars/s | GFLOP/s | % peak | speedup | efficiency |",
-              "|" + "---|" * (len(SERIES_FIELDS) + 10)]
-    models_by_series = {tuple(m[f] for f in SERIES_FIELDS): m for m in models}
+              "efficiency = speedup / threads. *model ms* is scale_model.py's time for the "
+              "point, built from measured parts, and *error* its difference from the "
+              "measured median.", "",
+              f"| {series_cols} | threads | batch | median ms | min-max ms | chars/s | GFLOP/s "
+              "| % peak | speedup | efficiency | model ms | error |",
+              "|" + "---|" * (len(SERIES_FIELDS) + 12)]
     ok_rows = [r for r in rows if r["status"] == "ok"]
-    for series in dict.fromkeys(series_of(r) for r in ok_rows):
-        for row in (r for r in ok_rows if series_of(r) == series):
-            lines.append(
-                f"| {' | '.join(series)} | {row['threads']} | {row['batch_size']} | measured "
-                f"| {fmt_ms(row['median_ms'])} | {fmt_ms(row['min_ms'])}-{fmt_ms(row['max_ms'])} "
-                f"| {row['chars_per_s']:.0f} | {fmt(row['gflops'], '.1f')} "
-                f"| {fmt(row['pct_peak'], '.1f')} | {fmt(row['speedup'], '.2f')} "
-                f"| {fmt(row['efficiency'], '.2f')} |")
-        model = models_by_series.get(series)
-        if model and model["fit"]:
-            source = f"model ({model['fit']['name']} fit, RMS err {100 * model['fit']['rms_rel_error']:.1f}%)"
-            for x in model["extrapolated"]:
-                lines.append(
-                    f"| {' | '.join(series)} | {x['threads']} | {x['batch_size']} | *{source}* "
-                    f"| {fmt_ms(x['median_ms'])} | | {x['chars_per_s']:.0f} | {fmt(x['gflops'], '.1f')} "
-                    f"| | {x['speedup']:.2f} | {x['efficiency']:.2f} |")
-    lines += ["", "## Fitted models", "",
-              "t(p)/t(1) = s + (1-s)/p + c*log2(p) per series (c = 0: Amdahl), least squares on "
-              "relative error. Extrapolating from a few cores to a Xeon Phi assumes the same "
-              "bottlenecks there; treat it as a model, not a forecast.", "",
-              "| " + " | ".join(SERIES_FIELDS) + " | fit | serial fraction s | overhead c "
-              "| RMS rel. error | note |", "|" + "---|" * (len(SERIES_FIELDS) + 5)]
+    for row in ok_rows:
+        error = row.get("model_error")
+        lines.append(
+            f"| {' | '.join(series_of(row))} | {row['threads']} | {row['batch_size']} "
+            f"| {fmt_ms(row['median_ms'])} | {fmt_ms(row['min_ms'])}-{fmt_ms(row['max_ms'])} "
+            f"| {row['chars_per_s']:.0f} | {fmt(row['gflops'], '.1f')} "
+            f"| {fmt(row['pct_peak'], '.1f')} | {fmt(row['speedup'], '.2f')} "
+            f"| {fmt(row['efficiency'], '.2f')} | {fmt_ms(row['model_ms']) if row.get('model_ms') else ''} "
+            f"| {'' if error is None else f'{100 * error:+.1f}%'} |")
+    errors = [abs(r["model_error"]) for r in ok_rows if r.get("model_error") is not None]
+    lines += ["", "## Model", ""]
+    if errors:
+        within = sum(e <= VALIDATION_BAR for e in errors)
+        lines += [f"The model reproduces {within} of {len(errors)} measured points within "
+                  f"{100 * VALIDATION_BAR:.0f}%; the largest error is {100 * max(errors):.1f}%.",
+                  ""]
+    lines += ["Time per iteration from measured parts (bench/scale_model.py): the block "
+              "kernels' time for b batch rows on one core, the partial-gradient reduction and "
+              "the optimizer against the bandwidth one thread reached, the serial rest, and "
+              "the parallel regions per iteration times the measured fork/join cost. The rows "
+              "below are the model, not measurements: extrapolating from these cores assumes "
+              "the same per-core rates and no memory-bandwidth ceiling.", "",
+              f"| {series_cols} | threads | batch | model ms | speedup | efficiency "
+              "| idle threads | batch ms | gemm ms | hybrid ms (not implemented) |",
+              "|" + "---|" * (len(SERIES_FIELDS) + 9)]
     for m in models:
-        fit = m["fit"] or {}
-        lines.append(f"| {' | '.join(m[f] for f in SERIES_FIELDS)} | {fit.get('name', '')} "
-                     f"| {fmt(fit.get('serial_fraction'), '.4f')} | {fmt(fit.get('overhead'), '.4f')} "
-                     f"| {fmt(100 * fit['rms_rel_error'], '.1f') + '%' if fit else ''} | {m['note']} |")
+        for x in m["extrapolated"]:
+            other = x.get("by_strategy", {})
+            lines.append(
+                f"| {' | '.join(m[f] for f in SERIES_FIELDS)} | {x['threads']} "
+                f"| {x['batch_size']} | {fmt_ms(x['median_ms'])} | {x['speedup']:.2f} "
+                f"| {x['efficiency']:.2f} | {x['idle_threads']} | "
+                + " | ".join(fmt_ms(other[s]) if s in other else "" for s in ("batch", "gemm", "hybrid"))
+                + " |")
+    unmodelled = [m for m in models if not m["modelled"]]
+    if unmodelled:
+        lines += ["", "Series without a model: " + "; ".join(
+            f"{' '.join(m[f] for f in SERIES_FIELDS)} ({m['note']})" for m in unmodelled)]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed points", ""]

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from phi_rnn.files import atomic_write
 
 SPEED_SCRIPT = Path(__file__).parent / "speed.py"
+BARRIER_SCRIPT = Path(__file__).parent / "scale_barrier.py"
 ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "NUMBA_")
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
@@ -104,6 +105,31 @@ def parse_speed_output(returncode, stdout, stderr):
     return result, None
 
 
+def measure_regions(points, out, timeout=None):
+    """scale_barrier.py once per (policy, threads) of points without OUT/regions/ file: the
+    fork/join cost the model charges per parallel region. A failure is reported, not fatal."""
+    for policy, threads in dict.fromkeys((p.policy, p.threads) for p in points):
+        path = out / "regions" / f"{policy}-t{threads:03d}.json"
+        if path.exists():
+            continue
+        command = [sys.executable, str(BARRIER_SCRIPT), "--threads", str(threads),
+                   "--policy", policy]
+        returncode, stdout, stderr = run_process_group(command, timeout)
+        try:
+            record = json.loads(stdout)
+        except ValueError:
+            print(f"region cost at {threads} threads ({policy}) not measured: "
+                  f"{last_line(stderr) or returncode}", file=sys.stderr)
+            continue
+        write_json_atomic(path, record)
+
+
+def json_files(directory):
+    """The finished JSON files of directory, sorted: not the temporary files (".tmp-...")
+    that a write in progress, here or in another job of the array, has there."""
+    return sorted(p for p in directory.glob("*.json") if not p.name.startswith("."))
+
+
 def is_done(point, out):
     return (out / "points" / f"{point.key}.json").exists()
 
@@ -111,6 +137,7 @@ def is_done(point, out):
 def run_study(points, out, iters, warmup, timeout):
     """Run every point without a result file; returns (ran, skipped, failed keys)."""
     pending = [p for p in points if not is_done(p, out)]
+    measure_regions(points, out, timeout)
     skipped = len(points) - len(pending)
     failed = []
     with tqdm(pending, unit="point", desc="scale", file=sys.stderr) as bar:

@@ -4,7 +4,6 @@ End-to-end tests run the real bench/speed.py on the `tiny` config with a few ite
 """
 import csv
 import json
-import math
 import os
 import shutil
 import signal
@@ -25,9 +24,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 sys.path.insert(0, str(BENCH))
-import scale_fit  # noqa: E402
+import scale_model  # noqa: E402
 import scale_machine  # noqa: E402
 import scale_points  # noqa: E402
+import scale_run  # noqa: E402
 
 
 def run_scale(*args, check=True):
@@ -39,7 +39,7 @@ def run_scale(*args, check=True):
 
 
 def point_files(out):
-    return sorted((out / "points").glob("*.json"))
+    return scale_run.json_files(out / "points")
 
 
 @pytest.fixture(scope="module")
@@ -56,53 +56,69 @@ def copy_study(study, tmp_path):
     return out
 
 
-# ---------------------------------------------------------------- model fit
+# ---------------------------------------------------------------- the model
 
-def amdahl_speedups(serial, threads, overhead=0.0):
-    return [1 / (serial + (1 - serial) / p + overhead * math.log2(p)) for p in threads]
-
-
-def test_amdahl_fit_recovers_serial_fraction_and_extrapolates_by_the_formula():
-    threads = [1, 2, 4, 8, 16]
-    fit = scale_fit.best_fit(threads, amdahl_speedups(0.07, threads))
-    assert fit.name == scale_fit.AMDAHL
-    assert fit.serial_fraction == pytest.approx(0.07, abs=1e-9)
-    assert fit.rms_rel_error < 1e-9 and not fit.underdetermined
-    for p in scale_fit.EXTRAPOLATE_TO:
-        assert fit.speedup(p) == pytest.approx(1 / (0.07 + 0.93 / p), rel=1e-9)
-
-
-def test_amdahl_fit_is_least_squares_under_noise():
-    threads = [1, 2, 4, 8, 16, 32]
-    noisy = [s * (1 + e) for s, e in
-             zip(amdahl_speedups(0.1, threads), [0, 0.03, -0.02, 0.04, -0.03, 0.02])]
-    fit = scale_fit.fit_amdahl(threads, noisy)
-    assert fit.serial_fraction == pytest.approx(0.1, abs=0.02)
-
-    def rms_rel_error(serial):  # the objective, written out independently
-        errors = [(serial + (1 - serial) / p - 1 / s) * s for p, s in zip(threads, noisy)]
-        return math.sqrt(sum(e * e for e in errors[1:]) / (len(threads) - 1))
-
-    assert fit.rms_rel_error == pytest.approx(rms_rel_error(fit.serial_fraction))
-    assert fit.rms_rel_error < rms_rel_error(fit.serial_fraction - 0.005)
-    assert fit.rms_rel_error < rms_rel_error(fit.serial_fraction + 0.005)
+def measured_row(batch, threads=1, strategy="batch", scaling="strong", block=1.0, reduce=0.1,
+                 optimizer=0.05, rest=0.2, median=None, rate=None):
+    """A collected row as scale_collect makes it from a profiled point (layers 2, seq 50)."""
+    profile = {"layer_forward": block / 2, "layer_backward": block / 2, "reduce_parts": reduce,
+               "rmsprop_step": optimizer}
+    mean = block + reduce + optimizer + rest
+    return {"status": "ok", "scaling": scaling, "config": f"2x128-b{batch}", "model": "lstm",
+            "strategy": strategy, "blas": "", "policy": "compact", "threads": threads,
+            "num_layers": 2, "rnn_size": 128, "seq_length": 50, "vocab": 65,
+            "batch_size": batch, "median_ms": median or mean, "mean_ms": mean,
+            "profile": profile, "gflop_per_iter": 3.0, "small_gemm_peak_gflops": rate,
+            "chars_per_s": 1.0}
 
 
-def test_overhead_model_is_chosen_when_the_data_has_an_overhead():
-    threads = [1, 2, 4, 8, 16, 32]
-    fit = scale_fit.best_fit(threads, amdahl_speedups(0.05, threads, overhead=0.01))
-    assert fit.name == scale_fit.AMDAHL_OVERHEAD
-    assert fit.serial_fraction == pytest.approx(0.05, abs=1e-9)
-    assert fit.overhead == pytest.approx(0.01, abs=1e-9)
-    assert fit.speedup(272) == pytest.approx(1 / (0.05 + 0.95 / 272 + 0.01 * math.log2(272)))
+def test_model_adds_the_measured_parts_by_its_formula():
+    block_ms = {1: 0.1, 2: 0.15, 25: 1.2, 50: 2.0}  # R(b), one core
+    rows = [measured_row(b, block=ms, rest=0.2 + 0.004 * b) for b, ms in block_ms.items()]
+    region = {("compact", 2): 0.003, ("compact", 4): 0.004}
+    model = scale_model.build_models(rows, region)[scale_points.series_of(rows[-1])]
+    regions = scale_model.regions_per_iteration(2)
+    assert regions == 6 + 8 + 1
+    rest = 0.2 + 0.004 * 50  # Rest(B) is linear in B over the block series
+    for p, rows_per_block, cost in ((2, 25, 0.003), (4, 13, 0.004)):
+        r_b = 1.2 + (2.0 - 1.2) * (rows_per_block - 25) / 25 if rows_per_block > 25 else \
+            0.15 + (1.2 - 0.15) * (rows_per_block - 2) / 23
+        expected = r_b + 0.1 * (p + 1) / (2 * p) + 0.05 / p + rest + regions * cost
+        assert model.time_ms(p) == pytest.approx(expected, rel=1e-9)
+    # more threads than rows: 50 one-row blocks, 14 threads idle; c(64) from a + b log2(p)
+    cost_64 = 0.003 + (0.004 - 0.003) * (6 - 1)
+    assert model.time_ms(64) == pytest.approx(
+        0.1 + 0.1 * 51 / 128 + 0.05 / 64 + rest + regions * cost_64, rel=1e-9)
+    assert model.idle_threads(64) == 14 and model.idle_threads(50) == 0
+    assert scale_model.validate(rows, {}) is None  # nothing modelled, no error claimed
 
 
-def test_two_points_give_an_exact_but_underdetermined_fit():
-    fit = scale_fit.fit_amdahl([1, 2], [1.0, 1.6])
-    assert fit.underdetermined and fit.points == 1
-    assert fit.speedup(2) == pytest.approx(1.6)  # 1/1.6 = s + (1-s)/2 -> s = 0.25
-    assert fit.serial_fraction == pytest.approx(0.25)
-    assert scale_fit.fit_amdahl([1], [1.0]) is None
+def test_hybrid_and_gemm_are_costed_from_the_same_parts():
+    rows = [measured_row(b, block=0.1 * b ** 0.8) for b in (1, 2, 4, 50)]
+    rows.append(measured_row(50, strategy="gemm", rate=30.0, block=2.5))
+    models = scale_model.build_models(rows, {("compact", 2): 0.002, ("compact", 4): 0.003})
+    batch = models[scale_points.series_of(rows[3])]
+    gemm = models[scale_points.series_of(rows[4])]
+    p = 64
+    c = scale_model.RegionCost({2: 0.002, 4: 0.003})
+    shared = 0.1 * 51 / (2 * p) + 0.05 / p + batch.blocks.rest_ms(50) + 15 * c(p)
+    # 25 blocks of 2 rows, teams of 2 threads splitting each block's products by columns
+    two_row_teams = 0.1 * 2 ** 0.8 / 2 + 3 * 50 * 2 * c(2) + 0.1 * 26 / (2 * p) + 0.05 / p \
+        + batch.blocks.rest_ms(50) + 15 * c(p)
+    assert batch.time_ms(p, "batch") == pytest.approx(0.1 + shared)
+    assert batch.time_ms(p, "hybrid") <= min(two_row_teams, batch.time_ms(p, "batch")) + 1e-12
+    gemm_ms = 3.0 / 30.0 * 1e3  # W: the iteration's GFLOP at one thread's rate
+    one = gemm.one_thread
+    calls = scale_model.gemm_calls_per_iteration(2, 50)
+    assert gemm.gemm_ms == pytest.approx(min(gemm_ms, sum(one.values())))
+    assert gemm.time_ms(p) == pytest.approx(
+        sum(one.values()) - gemm.gemm_ms + gemm.gemm_ms / p + calls * c(p))
+
+
+def test_rows_without_a_profile_get_no_model():
+    rows = [measured_row(50), measured_row(50, threads=2)]
+    rows[0]["profile"] = None
+    assert scale_model.build_models(rows, {}) == {}
 
 
 # ---------------------------------------------------------------- enumeration
@@ -155,14 +171,16 @@ def test_full_tiny_study_writes_every_output(study):
     assert machine["machine"]["cores"] >= 1 and "numba" in machine["versions"]
     assert machine["gemm"].startswith(blas.default_backend())
     md = (out / "results.md").read_text()
-    assert "## Machine" in md and "model (Amdahl fit" in md and "underdetermined" in md
-    for p in scale_fit.EXTRAPOLATE_TO:
+    assert "## Machine" in md and "## Model" in md
+    assert "The model reproduces" in md and "of 4 measured points within 15%" in md
+    for p in scale_model.EXTRAPOLATE_TO:
         assert f"| {p} |" in md
 
 
 def test_collect_merges_point_files_with_correct_arithmetic(study, tmp_path):
     out = tmp_path / "collected"
-    shutil.copytree(study[0] / "points", out / "points")  # what separate array jobs leave
+    for sub in ("points", "regions"):  # what separate array jobs leave
+        shutil.copytree(study[0] / sub, out / sub)
     run_scale("--collect", out)
     records = [json.loads(p.read_text()) for p in point_files(out)]
 
@@ -188,15 +206,20 @@ def test_collect_merges_point_files_with_correct_arithmetic(study, tmp_path):
             ["result"]["phi_rnn"]["median_ms"])
     results = json.loads((out / "results.json").read_text())
     assert len(results["points"]) == 4 and len(results["models"]) == 2
+    for row, point in zip(results["points"], rows):
+        # every measured point carries the model's time and its error against the median
+        assert row["model_error"] == pytest.approx(row["model_ms"] / row["median_ms"] - 1)
+        assert float(point["model_ms"]) == pytest.approx(row["model_ms"])
     for model in results["models"]:
-        two = next(r for r in rows if r["scaling"] == model["scaling"] and r["threads"] == "2")
-        fit = scale_fit.Fit(**model["fit"])
-        # one point beyond 1 thread: 1/S = s + (1-s)/2 exactly, s bounded to [0, 1]
-        serial = min(max(2 / float(two["speedup"]) - 1, 0.0), 1.0)
-        assert fit.serial_fraction == pytest.approx(serial, abs=1e-9)
-        at_272 = model["extrapolated"][-1]
-        assert at_272["threads"] == 272
-        assert at_272["speedup"] == pytest.approx(fit.speedup(272))
+        assert model["modelled"] and [x["threads"] for x in model["extrapolated"]] == [
+            16, 64, 68, 128]
+        at_64 = model["extrapolated"][1]
+        if model["scaling"] == "strong":  # tiny's batch of 4: 60 of 64 threads idle
+            assert at_64["idle_threads"] == 60 and at_64["batch_size"] == 4
+            assert set(at_64["by_strategy"]) == {"batch", "gemm", "hybrid"}
+            assert at_64["by_strategy"]["hybrid"] <= at_64["by_strategy"]["batch"] + 1e-12
+        else:
+            assert at_64["idle_threads"] == 0 and at_64["batch_size"] == 256
     assert (out / "speedup.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
@@ -252,7 +275,7 @@ def test_point_killed_midway_leaves_no_result_and_is_rerun(tmp_path):
     tag, env = tagged_env(tmp_path)
     proc = subprocess.Popen([sys.executable, str(SCALE), *args, "--out", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # topo, region costs and a point on a loaded machine
     while not point_files(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)  # what a PBS walltime kill sends, mid second point

@@ -1,0 +1,68 @@
+"""The cost of one parallel region (fork, a near-empty body, join) at p threads, as phi_rnn's
+kernels pay it: numba's prange on the OpenMP runtime and placement of a training run.
+
+    python bench/scale_barrier.py --threads 16 [--policy compact]   # prints one JSON object
+
+bench/scale.py runs it once per (threads, policy) of a study; the model of time per
+iteration (scale_model.py) charges it for every parallel region of an iteration.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from phi_rnn import affinity  # noqa: E402  (starts no runtime)
+from phi_rnn.errors import UsageError  # noqa: E402
+
+CALLS = 5000
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    affinity.add_thread_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
+    except UsageError as e:
+        print(f"scale_barrier.py: error: {e}", file=sys.stderr)
+        return 2
+    import numba
+    import numpy as np
+
+    from phi_rnn import blas  # noqa: F401,E501  (MKL joins libgomp as in training)
+
+    @numba.njit(parallel=True, cache=True)
+    def region(x):
+        for i in numba.prange(x.shape[0] // 16):
+            x[16 * i] += 1.0  # one cache line per thread
+
+    @numba.njit(cache=True)
+    def serial(x):
+        for i in range(x.shape[0] // 16):
+            x[16 * i] += 1.0
+
+    x = np.zeros(16 * plan.threads)
+
+    def per_call_us(fn):
+        """Median of single calls: robust to the preemptions of a busy machine, as the
+        medians of the study's points are."""
+        fn(x)
+        times = np.empty(CALLS)
+        for k in range(CALLS):
+            t0 = time.perf_counter()
+            fn(x)
+            times[k] = time.perf_counter() - t0
+        return float(np.median(times)) * 1e6
+
+    parallel_us, serial_us = per_call_us(region), per_call_us(serial)
+    # the call from Python costs the same in both: their difference is the region's own cost
+    print(json.dumps({"threads": plan.threads, "policy": plan.policy,
+                      "region_us": max(parallel_us - serial_us, 0.0), "call_us": parallel_us,
+                      "serial_call_us": serial_us}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

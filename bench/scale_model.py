@@ -1,0 +1,240 @@
+"""A model of the time per training iteration built from measured parts, checked against every
+measured point of a study and extrapolated to many-core counts (labelled as a model).
+
+Batch strategy, p threads, batch B: n = min(p, B) blocks of at most b = ceil(B / n) rows, one
+per thread; p - n threads idle.
+
+    t(p) = R(b) + Red(n, p) + Opt(p) + Rest(B) + N(p) c(p)
+
+  R(b)      the block kernels (every layer's recurrence, the decoder; forward and backward) on
+            b rows, measured on one core: the 1-thread point at batch b (the block series)
+  Red(n,p)  the per-block partial gradients summed: (n + 1) P floats streamed by p threads at
+            the bandwidth one thread reached summing one part at 1 thread (2 P floats)
+  Opt(p)    RMSprop over the P parameters (bandwidth-bound): its 1-thread time over p
+  Rest(B)   serial: Python, the weight transposes, numpy (1-thread time outside the kernels;
+            linear in B over the block series)
+  N(p) c(p) parallel regions per iteration times the fork/join cost of one, measured at p
+            threads by scale_barrier.py (c(1) = 0: one thread takes the serial kernels)
+
+Gemm strategy: one block, serial kernels, MKL-threaded GEMMs. With W the GEMM time at 1
+thread (the iteration's GFLOP at the per-thread rate of per-step products, measured by
+speed.py) and N_gemm GEMM calls per iteration: t(p) = t(1) - W + W / p + N_gemm c(p).
+
+Hybrid (not implemented, model only): n blocks with teams of q threads (n q <= p) that split
+each per-step product of a block by columns: R(ceil(B/n)) / q plus a team barrier per step and
+layer, forward and twice backward (3 T L c(q)); the best n and q are taken (q = 1: batch).
+
+The parts come from speed.py's profile (mean ms per kernel, scaled to the median) and
+scale_barrier.py's region cost; points without them (older studies) get no model.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from scale_points import SERIES_FIELDS, series_of
+
+EXTRAPOLATE_TO = (16, 64, 68, 128)  # a 16-core node, Xeon Phi 7210 / 7250 cores, 2 x 64-core
+VALIDATION_BAR = 0.15
+
+
+def regions_per_iteration(num_layers):
+    """Parallel regions of one batch-strategy iteration: block kernels (forward and backward
+    per layer, decoder forward and backward), reductions (decoder weight and bias; per layer
+    w_hh, bias, w_ih) and the optimizer."""
+    return (2 * num_layers + 2) + (3 * num_layers + 2) + 1
+
+
+def gemm_calls_per_iteration(num_layers, seq_length):
+    """MKL calls of one gemm-strategy iteration: per step and layer the recurrent product
+    forward and backward; per layer the input projection, two weight gradients and the input
+    gradient; the decoder forward, its weight and input gradients."""
+    return 2 * seq_length * num_layers + 4 * num_layers + 3
+
+
+def parts_of(row):
+    """{block, reduce, optimizer, rest} ms of a measured row, from speed.py's profile (mean
+    ms per iteration) scaled to the row's median; None without a profile."""
+    profile, mean = row.get("profile"), row.get("mean_ms")
+    if not profile or not mean:
+        return None
+    parts = {"block": 0.0, "reduce": 0.0, "optimizer": 0.0}
+    for label, ms in profile.items():
+        kind = "reduce" if "reduce" in label else "optimizer" if "rmsprop" in label else "block"
+        parts[kind] += ms
+    parts["rest"] = max(mean - sum(parts.values()), 0.0)
+    scale = row["median_ms"] / mean
+    return {k: v * scale for k, v in parts.items()}
+
+
+@dataclass
+class RegionCost:
+    """c(p), the fork/join cost of one parallel region in ms: measured where measured, else
+    a + b log2(p) through the measured counts above 1 (b alone through one)."""
+    measured: dict  # threads -> ms
+
+    def __call__(self, p):
+        if p <= 1:
+            return 0.0
+        if p in self.measured:
+            return self.measured[p]
+        known = sorted(q for q in self.measured if q > 1)
+        if not known:
+            return 0.0
+        if len(known) == 1:
+            return self.measured[known[0]] * math.log2(p) / math.log2(known[0])
+        x = np.log2(known)
+        slope, intercept = np.polyfit(x, [self.measured[q] for q in known], 1)
+        return max(float(intercept + slope * math.log2(p)), 0.0)
+
+
+class BlockSeries:
+    """R(b) and Rest(B) of one network shape, from its 1-thread batch-strategy points."""
+
+    def __init__(self, rows):
+        by_batch = {}
+        for row in rows:
+            parts = parts_of(row)
+            if parts:
+                by_batch[row["batch_size"]] = parts
+        self.batches = sorted(by_batch)
+        self.block = [by_batch[b]["block"] for b in self.batches]
+        self.rest = [by_batch[b]["rest"] for b in self.batches]
+
+    def __bool__(self):
+        return bool(self.batches)
+
+    def block_ms(self, b):
+        """Measured R(b); between measured batches linear; beyond them per row as the nearest."""
+        bs, rs = self.batches, self.block
+        if b <= bs[0]:
+            return rs[0] * b / bs[0]
+        if b >= bs[-1]:
+            return rs[-1] * b / bs[-1]
+        return float(np.interp(b, bs, rs))
+
+    def rest_ms(self, batch):
+        if len(self.batches) == 1:
+            return self.rest[0]
+        slope, intercept = np.polyfit(self.batches, self.rest, 1)
+        return max(float(intercept + slope * batch), 0.0)
+
+
+def shape_of(row):
+    return (row["model"], row["num_layers"], row["rnn_size"], row["seq_length"], row["vocab"],
+            row.get("blas", ""))
+
+
+def block_series(rows):
+    """Every network shape's block series: its 1-thread batch-strategy rows, any scaling."""
+    groups = {}
+    for row in rows:
+        if row["status"] == "ok" and row["threads"] == 1 and row["strategy"] == "batch":
+            groups.setdefault(shape_of(row), []).append(row)
+    return {shape: BlockSeries(members) for shape, members in groups.items()}
+
+
+@dataclass
+class Model:
+    """The model of one series (fixed shape, strategy, policy; threads vary)."""
+    strategy: str
+    num_layers: int
+    seq_length: int
+    base_batch: int
+    weak: bool
+    one_thread: dict  # the parts of the series' 1-thread point
+    gemm_ms: float  # W: the GEMM time at 1 thread (gemm strategy)
+    blocks: BlockSeries
+    regions: RegionCost
+
+    def batch(self, p):
+        return self.base_batch * p if self.weak else self.base_batch
+
+    def time_ms(self, p, strategy=None):
+        strategy = strategy or self.strategy
+        batch = self.batch(p)
+        if strategy == "gemm":
+            one = sum(self.one_thread.values())
+            calls = gemm_calls_per_iteration(self.num_layers, self.seq_length)
+            return one - self.gemm_ms + self.gemm_ms / p + calls * self.regions(p)
+        blocks = min(p, batch)
+        rows = math.ceil(batch / blocks)
+        if strategy == "hybrid":
+            return min(self._hybrid_ms(p, batch, n, q) for n in range(1, min(p, batch) + 1)
+                       for q in range(1, p // n + 1))
+        return (self.blocks.block_ms(rows) + self._shared_ms(p, blocks, batch)
+                + regions_per_iteration(self.num_layers) * self.regions(p))
+
+    def _shared_ms(self, p, blocks, batch):
+        """Reductions, optimizer and the serial rest."""
+        one = self.one_thread
+        return (one["reduce"] * (blocks + 1) / (2 * p) + one["optimizer"] / p
+                + self.blocks.rest_ms(batch))
+
+    def _hybrid_ms(self, p, batch, blocks, team):
+        rows = math.ceil(batch / blocks)
+        team_barriers = 3 * self.seq_length * self.num_layers * self.regions(team)
+        return (self.blocks.block_ms(rows) / team + team_barriers
+                + self._shared_ms(p, blocks, batch)
+                + regions_per_iteration(self.num_layers) * self.regions(p))
+
+    def idle_threads(self, p):
+        return max(p - self.batch(p), 0) if self.strategy == "batch" else 0
+
+
+def build_models(rows, region_ms):
+    """One Model per series that has a profiled 1-thread point, its block series and region
+    costs (region_ms: {(policy, threads): ms}); returns {series: Model}."""
+    blocks = block_series(rows)
+    models = {}
+    for series in dict.fromkeys(series_of(r) for r in rows if r["status"] == "ok"):
+        members = [r for r in rows if r["status"] == "ok" and series_of(r) == series]
+        base = next((r for r in members if r["threads"] == 1), None)
+        parts = parts_of(base) if base else None
+        shape_blocks = blocks.get(shape_of(base)) if base else None
+        if not parts or not shape_blocks:
+            continue
+        fields = dict(zip(SERIES_FIELDS, series))
+        costs = RegionCost({p: ms for (policy, p), ms in region_ms.items()
+                            if policy == fields["policy"]})
+        rate = base.get("small_gemm_peak_gflops") or 0.0
+        models[series] = Model(
+            strategy=fields["strategy"], num_layers=base["num_layers"],
+            seq_length=base["seq_length"], base_batch=base["batch_size"],
+            weak=fields["scaling"] == "weak", one_thread=parts,
+            gemm_ms=min(base["gflop_per_iter"] / rate * 1e3, sum(parts.values())) if rate else 0.0,
+            blocks=shape_blocks, regions=costs)
+    return models
+
+
+def validate(rows, models):
+    """Adds model_ms and model_error (relative) to every measured row that has a model;
+    returns the largest |error| (None when no row has one)."""
+    worst = None
+    for row in rows:
+        model = models.get(series_of(row)) if row["status"] == "ok" else None
+        if model is None:
+            row["model_ms"] = row["model_error"] = None
+            continue
+        row["model_ms"] = model.time_ms(row["threads"])
+        row["model_error"] = row["model_ms"] / row["median_ms"] - 1
+        worst = max(worst or 0.0, abs(row["model_error"]))
+    return worst
+
+
+def extrapolate(series, model, base_row):
+    """The model's rows for EXTRAPOLATE_TO: time, speedup over the measured 1-thread point,
+    idle threads, and for strong scaling what the other strategies would take."""
+    out = []
+    for p in EXTRAPOLATE_TO:
+        ms = model.time_ms(p)
+        work = model.batch(p) / model.base_batch
+        speedup = base_row["median_ms"] * work / ms
+        entry = {"threads": p, "batch_size": model.batch(p), "median_ms": ms,
+                 "speedup": speedup, "efficiency": speedup / p,
+                 "chars_per_s": base_row["chars_per_s"] * speedup,
+                 "idle_threads": model.idle_threads(p)}
+        if not model.weak:
+            entry["by_strategy"] = {s: model.time_ms(p, s) for s in ("batch", "gemm", "hybrid")}
+        out.append(entry)
+    return out
