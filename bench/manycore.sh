@@ -2,7 +2,7 @@
 # The scaling study on a bare many-core machine, in one command.
 #
 #   bash bench/manycore.sh bundle   here (after `make install`): MKL's libraries from the venv's
-#                                   mkl wheel plus native/build, xz-compressed into
+#                                   mkl wheel, xz-compressed, and native/build's pieces into
 #                                   bench/manycore-bundle/ (git-ignored; carry it with the tree)
 #   bash bench/manycore.sh          there: unpack, warm numba's cache once, measure, collect
 #
@@ -17,7 +17,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUNDLE_DIR=$ROOT/bench/manycore-bundle
-ARCHIVE=$BUNDLE_DIR/phi_rnn-manycore.tar.xz
+ARCHIVE=$BUNDLE_DIR/mkl.tar.xz
 UNPACKED=$BUNDLE_DIR/unpacked
 PYTHON=${PYTHON:-python3}
 # MKL's single dynamic library, the interface and GNU-OpenMP threading layers it loads, and
@@ -31,28 +31,34 @@ die() { say "error: $*"; exit 2; }
 build_bundle() {
     local venv_python=${VENV_PYTHON:-$ROOT/.venv/bin/python}
     [ -x "$venv_python" ] || die "no $venv_python: run make install first"
-    local mkl_rt
-    mkl_rt=$("$venv_python" -c 'from phi_rnn.blas import MKL_RT_PATH; print(MKL_RT_PATH)')
-    local mkl_dir stage
-    mkl_dir=$(dirname "$mkl_rt")
     [ -f "$ROOT/native/build/libsmall_gemm.so" ] && [ -x "$ROOT/native/build/affinity_probe" ] \
         || die "native/build is incomplete: make native (with libxsmm installed)"
+    mkdir -p "$BUNDLE_DIR/native"
+    # the native pieces change with the code: plain copies, refreshed every time
+    cp "$ROOT/native/build/libsmall_gemm.so" "$ROOT/native/build/affinity_probe" "$BUNDLE_DIR/native/"
+    local mkl_rt version
+    mkl_rt=$("$venv_python" -c 'from phi_rnn.blas import MKL_RT_PATH; print(MKL_RT_PATH)')
+    version=$("$venv_python" -c 'from phi_rnn.blas import mkl_version; print(mkl_version())')
+    # MKL changes with the wheel only, and compressing it takes minutes: kept while its version is
+    if [ -f "$ARCHIVE" ] && [ "$(cat "$BUNDLE_DIR/MKL_VERSION" 2>/dev/null)" = "$version" ]; then
+        say "kept $ARCHIVE (MKL $version); refreshed native/"
+        return
+    fi
+    local stage
     stage=$(mktemp -d)
     trap "rm -rf '$stage'" EXIT
-    mkdir -p "$stage/lib" "$stage/native"
+    mkdir -p "$stage/lib"
     for lib in "${MKL_LIBS[@]}"; do
-        cp "$mkl_dir/$lib".so.* "$stage/lib/" || die "$lib not found next to $mkl_rt"
+        cp "$(dirname "$mkl_rt")/$lib".so.* "$stage/lib/" || die "$lib not found next to $mkl_rt"
     done
-    cp "$ROOT/native/build/libsmall_gemm.so" "$ROOT/native/build/affinity_probe" "$stage/native/"
     # libgomp for a machine without one (numba's omp layer and MKL's GNU layer both need it)
     cp "$(gcc -print-file-name=libgomp.so.1)" "$stage/lib/" 2>/dev/null || true
-    "$venv_python" -c 'from phi_rnn.blas import mkl_version; print(mkl_version())' > "$stage/MKL_VERSION"
-    mkdir -p "$BUNDLE_DIR"
     # the x86 filter and a dictionary as large as the biggest library: the CPU-path
     # libraries share much of their code
     tar -C "$stage" -cf - . | xz --x86 --lzma2=preset=9e,dict=128MiB -T1 > "$ARCHIVE.tmp"
     mv "$ARCHIVE.tmp" "$ARCHIVE"
-    say "wrote $ARCHIVE ($(du -m "$ARCHIVE" | cut -f1) MB): MKL $(cat "$stage/MKL_VERSION"), ${MKL_LIBS[*]}, libsmall_gemm.so, affinity_probe"
+    echo "$version" > "$BUNDLE_DIR/MKL_VERSION"
+    say "wrote $ARCHIVE ($(du -m "$ARCHIVE" | cut -f1) MB): MKL $version, ${MKL_LIBS[*]}; native/: libsmall_gemm.so, affinity_probe"
 }
 
 unpack_bundle() {
@@ -67,9 +73,11 @@ unpack_bundle() {
     fi
     # phi_rnn looks for its native pieces in native/build (git-ignored, so never carried)
     mkdir -p "$ROOT/native/build"
-    cp "$UNPACKED/native/affinity_probe" "$UNPACKED/native/libsmall_gemm.so" "$ROOT/native/build/"
+    cp "$BUNDLE_DIR/native/affinity_probe" "$BUNDLE_DIR/native/libsmall_gemm.so" "$ROOT/native/build/"
     export PHI_RNN_MKL_RT
     PHI_RNN_MKL_RT=$(ls "$UNPACKED"/lib/libmkl_rt.so.*)
+    # phi_rnn measures once which GEMM library is fastest here and keeps the answer there
+    export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$UNPACKED/cache}
     if ! "$PYTHON" -c 'import ctypes.util, sys; sys.exit(ctypes.util.find_library("gomp") is None)'; then
         say "no libgomp on this machine: using the bundle's"
         export LD_LIBRARY_PATH=$UNPACKED/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

@@ -84,7 +84,7 @@ def model_series(rows, region_ms):
                      max_error=max(errors) if errors else None, extrapolated=[],
                      note="" if model else "no model: needs profiled 1-thread points "
                                           "(the series' and its shape's batch series)")
-        if model:
+        if model and len(members) > 1:  # a block series (one thread count) is a part, not a curve
             entry["extrapolated"] = extrapolate(series, model, members[0])
             entry["curve"] = [[p, model.time_ms(p)] for p in CURVE_THREADS]
             entry["base_ms"] = members[0]["median_ms"]

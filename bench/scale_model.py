@@ -18,7 +18,8 @@ per thread; p - n threads idle.
 
 Gemm strategy: one block, serial kernels, MKL-threaded GEMMs. With W the GEMM time at 1
 thread (the iteration's GFLOP at the per-thread rate of per-step products, measured by
-speed.py) and N_gemm GEMM calls per iteration: t(p) = t(1) - W + W / p + N_gemm c(p).
+speed.py), N_gemm GEMM calls per iteration and w = B(p) / B(1) the work (1 for strong
+scaling): t(p) = w (t(1) - W + W / p) + N_gemm c(p).
 
 Hybrid (not implemented, model only): n blocks with teams of q threads (n q <= p) that split
 each per-step product of a block by columns: R(ceil(B/n)) / q plus a team barrier per step and
@@ -153,10 +154,11 @@ class Model:
     def time_ms(self, p, strategy=None):
         strategy = strategy or self.strategy
         batch = self.batch(p)
-        if strategy == "gemm":
+        if strategy == "gemm":  # the 1-thread time grows with the batch (weak scaling)
+            work = batch / self.base_batch
             one = sum(self.one_thread.values())
             calls = gemm_calls_per_iteration(self.num_layers, self.seq_length)
-            return one - self.gemm_ms + self.gemm_ms / p + calls * self.regions(p)
+            return work * (one - self.gemm_ms + self.gemm_ms / p) + calls * self.regions(p)
         blocks = min(p, batch)
         rows = math.ceil(batch / blocks)
         if strategy == "hybrid":
@@ -187,9 +189,9 @@ def build_models(rows, region_ms):
     costs (region_ms: {(policy, threads): ms}); returns {series: Model}."""
     blocks = block_series(rows)
     models = {}
+    ones = {series_of(r): r for r in rows if r["status"] == "ok" and r["threads"] == 1}
     for series in dict.fromkeys(series_of(r) for r in rows if r["status"] == "ok"):
-        members = [r for r in rows if r["status"] == "ok" and series_of(r) == series]
-        base = next((r for r in members if r["threads"] == 1), None)
+        base = ones.get(series) or _one_thread_of_any_policy(series, ones)
         parts = parts_of(base) if base else None
         shape_blocks = blocks.get(shape_of(base)) if base else None
         if not parts or not shape_blocks:
@@ -205,6 +207,14 @@ def build_models(rows, region_ms):
             gemm_ms=min(base["gflop_per_iter"] / rate * 1e3, sum(parts.values())) if rate else 0.0,
             blocks=shape_blocks, regions=costs)
     return models
+
+
+def _one_thread_of_any_policy(series, ones):
+    """At one thread the policy places nothing: a series measured only at more threads (say
+    scatter at 16) takes the 1-thread point of its series under another policy."""
+    policy = SERIES_FIELDS.index("policy")
+    same = lambda s: s[:policy] + s[policy + 1:]  # noqa: E731
+    return next((row for s, row in ones.items() if same(s) == same(series)), None)
 
 
 def validate(rows, models):

@@ -256,7 +256,7 @@ def processes_tagged(tag):
     return found
 
 
-def wait_until_gone(tag, seconds=10):
+def wait_until_gone(tag, seconds=60):
     """The tagged processes, after giving SIGKILL up to `seconds` to take effect on a busy
     machine (a killed process lingers until it is next scheduled)."""
     deadline = time.monotonic() + seconds
