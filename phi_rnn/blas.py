@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -105,6 +106,10 @@ def _load_small_gemm():
     if not SMALL_GEMM_PATH.exists():
         return None
     lib = ctypes.CDLL(str(SMALL_GEMM_PATH))
+    if not hasattr(lib, "phi_xsmm_version"):  # built from an older small_gemm.c
+        print(f"phi_rnn: warning: {SMALL_GEMM_PATH} is an older build: run `make native`; libxsmm not used",
+              file=sys.stderr)
+        return None
     lib.phi_xsmm_init()
     lib.phi_xsmm_target.restype = ctypes.c_char_p
     lib.phi_xsmm_version.restype = ctypes.c_char_p

@@ -215,3 +215,16 @@ def test_processes_starting_together_measure_once(tmp_path):
     answers = [json.loads(run.communicate(timeout=300)[0]) for run in runs]
     assert all(run.returncode == 0 for run in runs)
     assert answers[0] == answers[1]  # the same backend, the same measured rates and time
+
+
+def test_a_small_gemm_built_from_an_older_source_is_named_and_left_out(tmp_path):
+    source = tmp_path / "old.c"
+    source.write_text("int phi_gemm_init(void) { return 0; }\n")  # the previous library's entry point
+    library = tmp_path / "libsmall_gemm.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    code = "from phi_rnn import blas; print(','.join(blas.available()))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PHI_RNN_SMALL_GEMM=str(library)))
+    assert result.returncode == 0, result.stderr
+    assert "libxsmm" not in result.stdout.split(",")
+    assert result.stderr.strip() == f"phi_rnn: warning: {library} is an older build: run `make native`; libxsmm not used"
