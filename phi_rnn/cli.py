@@ -92,19 +92,41 @@ def select_blas(name):
         raise UsageError(f"--blas {name}: {e}") from None
 
 
+def _detach_stdout():
+    """Point stdout at /dev/null: its reader is gone (a closed terminal, `| head`), and
+    Python's flush at exit would fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _console_log(message, flush=True):
+    """Training's progress lines. A closed terminal (EIO) or pipe (EPIPE) must not stop the
+    run, so that its SIGHUP or the end still writes a checkpoint: later lines go nowhere."""
+    try:
+        print(message, flush=flush)
+    except OSError:
+        _detach_stdout()
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    given = config.given_flags(args)
     try:
         if args.command == "train":
             config.validate_train(args)
-            _start_runtimes(args, lambda m: print(m, flush=True))
+            _start_runtimes(args, _console_log)
             from phi_rnn.train import train
-            return train(args)
+            return train(args, given, log=_console_log)
         if args.command == "sample":
             config.validate_sample(args)
             _start_runtimes(args, lambda m: print(m, file=sys.stderr), announce=False)
             from phi_rnn.sample import sample
-            return sample(args)
+            try:
+                return sample(args)
+            except BrokenPipeError:  # `sample ... | head`: the reader has what it wanted
+                _detach_stdout()
+                return 0
         if args.command == "topo":
             return affinity.topo_command(args)
         if args.command == "submit":

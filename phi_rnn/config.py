@@ -1,13 +1,40 @@
 """Every option of `train` and `sample` in one place: char-rnn's flags and defaults
-(train.lua / sample.lua; `--rnn_size` and `--rnn-size` alike) plus phi_rnn's own, and the
-checks that turn bad values into one clear line."""
+(train.lua / sample.lua; `--rnn_size` and `--rnn-size` alike) plus phi_rnn's own, the
+allowed range of each (one table, also checked on every checkpoint's options) and which
+flags the command line gave."""
 import argparse
+import math
+import re
 
 from phi_rnn.cells import MODELS
 from phi_rnn.errors import UsageError
 
 MAX_SIZE = {"rnn_size": 1 << 15, "num_layers": 64, "seq_length": 1 << 16, "batch_size": 1 << 16}
 STRATEGIES = ("batch", "gemm")
+ENCODINGS = ("utf-8", "bytes")
+MAX_SEED = 2**64 - 1
+MAX_EPOCHS = 1e9
+MIN_TEMPERATURE = 1e-30  # its inverse must stay finite in float32
+# options that define the model and its training math: a checkpoint's, kept on --resume
+RUN_OPTIONS = ("model", "rnn_size", "num_layers", "learning_rate", "learning_rate_decay",
+               "learning_rate_decay_after", "decay_rate", "dropout", "seq_length", "batch_size",
+               "grad_clip", "train_frac", "val_frac", "seed", "encoding")
+ARCH_OPTIONS = ("model", "rnn_size", "num_layers")  # a checkpoint's, kept on --init_from
+GIVEN = "given_flags"  # namespace attribute: the options given on the command line
+
+
+class _Store(argparse.Action):
+    """argparse's plain store, which also records that the flag was given: a value given on
+    purpose counts even when it equals the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN, getattr(namespace, GIVEN, frozenset()) | {self.dest})
+
+
+def given_flags(namespace):
+    """Removes and returns the set of options the command line gave."""
+    return set(vars(namespace).pop(GIVEN, ()))
 
 
 def _add(parser, name, **kw):
@@ -15,13 +42,13 @@ def _add(parser, name, **kw):
     flags = [f"--{name}"]
     if "_" in name:
         flags.append(f"--{name.replace('_', '-')}")
-    parser.add_argument(*flags, dest=name, **kw)
+    parser.add_argument(*flags, dest=name, action=_Store, **kw)
 
 
 def add_train_arguments(p):
     g = p.add_argument_group("data")
     _add(g, "data_dir", default="data/tinyshakespeare", help="directory holding input.txt")
-    _add(g, "encoding", default="utf-8", choices=("utf-8", "bytes"),
+    _add(g, "encoding", default="utf-8", choices=ENCODINGS,
          help="symbols are Unicode code points (utf-8) or bytes (char-rnn's exact behaviour)")
     g = p.add_argument_group("model")
     _add(g, "rnn_size", type=int, default=128, help="size of the RNN's internal state")
@@ -56,13 +83,6 @@ def add_train_arguments(p):
          help="batch: threads split the batch; gemm: MKL-threaded GEMM per step")
 
 
-def train_defaults():
-    """{option: default} of `train`: a value that differs was given on the command line."""
-    p = argparse.ArgumentParser()
-    add_train_arguments(p)
-    return vars(p.parse_args([]))
-
-
 def add_sample_arguments(p):
     p.add_argument("checkpoint", help="checkpoint .npz, or `latest` (in cv/)")
     _add(p, "length", type=int, default=2000, help="characters to sample")
@@ -72,35 +92,98 @@ def add_sample_arguments(p):
     _add(p, "seed", type=int, default=123)
 
 
+def _int(low, high=None, text=None):
+    def problem(value):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be an integer, got {value!r}"
+        if value < low:
+            return f"{text or ('must be positive' if low == 1 else f'must be at least {low}')}, got {value}"
+        if high is not None and value > high:
+            return f"{value} is absurd (limit {high})" if text is None else f"{text}, got {value}"
+        return None
+    return problem
+
+
+def _float(low, high, low_open=False, high_open=False, text=None):
+    """A finite number in the interval; nan and inf never are."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    text = text or f"must be in {interval}"
+
+    def problem(value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"must be a number, got {value!r}"
+        fine = (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high))
+        return None if fine else f"{text}, got {value}"
+    return problem
+
+
+def _choice(choices):
+    def problem(value):
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+    return problem
+
+
+POSITIVE = _float(0, math.inf, low_open=True, high_open=True, text="must be positive and finite")
+SEED = _int(0, MAX_SEED, text=f"must be in [0, {MAX_SEED}]")
+# name: problem(value) -> None, or what is wrong with it
+TRAIN_RANGES = {
+    **{name: _int(1, limit) for name, limit in MAX_SIZE.items()},
+    "model": _choice(MODELS),
+    "encoding": _choice(ENCODINGS),
+    "learning_rate": POSITIVE,
+    "learning_rate_decay": _float(0, 1, low_open=True),
+    "learning_rate_decay_after": _float(0, math.inf, high_open=True, text="must be finite and at least 0"),
+    "decay_rate": _float(0, 1, high_open=True),
+    "dropout": _float(0, 1, high_open=True),
+    "grad_clip": POSITIVE,
+    "train_frac": _float(0, 1, low_open=True),
+    "val_frac": _float(0, 1, high_open=True),
+    "max_epochs": _float(0, MAX_EPOCHS, low_open=True, text=f"must be positive and at most {MAX_EPOCHS:g}"),
+    "max_iters": lambda v: None if v is None else _int(1)(v),
+    "seed": SEED,
+    "print_every": _int(1, text="must be at least 1"),
+    "eval_val_every": _int(1, text="must be at least 1"),
+    "val_max_batches": lambda v: None if v is None else _int(1)(v),
+    "keep": _int(0, text="must be 0 (keep all) or positive"),
+    "strategy": _choice(STRATEGIES),
+}
+SAMPLE_RANGES = {
+    "length": _int(1),
+    "temperature": _float(MIN_TEMPERATURE, math.inf, high_open=True,
+                          text=f"must be positive (at least {MIN_TEMPERATURE:g}) and finite"),
+    "seed": SEED,
+}
+# a savefile becomes part of file names: lm_<savefile>_epoch<e>_<loss>.npz
+SAVEFILE = re.compile(r"[\w+-][\w.+-]*")
+MAX_SAVEFILE_BYTES = 200
+
+
+def option_problem(name, value, ranges=TRAIN_RANGES):
+    """None when `value` is allowed for option `name`, else what is wrong (a phrase)."""
+    return ranges[name](value)
+
+
 def _check(condition, message):
     if not condition:
         raise UsageError(message)
 
 
+def _check_ranges(o, ranges):
+    for name in ranges:
+        problem = option_problem(name, getattr(o, name), ranges)
+        _check(problem is None, f"--{name} {problem}")
+
+
 def validate_train(o):
-    for name, limit in MAX_SIZE.items():
-        value = getattr(o, name)
-        _check(value >= 1, f"--{name} must be positive, got {value}")
-        _check(value <= limit, f"--{name} {value} is absurd (limit {limit})")
-    _check(o.max_epochs > 0, f"--max_epochs must be positive, got {o.max_epochs}")
-    _check(o.max_iters is None or o.max_iters >= 1, f"--max_iters must be positive, got {o.max_iters}")
-    _check(o.learning_rate > 0, f"--learning_rate must be positive, got {o.learning_rate}")
-    _check(0 < o.learning_rate_decay <= 1, f"--learning_rate_decay must be in (0, 1], got {o.learning_rate_decay}")
-    _check(0 <= o.decay_rate < 1, f"--decay_rate must be in [0, 1), got {o.decay_rate}")
-    _check(0 <= o.dropout < 1, f"--dropout must be in [0, 1), got {o.dropout}")
-    _check(o.grad_clip > 0, f"--grad_clip must be positive, got {o.grad_clip}")
-    _check(0 < o.train_frac <= 1, f"--train_frac must be in (0, 1], got {o.train_frac}")
-    _check(0 <= o.val_frac < 1, f"--val_frac must be in [0, 1), got {o.val_frac}")
+    _check_ranges(o, TRAIN_RANGES)
     _check(o.train_frac + o.val_frac <= 1 + 1e-9,
            f"--train_frac {o.train_frac} + --val_frac {o.val_frac} exceed 1")
-    _check(o.print_every >= 1, f"--print_every must be at least 1, got {o.print_every}")
-    _check(o.eval_val_every >= 1, f"--eval_val_every must be at least 1, got {o.eval_val_every}")
-    _check(o.val_max_batches is None or o.val_max_batches >= 1,
-           f"--val_max_batches must be positive, got {o.val_max_batches}")
-    _check(o.keep >= 0, f"--keep must be 0 (keep all) or positive, got {o.keep}")
+    _check(SAVEFILE.fullmatch(o.savefile) is not None and len(o.savefile.encode()) <= MAX_SAVEFILE_BYTES,
+           f"--savefile {o.savefile!r} must be a name for files: letters, digits, _ + - . (not first), "
+           f"at most {MAX_SAVEFILE_BYTES} bytes; no /, spaces or control characters")
     _check(not (o.init_from and o.resume), "give --init_from or --resume, not both")
 
 
 def validate_sample(o):
-    _check(o.length >= 1, f"--length must be positive, got {o.length}")
-    _check(o.temperature > 0, f"--temperature must be positive, got {o.temperature}")
+    _check_ranges(o, SAMPLE_RANGES)

@@ -78,15 +78,23 @@ class Generator:
 
 
 def sample(o, out=None):
+    """Writes the text to `out` (stdout). A reader that goes away (`| head`) ends it with
+    BrokenPipeError; any other failed write (a full disk) is a UsageError."""
     out = out or sys.stdout
     ck = checkpoint.load(o.checkpoint)
     gen = Generator(ck)
     rng = np.random.default_rng(o.seed)
     if o.primetext:
         gen.prime(o.primetext)
+    try:
         out.write(o.primetext)
-    for text in gen.generate(o.length, o.temperature, o.sample == 0, rng):
-        out.write(text)
+        for text in gen.generate(o.length, o.temperature, o.sample == 0, rng):
+            out.write(text)
+            out.flush()
+        out.write("\n")
         out.flush()
-    out.write("\n")
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise UsageError(f"cannot write the sample ({e.strerror})") from None
     return 0

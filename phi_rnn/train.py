@@ -1,33 +1,30 @@
 """The training loop: char-rnn's train.lua, plus exact resume and safe interruption.
 
 Exit statuses: 0 done; 2 bad input; 3 training diverged (NaN or exploding loss; the last
-good checkpoint is kept); 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
+good checkpoint is kept); 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM after
+writing a checkpoint.
 """
 import os
 import signal
+import sys
 import time
 
 import numpy as np
 
-from phi_rnn import checkpoint, config, data
+from phi_rnn import checkpoint, config, data, files
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
 from phi_rnn.model import Network
 
 EXIT_DIVERGED = 3
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-# what --resume needs beyond the weights
-RESUME_ARRAYS = ("optim.rms", "state", "train_losses")
-# options that define the model and its training math: taken from the checkpoint on --resume
-RUN_OPTIONS = ("model", "rnn_size", "num_layers", "learning_rate", "learning_rate_decay",
-               "learning_rate_decay_after", "decay_rate", "dropout", "seq_length", "batch_size",
-               "grad_clip", "train_frac", "val_frac", "seed", "encoding")
-ARCH_OPTIONS = ("model", "rnn_size", "num_layers")
+# 128 + the signal's number, as a shell reports a process killed by it. SIGHUP: the
+# terminal or ssh session closed.
+EXIT_SIGNAL = {signal.SIGHUP: 129, signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class Interrupt:
-    """First SIGTERM/SIGINT: finish the iteration, checkpoint, exit. Second: exit at once
-    (checkpoint writes are atomic, so nothing is corrupted)."""
+    """First SIGTERM/SIGINT/SIGHUP: finish the iteration, checkpoint, exit. Second: exit at
+    once (checkpoint writes are atomic, so nothing is corrupted)."""
 
     def __init__(self):
         self.signum = None
@@ -68,14 +65,12 @@ def evaluate(net, loader, max_batches=None, split="val"):
     return total / batches, batches
 
 
-def _take_options(o, saved, names, reason, log):
-    """Set options `names` of o from a checkpoint's; warn about each one the command line set
-    to something else (a value other than the default: it was given on purpose)."""
-    defaults = config.train_defaults()
+def _take_options(o, saved, names, given, reason, log):
+    """Set options `names` of o from a checkpoint's; warn about each one the command line
+    gave (`given`) with another value."""
     for name in names:
-        given = getattr(o, name)
-        if given != defaults[name] and given != saved[name]:
-            log(f"warning: --{name} {given} ignored: {reason} {saved[name]}")
+        if name in given and getattr(o, name) != saved[name]:
+            log(f"warning: --{name} {getattr(o, name)} ignored: {reason} {saved[name]}")
         setattr(o, name, saved[name])
 
 
@@ -142,20 +137,32 @@ class Run:
         self.loss0 = meta["loss0"]
 
 
-def train(o, log=print):
-    """Train with options `o` (see phi_rnn.config). Returns the exit status."""
+def _take_directory(directory, log):
+    """The checkpoint directory's lock for this run, then the leftovers of writes that a
+    SIGKILL cut short: with the lock held no other run is writing them."""
+    lock = checkpoint.lock_directory(directory)
+    stale = files.remove_stale_temp_files(directory)
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) of an interrupted checkpoint write from {directory}")
+    return lock
+
+
+def train(o, given=frozenset(), log=print):
+    """Train with options `o` (see phi_rnn.config); `given`: the options the command line
+    gave. Returns the exit status."""
     resume = checkpoint.load(o.resume, o.checkpoint_dir) if o.resume else None
     init = checkpoint.load(o.init_from, o.checkpoint_dir) if o.init_from else None
     source = resume or init
     if resume:
-        _take_options(o, resume.meta["options"], RUN_OPTIONS, "a resumed run keeps the checkpoint's", log)
-        missing = [name for name in RESUME_ARRAYS if name not in resume.arrays]
+        _take_options(o, resume.meta["options"], config.RUN_OPTIONS, given,
+                      "a resumed run keeps the checkpoint's", log)
+        missing = [name for name in checkpoint.RESUME_ARRAYS if name not in resume.arrays]
         if missing:
             raise UsageError(f"cannot resume from {resume.path}: it lacks {', '.join(missing)}; "
                              f"--init_from starts a new run from its weights")
         log(f"resuming from {resume.path} at iteration {resume.meta['iteration']}")
     elif init:
-        _take_options(o, init.meta, ARCH_OPTIONS, "--init_from takes the checkpoint's", log)
+        _take_options(o, init.meta, config.ARCH_OPTIONS, given, "--init_from takes the checkpoint's", log)
         log(f"initializing from {init.path} (model {o.model}, {o.num_layers} x {o.rnn_size})")
 
     corpus_path = os.path.join(o.data_dir, "input.txt")
@@ -167,6 +174,7 @@ def train(o, log=print):
         _check_vocab(source, vocab, o.encoding)
     loader = data.CharLoader(corpus.ids, o.batch_size, o.seq_length, o.train_frac, o.val_frac, len(vocab))
     _check_writable(o.checkpoint_dir)
+    lock = _take_directory(o.checkpoint_dir, log)  # noqa: F841  (held until the process ends)
     log(f"vocab size: {len(vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
         f"{loader.ntest} test batches of {o.batch_size} x {o.seq_length}")
 
@@ -195,15 +203,13 @@ def train(o, log=print):
 
     def save(name_loss):
         epoch = run.iteration / loader.ntrain
-        name = (checkpoint.checkpoint_name(o.savefile, epoch, name_loss) if name_loss is not None
-                else f"lm_{o.savefile}_epoch{epoch:.2f}_interrupted.npz")
-        path = os.path.join(o.checkpoint_dir, name)
+        path = os.path.join(o.checkpoint_dir, checkpoint.checkpoint_name(o.savefile, epoch, name_loss))
         try:
             checkpoint.save(path, net.params.views, run.meta(net, loader, rng, epoch), net.rms, state,
                             run.train_losses)
         except OSError as e:
-            raise UsageError(f"cannot write checkpoint {path} ({e.strerror}); "
-                             f"the previous checkpoint {last_saved} is intact") from None
+            previous = f"the previous checkpoint {last_saved} is intact" if last_saved else "none was written before"
+            raise UsageError(f"cannot write checkpoint {path} ({e.strerror}); {previous}") from None
         checkpoint.prune(o.checkpoint_dir, o.savefile, o.keep, path)
         return path
 
@@ -223,8 +229,8 @@ def train(o, log=print):
         if not np.isfinite(loss) or (run.loss0 is not None and loss > 3 * run.loss0):
             what = "NaN" if np.isnan(loss) else ("infinite" if not np.isfinite(loss) else
                                                  f"exploding ({loss:.4f} > 3 x first loss {run.loss0:.4f})")
-            log(f"error: loss is {what} at iteration {i}: stopped. The last good checkpoint is "
-                f"{last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip")
+            print(f"phi_rnn: error: loss is {what} at iteration {i}: stopped. The last good checkpoint is "
+                  f"{last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip", file=sys.stderr)
             return EXIT_DIVERGED
         run.loss0 = loss if run.loss0 is None else run.loss0
         run.iteration = i

@@ -37,7 +37,56 @@ def world(tmp_path_factory):
     (root / "dirinput" / "input.txt").mkdir(parents=True)
     (root / "a_file").write_text("not a directory")
     (root / "nolatest").mkdir()
+    (root / "badlatest").mkdir()
+    (root / "badlatest" / "latest").write_bytes(b"\xff\xfelm_\x80.npz\n")
+    for name, (change_arrays, change_meta) in BROKEN_CHECKPOINTS.items():
+        broken_arrays = {k: a.copy() for k, a in arrays.items() if k != "meta"}
+        broken_meta = json.loads(json.dumps(meta))
+        change_arrays(broken_arrays)
+        change_meta(broken_meta)
+        if "meta" not in broken_arrays:  # a change_arrays that replaced meta keeps its own
+            broken_arrays["meta"] = np.array(json.dumps(broken_meta))
+        np.savez(root / f"{name}.npz", **broken_arrays)
     return {"root": str(root), "corpus": corpus, "good": good}
+
+
+def _set(table, key, value):
+    table[key] = value
+
+
+def _scale(arrays, name, factor):
+    arrays[name] = arrays[name] * factor
+
+
+# Checkpoints that load as .npz but are not what phi_rnn writes: (change the arrays, change the meta).
+# The trained model is 2 x 16 LSTM, batch 8.
+nothing = lambda table: None  # noqa: E731
+BROKEN_CHECKPOINTS = {
+    "strings": (lambda a: _set(a, "layers.0.w_hh", np.full(a["layers.0.w_hh"].shape, "x")), nothing),
+    "nooptions": (nothing, lambda m: m.pop("options")),
+    "badrng": (nothing, lambda m: _set(m, "rng_state", {"bit_generator": "PCG64", "state": "garbage"})),
+    "rngnotdict": (nothing, lambda m: _set(m, "rng_state", [1, 2, 3])),
+    "vocabnegative": (nothing, lambda m: m["vocab"].__setitem__(0, -5)),
+    "vocabsurrogate": (nothing, lambda m: m["vocab"].__setitem__(-1, 0xD800)),
+    "vocabstring": (nothing, lambda m: m["vocab"].__setitem__(3, "e")),
+    "vocabunsorted": (nothing, lambda m: m["vocab"].reverse()),
+    "layers0": (nothing, lambda m: (_set(m, "num_layers", 0), _set(m["options"], "num_layers", 0))),
+    "layersbool": (nothing, lambda m: _set(m, "num_layers", True)),
+    "sizefloat": (nothing, lambda m: _set(m, "rnn_size", 16.5)),
+    "optionsdisagree": (nothing, lambda m: _set(m["options"], "rnn_size", 32)),
+    "optionnan": (nothing, lambda m: _set(m["options"], "learning_rate", float("nan"))),
+    "badstate": (lambda a: _set(a, "state", a["state"][:, :, :3]), nothing),
+    "badrms": (lambda a: _set(a, "optim.rms", a["optim.rms"][:-1]), nothing),
+    "negativerms": (lambda a: _scale(a, "optim.rms", -1), nothing),
+    "badlosses": (lambda a: _set(a, "train_losses", a["train_losses"][:1]), nothing),
+    "nanweights": (lambda a: a["decoder.weight"].__setitem__((0, 0), np.nan), nothing),
+    "infbias": (lambda a: a["layers.1.b_ih"].__setitem__(2, np.inf), nothing),
+    "metanumber": (lambda a: _set(a, "meta", np.array(1.5)), nothing),
+    "badposition": (nothing, lambda m: _set(m, "data_position", {"train": -1, "val": 0, "test": 0})),
+    "positionbeyond": (nothing, lambda m: _set(m, "data_position", {"train": 10**6, "val": 0, "test": 0})),
+    "iterationstring": (nothing, lambda m: _set(m, "iteration", "2")),
+    "valnan": (nothing, lambda m: _set(m, "val_losses", {"2": float("nan")})),
+}
 
 
 T = ["train", "--data_dir", "{corpus}", *TINY_MODEL, "--max_iters", "2", "--checkpoint_dir", "{root}/cv2"]
@@ -77,6 +126,66 @@ CASES = [
     ("sample missing checkpoint", ["sample", "{root}/nope.npz"], r"checkpoint .*nope.npz does not exist"),
     ("sample directory without latest", ["sample", "{root}/nolatest"], r"no checkpoint in .*nolatest"),
     ("sample truncated", ["sample", "{root}/truncated.npz"], r"truncated or corrupt"),
+    # every float flag finite and in range, every int flag in range
+    ("seed negative", T + ["--seed", "-1"], r"--seed must be in \[0, 18446744073709551615\], got -1"),
+    ("seed too big", T + ["--seed", str(2**64)], r"--seed must be in \[0, "),
+    ("max_epochs inf", T + ["--max_epochs", "inf"], r"--max_epochs must be positive and at most 1e\+09, got inf"),
+    ("learning_rate inf", T + ["--learning_rate", "inf"], r"--learning_rate must be positive and finite, got inf"),
+    ("learning_rate nan", T + ["--learning_rate", "nan"], r"--learning_rate must be positive and finite, got nan"),
+    ("decay_after nan", T + ["--learning_rate_decay_after", "nan"], r"--learning_rate_decay_after must be finite and at least 0, got nan"),
+    ("decay_after negative", T + ["--learning_rate_decay_after", "-1"], r"--learning_rate_decay_after must be finite"),
+    ("grad_clip inf", T + ["--grad_clip", "inf"], r"--grad_clip must be positive and finite, got inf"),
+    ("decay_rate nan", T + ["--decay_rate", "nan"], r"--decay_rate must be in \[0, 1\), got nan"),
+    ("learning_rate_decay nan", T + ["--learning_rate_decay", "nan"], r"--learning_rate_decay must be in \(0, 1\]"),
+    ("train_frac nan", T + ["--train_frac", "nan"], r"--train_frac must be in \(0, 1\], got nan"),
+    ("val_frac inf", T + ["--val_frac", "inf"], r"--val_frac must be in \[0, 1\), got inf"),
+    ("dropout nan", T + ["--dropout", "nan"], r"--dropout must be in \[0, 1\), got nan"),
+    ("max_iters 0", T + ["--max_iters", "0"], r"--max_iters must be positive, got 0"),
+    ("print_every 0", T + ["--print_every", "0"], r"--print_every must be at least 1, got 0"),
+    ("keep negative", T + ["--keep", "-1"], r"--keep must be 0 \(keep all\) or positive"),
+    ("sample seed negative", ["sample", "{good}", "--seed", "-1"], r"--seed must be in \[0, "),
+    ("temperature inf", ["sample", "{good}", "--temperature", "inf"], r"--temperature must be positive .* and finite, got inf"),
+    ("temperature nan", ["sample", "{good}", "--temperature", "nan"], r"--temperature must be positive .*, got nan"),
+    ("temperature tiny", ["sample", "{good}", "--temperature", "1e-40"], r"--temperature must be positive \(at least 1e-30\)"),
+    # savefile: a name for files, checked before anything runs
+    ("savefile slash", T + ["--savefile", "a/b"], r"--savefile 'a/b' must be a name for files"),
+    ("savefile subdirectory", T + ["--savefile", "sub/x"], r"--savefile 'sub/x' must be a name for files"),
+    ("savefile empty", T + ["--savefile", ""], r"--savefile '' must be a name for files"),
+    ("savefile dotdot", T + ["--savefile", ".."], r"--savefile '..' must be a name for files"),
+    ("savefile space", T + ["--savefile", "a b"], r"--savefile 'a b' must be a name"),
+    ("savefile newline", T + ["--savefile", "a\nb"], r"--savefile 'a\\nb' must be a name"),
+    ("savefile too long", T + ["--savefile", "x" * 201], r"at most 200 bytes"),
+    # `latest` that names no checkpoint
+    ("latest not utf-8", T[:-1] + ["{root}/badlatest", "--resume", "latest"], r"badlatest/latest is corrupt"),
+    ("sample latest not utf-8", ["sample", "{root}/badlatest"], r"badlatest/latest is corrupt"),
+    # checkpoints that load but are not what phi_rnn writes
+    ("array of strings", T + ["--resume", "{root}/strings.npz"], r"layers.0.w_hh holds <U1 values, not floating point"),
+    ("sample array of strings", ["sample", "{root}/strings.npz"], r"layers.0.w_hh holds <U1 values"),
+    ("meta without options", T + ["--resume", "{root}/nooptions.npz"], r"incomplete metadata \(no options\)"),
+    ("sample meta without options", ["sample", "{root}/nooptions.npz"], r"incomplete metadata \(no options\)"),
+    ("garbage rng_state", T + ["--resume", "{root}/badrng.npz"], r"rng_state is not the state of numpy's PCG64"),
+    ("rng_state a list", ["sample", "{root}/rngnotdict.npz"], r"rng_state is not the state"),
+    ("vocab negative", ["sample", "{root}/vocabnegative.npz"], r"vocab entry 0 \(-5\) is not a Unicode character"),
+    ("vocab surrogate", T + ["--resume", "{root}/vocabsurrogate.npz"], r"vocab entry \d+ \(55296\) is not a Unicode character"),
+    ("vocab string", ["sample", "{root}/vocabstring.npz"], r"vocab entry 3 \('e'\) is not a Unicode character"),
+    ("vocab unsorted", ["sample", "{root}/vocabunsorted.npz"], r"vocab is not in increasing order at entry 1"),
+    ("num_layers 0", ["sample", "{root}/layers0.npz"], r"meta num_layers must be positive, got 0"),
+    ("num_layers true", ["sample", "{root}/layersbool.npz"], r"meta num_layers must be an integer, got True"),
+    ("rnn_size fractional", ["sample", "{root}/sizefloat.npz"], r"meta rnn_size must be an integer, got 16.5"),
+    ("options disagree", T + ["--resume", "{root}/optionsdisagree.npz"], r"option rnn_size 32 disagrees with the model's 16"),
+    ("option nan", T + ["--resume", "{root}/optionnan.npz"], r"option learning_rate must be positive and finite, got nan"),
+    ("state wrong shape", T + ["--resume", "{root}/badstate.npz"], r"state has shape \(2, 2, 3, 16\), expected \(2, 2, 8, 16\)"),
+    ("optim.rms wrong length", T + ["--resume", "{root}/badrms.npz"], r"optim.rms has shape \(\d+,\), expected"),
+    ("optim.rms negative", T + ["--resume", "{root}/negativerms.npz"], r"optim.rms holds negative values"),
+    ("train_losses wrong length", T + ["--resume", "{root}/badlosses.npz"], r"train_losses has shape \(1,\), expected \(2,\)"),
+    ("sample NaN weights", ["sample", "{root}/nanweights.npz"], r"decoder.weight holds NaN or infinite values"),
+    ("sample infinite bias", ["sample", "{root}/infbias.npz"], r"layers.1.b_ih holds NaN or infinite values"),
+    ("resume NaN weights", T + ["--resume", "{root}/nanweights.npz"], r"decoder.weight holds NaN or infinite"),
+    ("meta a number", ["sample", "{root}/metanumber.npz"], r"'meta' is not a JSON string"),
+    ("data position negative", T + ["--resume", "{root}/badposition.npz"], r"data_position is not a batch index >= 0"),
+    ("data position beyond", T + ["--resume", "{root}/positionbeyond.npz"], r"data position train = 1000000 does not fit this corpus"),
+    ("iteration a string", ["sample", "{root}/iterationstring.npz"], r"iteration '2' is not a count"),
+    ("val loss nan", ["sample", "{root}/valnan.npz"], r"val_losses is not a table of iteration: finite loss"),
 ]
 
 

@@ -1,14 +1,16 @@
 """Never lose work: failed writes keep the previous checkpoint, divergence stops cleanly,
---keep prunes, and results are deterministic for a given seed and thread count (with or
-without pinning)."""
+--keep prunes, a closed terminal checkpoints, one run per checkpoint directory, and results
+are deterministic for a given seed and thread count (with or without pinning)."""
 import glob
 import os
 import resource
 import signal
+import subprocess
+import sys
 
 import numpy as np
 
-from cli_helpers import TINY_MODEL, run_cli, small_corpus, train_losses
+from cli_helpers import ROOT, TINY_MODEL, run_cli, small_corpus, train_losses, trained_checkpoint
 from phi_rnn import checkpoint
 
 
@@ -41,7 +43,9 @@ def test_exploding_loss_stops_with_status_3_and_keeps_last_good_checkpoint(tmp_p
     result = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--learning_rate", 30, "--grad_clip", 1000,
                      "--eval_val_every", 1, "--max_iters", 200, "--checkpoint_dir", cv)
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "error: loss is" in result.stdout and "try a lower --learning_rate" in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("phi_rnn: error: loss is"), result.stderr
+    assert "try a lower --learning_rate" in lines[0] and "error" not in result.stdout
     last_good = checkpoint.load("latest", str(cv))
     assert np.all(np.isfinite(last_good.params["decoder.weight"]))
     losses = last_good.arrays["train_losses"]
@@ -111,3 +115,72 @@ def test_checkpoint_and_latest_are_readable_by_the_group_under_umask_002(tmp_pat
     (npz,) = glob.glob(str(cv / "*.npz"))
     for path in (npz, str(cv / "latest")):
         assert os.stat(path).st_mode & 0o777 == 0o664, path
+
+
+def _start_training(corpus, cv, *more):
+    """A long training run in the background; returns once it has printed an iteration."""
+    proc = subprocess.Popen([sys.executable, "-m", "phi_rnn", "train", "--data_dir", corpus, *map(str, TINY_MODEL),
+                             "--checkpoint_dir", str(cv), *map(str, more)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines = []
+    while not any("train_loss" in line for line in lines):
+        lines.append(proc.stdout.readline())
+        assert lines[-1] or proc.poll() is None, "".join(lines) + proc.stderr.read()
+    return proc
+
+
+def test_sighup_with_the_terminal_gone_checkpoints_and_exits_129(tmp_path):
+    """A closed terminal or ssh session: stdout's reader is gone, then SIGHUP arrives."""
+    corpus = small_corpus(tmp_path / "data", 40000)
+    cv = tmp_path / "cv"
+    proc = _start_training(corpus, cv, "--eval_val_every", 1000)
+    proc.stdout.close()  # later progress lines fail to write (EPIPE), as on a dead terminal (EIO)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 129
+    assert proc.stderr.read() == ""
+    ck = checkpoint.load("latest", str(cv))
+    assert ck.path.endswith("_interrupted.npz") and ck.meta["iteration"] >= 1
+
+
+def test_one_run_per_checkpoint_directory_and_the_lock_dies_with_its_holder(tmp_path):
+    corpus = small_corpus(tmp_path / "data", 40000)
+    cv = tmp_path / "cv"
+    first = _start_training(corpus, cv, "--eval_val_every", 5, "--keep", 2)
+    second = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", 3, "--keep", 2, "--checkpoint_dir", cv)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"is in use by another training run (pid {first.pid} on " in lines[0]
+    assert "give another --checkpoint_dir" in lines[0]
+
+    first.kill()  # SIGKILL: no handler runs; the kernel drops the lock with the process
+    first.wait(timeout=60)
+    first.stdout.close()
+    first.stderr.close()
+    stale = cv / ".tmp-abc123-lm_lstm_epoch0.50_3.0000.npz"  # as a kill mid-write leaves it
+    stale.write_bytes(b"half a checkpoint")
+    third = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--checkpoint_dir", cv, "--resume", "latest",
+                    "--max_iters", checkpoint.load("latest", str(cv)).meta["iteration"] + 2, check=True)
+    assert "removed 1 temporary file(s) of an interrupted checkpoint write" in third.stdout
+    assert not [n for n in os.listdir(cv) if n.startswith(".tmp-")]
+
+
+def test_a_flag_given_equal_to_its_default_still_warns_on_resume(tmp_path):
+    corpus = small_corpus(tmp_path / "data")
+    cv = tmp_path / "cv"
+    run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--learning_rate", 0.01, "--max_iters", 2,
+            "--checkpoint_dir", cv, check=True)
+    resumed = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--learning_rate", 0.002, "--max_iters", 3,
+                      "--checkpoint_dir", cv, "--resume", "latest", check=True)
+    assert "warning: --learning_rate 0.002 ignored: a resumed run keeps the checkpoint's 0.01" in resumed.stdout
+    assert checkpoint.load("latest", str(cv)).meta["learning_rate"] == 0.01
+
+
+def test_sample_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    _, path = trained_checkpoint(str(tmp_path), 12000, 2)
+    command = (f"set -o pipefail; {sys.executable} -m phi_rnn sample {path} --length 200000 | head -c 100; "
+               "status=${PIPESTATUS[0]}; echo; echo status $status")
+    result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stderr == ""
+    text, status = result.stdout.rsplit("\n", 2)[0], result.stdout.splitlines()[-1]
+    assert len(text) == 100 and status == "status 0", result.stdout
