@@ -173,6 +173,8 @@ def train(o, given=frozenset(), log=print):
     if source:
         _check_vocab(source, vocab, o.encoding)
     loader = data.CharLoader(corpus.ids, o.batch_size, o.seq_length, o.train_frac, o.val_frac, len(vocab))
+    if resume:
+        loader.restore(resume.meta["data_position"])
     _check_writable(o.checkpoint_dir)
     lock = _take_directory(o.checkpoint_dir, log)  # noqa: F841  (held until the process ends)
     log(f"vocab size: {len(vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
@@ -193,7 +195,6 @@ def train(o, given=frozenset(), log=print):
         net.rms[:] = resume.arrays["optim.rms"]
         state[:] = resume.arrays["state"]
         rng.bit_generator.state = resume.meta["rng_state"]
-        loader.restore(resume.meta["data_position"])
     log(f"number of parameters in the model: {net.params.data.size}")
 
     iterations = int(o.max_epochs * loader.ntrain)
