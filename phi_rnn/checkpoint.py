@@ -140,13 +140,13 @@ def load(path, checkpoint_dir="cv"):
     for name, shape in param_shapes(model, len(vocab), rnn_size, num_layers):
         if name not in arrays:
             raise UsageError(f"checkpoint {path} lacks parameter {name}")
-        params[name] = _checked_array(path, name, arrays.pop(name), shape)
+        params[name] = _checked_array(path, name, arrays.pop(name), shape, "weights")
     size = sum(a.size for a in params.values())
     expected = {"optim.rms": (size,), "state": (num_layers, 2, meta["options"]["batch_size"], rnn_size),
                 "train_losses": (meta["iteration"],)}
     for name, shape in expected.items():
         if name in arrays:
-            arrays[name] = _checked_array(path, name, arrays[name], shape)
+            arrays[name] = _checked_array(path, name, arrays[name], shape, "values")
     if "optim.rms" in arrays and np.any(arrays["optim.rms"] < 0):
         raise UsageError(f"checkpoint {path}: optim.rms holds negative values (a mean square cannot)")
     return Checkpoint(path, params, meta, arrays)
@@ -238,14 +238,14 @@ def _check_vocab(path, vocab, encoding):
             raise _bad(path, f"vocab is not in increasing order at entry {position} ({symbol!r})")
 
 
-def _checked_array(path, name, array, shape):
+def _checked_array(path, name, array, shape, what):
     """float32 `array` of `shape` with finite values, or a UsageError."""
     if array.dtype.kind != "f":
         raise _bad(path, f"{name} holds {array.dtype} values, not floating point")
     if array.shape != shape:
         raise _bad(path, f"{name} has shape {array.shape}, expected {shape}")
     if not np.all(np.isfinite(array)):
-        raise _bad(path, f"{name} holds NaN or infinite values")
+        raise UsageError(f"checkpoint {path} has non-finite {what} in {name} (NaN or infinite)")
     return array.astype(np.float32, copy=False)
 
 
