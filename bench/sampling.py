@@ -157,7 +157,7 @@ def main(argv=None):
     worker_argv = [a for a in argv if a != "--json"]
     try:
         mine = run_worker("phi_rnn", worker_argv, plan.threads, script=__file__)
-    except RuntimeError as e:
+    except (RuntimeError, UsageError) as e:
         print(f"sampling.py: error: {e}", file=sys.stderr)
         return 2
     topo = plan.topology.to_dict()

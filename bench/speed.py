@@ -59,13 +59,13 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def summary(seconds, args, gflop, peak, rss_mb):
+def summary(seconds, args, gflop, peak, rss_mb, cpu_seconds):
     import numpy as np
     ms = np.asarray(seconds) * 1e3
     median = float(np.median(ms))
     gflops = gflop / (median / 1e3)
     return {"ms": [round(float(v), 4) for v in ms], "median_ms": median, "min_ms": float(ms.min()),
-            "max_ms": float(ms.max()),
+            "max_ms": float(ms.max()), "cpu_median_ms": float(np.median(cpu_seconds)) * 1e3,
             "chars_per_s": args.batch_size * args.seq_length / (median / 1e3),
             "gflops": gflops, "pct_peak": 100 * gflops / peak if peak else None,
             "peak_rss_mb": rss_mb}
@@ -118,6 +118,18 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
+def _timed_iterations(iteration, n):
+    """Wall and process CPU seconds of iterations 0..n-1. At one thread the CPU time leaves
+    out what a busy machine's other processes take; at more it counts spinning threads."""
+    wall, cpu = [], []
+    for k in range(n):
+        c0, t0 = time.process_time(), time.perf_counter()
+        iteration(k)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
+
+
 def phi_rnn_worker(args):
     import numpy as np
     from phi_rnn import blas
@@ -146,9 +158,9 @@ def phi_rnn_worker(args):
     for k in range(args.warmup):
         iteration(k)
     spent = _time_kernel_calls(net) if args.profile else {}
-    times = [_timed(lambda: iteration(k)) for k in range(args.iters)]
+    times, cpu_times = _timed_iterations(iteration, args.iters)
     profile = {label: seconds / args.iters * 1e3 for label, seconds in spent.items()}
-    return times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9, profile
+    return times, cpu_times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9, profile
 
 
 PROFILED_KERNELS = ("reduce_parts", "reduce_parts_transposed", "multiply", "rmsprop_step")
@@ -208,7 +220,7 @@ def torch_worker(args):
 
     for k in range(args.warmup):
         iteration(k)
-    return [_timed(lambda: iteration(k)) for k in range(args.iters)]
+    return _timed_iterations(iteration, args.iters)
 
 
 RUNTIME_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_", "OPENBLAS_")
@@ -226,7 +238,8 @@ def run_worker(kind, argv, threads, script=__file__):
         env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode == 2:  # bad input, said in one line
-        raise UsageError(result.stderr.strip().splitlines()[-1].removeprefix("speed.py: error: "))
+        line = result.stderr.strip().splitlines()[-1]
+        raise UsageError(line.removeprefix(f"{os.path.basename(script)}: error: "))
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"{kind} worker failed: {tail}")
@@ -247,8 +260,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.worker == "torch":
-            times = torch_worker(args)
-            print(json.dumps({"times": times, "rss_mb": peak_rss_mb()}))
+            times, cpu_times = torch_worker(args)
+            print(json.dumps({"times": times, "cpu_times": cpu_times, "rss_mb": peak_rss_mb()}))
             return 0
         plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
     except UsageError as e:
@@ -257,9 +270,9 @@ def main(argv=None):
     args.threads = plan.threads
     try:
         if args.worker == "phi_rnn":
-            times, gflop, profile = phi_rnn_worker(args)
+            times, cpu_times, gflop, profile = phi_rnn_worker(args)
             from phi_rnn import blas
-            print(json.dumps({"times": times, "gflop": gflop, "peak": sgemm_peak_gflops(),
+            print(json.dumps({"times": times, "cpu_times": cpu_times, "gflop": gflop, "peak": sgemm_peak_gflops(),
                               "small_peak": small_gemm_peak_gflops(), "gemm": blas.describe_backend(),
                               "vector": blas.vector_width(), "versions": versions(), "rss_mb": peak_rss_mb(),
                               "profile": profile}))
@@ -280,14 +293,16 @@ def main(argv=None):
         "threads": plan.threads, "policy": plan.policy, "strategy": args.strategy,
         "placement": plan.describe(), "gemm": mine["gemm"], "vector": mine["vector"], "gflop_per_iter": mine["gflop"],
         "peak_gflops": mine["peak"], "small_gemm_peak_gflops": mine["small_peak"],
-        "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"], mine["rss_mb"]),
-        "torch": None, "ratio": None, "profile": mine["profile"] or None,
+        "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"], mine["rss_mb"], mine["cpu_times"]),
+        "torch": None, "ratio": None, "cpu_ratio": None, "profile": mine["profile"] or None,
     }
     theirs = run_torch_reference(worker_argv, plan.threads) if args.torch else None
     if theirs:
-        report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"], theirs["rss_mb"])
+        report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"], theirs["rss_mb"],
+                                  theirs["cpu_times"])
         report["versions"]["torch"] = theirs["version"]
         report["ratio"] = report["phi_rnn"]["median_ms"] / report["torch"]["median_ms"]
+        report["cpu_ratio"] = report["phi_rnn"]["cpu_median_ms"] / report["torch"]["cpu_median_ms"]
     if args.json:
         print(json.dumps(report))
     else:
@@ -340,7 +355,7 @@ def print_report(r):
         if s:
             print(f"{name:8s} median {s['median_ms']:8.2f} ms  (min {s['min_ms']:.2f}, max {s['max_ms']:.2f}, "
                   f"n={len(s['ms'])})  {s['chars_per_s']:9.0f} chars/s  {s['gflops']:6.1f} GFLOP/s  "
-                  f"{s['pct_peak']:5.1f}% of peak  RSS {s['peak_rss_mb']:.0f} MB")
+                  f"{s['pct_peak']:5.1f}% of peak  RSS {s['peak_rss_mb']:.0f} MB  CPU median {s['cpu_median_ms']:.2f} ms")
     if r["profile"]:
         mean = sum(r["phi_rnn"]["ms"]) / len(r["phi_rnn"]["ms"])
         print(f"profile (mean ms per iteration; iteration mean {mean:.2f} ms):")
@@ -352,7 +367,7 @@ def print_report(r):
     line = (f"phi_rnn / GEMM floor = {r['phi_rnn']['median_ms'] / floor:.2f} "
             f"({r['phi_rnn']['median_ms'] / strict:.2f} at the better rate)")
     if r["ratio"] is not None:
-        line += f"; phi_rnn / torch = {r['ratio']:.2f}"
+        line += f"; phi_rnn / torch = {r['ratio']:.2f} ({r['cpu_ratio']:.2f} in CPU time)"
     print(line)
 
 

@@ -22,6 +22,7 @@ def test_profile_names_each_kernel_and_fits_in_the_iteration():
     assert all(ms > 0 for ms in profile.values())
     iteration = report["phi_rnn"]["ms"]
     assert sum(profile.values()) <= sum(iteration) / len(iteration)
+    assert 0 < report["phi_rnn"]["cpu_median_ms"] <= 2 * max(iteration)  # two threads at most
     from phi_rnn import blas
     assert report["gemm"].startswith(blas.default_backend())  # the run names its GEMM backend
 
