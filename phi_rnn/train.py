@@ -9,10 +9,12 @@ import signal
 import sys
 import time
 
+import numba
 import numpy as np
 
 from phi_rnn import checkpoint, config, data, files
 from phi_rnn import kernels as K
+from phi_rnn.affinity import format_cpu_list
 from phi_rnn.errors import UsageError
 from phi_rnn.model import Network
 
@@ -147,6 +149,36 @@ def _take_directory(directory, log):
     return lock
 
 
+def idle_threads_note(threads, batch_size, strategy, cpus=()):
+    """The batch strategy gives thread i the i-th block of batch rows (numba hands prange
+    iteration i to thread i), so with more threads than rows threads batch_size.. get none and
+    wait. Returns the line naming them and what to do, or None. bench/scale_model.py costs
+    the ways out from measured parts: more rows per thread, or fewer threads at the same
+    speed; the gemm strategy shares each step's products but pays a fork/join per product,
+    which it finds slower than idle threads at char-rnn's sizes."""
+    if strategy != "batch" or threads <= batch_size:
+        return None
+    idle = threads - batch_size
+    which = f"thread {batch_size}" if idle == 1 else f"threads {batch_size}-{threads - 1}"
+    where = f" (CPUs {format_cpu_list(list(cpus)[batch_size:threads])})" if len(cpus) >= threads else ""
+    rows, cores = "row" if batch_size == 1 else "rows", "core" if idle == 1 else "cores"
+    get = "gets" if idle == 1 else "get"
+    return (f"note: {threads} threads for a batch of {batch_size} {rows}: {which}{where} {get} no "
+            f"rows and wait, {idle} of {threads} idle. Give every thread rows with --batch_size "
+            f"{threads} (or a multiple of it), or run --threads {batch_size}: the same speed with "
+            f"{idle} {cores} free")
+
+
+def thread_cpus():
+    """The CPU of each OpenMP thread as the affinity plan placed it (OMP_PLACES "{c0},{c1},..."
+    in thread order), or [] when threads are not bound."""
+    places = os.environ.get("OMP_PLACES", "")
+    try:
+        return [int(place.strip("{}")) for place in places.split(",")] if places.startswith("{") else []
+    except ValueError:
+        return []
+
+
 def train(o, given=frozenset(), log=print):
     """Train with options `o` (see phi_rnn.config); `given`: the options the command line
     gave. Returns the exit status."""
@@ -180,6 +212,9 @@ def train(o, given=frozenset(), log=print):
     log(f"vocab size: {len(vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
         f"{loader.ntest} test batches of {o.batch_size} x {o.seq_length}")
 
+    note = idle_threads_note(numba.get_num_threads(), o.batch_size, o.strategy, thread_cpus())
+    if note:
+        log(note)
     compile_kernels(o.model, o.strategy, log)
     net = Network(o.model, len(vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy)
     rng = np.random.default_rng(o.seed)

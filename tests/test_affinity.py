@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from phi_rnn import affinity
-from phi_rnn.affinity import make_plan, read_topology
+from phi_rnn.affinity import format_cpu_list, make_plan, read_topology
 from phi_rnn.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -399,3 +399,28 @@ def test_configure_after_the_runtimes_loaded_is_refused():
     assert "RuntimeError: phi_rnn.affinity.configure() must run before the runtimes load" in done.stderr
     assert "numba" in done.stderr.splitlines()[-1]
 
+
+
+# ------------------------------------------------------------------ more threads than batch rows
+
+def test_idle_threads_are_named_on_a_xeon_phi(phi):
+    """64 threads on a Xeon Phi 7250 with char-rnn's batch of 50: threads 50-63 get no rows."""
+    from phi_rnn.train import idle_threads_note
+    plan = make_plan(phi, 64, "compact")
+    note = idle_threads_note(plan.threads, 50, "batch", plan.cpus)
+    assert plan.cpus[50:] == list(range(50, 64))  # one thread per core, compact
+    assert "threads 50-63 (CPUs 50-63) get no rows" in note and "14 of 64 idle" in note
+    assert "--batch_size 64" in note and "--threads 50" in note and "\n" not in note
+    assert idle_threads_note(plan.threads, 64, "batch", plan.cpus) is None
+    assert idle_threads_note(plan.threads, 50, "gemm", plan.cpus) is None  # gemm uses them all
+
+
+def test_idle_threads_follow_the_placement_on_two_sockets(xeon):
+    """Scatter on the 2-socket Xeon alternates sockets: the idle threads 8-11 sit on both."""
+    from phi_rnn.train import idle_threads_note
+    plan = make_plan(xeon, 12, "scatter")
+    idle = plan.cpus[8:12]
+    assert {xeon.cpus[c].socket for c in idle} == {0, 1}
+    note = idle_threads_note(plan.threads, 8, "batch", plan.cpus)
+    assert f"threads 8-11 (CPUs {format_cpu_list(idle)})" in note and "4 of 12 idle" in note
+    assert idle_threads_note(plan.threads, 8, "batch", []).startswith("note: 12 threads")
