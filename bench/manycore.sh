@@ -18,7 +18,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUNDLE_DIR=$ROOT/bench/manycore-bundle
 ARCHIVE=$BUNDLE_DIR/mkl.tar.xz
-UNPACKED=$BUNDLE_DIR/unpacked
+UNPACKED=$ROOT/bench/manycore-unpacked  # not in the bundle: carry bench/manycore-bundle alone
 PYTHON=${PYTHON:-python3}
 # MKL's single dynamic library, the interface and GNU-OpenMP threading layers it loads, and
 # the CPU paths a 16-core x86-64 server takes: def (AMD, and any CPU MKL does not tune
@@ -72,8 +72,15 @@ unpack_bundle() {
         touch "$UNPACKED/.done"
     fi
     # phi_rnn looks for its native pieces in native/build (git-ignored, so never carried)
+    # (a new file renamed into place: a process running from the old one keeps its copy)
     mkdir -p "$ROOT/native/build"
-    cp "$BUNDLE_DIR/native/affinity_probe" "$BUNDLE_DIR/native/libsmall_gemm.so" "$ROOT/native/build/"
+    local name
+    for name in affinity_probe libsmall_gemm.so; do
+        if ! cmp -s "$BUNDLE_DIR/native/$name" "$ROOT/native/build/$name"; then
+            cp "$BUNDLE_DIR/native/$name" "$ROOT/native/build/.$name.tmp"
+            mv "$ROOT/native/build/.$name.tmp" "$ROOT/native/build/$name"
+        fi
+    done
     export PHI_RNN_MKL_RT
     PHI_RNN_MKL_RT=$(ls "$UNPACKED"/lib/libmkl_rt.so.*)
     # phi_rnn measures once which GEMM library is fastest here and keeps the answer there
