@@ -12,16 +12,17 @@ from phi_rnn import affinity, config
 from phi_rnn.errors import UsageError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (not usage + error) and exit status 2."""
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not usage + error) and exit status 2,
+    as every bad input in phi_rnn. The CLI and the bench/ scripts parse with it; importing
+    it starts no numba, MKL or OpenMP runtime."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _parser():
-    p = _Parser(prog="phi_rnn", description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(prog="phi_rnn", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a char-rnn model",

@@ -4,6 +4,7 @@ Exit statuses: 0 done; 2 bad input; 3 training diverged (NaN or exploding loss; 
 good checkpoint is kept); 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM after
 writing a checkpoint.
 """
+import copy
 import os
 import signal
 import sys
@@ -182,6 +183,7 @@ def thread_cpus():
 def train(o, given=frozenset(), log=print):
     """Train with options `o` (see phi_rnn.config); `given`: the options the command line
     gave. Returns the exit status."""
+    o = copy.copy(o)  # --resume / --init_from replace options: the caller's stay as given
     resume = checkpoint.load(o.resume, o.checkpoint_dir) if o.resume else None
     init = checkpoint.load(o.init_from, o.checkpoint_dir) if o.init_from else None
     source = resume or init

@@ -233,3 +233,16 @@ def test_blas_without_its_library_is_one_line_exit_2_and_the_default_is_another(
     assert result.returncode == 0, result.stderr
     gemm = [line for line in result.stdout.splitlines() if line.startswith("gemm: ")]
     assert len(gemm) == 1 and not gemm[0].startswith(f"gemm: {library}"), gemm
+
+
+def test_the_one_line_error_parser_for_scripts(capsys):
+    """phi_rnn.cli.OneLineErrorParser, which the bench/ scripts parse with: a bad flag is
+    one line on stderr and exit status 2, like the CLI's."""
+    from phi_rnn.cli import OneLineErrorParser
+    parser = OneLineErrorParser(prog="speed.py")
+    parser.add_argument("--iters", type=int, default=30)
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args(["--iters", "many"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("speed.py: error: argument --iters: invalid int value: 'many'")
