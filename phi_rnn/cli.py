@@ -63,14 +63,17 @@ def _add_runtime_arguments(p):
                         "fastest here)")
 
 
-def _start_runtimes(args, log, announce=True):
-    """Thread placement, then the imports that start numba/MKL, then verify what happened.
-    announce=False (sample: stdout is the text) reports only mismatches."""
+def _start_runtimes(args, log, announce=True, before=None):
+    """Thread placement, then before() (work that wants every core: the OpenMP threads spin
+    once they have started), then the imports that start numba/MKL, then verify what
+    happened. announce=False (sample: stdout is the text) reports only mismatches."""
     if getattr(args, "deterministic", False):
         os.environ["MKL_CBWR"] = "AUTO,STRICT"
     plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
     if announce:
         log(plan.describe())
+    if before is not None:
+        before()
     from phi_rnn import blas, kernels  # noqa: F401  (loads MKL and numba under the plan)
     select_blas(args.blas)
     verification = affinity.verify(plan)
@@ -110,15 +113,26 @@ def _console_log(message, flush=True):
         _detach_stdout()
 
 
+def _encode_corpus(args, log):
+    """Load the corpus (encoding it into its token cache if need be) before the runtimes
+    start, so that the encoder has every core. --resume may bring the checkpoint's
+    encoding: train loads it then."""
+    if args.resume:
+        return None
+    from phi_rnn import data
+    return data.load_corpus(os.path.join(args.data_dir, "input.txt"), args.encoding, log)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     given = config.given_flags(args)
     try:
         if args.command == "train":
             config.validate_train(args)
-            _start_runtimes(args, _console_log)
+            early = {}
+            _start_runtimes(args, _console_log, before=lambda: early.update(corpus=_encode_corpus(args, _console_log)))
             from phi_rnn.train import train
-            return train(args, given, log=_console_log)
+            return train(args, given, log=_console_log, corpus=early.get("corpus"))
         if args.command == "sample":
             config.validate_sample(args)
             _start_runtimes(args, lambda m: print(m, file=sys.stderr), announce=False)

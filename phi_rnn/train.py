@@ -180,9 +180,10 @@ def thread_cpus():
         return []
 
 
-def train(o, given=frozenset(), log=print):
+def train(o, given=frozenset(), log=print, corpus=None):
     """Train with options `o` (see phi_rnn.config); `given`: the options the command line
-    gave. Returns the exit status."""
+    gave; `corpus`: data.load_corpus of o.data_dir's input.txt (loaded here when None).
+    Returns the exit status."""
     o = copy.copy(o)  # --resume / --init_from replace options: the caller's stay as given
     resume = checkpoint.load(o.resume, o.checkpoint_dir) if o.resume else None
     init = checkpoint.load(o.init_from, o.checkpoint_dir) if o.init_from else None
@@ -200,7 +201,7 @@ def train(o, given=frozenset(), log=print):
         log(f"initializing from {init.path} (model {o.model}, {o.num_layers} x {o.rnn_size})")
 
     corpus_path = os.path.join(o.data_dir, "input.txt")
-    corpus = data.load_corpus(corpus_path, o.encoding, log)
+    corpus = corpus or data.load_corpus(corpus_path, o.encoding, log)
     vocab = corpus.vocab
     if resume:
         _check_corpus(resume, corpus, corpus_path)
@@ -289,8 +290,8 @@ def train(o, given=frozenset(), log=print):
                 warned_slow_eval = True
                 fits = max(1, int(batches * 0.1 * trained_since_eval / eval_seconds))
                 log(f"note: this evaluation took longer ({eval_seconds:.1f} s) than the training since the "
-                    f"previous one ({trained_since_eval:.1f} s); --val_max_batches {fits} would evaluate "
-                    f"the first {fits} validation batches (the same ones each time) in about a tenth of it")
+                    f"previous one ({trained_since_eval:.1f} s); --val_max_batches {fits} evaluates only the "
+                    f"first {fits} of its {batches} batches (the same ones each time), about a tenth of that")
             trained_since_eval = 0.0
         if i % o.print_every == 0:
             log(f"{i}/{iterations} (epoch {epoch:.3f}), train_loss = {loss:6.8f}, "
