@@ -221,6 +221,15 @@ class Corpus:
 
     def __init__(self, ids, vocab, sha256, cache=None):
         self.ids, self.vocab, self.sha256, self.cache = ids, vocab, sha256, cache
+        self._new_stat = None
+
+    def keep_stat(self):
+        """Record in the cache the input's stat that its sha256 has just been checked
+        against, so that later runs trust it without hashing. Called once a run is under
+        way: a run refused for bad input leaves every file as it was."""
+        if self._new_stat is not None:
+            _refresh_stat(self.cache, *self._new_stat)
+            self._new_stat = None
 
 
 def _stat_key(st):
@@ -450,8 +459,9 @@ def load_corpus(path, encoding="utf-8", log=print, chunk_bytes=CHUNK_BYTES):
             if header.get("input_size") == st.st_size:
                 log(f"checking {path} against its token cache (sha256)...", flush=True)
                 if _sha256_of(f) == header["sha256"]:
-                    _refresh_stat(cache, header, st)
-                    return Corpus(ids, vocab, header["sha256"], cache)
+                    corpus = Corpus(ids, vocab, header["sha256"], cache)
+                    corpus._new_stat = (header, st)
+                    return corpus
                 f.seek(0)
             del ids
         return _build(f, st, path, cache, encoding, log, chunk_bytes)

@@ -212,6 +212,7 @@ def train(o, given=frozenset(), log=print, corpus=None):
         loader.restore(resume.meta["data_position"])
     _check_writable(o.checkpoint_dir)
     lock = _take_directory(o.checkpoint_dir, log)  # noqa: F841  (held until the process ends)
+    corpus.keep_stat()
     log(f"vocab size: {len(vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
         f"{loader.ntest} test batches of {o.batch_size} x {o.seq_length}")
 

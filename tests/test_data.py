@@ -216,6 +216,10 @@ def test_cache_trusts_the_stat_and_verifies_a_moved_corpus_by_hash(tmp_path, mon
         os.utime(moved / name)
     again, lines = _load(str(moved / "input.txt"))
     assert len(lines) == 1 and "against its token cache" in lines[0] and again.sha256 == first.sha256
+    cache = open(moved / "input.txt.utf-8.tokens", "rb").read()
+    _, lines = _load(str(moved / "input.txt"))  # a run refused later leaves the cache as it was
+    assert len(lines) == 1 and open(moved / "input.txt.utf-8.tokens", "rb").read() == cache
+    again.keep_stat()  # a run under way records the stat
     _, lines = _load(str(moved / "input.txt"))
     assert lines == []
 
