@@ -1,9 +1,10 @@
 """Checkpoints: one .npz (no pickles) with the parameters under their documented names,
 the optimizer state, the carried hidden state and a JSON `meta` string (options,
 vocabulary, progress, RNG state). Writes are atomic (phi_rnn.files.atomic_write); a
-`latest` file in the checkpoint directory names the newest checkpoint. A training run
-holds the directory's lock file for its lifetime. Loading validates everything once, so
-that what comes out of load() can be used without further checks."""
+`latest` file in the checkpoint directory names the newest checkpoint, `best` the one with
+the lowest validation loss of the run that wrote it. A training run holds the directory's
+lock file for its lifetime. Loading validates everything once, so that what comes out of
+load() can be used without further checks."""
 import fcntl
 import json
 import math
@@ -28,6 +29,8 @@ META_FIELDS = ("model", "rnn_size", "num_layers", "vocab", "encoding", "options"
 SPLITS = ("train", "val", "test")
 MAX_CODE_POINT = 0x10FFFF
 SURROGATES = range(0xD800, 0xE000)  # not characters: no text can hold them
+BEST = "best"
+POINTERS = (LATEST, BEST)  # files in a checkpoint directory naming one of its checkpoints
 
 
 def checkpoint_name(savefile, epoch, val_loss=None):
@@ -77,22 +80,27 @@ def save(path, params, meta, rms=None, state=None, train_losses=None):
         arrays["train_losses"] = np.asarray(train_losses, dtype=np.float32)
     arrays["meta"] = np.array(json.dumps(dict(meta, format_version=FORMAT_VERSION)))
     atomic_write(path, lambda f: np.savez(f, **arrays))
-    atomic_write(os.path.join(os.path.dirname(path) or ".", LATEST),
-                 lambda f: f.write(os.path.basename(path).encode() + b"\n"))
+    point(os.path.dirname(path) or ".", LATEST, path)
+
+
+def point(directory, pointer, path):
+    """Make the pointer file `pointer` (LATEST, BEST) in directory name checkpoint `path`."""
+    atomic_write(os.path.join(directory, pointer), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
 
 
 def resolve(path, checkpoint_dir="cv"):
-    """A checkpoint path, or `latest` (in checkpoint_dir) / a directory: its newest checkpoint."""
-    directory = None
-    if path == LATEST:
-        directory = checkpoint_dir
+    """A checkpoint path, or `latest` / `best` (in checkpoint_dir, or DIR/latest, DIR/best) /
+    a directory (its latest): the checkpoint named by that pointer file."""
+    directory, which = None, LATEST
+    if path in POINTERS:
+        directory, which = checkpoint_dir, path
     elif os.path.isdir(path):
         directory = path
-    elif os.path.basename(path) == LATEST:
-        directory = os.path.dirname(path) or "."
+    elif os.path.basename(path) in POINTERS:
+        directory, which = os.path.dirname(path) or ".", os.path.basename(path)
     if directory is None:
         return path
-    pointer = os.path.join(directory, LATEST)
+    pointer = os.path.join(directory, which)
     try:
         with open(pointer, "rb") as f:
             raw = f.read(4096)
@@ -265,6 +273,10 @@ def prune(directory, savefile, keep, current):
                 continue  # interrupted checkpoints have no loss in their name: kept
     entries.sort()
     survivors = {name for _, _, name in entries[-keep:]} | {os.path.basename(current)}
+    try:
+        survivors.add(os.path.basename(resolve(os.path.join(directory, BEST))))
+    except UsageError:
+        pass  # no best yet
     if entries:
         survivors.add(min(entries, key=lambda e: e[1])[2])
     for _, _, name in entries:

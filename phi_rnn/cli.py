@@ -1,4 +1,4 @@
-"""`python -m phi_rnn` / `phi-rnn`: train, sample, topo, submit, data, export.
+"""`python -m phi_rnn` / `phi-rnn`: train, sample, topo, submit, data, export, plot.
 
 Thread counts and affinity are applied (phi_rnn.affinity.configure) before anything that
 starts numba, MKL or OpenMP is imported: those runtimes read their settings once, at load.
@@ -48,6 +48,10 @@ def _parser():
     e.add_argument("checkpoint", help="checkpoint .npz, `latest` (in cv/) or a checkpoint directory")
     e.add_argument("--to", required=True, help="onnx (LSTM, GRU, RNN) or torch (LSTM, RNN)")
     e.add_argument("out", help="file to write (replaced atomically)")
+
+    g = sub.add_parser("plot", help="training and validation loss curves of runs into a PNG (phi_rnn/plot.py)")
+    g.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint directories (their *.metrics.csv) or logs")
+    g.add_argument("-o", "--out", default="loss.png", help="PNG to write")
     return p
 
 
@@ -154,6 +158,9 @@ def main(argv=None):
         if args.command == "export":
             from phi_rnn import export
             return export.export_command(args)
+        if args.command == "plot":
+            from phi_rnn import plot
+            return plot.plot_command(args)
     except UsageError as e:
         print(f"phi_rnn: error: {e}", file=sys.stderr)
         return e.exit_status

@@ -78,18 +78,21 @@ def add_train_arguments(p):
     _add(g, "checkpoint_dir", default="cv")
     _add(g, "savefile", default="lstm")
     _add(g, "keep", type=int, default=0, help="keep the last K checkpoints and the best (0 = all)")
+    _add(g, "patience", type=int, default=0,
+         help="stop after this many evaluations without a lower validation loss (0 = never, as char-rnn)")
     g = p.add_argument_group("speed")
     _add(g, "strategy", default="batch", choices=STRATEGIES,
          help="batch: threads split the batch; gemm: MKL-threaded GEMM per step")
 
 
 def add_sample_arguments(p):
-    p.add_argument("checkpoint", help="checkpoint .npz, or `latest` (in cv/)")
+    p.add_argument("checkpoint", help="checkpoint .npz, or `latest` / `best` (in cv/)")
     _add(p, "length", type=int, default=2000, help="characters to sample")
     _add(p, "temperature", type=float, default=1.0)
     _add(p, "primetext", default="", help="text to prime the state with (echoed)")
     _add(p, "sample", type=int, default=1, choices=(0, 1), help="1 = sample, 0 = argmax")
     _add(p, "seed", type=int, default=123)
+    _add(p, "out", default=None, help="write the text to this file (atomically) instead of stdout")
 
 
 def _int(low, high=None, text=None):
@@ -146,6 +149,7 @@ TRAIN_RANGES = {
     "eval_val_every": _int(1, text="must be at least 1"),
     "val_max_batches": lambda v: None if v is None else _int(1)(v),
     "keep": _int(0, text="must be 0 (keep all) or positive"),
+    "patience": _int(0, text="must be 0 (off) or positive"),
     "strategy": _choice(STRATEGIES),
 }
 SAMPLE_RANGES = {

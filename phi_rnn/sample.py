@@ -1,16 +1,19 @@
 """Text generation from a checkpoint: char-rnn's sample.lua (temperature, primetext echoed,
 argmax with --sample 0), one compiled call per block of characters."""
+import argparse
+import io
 import mmap
 import sys
 
 import numpy as np
 
-from phi_rnn import checkpoint, data
+from phi_rnn import checkpoint, data, files
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
 from phi_rnn.model import GATES, KINDS, transposed_weights
 
 BLOCK = 4096  # characters generated per compiled call, then written out
+FIRST_BLOCK = 64  # the first blocks are smaller: a big model's text shows at once
 _HUGE_PAGE = 2 << 20
 
 
@@ -67,10 +70,12 @@ class Generator:
         K.prime(self.kind, self.encode(text), self.weights, self.state, self.aux, self.gates, self.logits)
 
     def generate(self, length, temperature, argmax, rng):
-        """Yields the text in blocks."""
+        """Yields the text in blocks (growing from FIRST_BLOCK to BLOCK characters)."""
         decode = data.make_decoder(self.encoding)
-        for start in range(0, length, BLOCK):
-            n = min(BLOCK, length - start)
+        start, block = 0, FIRST_BLOCK
+        while start < length:
+            n = min(block, length - start)
+            start, block = start + n, min(2 * block, BLOCK)
             out = np.empty(n, np.int32)
             K.generate(self.kind, rng.random(n), temperature, argmax, self.weights, self.state, self.aux,
                        self.gates, self.logits, out)
@@ -80,6 +85,8 @@ class Generator:
 def sample(o, out=None):
     """Writes the text to `out` (stdout). A reader that goes away (`| head`) ends it with
     BrokenPipeError; any other failed write (a full disk) is a UsageError."""
+    if o.out:
+        return _sample_to_file(o)
     out = out or sys.stdout
     ck = checkpoint.load(o.checkpoint)
     gen = Generator(ck)
@@ -97,4 +104,19 @@ def sample(o, out=None):
         raise
     except OSError as e:
         raise UsageError(f"cannot write the sample ({e.strerror})") from None
+    return 0
+
+
+def _sample_to_file(o):
+    """--out: the text streamed into a temporary file that replaces o.out when complete, so an
+    interrupted or failed run leaves the previous file as it was."""
+    def write(f):
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        sample(argparse.Namespace(**dict(vars(o), out=None)), text)
+        text.detach()  # flushed; atomic_write owns f
+
+    try:
+        files.atomic_write(o.out, write)
+    except OSError as e:
+        raise UsageError(f"cannot write {o.out} ({e.strerror})") from None
     return 0

@@ -13,11 +13,12 @@ import time
 import numba
 import numpy as np
 
-from phi_rnn import checkpoint, config, data, files
+from phi_rnn import checkpoint, config, data, files, metrics
 from phi_rnn import kernels as K
 from phi_rnn.affinity import format_cpu_list
 from phi_rnn.errors import UsageError
 from phi_rnn.model import Network
+from phi_rnn.progress import Progress
 
 EXIT_DIVERGED = 3
 # 128 + the signal's number, as a shell reports a process killed by it. SIGHUP: the
@@ -139,6 +140,14 @@ class Run:
         self.val_losses = dict(meta["val_losses"])
         self.loss0 = meta["loss0"]
 
+    def evaluations_since_best(self):
+        """(lowest validation loss so far or None, evaluations after it)."""
+        losses = [loss for _, loss in sorted((int(i), loss) for i, loss in self.val_losses.items())]
+        if not losses:
+            return None, 0
+        best = min(range(len(losses)), key=losses.__getitem__)
+        return losses[best], len(losses) - 1 - best
+
 
 def _take_directory(directory, log):
     """The checkpoint directory's lock for this run, then the leftovers of writes that a
@@ -240,6 +249,11 @@ def train(o, given=frozenset(), log=print, corpus=None):
     last = min(iterations, o.max_iters) if o.max_iters else iterations
     interrupt = Interrupt()
     last_saved = resume.path if resume else None
+    metrics_log = metrics.MetricsLog(metrics.log_path(o.checkpoint_dir, o.savefile), o.batch_size * o.seq_length,
+                                     (run.iteration, run.train_losses, run.val_losses, loader.ntrain)
+                                     if resume else None, log)
+    progress = Progress(run.iteration, last, iterations, o.print_every, log)
+    log = progress.log
 
     def save(name_loss):
         epoch = run.iteration / loader.ntrain
@@ -250,6 +264,8 @@ def train(o, given=frozenset(), log=print, corpus=None):
         except OSError as e:
             previous = f"the previous checkpoint {last_saved} is intact" if last_saved else "none was written before"
             raise UsageError(f"cannot write checkpoint {path} ({e.strerror}); {previous}") from None
+        if name_loss is not None and run.evaluations_since_best() == (name_loss, 0):
+            checkpoint.point(o.checkpoint_dir, checkpoint.BEST, path)
         checkpoint.prune(o.checkpoint_dir, o.savefile, o.keep, path)
         return path
 
@@ -262,7 +278,8 @@ def train(o, given=frozenset(), log=print, corpus=None):
         t0 = time.perf_counter()
         loss = net.forward(x, y, state, rng if o.dropout > 0 else None)
         net.backward(x, o.dropout > 0)
-        norm_ratio = net.update(run.learning_rate, o.decay_rate, o.grad_clip)
+        learning_rate = run.learning_rate
+        norm_ratio = net.update(learning_rate, o.decay_rate, o.grad_clip)
         elapsed = time.perf_counter() - t0
         epoch = i / loader.ntrain
 
@@ -279,11 +296,15 @@ def train(o, given=frozenset(), log=print, corpus=None):
             run.learning_rate *= o.learning_rate_decay
             log(f"decayed learning rate by a factor {o.learning_rate_decay} to {run.learning_rate}")
         trained_since_eval += time.perf_counter() - t_iteration
+        val_loss = None
         if i % o.eval_val_every == 0 or i == last:
             t_eval = time.perf_counter()
             val_loss, batches = evaluate(net, loader, o.val_max_batches) if loader.nval else (loss, 0)
             eval_seconds = time.perf_counter() - t_eval
             run.val_losses[str(i)] = val_loss
+        # the row before the checkpoint: a run resumed from it drops rows past it
+        metrics_log.append(i, epoch, loss, val_loss, learning_rate, norm_ratio, elapsed)
+        if val_loss is not None:
             last_saved = save(val_loss)
             log(f"validation loss {val_loss:.4f} ({batches} batches in {eval_seconds:.1f} s); "
                 f"saved checkpoint {last_saved}")
@@ -294,12 +315,16 @@ def train(o, given=frozenset(), log=print, corpus=None):
                     f"previous one ({trained_since_eval:.1f} s); --val_max_batches {fits} evaluates only the "
                     f"first {fits} of its {batches} batches (the same ones each time), about a tenth of that")
             trained_since_eval = 0.0
-        if i % o.print_every == 0:
-            log(f"{i}/{iterations} (epoch {epoch:.3f}), train_loss = {loss:6.8f}, "
-                f"grad/param norm = {norm_ratio:6.4e}, time/batch = {elapsed:.4f}s", flush=True)
+        progress.iteration(i, epoch, loss, norm_ratio, elapsed)
+        best, stale = run.evaluations_since_best() if val_loss is not None else (None, 0)
+        if o.patience and stale >= o.patience:
+            log(f"no lower validation loss in {stale} evaluations (--patience {o.patience}): stopped; "
+                f"the best, {best:.4f}, is {checkpoint.resolve(checkpoint.BEST, o.checkpoint_dir)}")
+            break
         if interrupt.signum is not None:
             path = save(None)
             name = signal.Signals(interrupt.signum).name
             log(f"{name} received: saved checkpoint {path}; continue with --resume latest", flush=True)
             return EXIT_SIGNAL[interrupt.signum]
+    progress.close()
     return 0
