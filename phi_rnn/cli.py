@@ -45,7 +45,7 @@ def _parser():
     d.add_argument("--mirror", default=None, help="local directory holding tinyshakespeare.txt (offline nodes)")
 
     e = sub.add_parser("export", help="write a checkpoint's model as ONNX or for PyTorch (phi_rnn/export.py)")
-    e.add_argument("checkpoint", help="checkpoint .npz, `latest` (in cv/) or a checkpoint directory")
+    e.add_argument("checkpoint", help="checkpoint .npz, `latest` or `best` (in cv/), or a checkpoint directory")
     e.add_argument("--to", required=True, help="onnx (LSTM, GRU, RNN) or torch (LSTM, RNN)")
     e.add_argument("out", help="file to write (replaced atomically)")
 

@@ -152,7 +152,7 @@ def _serialize(ck, to):
 
 
 def export(source, to, out):
-    """Write checkpoint `source` (a path, `latest` or a directory) as `to` into `out`,
+    """Write checkpoint `source` (a path, `latest`, `best` or a directory) as `to` into `out`,
     atomically. Bad input is a UsageError; `out` is then untouched."""
     if to not in FORMATS:
         raise UsageError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
