@@ -14,25 +14,38 @@ class Progress:
         self.bar = None
         if terminal:
             from tqdm import tqdm
-            self.bar = tqdm(total=last, initial=start, unit="it", dynamic_ncols=True, file=sys.stdout,
-                            smoothing=0.05)
+            try:
+                self.bar = tqdm(total=last, initial=start, unit="it", dynamic_ncols=True, file=sys.stdout,
+                                smoothing=0.05)
+            except OSError:
+                pass  # a terminal already gone: the lines, through log
+
+    def _on_bar(self, draw):
+        """draw() on the bar; a terminal that went away (EIO, EPIPE) must not stop training,
+        so from then on everything goes through log, which copes with it."""
+        try:
+            draw()
+            return True
+        except OSError:
+            self.bar.disable = True  # nothing more from tqdm, not even when it is collected
+            self.bar = None
+            return False
 
     def log(self, message, **_):
         """A message line; above the bar when there is one."""
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stdout)
-        else:
+        if self.bar is None or not self._on_bar(lambda: self.bar.write(message, file=sys.stdout)):
             self._log(message, flush=True)
 
     def iteration(self, i, epoch, loss, norm_ratio, seconds):
         if self.bar is not None:
             self.bar.set_postfix_str(f"epoch {epoch:.2f}, train_loss {loss:.4f}, {seconds * 1e3:.1f} ms/it",
                                      refresh=False)
-            self.bar.update(1)
-        elif i % self.print_every == 0:
+            if self._on_bar(lambda: self.bar.update(1)):
+                return
+        if i % self.print_every == 0:
             self._log(f"{i}/{self.iterations} (epoch {epoch:.3f}), train_loss = {loss:6.8f}, "
                       f"grad/param norm = {norm_ratio:6.4e}, time/batch = {seconds:.4f}s", flush=True)
 
     def close(self):
         if self.bar is not None:
-            self.bar.close()
+            self._on_bar(self.bar.close)
