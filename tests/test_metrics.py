@@ -174,3 +174,26 @@ def test_sample_out_writes_the_text_atomically(tmp_path, corpus):
     blocks = list(Generator(checkpoint.load(str(tmp_path / "latest"))).generate(
         20000, 1.0, False, np.random.default_rng(0)))
     assert len(blocks[0]) == FIRST_BLOCK < BLOCK and sum(map(len, blocks)) == 20000
+
+
+def test_a_terminal_that_goes_away_does_not_stop_training(corpus, tmp_path):
+    """The bar's terminal closed mid-run (its writes fail with EIO): training goes on, and
+    SIGTERM still ends it with a checkpoint that the metrics log agrees with."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "phi_rnn", "train", "--data_dir", corpus, *map(str, TINY_MODEL),
+                             "--max_iters", "1000000", "--eval_val_every", "1000000", "--checkpoint_dir", str(tmp_path)],
+                            cwd=ROOT, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    screen = b""
+    deadline = time.time() + 300
+    while b"it/s" not in screen and time.time() < deadline:
+        if select.select([master], [], [], 1)[0]:
+            screen += os.read(master, 65536)
+    os.close(master)  # the terminal goes away
+    time.sleep(2)
+    assert proc.poll() is None, "training stopped when its terminal went away"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    ck = checkpoint.load("latest", str(tmp_path))
+    assert "interrupted" in ck.path and len(_rows(tmp_path)) == ck.meta["iteration"] > 0
