@@ -43,14 +43,6 @@ def _blocks(array, order, signs=None):
     return np.concatenate([signs[k] * parts[b] for k, b in enumerate(order)])
 
 
-def _load(path):
-    ck = checkpoint.load(path)
-    bad = [name for name, a in ck.params.items() if not np.all(np.isfinite(a))]
-    if bad:
-        raise UsageError(f"checkpoint {ck.path} has non-finite weights in {bad[0]}: nothing to export")
-    return ck
-
-
 def _sizes(ck):
     return ck.meta["model"], len(ck.vocab), int(ck.meta["rnn_size"]), int(ck.meta["num_layers"])
 
@@ -162,7 +154,7 @@ def export(source, to, out):
     if not os.path.isdir(directory):
         raise UsageError(f"output directory {directory} " + ("is not a directory" if os.path.exists(directory)
                                                               else "does not exist"))
-    ck = _load(source)
+    ck = checkpoint.load(source)  # validated whole: shapes, NaN/inf weights, meta
     payload = _serialize(ck, to)
     try:
         files.atomic_write(out, lambda f: f.write(payload))
