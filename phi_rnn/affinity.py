@@ -690,7 +690,7 @@ def verify(plan: Plan, probe: Path | str = PROBE_PATH) -> Verification:
                         mkl=mkl, openmp_runtimes=openmp, probe=probe_report, notes=notes)
 
 
-# -------------------------------------------------------------------------------------- the CLI
+# ------------------------------------------------------------------------------- shared flags
 
 
 def add_thread_arguments(parser: argparse.ArgumentParser) -> None:
@@ -703,23 +703,3 @@ def add_thread_arguments(parser: argparse.ArgumentParser) -> None:
                         default=None, help="hardware threads to use per core (default 1, more if --threads needs)")
     parser.add_argument("--oversubscribe", action="store_true",
                         help="allow more threads than logical CPUs (threads then sleep instead of spinning)")
-
-
-def add_topo_arguments(parser: argparse.ArgumentParser) -> None:
-    add_thread_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def topo_command(args: argparse.Namespace) -> int:
-    """`phi_rnn topo`: topology, plan, env, verified placement.  Exit 0 when verified, else 1."""
-    plan = configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
-    verification = verify(plan)  # imports numba: the runtimes start under the env just set
-    if args.json:
-        print(json.dumps({"topology": plan.topology.to_dict(), "plan": plan.to_dict(), "env": plan.env,
-                          "verification": verification.to_dict()}))
-    else:
-        print(f"topology: {plan.topology.summary()}")
-        print(plan.describe())
-        print("env: " + " ".join(f"{k}={v}" for k, v in plan.env.items()) + f" (unset: {' '.join(plan.unset)})")
-        print(verification.describe())
-    return 0 if verification.ok else 1

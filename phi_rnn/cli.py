@@ -5,10 +5,11 @@ starts numba, MKL or OpenMP is imported: those runtimes read their settings once
 Bad input is a UsageError: one line on stderr, exit status 2.
 """
 import argparse
+import json
 import os
 import sys
 
-from phi_rnn import affinity, config
+from phi_rnn import affinity, config, distributed
 from phi_rnn.errors import UsageError
 
 
@@ -35,7 +36,7 @@ def _parser():
     config.add_sample_arguments(s)
     _add_runtime_arguments(s)
 
-    affinity.add_topo_arguments(sub.add_parser("topo", help="show topology, thread placement and verify it"))
+    _add_topo_arguments(sub.add_parser("topo", help="show topology, thread placement and verify it"))
 
     from phi_rnn import submit
     submit.add_submit_arguments(sub.add_parser("submit", help="submit a PBS job (train or scale)"))
@@ -55,6 +56,50 @@ def _parser():
     return p
 
 
+def _add_topo_arguments(p):
+    affinity.add_thread_arguments(p)
+    p.add_argument("--ranks-per-node", "--ranks_per_node", dest="ranks_per_node", type=int, default=None,
+                   help="show the placement of K MPI ranks on this node (each its own cores); under "
+                        "mpiexec every rank places and verifies its own share")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _topo(args):
+    """`phi_rnn topo`: topology, plan, env, verified placement.  Exit 0 when verified, else 1."""
+    world = distributed.connect()
+    if world.size == 1 and args.ranks_per_node is not None:
+        if args.ranks_per_node < 1:
+            raise UsageError(f"--ranks-per-node must be positive, got {args.ranks_per_node}")
+        node = affinity.read_topology(allowed=affinity.node_cpus())
+        plans = affinity.rank_plans(node, args.ranks_per_node, args.threads, args.policy, args.threads_per_core,
+                                    args.oversubscribe)
+        if args.json:
+            print(json.dumps({"topology": node.to_dict(), "ranks": [
+                {"plan": plan.to_dict(), "cpus": plan.topology.allowed, "env": plan.env} for plan in plans]}))
+            return 0
+        print(f"topology: {node.summary()}")
+        for rank, plan in enumerate(plans):
+            print(f"rank {rank}: CPUs {affinity.format_cpu_list(plan.topology.allowed)}; {plan.describe()}")
+            print(f"rank {rank} env: " + " ".join(f"{k}={v}" for k, v in plan.env.items()))
+        print(f"(the plan only: under `mpiexec -n {args.ranks_per_node}` every rank verifies its own)")
+        return 0
+    plan = affinity.configure_rank(world.local_rank, world.local_size, args.threads, args.policy,
+                                   args.threads_per_core, args.oversubscribe)
+    verification = affinity.verify(plan)  # imports numba: the runtimes start under the env just set
+    if args.json and world.size == 1:
+        print(json.dumps({"topology": plan.topology.to_dict(), "plan": plan.to_dict(), "env": plan.env,
+                          "verification": verification.to_dict()}))
+    elif world.size == 1:
+        print(f"topology: {plan.topology.summary()}")
+        print(plan.describe())
+        print("env: " + " ".join(f"{k}={v}" for k, v in plan.env.items()) + f" (unset: {' '.join(plan.unset)})")
+        print(verification.describe())
+    else:
+        for line in world.describe(f"pid {os.getpid()}; {plan.describe()}; {verification.describe()}"):
+            print(line, flush=True)
+    return world.finish(0 if verification.ok else 1)
+
+
 def _add_runtime_arguments(p):
     g = p.add_argument_group("threads")
     affinity.add_thread_arguments(g)
@@ -67,13 +112,15 @@ def _add_runtime_arguments(p):
                         "fastest here)")
 
 
-def _start_runtimes(args, log, announce=True, before=None):
+def _start_runtimes(args, log, announce=True, before=None, world=distributed.Single()):
     """Thread placement, then before() (work that wants every core: the OpenMP threads spin
     once they have started), then the imports that start numba/MKL, then verify what
-    happened. announce=False (sample: stdout is the text) reports only mismatches."""
+    happened. announce=False (sample: stdout is the text) reports only mismatches. An MPI rank
+    places its threads on its own share of the node's cores and rank 0 reports every rank's."""
     if getattr(args, "deterministic", False):
         os.environ["MKL_CBWR"] = "AUTO,STRICT"
-    plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
+    plan = affinity.configure_rank(world.local_rank, world.local_size, args.threads, args.policy,
+                                   args.threads_per_core, args.oversubscribe)
     if announce:
         log(plan.describe())
     if before is not None:
@@ -86,7 +133,43 @@ def _start_runtimes(args, log, announce=True, before=None):
         log(f"gemm: {blas.describe_backend()}")
     for problem in verification.mismatches:
         log(f"warning: {problem}")
+    rank_line = (f"pid {os.getpid()}, {plan.threads} thread{'s' * (plan.threads != 1)} on CPUs "
+                 f"{affinity.format_cpu_list(verification.cpus or plan.topology.allowed)}, "
+                 + ("verified" if verification.ok else "NOT verified: " + "; ".join(verification.mismatches)))
+    for line in world.describe(rank_line):
+        log(line)
     return plan
+
+
+def _train(args, given):
+    """`train`, in one process or as one MPI rank. Only rank 0 prints; every rank exits with the
+    same status (phi_rnn.distributed.MpiWorld.finish aborts the job when one rank stops alone)."""
+    try:
+        world = distributed.connect()
+    except UsageError as e:
+        if distributed.launched_rank() == 0:
+            print(f"phi_rnn: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_status
+    log = _console_log if world.root else (lambda message, flush=True: None)
+    try:
+        config.validate_train(args)
+        early = {}
+        _start_runtimes(args, log, before=lambda: early.update(corpus=_encode_corpus(args, log)), world=world)
+        from phi_rnn.train import train
+        status = train(args, given, log=log, corpus=early.get("corpus"), world=world)
+    except UsageError as e:
+        if world.root:
+            print(f"phi_rnn: error: {e}", file=sys.stderr, flush=True)
+        return world.finish(e.exit_status, str(e))
+    except KeyboardInterrupt:
+        return world.finish(130)
+    except BaseException:
+        if world.size == 1:
+            raise
+        import traceback
+        traceback.print_exc()
+        return world.finish(1)
+    return world.finish(status)
 
 
 def select_blas(name):
@@ -132,11 +215,7 @@ def main(argv=None):
     given = config.given_flags(args)
     try:
         if args.command == "train":
-            config.validate_train(args)
-            early = {}
-            _start_runtimes(args, _console_log, before=lambda: early.update(corpus=_encode_corpus(args, _console_log)))
-            from phi_rnn.train import train
-            return train(args, given, log=_console_log, corpus=early.get("corpus"))
+            return _train(args, given)
         if args.command == "sample":
             config.validate_sample(args)
             _start_runtimes(args, lambda m: print(m, file=sys.stderr), announce=False)
@@ -147,7 +226,7 @@ def main(argv=None):
                 _detach_stdout()
                 return 0
         if args.command == "topo":
-            return affinity.topo_command(args)
+            return _topo(args)
         if args.command == "submit":
             from phi_rnn import submit
             return submit.submit_command(args)

@@ -16,6 +16,7 @@ from phi_rnn.cells import GATES, KINDS, MODELS  # noqa: F401  (the cell types; r
 
 INIT_RANGE = 0.08
 RMS_CHUNKS = 64  # fixed chunking of the optimizer: results independent of the thread count
+CARRIED_SLOTS = 8  # room after the flat gradient for what rides along with its allreduce (phi_rnn.distributed)
 
 
 def param_shapes(model, vocab_size, rnn_size, num_layers):
@@ -31,10 +32,13 @@ def param_shapes(model, vocab_size, rnn_size, num_layers):
 
 
 class FlatBuffer:
-    """One contiguous buffer and a named view onto each parameter in it."""
+    """One contiguous buffer and a named view onto each parameter in it; `spare` more elements
+    after it in `storage` (data = storage[:size])."""
 
-    def __init__(self, shapes, dtype=np.float32):
-        self.data = np.zeros(sum(int(np.prod(s)) for _, s in shapes), dtype=dtype)
+    def __init__(self, shapes, dtype=np.float32, spare=0):
+        size = sum(int(np.prod(s)) for _, s in shapes)
+        self.storage = np.zeros(size + spare, dtype=dtype)
+        self.data = self.storage[:size]
         self.views = {}
         offset = 0
         for name, shape in shapes:
@@ -97,7 +101,7 @@ class Network:
         self.dtype = np.dtype(dtype).type
         shapes = param_shapes(model, vocab_size, rnn_size, num_layers)
         self.params = FlatBuffer(shapes, dtype)
-        self.grads = FlatBuffer(shapes, dtype)
+        self.grads = FlatBuffer(shapes, dtype, spare=CARRIED_SLOTS)
         self.rms = np.zeros_like(self.params.data)  # RMSprop's running mean of squared gradients
         self.transposed = transposed_weights(self.params, num_layers)  # refilled by every forward
         w_ih0_t, w_ih_t, w_hh_t, bias, dec_w_t, dec_b = self.transposed
@@ -106,6 +110,10 @@ class Network:
                                        p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"])
                         for layer in range(num_layers)]
         self.decoder_weights = K.DecoderWeights(dec_w_t, dec_b, p["decoder.weight"])
+        # (start, total): the batch's rows are streams start.. of a global batch of `total` (an MPI
+        # rank's share). Dropout masks are drawn for the whole global batch in (T, stream, H)
+        # order, so they depend neither on the thread count nor on the ranks. None: (0, B).
+        self.streams = None
         self._shape = None
 
     # ------------------------------------------------------------ set-up
@@ -184,8 +192,10 @@ class Network:
         if not dropout:
             return below
         mask = self.masks[layer - 1]
-        keep = rng.random(mask.shape, dtype=np.float32) >= self.dropout
-        np.multiply(keep, self.dtype(1.0 / (1.0 - self.dropout)), out=mask)
+        T, B, _ = self._shape
+        start, total = self.streams or (0, B)
+        keep = rng.random((T, total, self.H), dtype=np.float32)[:, start:start + B] >= self.dropout
+        np.multiply(keep.reshape(T * B, self.H)[self.perm], self.dtype(1.0 / (1.0 - self.dropout)), out=mask)
         K.multiply(below, mask, self.dropped[layer - 1])
         return self.dropped[layer - 1]
 

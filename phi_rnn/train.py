@@ -13,7 +13,7 @@ import time
 import numba
 import numpy as np
 
-from phi_rnn import checkpoint, config, data, files, metrics
+from phi_rnn import checkpoint, config, data, distributed, files, metrics
 from phi_rnn import kernels as K
 from phi_rnn.affinity import format_cpu_list
 from phi_rnn.errors import UsageError
@@ -28,17 +28,31 @@ EXIT_SIGNAL = {signal.SIGHUP: 129, signal.SIGINT: 130, signal.SIGTERM: 143}
 
 class Interrupt:
     """First SIGTERM/SIGINT/SIGHUP: finish the iteration, checkpoint, exit. Second: exit at
-    once (checkpoint writes are atomic, so nothing is corrupted)."""
+    once (checkpoint writes are atomic, so nothing is corrupted). Under MPI the batch system
+    and mpiexec may each deliver the same walltime SIGTERM: a repeat within `repeat_grace_s`
+    of the first is that same event."""
 
-    def __init__(self):
+    def __init__(self, repeat_grace_s=0.0):
         self.signum = None
+        self.received = None
+        self.repeat_grace_s = repeat_grace_s
         for signum in EXIT_SIGNAL:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            if signum == self.signum and time.monotonic() - self.received < self.repeat_grace_s:
+                return
             os._exit(EXIT_SIGNAL[signum])
-        self.signum = signum
+        self.signum, self.received = signum, time.monotonic()
+
+    def flags(self):
+        """One count per stop signal, summed over the MPI ranks with the gradient."""
+        return [float(self.signum == signum) for signum in EXIT_SIGNAL]
+
+    def agreed(self, flags):
+        """The signal every rank stops for (the first received by any rank), or None."""
+        return next((signum for signum, count in zip(EXIT_SIGNAL, flags) if count), None)
 
 
 def compile_kernels(model, strategy, log):
@@ -56,17 +70,19 @@ def compile_kernels(model, strategy, log):
         flush=True)
 
 
-def evaluate(net, loader, max_batches=None, split="val"):
+def evaluate(net, loader, max_batches=None, split="val", world=distributed.Single()):
     """Mean loss over the first max_batches (default: all) batches of a split: state from
-    zeros, carried across its batches, no dropout. Returns (loss, batches)."""
+    zeros, carried across its batches, no dropout; over MPI ranks, each evaluates its streams
+    and the losses are combined. Returns (loss, batches)."""
     loader.reset(split)
     batches = min(max_batches or loader.size[split], loader.size[split])
-    state = net.zero_state(loader.batch_size)
+    start, stop = world.streams(loader.batch_size)
+    state = net.zero_state(stop - start)
     total = 0.0
     for _ in range(batches):
-        x, y = loader.next_batch(split)
+        x, y = loader.next_batch(split, start, stop)
         total += net.forward(x, y, state)
-    return total / batches, batches
+    return world.mean_over_streams(total / batches), batches
 
 
 def _take_options(o, saved, names, given, reason, log):
@@ -189,10 +205,11 @@ def thread_cpus():
         return []
 
 
-def train(o, given=frozenset(), log=print, corpus=None):
+def train(o, given=frozenset(), log=print, corpus=None, world=distributed.Single()):
     """Train with options `o` (see phi_rnn.config); `given`: the options the command line
-    gave; `corpus`: data.load_corpus of o.data_dir's input.txt (loaded here when None).
-    Returns the exit status."""
+    gave; `corpus`: data.load_corpus of o.data_dir's input.txt (loaded here when None). In one
+    process, or as one rank of `world` on its share of the batch's streams. Returns the exit
+    status."""
     o = copy.copy(o)  # --resume / --init_from replace options: the caller's stay as given
     resume = checkpoint.load(o.resume, o.checkpoint_dir) if o.resume else None
     init = checkpoint.load(o.init_from, o.checkpoint_dir) if o.init_from else None
@@ -216,23 +233,27 @@ def train(o, given=frozenset(), log=print, corpus=None):
         _check_corpus(resume, corpus, corpus_path)
     if source:
         _check_vocab(source, vocab, o.encoding)
+    streams = world.streams(o.batch_size)
     loader = data.CharLoader(corpus.ids, o.batch_size, o.seq_length, o.train_frac, o.val_frac, len(vocab))
     if resume:
         loader.restore(resume.meta["data_position"])
     _check_writable(o.checkpoint_dir)
-    lock = _take_directory(o.checkpoint_dir, log)  # noqa: F841  (held until the process ends)
-    corpus.keep_stat()
+    # rank 0 writes the checkpoints and the corpus cache's stat: it alone holds the directory
+    if world.root:
+        lock = _take_directory(o.checkpoint_dir, log)  # noqa: F841  (held until the process ends)
+        corpus.keep_stat()
     log(f"vocab size: {len(vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
         f"{loader.ntest} test batches of {o.batch_size} x {o.seq_length}")
 
-    note = idle_threads_note(numba.get_num_threads(), o.batch_size, o.strategy, thread_cpus())
+    note = idle_threads_note(numba.get_num_threads(), streams[1] - streams[0], o.strategy, thread_cpus())
     if note:
         log(note)
     compile_kernels(o.model, o.strategy, log)
     net = Network(o.model, len(vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy)
+    net.streams = (streams[0], o.batch_size)
     rng = np.random.default_rng(o.seed)
     run = Run(o, vocab, corpus.sha256)
-    state = net.zero_state(o.batch_size)
+    state = net.zero_state(streams[1] - streams[0])
     if source:
         for name, value in source.params.items():
             net.params[name][...] = value
@@ -241,32 +262,38 @@ def train(o, given=frozenset(), log=print, corpus=None):
     if resume:
         run.restore(resume)
         net.rms[:] = resume.arrays["optim.rms"]
-        state[:] = resume.arrays["state"]
+        state[:] = resume.arrays["state"][:, :, streams[0]:streams[1]]
         rng.bit_generator.state = resume.meta["rng_state"]
     log(f"number of parameters in the model: {net.params.data.size}")
 
     iterations = int(o.max_epochs * loader.ntrain)
     last = min(iterations, o.max_iters) if o.max_iters else iterations
-    interrupt = Interrupt()
+    interrupt = Interrupt(repeat_grace_s=2.0 if world.size > 1 else 0.0)
     last_saved = resume.path if resume else None
     metrics_log = metrics.MetricsLog(metrics.log_path(o.checkpoint_dir, o.savefile), o.batch_size * o.seq_length,
                                      (run.iteration, run.train_losses, run.val_losses, loader.ntrain)
-                                     if resume else None, log)
+                                     if resume else None, log) if world.root else None  # rank 0 writes it
     progress = Progress(run.iteration, last, iterations, o.print_every, log)
     log = progress.log
 
     def save(name_loss):
         epoch = run.iteration / loader.ntrain
         path = os.path.join(o.checkpoint_dir, checkpoint.checkpoint_name(o.savefile, epoch, name_loss))
-        try:
-            checkpoint.save(path, net.params.views, run.meta(net, loader, rng, epoch), net.rms, state,
-                            run.train_losses)
-        except OSError as e:
-            previous = f"the previous checkpoint {last_saved} is intact" if last_saved else "none was written before"
-            raise UsageError(f"cannot write checkpoint {path} ({e.strerror}); {previous}") from None
-        if name_loss is not None and run.evaluations_since_best() == (name_loss, 0):
-            checkpoint.point(o.checkpoint_dir, checkpoint.BEST, path)
-        checkpoint.prune(o.checkpoint_dir, o.savefile, o.keep, path)
+        every_stream = world.gather_streams(state)
+        world.check_identical(net.params.data)
+        error = None
+        if world.root:
+            try:
+                checkpoint.save(path, net.params.views, run.meta(net, loader, rng, epoch), net.rms,
+                                every_stream, run.train_losses)
+            except OSError as e:
+                previous = f"the previous checkpoint {last_saved} is intact" if last_saved else "none was written before"
+                error = UsageError(f"cannot write checkpoint {path} ({e.strerror}); {previous}")
+            else:
+                if name_loss is not None and run.evaluations_since_best() == (name_loss, 0):
+                    checkpoint.point(o.checkpoint_dir, checkpoint.BEST, path)
+                checkpoint.prune(o.checkpoint_dir, o.savefile, o.keep, path)
+        world.agree(error)
         return path
 
     trained_since_eval = 0.0  # seconds of training since the last evaluation
@@ -274,10 +301,11 @@ def train(o, given=frozenset(), log=print, corpus=None):
     while run.iteration < last:
         t_iteration = time.perf_counter()
         i = run.iteration + 1
-        x, y = loader.next_batch("train")
+        x, y = loader.next_batch("train", *streams)
         t0 = time.perf_counter()
         loss = net.forward(x, y, state, rng if o.dropout > 0 else None)
         net.backward(x, o.dropout > 0)
+        loss, stop_flags = world.allreduce_gradient(net.grads, loss, interrupt.flags())
         learning_rate = run.learning_rate
         norm_ratio = net.update(learning_rate, o.decay_rate, o.grad_clip)
         elapsed = time.perf_counter() - t0
@@ -286,8 +314,9 @@ def train(o, given=frozenset(), log=print, corpus=None):
         if not np.isfinite(loss) or (run.loss0 is not None and loss > 3 * run.loss0):
             what = "NaN" if np.isnan(loss) else ("infinite" if not np.isfinite(loss) else
                                                  f"exploding ({loss:.4f} > 3 x first loss {run.loss0:.4f})")
-            print(f"phi_rnn: error: loss is {what} at iteration {i}: stopped. The last good checkpoint is "
-                  f"{last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip", file=sys.stderr)
+            if world.root:
+                print(f"phi_rnn: error: loss is {what} at iteration {i}: stopped. The last good checkpoint is "
+                      f"{last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip", file=sys.stderr)
             return EXIT_DIVERGED
         run.loss0 = loss if run.loss0 is None else run.loss0
         run.iteration = i
@@ -299,11 +328,12 @@ def train(o, given=frozenset(), log=print, corpus=None):
         val_loss = None
         if i % o.eval_val_every == 0 or i == last:
             t_eval = time.perf_counter()
-            val_loss, batches = evaluate(net, loader, o.val_max_batches) if loader.nval else (loss, 0)
+            val_loss, batches = evaluate(net, loader, o.val_max_batches, world=world) if loader.nval else (loss, 0)
             eval_seconds = time.perf_counter() - t_eval
             run.val_losses[str(i)] = val_loss
         # the row before the checkpoint: a run resumed from it drops rows past it
-        metrics_log.append(i, epoch, loss, val_loss, learning_rate, norm_ratio, elapsed)
+        if metrics_log:
+            metrics_log.append(i, epoch, loss, val_loss, learning_rate, norm_ratio, elapsed)
         if val_loss is not None:
             last_saved = save(val_loss)
             log(f"validation loss {val_loss:.4f} ({batches} batches in {eval_seconds:.1f} s); "
@@ -321,10 +351,11 @@ def train(o, given=frozenset(), log=print, corpus=None):
             log(f"no lower validation loss in {stale} evaluations (--patience {o.patience}): stopped; "
                 f"the best, {best:.4f}, is {checkpoint.resolve(checkpoint.BEST, o.checkpoint_dir)}")
             break
-        if interrupt.signum is not None:
+        stop = interrupt.agreed(stop_flags)
+        if stop is not None:
             path = save(None)
-            name = signal.Signals(interrupt.signum).name
-            log(f"{name} received: saved checkpoint {path}; continue with --resume latest", flush=True)
-            return EXIT_SIGNAL[interrupt.signum]
+            log(f"{signal.Signals(stop).name} received: saved checkpoint {path}; continue with "
+                f"--resume latest", flush=True)
+            return EXIT_SIGNAL[stop]
     progress.close()
     return 0

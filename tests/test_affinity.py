@@ -351,8 +351,7 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=120, cwd=REPO)
 
 
-TOPO = ("import argparse, sys\nfrom phi_rnn import affinity\nparser = argparse.ArgumentParser()\n"
-        "affinity.add_topo_arguments(parser)\nsys.exit(affinity.topo_command(parser.parse_args(sys.argv[1:])))")
+TOPO = "import sys\nfrom phi_rnn.cli import main\nsys.exit(main(['topo', *sys.argv[1:]]))"
 
 needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 allowed CPUs")
 
@@ -424,3 +423,31 @@ def test_idle_threads_follow_the_placement_on_two_sockets(xeon):
     note = idle_threads_note(plan.threads, 8, "batch", plan.cpus)
     assert f"threads 8-11 (CPUs {format_cpu_list(idle)})" in note and "4 of 12 idle" in note
     assert idle_threads_note(plan.threads, 8, "batch", []).startswith("note: 12 threads")
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@needs_two_cpus
+@pytest.mark.skipif(not MPIEXEC.exists() and not os.environ.get("PHI_RNN_REQUIRE_MPI"),
+                    reason="no mpiexec: the [mpi] extra is not installed (CI requires it)")
+def test_each_rank_overrides_a_launcher_binding_and_verifies(probe):
+    """Both ranks started bound to CPU 0 (as launchers that bind ranks to one core do): each
+    takes its own core of the node instead, and verifies its threads there."""
+    done = subprocess.run([str(MPIEXEC), "-n", "2", "taskset", "-c", "0", sys.executable, "-m", "phi_rnn",
+                           "topo", "--threads", "1"], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ranks = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
+    assert len(ranks) == 2
+    for rank, line in enumerate(ranks):
+        assert f"CPUs [{rank}]" in line and "; verified: OpenMP threads on CPUs [" + str(rank) + "]" in line, line
+    assert "overriding the launcher's binding to CPUs 0" in ranks[1]
+
+
+def test_topo_shows_the_plan_of_each_rank_on_the_node():
+    done = run_python(TOPO, "--ranks-per-node", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    ranks = json.loads(done.stdout)["ranks"]
+    cpus = sorted(affinity.node_cpus() or read_topology().allowed)
+    assert sorted(sum((r["cpus"] for r in ranks), [])) == cpus
+    assert not set(ranks[0]["cpus"]) & set(ranks[1]["cpus"])
