@@ -5,10 +5,11 @@ Usage (options before `--`, the phi_rnn command to run in the job after it):
     python -m phi_rnn submit --ppn 64 --walltime 2:00:00 -- train --data_dir data/tinyshakespeare
     python -m phi_rnn submit --flavor pbspro --ncpus 68 --walltime 30:00 --resume -- train ...
     python -m phi_rnn submit --ppn 64 --array 0-7 -- scale --out results/scale64
+    python -m phi_rnn submit --nodes 4 --ppn 64 --ranks-per-node 4 --walltime 4:00:00 -- train ...
     python -m phi_rnn submit --dry-run ...          # print the script and the qsub command
 
 The job script carries #PBS directives (name, queue, nodes=X:ppn=Y for Torque or
-select=X:ncpus=Y:mpiprocs=1:ompthreads=T for PBS Pro, walltime, account, mail, output
+select=X:ncpus=Y:mpiprocs=K:ompthreads=T for PBS Pro, walltime, account, mail, output
 paths, array range), changes to the submit directory, activates the environment (by
 default the one running `submit`: its venv, its conda environment, or its interpreter's
 directory put first on PATH; --venv PATH or --conda-env NAME otherwise), logs the node (host,
@@ -18,7 +19,11 @@ from the command line or the submit directory reaches the script as one single-q
 shell word (or a checked #PBS directive): nothing in it is ever expanded or run.
 
 - `train`: `python -m phi_rnn train --threads T [--policy P] ARGS`; T defaults to the
-  cores requested (--ppn / --ncpus).
+  cores requested (--ppn / --ncpus) over the ranks per node.  With --nodes N > 1 or
+  --ranks-per-node K > 1 it runs as N x K MPI ranks (data-parallel, phi_rnn.distributed):
+  `mpiexec -n NK -ppn K -genv OMP_NUM_THREADS T ...` (--mpi hydra: MPICH, Intel MPI) or
+  `mpiexec -n NK --map-by ppr:K:node:pe=T -x OMP_NUM_THREADS=T ...` (--mpi openmpi); both
+  read the nodes from $PBS_NODEFILE, and mpiexec forwards the walltime SIGTERM to the ranks.
 - `scale` with --array: `python bench/scale.py --point "$IDX" ARGS` (ARGS must hold
   --out DIR; merge the points afterwards with `python bench/scale.py --collect DIR`);
   without --array the whole study runs in one job.
@@ -57,6 +62,7 @@ Real PBS and Slurm's PBS wrappers (qsub from slurm-wlm-torque) differ; handled h
   into an -o file, so leave --output out for arrays there (the default is per index).
 """
 
+import importlib.util
 import re
 import shlex
 import shutil
@@ -78,6 +84,7 @@ ARRAY_PATTERN = {
 }
 ARRAY_INDEX = "${PBS_ARRAYID:-${PBS_ARRAY_INDEX:-$SLURM_ARRAY_TASK_ID}}"
 JOB_ID_PATTERN = re.compile(r"(\d+)(\[\d*\])?(\.\S+)?")
+MPI_LAUNCHERS = ("hydra", "openmpi")
 
 
 def add_submit_arguments(parser):
@@ -85,7 +92,12 @@ def add_submit_arguments(parser):
                         help="PBS dialect of the directives (default: torque)")
     parser.add_argument("--queue", "-q", default="manycore", help="queue (default: manycore)")
     parser.add_argument("--nodes", "--select", dest="nodes", type=int, default=1,
-                        help="nodes (Torque nodes=, PBS Pro select=); phi_rnn uses one")
+                        help="nodes (Torque nodes=, PBS Pro select=); more than one: train over MPI")
+    parser.add_argument("--ranks-per-node", "--ranks_per_node", dest="ranks_per_node", type=int, default=1,
+                        help="MPI ranks of train per node, each on its own cores (PBS Pro mpiprocs=; "
+                             "default 1; one per socket or NUMA domain is the usual choice)")
+    parser.add_argument("--mpi", choices=MPI_LAUNCHERS, default="hydra",
+                        help="mpiexec dialect: hydra (MPICH, Intel MPI; default) or openmpi")
     parser.add_argument("--ppn", "--ncpus", dest="ppn", type=int,
                         help="cores per node (Torque ppn=, PBS Pro ncpus=); required")
     parser.add_argument("--walltime", help="limit as H:MM:SS, MM:SS or seconds")
@@ -96,7 +108,8 @@ def add_submit_arguments(parser):
                         "or n(one) (default with --mail: ae)")
     parser.add_argument("--output", "-o", help="stdout file (default: <name>.o<job number>)")
     parser.add_argument("--error", "-e", help="stderr file (default: joined with stdout)")
-    parser.add_argument("--threads", type=int, help="train threads (default: --ppn)")
+    parser.add_argument("--threads", type=int,
+                        help="train threads per rank (default: --ppn / --ranks-per-node)")
     parser.add_argument("--policy", choices=POLICIES, help="train affinity policy")
     parser.add_argument("--venv", type=Path, help="virtual environment to activate "
                         "(default: the environment running submit)")
@@ -122,6 +135,7 @@ class Job:
     queue: str
     nodes: int
     ppn: int
+    ranks_per_node: int
     threads: int | None
     walltime: str | None
     account: str | None
@@ -159,14 +173,17 @@ def job_from_arguments(args):
         raise UsageError("give the phi_rnn command to run after '--': "
                          "'-- train ARGS' or '-- scale ARGS'")
     program, program_args = args.job_command[0], args.job_command[1:]
-    if args.nodes != 1:
-        raise UsageError(f"--nodes {args.nodes}: a phi_rnn run uses one node; "
-                         "spread scale points over nodes with --array")
     if args.ppn is None or args.ppn < 1:
         raise UsageError("say how many cores the job needs: --ppn N (Torque) or --ncpus N")
+    if args.nodes < 1 or args.ranks_per_node < 1:
+        raise UsageError(f"--nodes {args.nodes} --ranks-per-node {args.ranks_per_node}: both must be positive")
+    ranks = args.nodes * args.ranks_per_node
+    if program != "train" and ranks > 1:
+        raise UsageError(f"--nodes {args.nodes} --ranks-per-node {args.ranks_per_node}: MPI ranks run train; "
+                         "spread scale points over nodes with --array")
     submit_dir = Path.cwd()
     if program == "train":
-        threads = args.threads if args.threads is not None else args.ppn
+        threads = args.threads if args.threads is not None else args.ppn // args.ranks_per_node
         run_line = train_run_line(args, threads, program_args)
         if args.resume:
             check_resumable(program_args, submit_dir)
@@ -179,6 +196,7 @@ def job_from_arguments(args):
         queue=checked_word(args.queue, "--queue"),
         nodes=args.nodes,
         ppn=args.ppn,
+        ranks_per_node=args.ranks_per_node,
         threads=threads,
         walltime=unless_none(args.walltime, lambda text: format_walltime(parse_walltime(text))),
         account=unless_none(args.account, checked_word, "--account"),
@@ -205,14 +223,33 @@ def train_run_line(args, threads, train_args):
         if any(arg == flag or arg.startswith(flag + "=") for arg in train_args):
             raise UsageError(f"give {flag} to submit, before '--' (it passes it to train)")
     if threads < 1:
-        raise UsageError(f"--threads {threads}: need at least one thread")
+        raise UsageError(f"--threads {threads}: need at least one thread per rank "
+                         f"(--ppn {args.ppn} over --ranks-per-node {args.ranks_per_node})")
     command = ["python", "-m", "phi_rnn", "train", "--threads", str(threads)]
     if args.policy:
         command += ["--policy", args.policy]
     command += train_args
     if args.resume:
         command += ["--resume", "latest"]
+    ranks = args.nodes * args.ranks_per_node
+    if ranks > 1:
+        if args.venv is None and args.conda_env is None and importlib.util.find_spec("mpi4py") is None:
+            raise UsageError(f"{ranks} MPI ranks need mpi4py in the job's environment: "
+                             f"pip install 'phi_rnn[mpi]' (mpi4py + mpich) or mpi4py built against the site's MPI")
+        command = mpiexec_command(args.mpi, ranks, args.ranks_per_node, threads) + command
     return "exec " + shlex.join(command)
+
+
+def mpiexec_command(launcher, ranks, per_node, threads):
+    """mpiexec for `ranks` ranks, `per_node` on each node, with the thread count exported to
+    every rank (phi_rnn then places each rank's threads on its own cores, replacing any
+    binding the launcher made). Both launchers read the nodes from $PBS_NODEFILE themselves."""
+    if launcher == "openmpi":
+        return ["mpiexec", "-n", str(ranks), "--map-by", f"ppr:{per_node}:node:pe={threads}",
+                "-x", f"OMP_NUM_THREADS={threads}"]
+    # Hydra: MPICH's and Intel MPI's; I_MPI_PIN_DOMAIN=omp gives an Intel MPI rank OMP_NUM_THREADS cores
+    return ["mpiexec", "-n", str(ranks), "-ppn", str(per_node), "-genv", "OMP_NUM_THREADS", str(threads),
+            "-genv", "I_MPI_PIN_DOMAIN", "omp"]
 
 
 def check_resumable(train_args, submit_dir):
@@ -351,7 +388,7 @@ def directives(job):
     if job.flavor == "torque":
         lines.append(f"-l nodes={job.nodes}:ppn={job.ppn}")
     else:
-        lines.append(f"-l select={job.nodes}:ncpus={job.ppn}:mpiprocs=1"
+        lines.append(f"-l select={job.nodes}:ncpus={job.ppn}:mpiprocs={job.ranks_per_node}"
                      + (f":ompthreads={job.threads}" if job.threads else ""))
     if job.walltime:
         lines.append(f"-l walltime={job.walltime}")

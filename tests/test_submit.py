@@ -81,6 +81,24 @@ def test_pbspro_array_script_for_scaling(tmp_path):
     assert_valid_bash(script, tmp_path)
 
 
+@pytest.mark.parametrize("flavor, launcher, resources, mpiexec", [
+    ("torque", "hydra", "-l nodes=4:ppn=64",
+     "mpiexec -n 16 -ppn 4 -genv OMP_NUM_THREADS 16 -genv I_MPI_PIN_DOMAIN omp"),
+    ("pbspro", "openmpi", "-l select=4:ncpus=64:mpiprocs=4:ompthreads=16",
+     "mpiexec -n 16 --map-by ppr:4:node:pe=16 -x OMP_NUM_THREADS=16"),
+])
+def test_mpi_training_script(tmp_path, flavor, launcher, resources, mpiexec):
+    """4 nodes x 4 ranks x 16 threads: the resources in the scheduler's dialect, the launcher
+    in its own, the thread count exported to every rank and passed to train."""
+    result = submit("--flavor", flavor, "--nodes", "4", "--ppn", "64", "--ranks-per-node", "4", "--mpi",
+                    launcher, "--walltime", "4:00:00", "--dry-run", "--", "train", "--rnn_size", "512",
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert directives(result.stdout)[2] == resources
+    assert exec_line(result.stdout) == f"exec {mpiexec} python -m phi_rnn train --threads 16 --rnn_size 512"
+    assert_valid_bash(result.stdout, tmp_path)
+
+
 @pytest.mark.parametrize("walltime, rendered", [("90", "00:01:30"), ("5:00", "00:05:00"),
                                                 ("100:00:00", "100:00:00")])
 def test_walltime_forms(tmp_path, walltime, rendered):
@@ -169,7 +187,10 @@ def test_default_environment_is_the_one_running_submit(tmp_path):
     (["--array", "0-1", "--", "train"], "--array runs scale points"),
     (["--array", "0-1", "--", "scale"], "needs '--out DIR'"),
     (["--flavor", "pbspro", "--array", "0,1", "--", "scale", "--out", "r"], "invalid --array"),
-    (["--nodes", "2", "--", "train"], "uses one node"),
+    (["--nodes", "2", "--", "scale", "--out", "r"], "MPI ranks run train"),
+    (["--ranks-per-node", "0", "--", "train"], "both must be positive"),
+    (["--ranks-per-node", "3", "--", "train"], "need at least one thread per rank"),
+    (["--nodes", "2", "--mpi", "lam", "--", "train"], "invalid choice: 'lam'"),
     (["--resume", "--", "train", "--checkpoint_dir", "fresh"], "no checkpoint to resume"),
     (["--qsub", "/nonexistent/qsub", "--", "train"], "qsub not found"),
 ])
@@ -227,6 +248,8 @@ def jobs(slurm_cluster, workdir):  # noqa: F811
                                     *train_args("cv-wall", 10**9, "--max_epochs", "1000000",
                                                 "--eval_val_every", "1000000",
                                                 "--print_every", "200")),
+        "mpi": submit_for_real(slurm_cluster, workdir, "--ppn", "2", "--ranks-per-node", "2", "--walltime", "5:00",
+                               "--name", "phi-mpi", *train_args("cv-mpi", 20, "--eval_val_every", "10")),
         "array": submit_for_real(slurm_cluster, workdir, "--ppn", "2", "--walltime", "5:00",
                                  "--array", "0-1", "--name", "phi-array", "--", "scale",
                                  "--out", "scale-out", "--threads", "1,2", "--configs",
@@ -279,6 +302,17 @@ def test_training_job_leaves_checkpoint_and_log(slurm_cluster, workdir, jobs):  
     assert "Traceback" not in log, log
     assert checkpoints(workdir / "cv-ok"), log
     assert (workdir / "cv-ok" / "latest").exists()
+
+
+def test_mpi_training_job_leaves_checkpoint(slurm_cluster, workdir, jobs):  # noqa: F811
+    """2 ranks through mpiexec in the job: rank 0 prints and writes the checkpoints."""
+    _, output = jobs["mpi"]
+    wait_until_done(slurm_cluster, "phi-mpi")
+    log = output.read_text()
+    assert "Traceback" not in log, log
+    assert "MPI: MPICH" in log and "rank 1: " in log, log
+    assert [line.startswith("20/") for line in log.splitlines()].count(True) == 1, log
+    assert [checkpoint_iteration(path) for path in checkpoints(workdir / "cv-mpi")] == [10, 20], log
 
 
 def test_walltime_kill_checkpoints_and_resubmission_resumes(slurm_cluster, workdir, jobs):  # noqa: F811
