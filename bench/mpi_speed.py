@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=65)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="threads per rank (the single process gets ranks x this)")
+    p.add_argument("--blas", choices=("libxsmm", "mkl"), default=None,
+                   help="float32 GEMM backend (default: libxsmm where built, else MKL)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -53,7 +55,7 @@ def worker(args):
     from phi_rnn import blas
     from phi_rnn.model import Network
     from phi_rnn.train import _optimizer_step, compile_kernels
-    blas.set_backend(blas.default_backend())
+    blas.set_backend(args.blas or blas.default_backend())
     compile_kernels(args.model, "batch", lambda *a, **k: None)
     start, stop = world.streams(args.batch_size)
     rng = np.random.default_rng(0)
@@ -95,7 +97,8 @@ def worker(args):
 def run_arm(args, ranks, threads):
     argv = [os.path.abspath(__file__), "--worker", "--model", args.model, "--rnn_size", args.rnn_size,
             "--num_layers", args.num_layers, "--batch_size", args.batch_size, "--seq_length", args.seq_length,
-            "--vocab", args.vocab, "--threads", threads, "--iters", args.iters, "--warmup", args.warmup]
+            "--vocab", args.vocab, "--threads", threads, "--iters", args.iters, "--warmup", args.warmup,
+            *(("--blas", args.blas) if args.blas else ())]
     command = [sys.executable, *map(str, argv)]
     if ranks > 1:
         command = [MPIEXEC, "-n", str(ranks), *command]
