@@ -95,7 +95,7 @@ def _topo(args):
         print("env: " + " ".join(f"{k}={v}" for k, v in plan.env.items()) + f" (unset: {' '.join(plan.unset)})")
         print(verification.describe())
     else:
-        for line in world.describe(f"pid {os.getpid()}; {plan.describe()}; {verification.describe()}"):
+        for line in world.describe(f"pid {os.getpid()}; {plan.describe()}; {verification.describe()}", plan.threads):
             print(line, flush=True)
     return world.finish(0 if verification.ok else 1)
 
@@ -136,7 +136,7 @@ def _start_runtimes(args, log, announce=True, before=None, world=distributed.Sin
     rank_line = (f"pid {os.getpid()}, {plan.threads} thread{'s' * (plan.threads != 1)} on CPUs "
                  f"{affinity.format_cpu_list(verification.cpus or plan.topology.allowed)}, "
                  + ("verified" if verification.ok else "NOT verified: " + "; ".join(verification.mismatches)))
-    for line in world.describe(rank_line):
+    for line in world.describe(rank_line, plan.threads):
         log(line)
     return plan
 

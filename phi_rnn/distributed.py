@@ -115,7 +115,7 @@ class Single:
         if error is not None:
             raise error
 
-    def describe(self, rank_line):
+    def describe(self, rank_line, threads):
         return []
 
     def finish(self, status, message=None):
@@ -196,13 +196,16 @@ class MpiWorld:
             rank, (host, text) = failed[0]
             raise UsageError(text if rank in (0, self.rank) else f"rank {rank} ({host}): {text}")
 
-    def describe(self, rank_line):
+    def describe(self, rank_line, threads):
         """Header lines for rank 0: the MPI library, ranks x threads, each rank's host and CPUs
-        (`rank_line`, this rank's description)."""
-        lines = self.comm.gather(f"rank {self.rank}: {self.host}, {rank_line}", root=0)
+        (`rank_line`, this rank's description; `threads`, its thread count)."""
+        reports = self.comm.gather((f"rank {self.rank}: {self.host}, {rank_line}", threads), root=0)
         if not self.root:
             return []
-        return [f"MPI: {self.library}, {self.size} ranks ({self.local_size} on this node)"] + lines
+        counts = sorted({count for _, count in reports})
+        per_rank = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        return ([f"MPI: {self.library}, {self.size} ranks x {per_rank} thread{'s' * (per_rank != '1')} "
+                 f"({self.local_size} ranks on rank 0's node)"] + [line for line, _ in reports])
 
     def finish(self, status, message=None):
         """Leave together: wait (at most FINISH_TIMEOUT_S) for every rank to get here. Ranks

@@ -179,6 +179,26 @@ def test_one_allreduce_carries_gradient_loss_and_flags(require_mpi):
     assert reports[1]["agreed"] == "rank 1 failed"
 
 
+ALONE = """
+import sys
+from phi_rnn import distributed
+distributed.FINISH_TIMEOUT_S = 2
+world = distributed.connect()
+if world.rank == 1:
+    sys.exit(world.finish(2, "only rank 1 failed"))
+world.comm.Barrier()  # rank 0 waits for a rank that never comes
+"""
+
+
+def test_a_rank_failing_alone_aborts_the_job_instead_of_hanging(require_mpi):
+    start = time.monotonic()
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", ALONE], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert result.returncode != 0
+    assert "phi_rnn: error: rank 1 (" in result.stderr and "): only rank 1 failed" in result.stderr
+
+
 # ------------------------------------------------------------------------- training on ranks
 
 # Measured on the development VM (AMD EPYC Zen4, AVX-512, libxsmm backend), 2 ranks x 1 thread
@@ -207,7 +227,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, model,
     assert one["state"].shape == two["state"].shape  # every stream's state, gathered by rank 0
     for name in one:
         assert np.max(np.abs(one[name] - two[name]), initial=0) < PARAM_TOLERANCE, name
-    assert "MPI: MPICH" in ranks.stdout and "rank 1: " in ranks.stdout
+    assert "MPI: MPICH" in ranks.stdout and "2 ranks x 1 thread (" in ranks.stdout and "rank 1: " in ranks.stdout
 
 
 def same_arrays(a, b):
