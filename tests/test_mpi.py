@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import ROOT, TINY_MODEL, run_cli, small_corpus, train_losses
-from phi_rnn import distributed
+from phi_rnn import data, distributed
 from phi_rnn.errors import UsageError
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -89,6 +89,15 @@ def test_stream_ranges_are_contiguous_and_cover_the_batch():
         distributed.stream_range(3, 0, 4)
 
 
+def test_a_ranks_loader_gathers_its_columns_of_the_global_batch():
+    ids = (np.arange(2000) * 7 % 37).astype(np.uint8)
+    whole = data.CharLoader(ids, 10, 5, 0.9, 0.1, 37)
+    part = data.CharLoader(ids, 10, 5, 0.9, 0.1, 37)
+    for split in ("train", "train", "val"):
+        (x, y), (xp, yp) = whole.next_batch(split), part.next_batch(split, 3, 7)
+        assert np.array_equal(x[:, 3:7], xp) and np.array_equal(y[:, 3:7], yp)
+
+
 def test_launcher_detection():
     assert distributed.launched_size({}) is None and distributed.launched_rank({}) == 0
     assert distributed.launched_size({"PMI_SIZE": "8", "PMI_RANK": "3"}) == 8
@@ -139,7 +148,7 @@ def test_single_process_never_imports_mpi4py():
 EXCHANGE = """
 import json, sys, types
 import numpy as np
-from phi_rnn import distributed
+from phi_rnn import data, distributed
 world = distributed.connect()
 start, stop = world.streams(6)
 rank = world.rank
@@ -181,7 +190,7 @@ def test_one_allreduce_carries_gradient_loss_and_flags(require_mpi):
 
 ALONE = """
 import sys
-from phi_rnn import distributed
+from phi_rnn import data, distributed
 distributed.FINISH_TIMEOUT_S = 2
 world = distributed.connect()
 if world.rank == 1:
