@@ -37,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=65)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="threads per rank (the single process gets ranks x this)")
-    p.add_argument("--blas", choices=("libxsmm", "mkl"), default=None,
-                   help="float32 GEMM backend (default: libxsmm where built, else MKL)")
+    p.add_argument("--blas", choices=("libxsmm", "openblas", "mkl"), default=None,
+                   help="float32 GEMM backend (default: phi_rnn's choice for this machine)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
