@@ -37,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=65)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="threads per rank (the single process gets ranks x this)")
-    p.add_argument("--blas", choices=("libxsmm", "openblas", "mkl"), default=None,
-                   help="float32 GEMM backend (default: phi_rnn's choice for this machine)")
+    p.add_argument("--blas", default=None,
+                   help="float32 GEMM backend as train's --blas (default: phi_rnn's choice for this machine)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -54,8 +54,9 @@ def worker(args):
     import numpy as np
     from phi_rnn import blas
     from phi_rnn.model import Network
-    from phi_rnn.train import _optimizer_step, compile_kernels
-    blas.set_backend(args.blas or blas.default_backend())
+    from phi_rnn.train import compile_kernels
+    if args.blas:
+        blas.set_backend(args.blas, "chosen with --blas")
     compile_kernels(args.model, "batch", lambda *a, **k: None)
     start, stop = world.streams(args.batch_size)
     rng = np.random.default_rng(0)
@@ -75,7 +76,7 @@ def worker(args):
         t1 = time.perf_counter()
         world.allreduce_gradient(net.grads, loss, [0.0])
         t2 = time.perf_counter()
-        _optimizer_step(net, 2e-3, 0.95, 5.0)
+        net.update(2e-3, 0.95, 5.0)
         t3 = time.perf_counter()
         if k >= args.warmup:
             iteration_s.append(t3 - t0)
