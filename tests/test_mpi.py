@@ -163,18 +163,20 @@ try:
     agreed = None
 except distributed.UsageError as e:
     agreed = str(e)
-print(json.dumps({"rank": rank, "streams": [start, stop], "grads": grads.data.tolist(), "loss": loss,
-                  "flags": flags, "local": [world.local_rank, world.local_size], "agreed": agreed,
-                  "gathered": None if gathered is None else gathered[0, 0, :, 0].tolist()}))
+# one file per rank: mpiexec forwards the ranks' stdout in chunks that may interleave
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump({"rank": rank, "streams": [start, stop], "grads": grads.data.tolist(), "loss": loss,
+               "flags": flags, "local": [world.local_rank, world.local_size], "agreed": agreed,
+               "gathered": None if gathered is None else gathered[0, 0, :, 0].tolist()}, f)
 sys.exit(world.finish(0))
 """
 
 
-def test_one_allreduce_carries_gradient_loss_and_flags(require_mpi):
-    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", EXCHANGE], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+def test_one_allreduce_carries_gradient_loss_and_flags(require_mpi, tmp_path):
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", EXCHANGE, str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    reports = sorted((json.loads(line) for line in result.stdout.splitlines()), key=lambda r: r["rank"])
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for report in reports:
         # each rank's gradient is the mean over its 3 streams: weighted 3/6 before the sum
         assert report["grads"] == [0.5 * (k + k + 10) for k in range(5)]
