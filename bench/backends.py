@@ -10,7 +10,6 @@ alike), with the medians over the rounds and the ratios of each round.
 
 Every config flag of bench/speed.py passes through (--rnn_size, --batch_size, --iters, ...).
 """
-import argparse
 import os
 import statistics
 import sys
@@ -20,12 +19,13 @@ from speed import run_torch_reference, run_worker  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn.errors import UsageError  # noqa: E402
+from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 
 BACKENDS = ("libxsmm", "libxsmm+openblas", "openblas", "mkl")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backends", default=",".join(BACKENDS),
@@ -50,7 +50,7 @@ def parse_args(argv):
 def shape_rates(args, speed_argv):
     """Every GEMM shape of an iteration (speed.py's config, one block of batch / threads rows),
     each library side by side on one thread."""
-    p = argparse.ArgumentParser()
+    p = OneLineErrorParser()
     for name, default in (("--rnn_size", 128), ("--num_layers", 2), ("--batch_size", 50), ("--seq_length", 50),
                           ("--vocab", 65)):
         p.add_argument(name, type=int, default=default)

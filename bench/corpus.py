@@ -33,6 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
+from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 
 SHAKESPEARE = os.path.join(ROOT, "data", "tinyshakespeare", "input.txt")
 UNITS = {"K": 10**3, "M": 10**6, "G": 10**9}
@@ -49,7 +50,7 @@ def parse_size(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10M,100M,1G", help="corpus sizes in bytes (K, M, G = 10^3, 10^6, 10^9)")
     p.add_argument("--kinds", default="ascii,multibyte", help="ascii and/or multibyte")
     p.add_argument("--dir", default=None, help="where to write the corpora (default: a temp directory)")

@@ -23,12 +23,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity, distributed  # noqa: E402  (light: start no runtime)
+from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="lstm", choices=("lstm", "gru", "rnn"))
     p.add_argument("--rnn_size", "--rnn-size", type=int, default=128)
     p.add_argument("--num_layers", "--num-layers", type=int, default=2)

@@ -19,11 +19,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
 from phi_rnn.errors import UsageError  # noqa: E402
+from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 from speed import print_machine, run_torch_reference, run_worker, versions  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="take model and weights from this checkpoint (default: random weights)")
     p.add_argument("--model", default="lstm", choices=("lstm", "gru", "rnn"))
     p.add_argument("--rnn_size", "--rnn-size", type=int, default=128)

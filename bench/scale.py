@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 from scale_collect import collect  # noqa: E402
 from scale_machine import claim, slug, this_machine  # noqa: E402
 from scale_points import (BLAS, MODELS, POLICIES, PRESETS, SCALINGS, STRATEGIES,  # noqa: E402
@@ -66,13 +67,6 @@ def config_list(text):
         return [parse_config(token) for token in comma_list()(text)]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc))
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad input: one line on stderr and exit status 2, like the rest of phi_rnn."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():

@@ -6,7 +6,6 @@ kernels pay it: numba's prange on the OpenMP runtime and placement of a training
 bench/scale.py runs it once per (threads, policy) of a study; the model of time per
 iteration (scale_model.py) charges it for every parallel region of an iteration.
 """
-import argparse
 import json
 import sys
 import time
@@ -15,12 +14,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from phi_rnn import affinity  # noqa: E402  (starts no runtime)
 from phi_rnn.errors import UsageError  # noqa: E402
+from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 
 CALLS = 5000
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     affinity.add_thread_arguments(parser)
     args = parser.parse_args(argv)
     try:

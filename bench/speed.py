@@ -24,10 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
 from phi_rnn.cells import MODELS  # noqa: E402  (light too)
 from phi_rnn.errors import UsageError  # noqa: E402
+from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="lstm", choices=MODELS)
     p.add_argument("--rnn_size", "--rnn-size", type=int, default=128)
     p.add_argument("--num_layers", "--num-layers", type=int, default=2)
