@@ -87,22 +87,9 @@ def cpu_times(args, speed_argv):
     import numpy as np
     from phi_rnn import blas
     from phi_rnn import kernels as K
-    from phi_rnn.model import Network, gemm_flops
-    from phi_rnn.train import compile_kernels
-    compile_kernels(config.model, config.strategy, lambda *a, **k: None)
-    rng = np.random.default_rng(0)
-    net = Network(config.model, config.vocab, config.rnn_size, config.num_layers, strategy=config.strategy)
-    net.init_params(rng)
+    from phi_rnn.model import gemm_flops
+    _, iteration = speed.training_iteration(config)
     T, B = config.seq_length, config.batch_size
-    batches = [(rng.integers(0, config.vocab, (T, B)).astype(np.int32),
-                rng.integers(0, config.vocab, (T, B)).astype(np.int32)) for _ in range(4)]
-    state = net.zero_state(B)
-
-    def iteration(k):
-        x, y = batches[k % 4]
-        net.forward(x, y, state)
-        net.backward(x, False)
-        net.update(2e-3, 0.95, 5.0)
 
     names = [b for b in args.backends if set(b.split("+")) <= set(blas.available())]
     ms = {name: [] for name in names}

@@ -132,22 +132,37 @@ def _timed_iterations(iteration, n):
 
 
 def phi_rnn_worker(args):
-    import numpy as np
     from phi_rnn import blas
     if args.blas:
         try:
             blas.set_backend(args.blas, "chosen with --blas")
         except ValueError as e:
             raise UsageError(f"--blas {args.blas}: {e}") from None
-    from phi_rnn.model import Network, gemm_flops
+    from phi_rnn.model import gemm_flops
+    net, iteration = training_iteration(args)
+    for k in range(args.warmup):
+        iteration(k)
+    spent = _time_kernel_calls(net) if args.profile else {}
+    times, cpu_times = _timed_iterations(iteration, args.iters)
+    profile = {label: seconds / args.iters * 1e3 for label, seconds in spent.items()}
+    gflop = gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, args.batch_size, args.seq_length) / 1e9
+    return times, cpu_times, gflop, profile
+
+
+def training_iteration(config):
+    """(network, iteration(k)): a network of `config`'s shape (model, vocab, rnn_size,
+    num_layers, batch_size, seq_length, strategy) with its kernels loaded, and one training
+    iteration as in training (forward, backward, RMSprop) on the k-th of four fixed batches."""
+    import numpy as np
+    from phi_rnn.model import Network
     from phi_rnn.train import compile_kernels
-    compile_kernels(args.model, args.strategy, lambda *a, **k: None)
+    compile_kernels(config.model, config.strategy, lambda *a, **k: None)
     rng = np.random.default_rng(0)
-    net = Network(args.model, args.vocab, args.rnn_size, args.num_layers, strategy=args.strategy)
+    net = Network(config.model, config.vocab, config.rnn_size, config.num_layers, strategy=config.strategy)
     net.init_params(rng)
-    T, B = args.seq_length, args.batch_size
-    batches = [(rng.integers(0, args.vocab, (T, B)).astype(np.int32),
-                rng.integers(0, args.vocab, (T, B)).astype(np.int32)) for _ in range(4)]
+    T, B = config.seq_length, config.batch_size
+    batches = [(rng.integers(0, config.vocab, (T, B)).astype(np.int32),
+                rng.integers(0, config.vocab, (T, B)).astype(np.int32)) for _ in range(4)]
     state = net.zero_state(B)
 
     def iteration(k):
@@ -156,12 +171,7 @@ def phi_rnn_worker(args):
         net.backward(x, False)
         net.update(2e-3, 0.95, 5.0)
 
-    for k in range(args.warmup):
-        iteration(k)
-    spent = _time_kernel_calls(net) if args.profile else {}
-    times, cpu_times = _timed_iterations(iteration, args.iters)
-    profile = {label: seconds / args.iters * 1e3 for label, seconds in spent.items()}
-    return times, cpu_times, gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, B, T) / 1e9, profile
+    return net, iteration
 
 
 PROFILED_KERNELS = ("reduce_parts", "reduce_parts_transposed", "multiply", "rmsprop_step")
