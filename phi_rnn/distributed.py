@@ -27,6 +27,7 @@ LAUNCHER_VARIABLES = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_C
 CARRIED = 2  # spare slots: the loss as a float32 (high, low) pair
 PAIR_BITS = 10
 FINISH_TIMEOUT_S = 20  # how long a rank that stops waits for the others before aborting the job
+ABORT_GRACE_S = 1.0  # how long a rank's last error line has to reach the launcher before the abort
 
 
 def launched_size(env=os.environ):
@@ -219,6 +220,8 @@ class MpiWorld:
             if time.monotonic() > deadline:
                 if message and not self.root:
                     print(f"phi_rnn: error: rank {self.rank} ({self.host}): {message}", file=sys.stderr, flush=True)
+                    # Abort tears the job down at once: give the launcher time to forward the line
+                    time.sleep(ABORT_GRACE_S)
                 self.comm.Abort(status or 1)
             time.sleep(0.01)
         return status
