@@ -154,7 +154,8 @@ def test_an_unwritable_cache_only_is_not_kept(tmp_path):
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     backend, default, _, _ = _default_in_a_fresh_process(blocked)
-    assert backend == default in blas.available()
+    # the measured default may be a pair (per-step + whole-sequence libraries)
+    assert backend == default and set(default.split("+")) <= set(blas.available())
 
 
 def test_vector_width_names_an_emulated_cpu(monkeypatch):
