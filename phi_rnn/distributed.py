@@ -112,6 +112,9 @@ class Single:
     def check_identical(self, array):
         pass
 
+    def root_first(self, work):
+        return work()
+
     def agree(self, error=None):
         if error is not None:
             raise error
@@ -188,6 +191,30 @@ class MpiWorld:
             raise RuntimeError(f"the ranks' parameters differ (crc32 {digests}): the allreduce is not "
                                f"reproducible across ranks in this MPI ({self.library})")
 
+    def root_first(self, work):
+        """work() on rank 0 alone, then on the others: for work that fills a shared cache (the
+        corpus's token file) that the others then read instead of all writing it at once. Bad
+        input found by rank 0 is raised on every rank (agree), the others never start."""
+        error = result = None
+        if self.root:
+            try:
+                result = work()
+            except UsageError as e:
+                error = e
+        self._wait_for_all(self.comm)
+        self.agree(error)
+        return result if self.root else work()
+
+    def _wait_for_all(self, comm, deadline=None):
+        """A barrier that sleeps while it waits (MPI's blocking calls spin, taking a core from
+        the rank that works); True when every rank arrived before `deadline` (monotonic s)."""
+        request = comm.Ibarrier()
+        while not request.Test():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def agree(self, error=None):
         """A collective: raises on every rank when any rank passes an error (the lowest failing
         rank's message, so rank 0 can print it)."""
@@ -214,14 +241,10 @@ class MpiWorld:
         meet and exit normally with `status`; if some rank is still busy or blocked, this one is
         the only one stopping, so it prints `message` (rank 0 already has) and aborts the job,
         rather than leaving the others waiting forever."""
-        request = self.exit_comm.Ibarrier()
-        deadline = time.monotonic() + FINISH_TIMEOUT_S
-        while not request.Test():
-            if time.monotonic() > deadline:
-                if message and not self.root:
-                    print(f"phi_rnn: error: rank {self.rank} ({self.host}): {message}", file=sys.stderr, flush=True)
-                    # Abort tears the job down at once: give the launcher time to forward the line
-                    time.sleep(ABORT_GRACE_S)
-                self.comm.Abort(status or 1)
-            time.sleep(0.01)
+        if not self._wait_for_all(self.exit_comm, time.monotonic() + FINISH_TIMEOUT_S):
+            if message and not self.root:
+                print(f"phi_rnn: error: rank {self.rank} ({self.host}): {message}", file=sys.stderr, flush=True)
+                # Abort tears the job down at once: give the launcher time to forward the line
+                time.sleep(ABORT_GRACE_S)
+            self.comm.Abort(status or 1)
         return status

@@ -227,7 +227,7 @@ def train(o, given=frozenset(), log=print, corpus=None, world=distributed.Single
         log(f"initializing from {init.path} (model {o.model}, {o.num_layers} x {o.rnn_size})")
 
     corpus_path = os.path.join(o.data_dir, "input.txt")
-    corpus = corpus or data.load_corpus(corpus_path, o.encoding, log)
+    corpus = corpus or world.root_first(lambda: data.load_corpus(corpus_path, o.encoding, log))
     vocab = corpus.vocab
     if resume:
         _check_corpus(resume, corpus, corpus_path)

@@ -210,6 +210,35 @@ def test_a_rank_failing_alone_aborts_the_job_instead_of_hanging(require_mpi):
     assert "phi_rnn: error: rank 1 (" in result.stderr and "): only rank 1 failed" in result.stderr
 
 
+FRESH_CORPUS = """
+import json, sys, time
+from phi_rnn import data, distributed
+world = distributed.connect()
+said = []
+if world.root:
+    time.sleep(1.0)  # a rank that raced would start encoding meanwhile
+corpus = world.root_first(lambda: data.load_corpus(sys.argv[1], log=lambda line, **_: said.append(line)))
+with open(f"{sys.argv[2]}/rank{world.rank}.json", "w") as f:
+    json.dump({"said": said, "sha256": corpus.sha256, "cache": corpus.cache, "ids": corpus.ids[:50].tolist(),
+               "mapped": type(corpus.ids).__name__}, f)
+sys.exit(world.finish(0))
+"""
+
+
+def test_a_new_corpus_is_encoded_by_rank_0_alone_and_mapped_by_the_others(require_mpi, tmp_path):
+    corpus = small_corpus(tmp_path / "data", 20000)
+    time.sleep(data.RACY_NS / 1e9)  # older than that, rank 0 records its stat and rank 1 trusts it
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", FRESH_CORPUS, os.path.join(corpus, "input.txt"),
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first, second = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert any(line.startswith("encoding ") for line in first["said"])
+    assert second["said"] == []  # it found rank 0's finished cache: no encoding, no check
+    assert first["sha256"] == second["sha256"] and first["ids"] == second["ids"]
+    assert first["cache"] == second["cache"] and second["mapped"] == "memmap"
+    assert [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
 # ------------------------------------------------------------------------- training on ranks
 
 # Measured on the development VM (AMD EPYC Zen4, AVX-512, libxsmm backend), 2 ranks x 1 thread
