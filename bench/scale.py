@@ -1,6 +1,8 @@
 """Core-count scaling study: bench/speed.py once per point, each in a fresh process.
 
-A point is (scaling, config, model, strategy, policy, threads). Points are enumerated in a
+A point is (scaling, config, model, strategy, blas, policy, ranks, threads); a point of more
+than one MPI rank runs under `mpiexec -n RANKS` (bench/mpi_speed.py, the [mpi] extra) and
+records the gradient allreduce's share of the iteration. Points are enumerated in a
 fixed order so that `--point K` names the same point in every job of a job array. Each
 finished point is one JSON file under OUT/points/ (written atomically), so an interrupted
 study resumes where it stopped and separate jobs can fill one directory; `--collect OUT`
@@ -10,6 +12,7 @@ extrapolated to many-core counts.
 
     python bench/scale.py                                  # default study (a few minutes on 2 cores)
     python bench/scale.py --threads 1,2,4 --configs char-rnn,3x512 --scaling strong,weak
+    python bench/scale.py --ranks 1,2 --threads 1,2          # ranks x threads: MPI data parallelism
     python bench/scale.py --list                           # the points, with their index
     python bench/scale.py --point 3 --out results/run1     # one point (job array task)
     python bench/scale.py --collect results/run1           # merge, no runs
@@ -52,14 +55,16 @@ def comma_list(choices=None, convert=str):
     return parse
 
 
-def thread_list(text):
-    try:
-        counts = comma_list(convert=int)(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"thread counts must be integers: {text!r}")
-    if min(counts) < 1:
-        raise argparse.ArgumentTypeError("thread counts must be at least 1")
-    return sorted(counts)
+def count_list(what):
+    def parse(text):
+        try:
+            counts = comma_list(convert=int)(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} counts must be integers: {text!r}")
+        if min(counts) < 1:
+            raise argparse.ArgumentTypeError(f"{what} counts must be at least 1")
+        return sorted(counts)
+    return parse
 
 
 def config_list(text):
@@ -76,9 +81,12 @@ def build_parser():
         epilog="Configs: " + ", ".join(f"{k} = {v[0]}x{v[1]} batch {v[2]} seq {v[3]}"
                                        for k, v in PRESETS.items())
                + "; custom LAYERSxSIZE[-bBATCH][-sSEQ].")
-    parser.add_argument("--threads", type=thread_list,
-                        help="thread counts (default: 1, 2, 4, ... up to the physical cores, "
-                             "plus all cores)")
+    parser.add_argument("--threads", type=count_list("thread"),
+                        help="thread counts (per rank; default: 1, 2, 4, ... up to the physical "
+                             "cores, plus all cores)")
+    parser.add_argument("--ranks", type=count_list("rank"), default=[1],
+                        help="MPI ranks per point (default 1: no MPI); more than one runs under "
+                             "mpiexec (the [mpi] extra), each rank with --threads threads")
     parser.add_argument("--configs", type=config_list, default=config_list("char-rnn,2x512"),
                         help="presets or custom configs (default: char-rnn,2x512)")
     parser.add_argument("--models", "--model", type=comma_list(MODELS), default=["lstm"],
@@ -92,7 +100,7 @@ def build_parser():
                         help="float32 GEMM backends to compare, of libxsmm, openblas, mkl (default: "
                              "speed.py's, the fastest here)")
     parser.add_argument("--scaling", type=comma_list(SCALINGS), default=["strong"],
-                        help="strong: fixed batch; weak: batch = config batch x threads")
+                        help="strong: fixed global batch; weak: batch = config batch x ranks x threads")
     parser.add_argument("--vocab", type=int, default=65)
     parser.add_argument("--iters", type=int, help=f"timed iterations (default {DEFAULT_ITERS}, "
                                                   f"--quick {QUICK_ITERS})")
@@ -162,7 +170,7 @@ def main(argv=None):
         return 0
     axes = {"scaling": args.scaling, "config": args.configs, "model": args.models,
             "strategy": args.strategies, "blas": args.blas, "policy": args.policies,
-            "threads": args.threads}
+            "ranks": args.ranks, "threads": args.threads}
     points = enumerate_points(axes, args.vocab)
     if args.count:
         print(len(points))

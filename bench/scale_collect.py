@@ -13,10 +13,10 @@ from scale_report import write_markdown
 from scale_run import json_files, write_atomic, write_json_atomic
 
 CSV_FIELDS = ("index", "key", "status", "scaling", "config", "model", "num_layers", "rnn_size",
-              "batch_size", "seq_length", "vocab", "threads", "strategy", "blas", "policy",
+              "batch_size", "seq_length", "vocab", "ranks", "threads", "cores", "strategy", "blas", "policy",
               "median_ms", "min_ms", "max_ms", "spread_pct", "chars_per_s", "gflop_per_iter",
-              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "model_ms", "model_error", "gemm",
-              "placement", "error")
+              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "model_ms", "model_error",
+              "allreduce_ms", "allreduce_share", "gemm", "placement", "error")
 CURVE_THREADS = sorted({int(round(p)) for p in np.geomspace(1, max(EXTRAPOLATE_TO), 40)})
 
 
@@ -36,6 +36,8 @@ def record_to_row(record):
                                  "seq_length", "vocab", "model", "strategy", "policy",
                                  "threads")}
     row["blas"] = point.get("blas", "")
+    row["ranks"] = point.get("ranks", 1)
+    row["cores"] = row["ranks"] * row["threads"]
     row["key"] = Point(**point).key
     row["batch_size"] = record["batch_size"]
     result = record.get("result")
@@ -51,22 +53,36 @@ def record_to_row(record):
     for field in ("median_ms", "min_ms", "max_ms", "chars_per_s", "gflops", "pct_peak"):
         row[field] = timing.get(field)
     row["spread_pct"] = 100.0 * (timing["max_ms"] - timing["min_ms"]) / timing["median_ms"]
+    mpi = result.get("mpi")  # ranks > 1: the allreduce as rank 0 saw it (bench/mpi_speed.py)
+    row["allreduce_ms"] = mpi["allreduce_ms"] if mpi else None
+    row["allreduce_share"] = mpi["allreduce_share"] if mpi else None
     return row
 
 
+def one_rank(series):
+    """The series with one rank: the baseline of every ranks count."""
+    return tuple(1 if f == "ranks" else v for f, v in zip(SERIES_FIELDS, series))
+
+
 def add_speedups(rows):
-    """Speedup = throughput at p / throughput at 1 thread of the same series (time per
-    character, so strong and weak scaling read alike); efficiency = speedup / p."""
-    baseline = {series_of(r): r for r in rows if r["status"] == "ok" and r["threads"] == 1}
+    """Speedup = throughput on p cores (ranks x threads) / throughput of the 1-rank 1-thread
+    point of the same series (time per character, so strong and weak scaling read alike);
+    efficiency = speedup / p."""
+    baseline = {series_of(r): r for r in rows
+                if r["status"] == "ok" and r["threads"] == 1 and r.get("ranks", 1) == 1}
     for row in rows:
-        base = baseline.get(series_of(row))
+        base = baseline.get(one_rank(series_of(row)))
         if row["status"] != "ok" or base is None:
             row["speedup"] = row["efficiency"] = None
             continue
         ms_per_char = row["median_ms"] / (row["batch_size"] * row["seq_length"])
         base_ms_per_char = base["median_ms"] / (base["batch_size"] * base["seq_length"])
         row["speedup"] = base_ms_per_char / ms_per_char
-        row["efficiency"] = row["speedup"] / row["threads"]
+        row["efficiency"] = row["speedup"] / (row.get("ranks", 1) * row["threads"])
+
+
+NO_MODEL = ("no model: needs profiled 1-thread points (the series' and its shape's batch series)",
+            "no model: it models one process; bench/README.md models the allreduce over nodes")
 
 
 def model_series(rows, region_ms):
@@ -81,9 +97,8 @@ def model_series(rows, region_ms):
         model = models.get(series)
         errors = [abs(r["model_error"]) for r in members if r["model_error"] is not None]
         entry = dict(zip(SERIES_FIELDS, series), modelled=model is not None,
-                     max_error=max(errors) if errors else None, extrapolated=[],
-                     note="" if model else "no model: needs profiled 1-thread points "
-                                          "(the series' and its shape's batch series)")
+                     max_error=max(errors) if errors else None, extrapolated=[])
+        entry["note"] = "" if model else NO_MODEL[entry["ranks"] > 1]
         if model and len(members) > 1:  # a block series (one thread count) is a part, not a curve
             entry["extrapolated"] = extrapolate(series, model, members[0])
             entry["curve"] = [[p, model.time_ms(p)] for p in CURVE_THREADS]

@@ -1,8 +1,8 @@
-"""The scaling study's plots: speedup, efficiency and GFLOP/s against threads."""
+"""The scaling study's plots: speedup, efficiency and GFLOP/s against cores (ranks x threads)."""
 import numpy as np
 
 from scale_model import EXTRAPOLATE_TO
-from scale_points import SERIES_FIELDS, series_of
+from scale_points import SERIES_FIELDS, series_name, series_of
 
 
 def series_labels(series_list):
@@ -10,13 +10,14 @@ def series_labels(series_list):
     (each panel has one); config and strategy when nothing differs."""
     fields = range(1, len(SERIES_FIELDS))
     varying = [i for i in fields if len({s[i] for s in series_list}) > 1] or [1, 3]
-    return {s: " ".join(s[i] for i in varying) for s in series_list}
+    return {s: " ".join(series_name(s)[i] for i in varying) for s in series_list}
 
 
 def write_plots(out, rows, models):
     """speedup.png, efficiency.png, gflops.png: one panel per scaling mode, measured points
-    solid with markers, the model (scale_model.py) dashed out to the extrapolation range.
-    Series measured at one thread count only (the block series) are left out."""
+    solid with markers against cores (ranks x threads; one line per ranks count), the model
+    (scale_model.py) dashed out to the extrapolation range. One-rank series measured at one
+    thread count only (the block series) are left out; a ranks point alone is a marker."""
     import matplotlib  # imported here: --list/--point jobs should not pay for it
 
     matplotlib.use("Agg")
@@ -25,8 +26,8 @@ def write_plots(out, rows, models):
     measured = [r for r in rows if r.get("speedup") is not None]
     counts = {}
     for r in measured:
-        counts.setdefault(series_of(r), set()).add(r["threads"])
-    measured = [r for r in measured if len(counts[series_of(r)]) > 1]
+        counts.setdefault(series_of(r), set()).add(r["cores"])
+    measured = [r for r in measured if len(counts[series_of(r)]) > 1 or r["ranks"] > 1]
     if not measured:
         return []
     curves = {tuple(m[f] for f in SERIES_FIELDS): m for m in models if m.get("curve")}
@@ -44,9 +45,9 @@ def write_plots(out, rows, models):
         for ax, scaling in zip(axes[0], scalings):
             for series in (s for s in series_list if s[0] == scaling):
                 members = sorted((r for r in measured if series_of(r) == series),
-                                 key=lambda r: r["threads"])
-                threads = [r["threads"] for r in members]
-                line, = ax.plot(threads, [r[metric] for r in members], "o-",
+                                 key=lambda r: r["cores"])
+                cores = [r["cores"] for r in members]
+                line, = ax.plot(cores, [r[metric] for r in members], "o-",
                                 label=labels[series])
                 model = curves.get(series)
                 if model:
@@ -66,7 +67,7 @@ def write_plots(out, rows, models):
                 ax.yaxis.set_major_formatter(plain)
             else:
                 ax.set_ylim(0, 1.1)
-            ax.set_xlabel("threads")
+            ax.set_xlabel("cores (ranks x threads)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{scaling} scaling")
             ax.grid(True, which="both", alpha=0.3)

@@ -2,8 +2,12 @@
 
 A point is one combination of the study's dimensions. Points are enumerated in a fixed order,
 the last dimension fastest, so `--point K` names the same point in every job of a job array.
-A new dimension (MPI ranks, say) is a field of Point with a default (old point files keep
-loading), an entry of DIMENSIONS, and a list of values from scale.py's options.
+A new dimension is a field of Point with a default (old point files keep loading, old keys
+stay), an entry of DIMENSIONS, and a list of values from scale.py's options.
+
+MPI ranks: a point of R > 1 ranks runs `mpiexec -n R` with T threads per rank (bench/mpi_speed.py
+--scale-point), the global batch split over the ranks as training splits it; strong scaling
+keeps the global batch, weak scaling gives every rank's every thread the config's batch.
 """
 import itertools
 import os
@@ -27,7 +31,7 @@ POLICIES = ("compact", "scatter", "balanced", "none")
 BLAS = ("libxsmm", "openblas", "mkl")  # "" (the default): what speed.py picks, the fastest here
 SCALINGS = ("strong", "weak")
 # slowest first; a point's key lists them in this order
-DIMENSIONS = ("scaling", "config", "model", "strategy", "blas", "policy", "threads")
+DIMENSIONS = ("scaling", "config", "model", "strategy", "blas", "policy", "ranks", "threads")
 # a series: the points that differ only in their thread count
 SERIES_FIELDS = DIMENSIONS[:-1]
 
@@ -56,17 +60,34 @@ class Point:
     policy: str
     threads: int
     blas: str = ""
+    ranks: int = 1
+
+    @property
+    def cores(self):
+        return self.ranks * self.threads
 
     @property
     def batch_size(self):
-        # weak scaling keeps the work per thread fixed
-        return self.base_batch * self.threads if self.scaling == "weak" else self.base_batch
+        # weak scaling keeps the work per thread (of every rank) fixed
+        return self.base_batch * self.cores if self.scaling == "weak" else self.base_batch
 
     @property
     def key(self):
         blas = f"-{self.blas}" if self.blas else ""
+        ranks = f"-r{self.ranks:03d}" if self.ranks > 1 else ""
         return (f"{self.scaling}-{self.config}-{self.model}-{self.strategy}{blas}-{self.policy}"
-                f"-t{self.threads:03d}")
+                f"{ranks}-t{self.threads:03d}")
+
+    def command(self, iters, warmup):
+        """(script in bench/, its arguments) that measure this point and print speed.py's JSON."""
+        if self.ranks == 1:
+            return "speed.py", self.speed_args(iters, warmup)
+        return "mpi_speed.py", [
+            "--scale-point", "--ranks", str(self.ranks), "--threads", str(self.threads),
+            "--model", self.model, "--rnn_size", str(self.rnn_size), "--num_layers", str(self.num_layers),
+            "--batch_size", str(self.batch_size), "--seq_length", str(self.seq_length),
+            "--vocab", str(self.vocab), "--policy", self.policy, "--strategy", self.strategy,
+            "--iters", str(iters), "--warmup", str(warmup)] + (["--blas", self.blas] if self.blas else [])
 
     def speed_args(self, iters, warmup):
         return ["--model", self.model, "--rnn_size", str(self.rnn_size),
@@ -78,7 +99,12 @@ class Point:
 
 
 def series_of(row):
-    return tuple(row[f] for f in SERIES_FIELDS)
+    return tuple(row.get(f, 1) if f == "ranks" else row[f] for f in SERIES_FIELDS)
+
+
+def series_name(series):
+    """A series' fields as words: '2 ranks' for the ranks, the others as they are."""
+    return [f"{v} rank{'s' * (v != 1)}" if f == "ranks" else str(v) for f, v in zip(SERIES_FIELDS, series)]
 
 
 def parse_config(token):

@@ -1,7 +1,7 @@
 """The scaling study's Markdown report: the machine, the measured points with the model's
 time and error for each, the model's extrapolation apart, the failed points."""
 from scale_model import VALIDATION_BAR
-from scale_points import SERIES_FIELDS, series_of
+from scale_points import SERIES_FIELDS, series_name, series_of
 from scale_run import write_atomic
 
 
@@ -18,23 +18,25 @@ def write_markdown(path, rows, models, machine):
     series_cols = " | ".join(SERIES_FIELDS)
     lines = ["# Scaling study", ""] + machine_markdown(machine)
     lines += ["## Measured", "",
-              "Speedup is throughput (chars/s) over the 1-thread point of the same series; "
-              "efficiency = speedup / threads. *model ms* is scale_model.py's time for the "
-              "point, built from measured parts, and *error* its difference from the "
-              "measured median.", "",
+              "Speedup is throughput (chars/s) over the 1-rank 1-thread point of the same "
+              "series; efficiency = speedup / (ranks x threads). *model ms* is scale_model.py's "
+              "time for the point, built from measured parts, and *error* its difference from "
+              "the measured median. *allreduce* is the gradient's allreduce as rank 0 saw it "
+              "(including any wait for a slower rank), as a share of the iteration.", "",
               f"| {series_cols} | threads | batch | median ms | min-max ms | chars/s | GFLOP/s "
-              "| % peak | speedup | efficiency | model ms | error |",
+              "| % peak | speedup | efficiency | model ms | error | allreduce |",
               "|" + "---|" * (len(SERIES_FIELDS) + 12)]
     ok_rows = [r for r in rows if r["status"] == "ok"]
     for row in ok_rows:
-        error = row.get("model_error")
+        error, share = row.get("model_error"), row.get("allreduce_share")
         lines.append(
-            f"| {' | '.join(series_of(row))} | {row['threads']} | {row['batch_size']} "
+            f"| {' | '.join(map(str, series_of(row)))} | {row['threads']} | {row['batch_size']} "
             f"| {fmt_ms(row['median_ms'])} | {fmt_ms(row['min_ms'])}-{fmt_ms(row['max_ms'])} "
             f"| {row['chars_per_s']:.0f} | {fmt(row['gflops'], '.1f')} "
             f"| {fmt(row['pct_peak'], '.1f')} | {fmt(row['speedup'], '.2f')} "
             f"| {fmt(row['efficiency'], '.2f')} | {fmt_ms(row['model_ms']) if row.get('model_ms') else ''} "
-            f"| {'' if error is None else f'{100 * error:+.1f}%'} |")
+            f"| {'' if error is None else f'{100 * error:+.1f}%'} "
+            f"| {'' if share is None else f'{100 * share:.1f}%'} |")
     errors = [abs(r["model_error"]) for r in ok_rows if r.get("model_error") is not None]
     lines += ["", "## Model", ""]
     if errors:
@@ -55,7 +57,7 @@ def write_markdown(path, rows, models, machine):
         for x in m["extrapolated"]:
             other = x.get("by_strategy", {})
             lines.append(
-                f"| {' | '.join(m[f] for f in SERIES_FIELDS)} | {x['threads']} "
+                f"| {' | '.join(str(m[f]) for f in SERIES_FIELDS)} | {x['threads']} "
                 f"| {x['batch_size']} | {fmt_ms(x['median_ms'])} | {x['speedup']:.2f} "
                 f"| {x['efficiency']:.2f} | {x['idle_threads']} | "
                 + " | ".join(fmt_ms(other[s]) if s in other else "" for s in ("batch", "gemm", "hybrid"))
@@ -63,7 +65,8 @@ def write_markdown(path, rows, models, machine):
     unmodelled = [m for m in models if not m["modelled"]]
     if unmodelled:
         lines += ["", "Series without a model: " + "; ".join(
-            f"{' '.join(m[f] for f in SERIES_FIELDS)} ({m['note']})" for m in unmodelled)]
+            f"{' '.join(series_name(tuple(m[f] for f in SERIES_FIELDS)))} ({m['note']})"
+            for m in unmodelled)]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed points", ""]

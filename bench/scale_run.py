@@ -1,5 +1,6 @@
-"""Running the scaling study's points: each one bench/speed.py in a fresh process group,
-its result one JSON file under OUT/points/ (OUT/failed/ when it fails)."""
+"""Running the scaling study's points: each one bench/speed.py (bench/mpi_speed.py under
+mpiexec for more than one rank) in a fresh process group, its result one JSON file under
+OUT/points/ (OUT/failed/ when it fails)."""
 import json
 import os
 import signal
@@ -13,7 +14,6 @@ from tqdm import tqdm
 
 from phi_rnn.files import atomic_write
 
-SPEED_SCRIPT = Path(__file__).parent / "speed.py"
 BARRIER_SCRIPT = Path(__file__).parent / "scale_barrier.py"
 ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "NUMBA_")
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
@@ -42,16 +42,17 @@ def last_line(text):
 def run_point(point, out, iters, warmup, timeout=None):
     """Run one point in a fresh process; write points/<key>.json and return None, or write
     failed/<key>.json and return the one-line reason."""
-    command = [sys.executable, str(SPEED_SCRIPT)] + point.speed_args(iters, warmup)
+    script, arguments = point.command(iters, warmup)
+    command = [sys.executable, str(Path(__file__).parent / script)] + arguments
     # recorded as it would be typed in the project directory: results carry no local paths
-    typed = ["python", "bench/speed.py"] + command[2:]
+    typed = ["python", f"bench/{script}"] + arguments
     record = {"point": asdict(point), "batch_size": point.batch_size, "command": typed,
               "env": relevant_env(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     start = time.perf_counter()
     returncode, stdout, stderr = run_process_group(command, timeout)
     record["wall_s"] = round(time.perf_counter() - start, 3)
     record["stderr_tail"] = stderr[-2000:]
-    result, error = parse_speed_output(returncode, stdout, stderr)
+    result, error = parse_speed_output(returncode, stdout, stderr, script)
     failed_path = out / "failed" / f"{point.key}.json"
     if error:
         record.update(returncode=returncode, error=error)
@@ -93,15 +94,15 @@ def run_process_group(command, timeout):
         raise
 
 
-def parse_speed_output(returncode, stdout, stderr):
-    """(result, None) for a usable speed.py run, else (None, one-line reason)."""
+def parse_speed_output(returncode, stdout, stderr, script="speed.py"):
+    """(result, None) for a usable run of speed.py (or mpi_speed.py), else (None, one-line reason)."""
     if returncode != 0:
-        return None, last_line(stderr) or f"speed.py exited with status {returncode}"
+        return None, last_line(stderr) or f"{script} exited with status {returncode}"
     try:
         result = json.loads(stdout)
         float(result["phi_rnn"]["median_ms"])
     except (ValueError, KeyError, TypeError) as exc:
-        return None, f"speed.py printed no usable JSON ({type(exc).__name__}: {exc})"
+        return None, f"{script} printed no usable JSON ({type(exc).__name__}: {exc})"
     return result, None
 
 

@@ -378,3 +378,65 @@ def test_blas_is_a_dimension_of_its_own():
     point = scale_points.Point(0, "strong", "tiny", 1, 16, 4, 8, 65, "lstm", "batch", "compact", 1,
                                blas="mkl")
     assert point.speed_args(3, 1)[-2:] == ["--blas", "mkl"]
+
+
+# ---------------------------------------------------------------- MPI ranks
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def test_ranks_are_a_dimension_and_one_rank_keeps_the_old_keys():
+    args = ["--threads", "1,2", "--configs", "tiny", "--strategies", "batch", "--scaling", "weak"]
+    plain = run_scale(*args, "--list").stdout
+    assert run_scale(*args, "--ranks", "1", "--list").stdout == plain  # old studies resume as they were
+    lines = run_scale(*args, "--ranks", "2,1", "--list").stdout.splitlines()
+    assert [line.split("\t")[1:] for line in lines] == [
+        ["weak-tiny-lstm-batch-compact-t001", "batch 4"], ["weak-tiny-lstm-batch-compact-t002", "batch 8"],
+        ["weak-tiny-lstm-batch-compact-r002-t001", "batch 8"],
+        ["weak-tiny-lstm-batch-compact-r002-t002", "batch 16"]]  # every thread of every rank: 4 rows
+    old = json.loads(json.dumps({"index": 0, "scaling": "strong", "config": "tiny", "num_layers": 1,
+                                 "rnn_size": 16, "base_batch": 4, "seq_length": 8, "vocab": 65,
+                                 "model": "lstm", "strategy": "batch", "policy": "compact",
+                                 "threads": 2}))  # a point file written before ranks existed
+    assert scale_points.Point(**old).key == "strong-tiny-lstm-batch-compact-t002"
+    assert scale_points.Point(**old).command(3, 1)[0] == "speed.py"
+
+
+def test_a_two_rank_point_runs_under_mpiexec_and_records_the_allreduce(tmp_path):
+    if not MPIEXEC.exists():
+        message = f"no mpiexec next to {sys.executable} (the [mpi] extra)"
+        if os.environ.get("PHI_RNN_REQUIRE_MPI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    args = ["--threads", "1", "--ranks", "1,2", "--strategies", "batch", "--scaling", "strong,weak", *TINY]
+    proc = run_scale(*args, "--out", tmp_path)
+    assert "4 points: 4 run, 0 already done, 0 failed" in proc.stdout
+    records = {p.stem: json.loads(p.read_text()) for p in point_files(tmp_path)}
+    two = records["strong-tiny-lstm-batch-compact-r002-t001"]
+    assert two["point"]["ranks"] == 2 and two["batch_size"] == 4
+    assert two["command"][:2] == ["python", "bench/mpi_speed.py"]
+    assert two["command"][two["command"].index("--ranks") + 1] == "2"
+    mpi = two["result"]["mpi"]
+    assert mpi["library"].startswith("MPICH") and 0 < mpi["allreduce_share"] < 1
+    assert mpi["allreduce_ms"] == pytest.approx(mpi["allreduce_share"] * two["result"]["phi_rnn"]["median_ms"])
+    assert records["weak-tiny-lstm-batch-compact-r002-t001"]["batch_size"] == 8  # 4 per rank
+    assert "mpi" not in records["strong-tiny-lstm-batch-compact-t001"]["result"]
+    with open(tmp_path / "results.csv") as handle:
+        rows = {r["key"]: r for r in csv.DictReader(handle)}
+
+    def ms_per_char(record):
+        return record["result"]["phi_rnn"]["median_ms"] / (record["batch_size"] * record["point"]["seq_length"])
+
+    for scaling in ("strong", "weak"):
+        base, ranks = (records[f"{scaling}-tiny-lstm-batch-compact-{t}"] for t in ("t001", "r002-t001"))
+        row = rows[f"{scaling}-tiny-lstm-batch-compact-r002-t001"]
+        assert (row["ranks"], row["threads"], row["cores"]) == ("2", "1", "2")
+        speedup = ms_per_char(base) / ms_per_char(ranks)  # over the 1-rank 1-thread point
+        assert float(row["speedup"]) == pytest.approx(speedup, rel=1e-9)
+        assert float(row["efficiency"]) == pytest.approx(speedup / 2, rel=1e-9)
+        assert float(row["allreduce_share"]) == pytest.approx(ranks["result"]["mpi"]["allreduce_share"])
+        assert rows[f"{scaling}-tiny-lstm-batch-compact-t001"]["allreduce_share"] == ""
+    md = (tmp_path / "results.md").read_text()
+    share = 100 * float(rows["strong-tiny-lstm-batch-compact-r002-t001"]["allreduce_share"])
+    assert "| strong | tiny | lstm | batch |  | compact | 2 | 1 | 4 |" in md and f"| {share:.1f}% |" in md
+    assert (tmp_path / "speedup.png").read_bytes().startswith(PNG_SIGNATURE)
