@@ -395,3 +395,35 @@ def test_ranks_without_mpi4py_one_line(tmp_path, rank, output):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == output and all("mpi4py" in line for line in lines), result.stderr
+
+
+# ------------------------------------------------------------------------- bench/mpi_speed.py
+
+MPI_SPEED = os.path.join(ROOT, "bench", "mpi_speed.py")
+TINY_BENCH = ("--rnn_size", "16", "--num_layers", "3", "--batch_size", "4", "--seq_length", "8", "--iters", "2",
+              "--warmup", "1", "--rounds", "1")
+
+
+@needs_mpi
+def test_the_overlap_arm_sums_what_the_one_allreduce_sums():
+    """bench/mpi_speed.py --overlap: per-layer nonblocking allreduces give the same sums to the bit (checked
+    inside every run, reported), and each arm's figures are there."""
+    result = subprocess.run([sys.executable, MPI_SPEED, *TINY_BENCH, "--overlap", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["overlap"]["identical_sums"] is True
+    assert len(report["overlap_over_ranks_by_round"]) == 1
+    for arm in ("ranks", "overlap"):
+        assert 0 < report[arm]["allreduce_share"] < 1 and report[arm]["median_ms"] > 0
+
+
+@needs_mpi
+def test_mpi_speed_bad_input_is_one_line_and_status_2():
+    cores = len(os.sched_getaffinity(0))
+    for bad in (("--ranks", "0"), ("--ranks", "2", "--threads", str(cores))):  # the second: more than a rank's cores
+        result = subprocess.run([sys.executable, MPI_SPEED, *TINY_BENCH, *bad], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("mpi_speed.py: error: "), \
+            result.stderr
