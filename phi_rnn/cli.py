@@ -155,8 +155,8 @@ def _train(args, given):
         config.validate_train(args)
         early = {}
         # rank 0 encodes a new corpus into its token cache alone; the other ranks then map it
-        _start_runtimes(args, log, before=lambda: early.update(corpus=world.root_first(lambda: _encode_corpus(args, log))),
-                        world=world)
+        encode = lambda: early.update(corpus=world.root_first(lambda: _encode_corpus(args, log)))  # noqa: E731
+        _start_runtimes(args, log, before=encode, world=world)
         from phi_rnn.train import train
         status = train(args, given, log=log, corpus=early.get("corpus"), world=world)
     except UsageError as e:

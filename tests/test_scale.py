@@ -394,10 +394,9 @@ def test_ranks_are_a_dimension_and_one_rank_keeps_the_old_keys():
         ["weak-tiny-lstm-batch-compact-t001", "batch 4"], ["weak-tiny-lstm-batch-compact-t002", "batch 8"],
         ["weak-tiny-lstm-batch-compact-r002-t001", "batch 8"],
         ["weak-tiny-lstm-batch-compact-r002-t002", "batch 16"]]  # every thread of every rank: 4 rows
-    old = json.loads(json.dumps({"index": 0, "scaling": "strong", "config": "tiny", "num_layers": 1,
-                                 "rnn_size": 16, "base_batch": 4, "seq_length": 8, "vocab": 65,
-                                 "model": "lstm", "strategy": "batch", "policy": "compact",
-                                 "threads": 2}))  # a point file written before ranks existed
+    old = {"index": 0, "scaling": "strong", "config": "tiny", "num_layers": 1, "rnn_size": 16,
+           "base_batch": 4, "seq_length": 8, "vocab": 65, "model": "lstm", "strategy": "batch",
+           "policy": "compact", "threads": 2}  # the point of a file written before ranks existed
     assert scale_points.Point(**old).key == "strong-tiny-lstm-batch-compact-t002"
     assert scale_points.Point(**old).command(3, 1)[0] == "speed.py"
 
