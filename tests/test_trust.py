@@ -7,6 +7,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -153,6 +154,10 @@ def test_one_run_per_checkpoint_directory_and_the_lock_dies_with_its_holder(tmp_
     assert f"is in use by another training run (pid {first.pid} on " in lines[0]
     assert "give another --checkpoint_dir" in lines[0]
 
+    deadline = time.monotonic() + 120  # a loaded machine may reach the first checkpoint (iteration 5) late
+    while not (cv / "latest").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run wrote no checkpoint"
+        time.sleep(0.1)
     first.kill()  # SIGKILL: no handler runs; the kernel drops the lock with the process
     first.wait(timeout=60)
     first.stdout.close()
