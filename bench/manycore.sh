@@ -12,7 +12,9 @@
 # after the start), so a slow machine still leaves a collected, smaller study.
 #
 # Environment: PYTHON (default python3), THREADS (default 1,2,4,8,12,16, capped at the cores
-# this process may use), MANYCORE_BUDGET_S, MANYCORE_QUICK=1 (a few iterations: the proof run).
+# this process may use), MANYCORE_BUDGET_S, MANYCORE_QUICK=1 (a few iterations: the proof run),
+# MANYCORE_PARTS=N (the first N parts only; 3: what the model needs), ROUNDS=N (every part N
+# times, merged point by point by bench/scale_rounds.py: on a shared machine whose speed drifts).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -173,21 +175,28 @@ run_study() {
         "weak scaling, batch 8 per thread|--configs 2x128-b8 --scaling weak --strategies batch,gemm --threads $threads --iters 20 --warmup 3"
         "compact vs scatter at $top threads|--configs char-rnn --strategies batch --policies scatter --threads $top --iters 20 --warmup 3"
         "MKL vs libxsmm at 1 and $top threads|--configs char-rnn --strategies batch --blas mkl --threads 1,$top --iters 20 --warmup 3"
+        "MKL's block at $top threads on one core (the model's R(b) for MKL)|--configs 2x128-b$(((50 + top - 1) / top)) --strategies batch --blas mkl --threads 1 --iters 20 --warmup 3"
         "3x512 batch 128 strong scaling, batch and gemm|--configs 3x512-b128 --strategies batch,gemm --threads $threads --iters 3 --warmup 1"
         "3x512 block series, b = ceil(128 / threads)|--configs 3x512-b1-s100,3x512-b2-s100,3x512-b8-s100,3x512-b11-s100,3x512-b16-s100,3x512-b32-s100,3x512-b64-s100 --strategies batch --threads 1 --iters 2 --warmup 1"
     )
-    local part label args left
-    for part in "${parts[@]}"; do
-        label=${part%%|*}
-        read -ra args <<< "${part#*|}"
-        [ "$LIBXSMM" = 1 ] || [[ "$label" != MKL* ]] || { say "skipped (no libxsmm): $label"; continue; }
-        left=$((budget - (SECONDS - start)))
-        if [ "$left" -lt 10 ]; then say "budget spent, skipped: $label"; continue; fi
-        say "$label ($left s left)"
-        # scale.py stops cleanly on SIGTERM: the running point leaves no file, the rest stay
-        timeout -s TERM "$left" "${scale[@]}" "${args[@]}" "${quick[@]}" --timeout "$left" --no-report \
-            || say "part ended with status $?: $label"
+    local rounds=${ROUNDS:-1} round part label args left dest
+    parts=("${parts[@]:0:${MANYCORE_PARTS:-${#parts[@]}}}")
+    for ((round = 1; round <= rounds; round++)); do
+        dest=$out
+        [ "$rounds" = 1 ] || dest=$out/rounds/r$round
+        for part in "${parts[@]}"; do
+            label=${part%%|*}
+            read -ra args <<< "${part#*|}"
+            [ "$LIBXSMM" = 1 ] || [[ "$label" != MKL* ]] || { say "skipped (no libxsmm): $label"; continue; }
+            left=$((budget - (SECONDS - start)))
+            if [ "$left" -lt 10 ]; then say "budget spent, skipped: $label"; continue; fi
+            say "round $round/$rounds: $label ($left s left; load $(cut -d' ' -f1-3 /proc/loadavg))"
+            # scale.py stops cleanly on SIGTERM: the running point leaves no file, the rest stay
+            timeout -s TERM "$left" "${scale[@]}" "${args[@]}" "${quick[@]}" --timeout "$left" --no-report --out "$dest" \
+                || say "part ended with status $?: $label"
+        done
     done
+    [ "$rounds" = 1 ] || "$PYTHON" "$ROOT/bench/scale_rounds.py" "$out"
     "${scale[@]}" --collect "$out"
     say "done in $((SECONDS - start)) s: ${out#"$ROOT"/}"
 }

@@ -21,9 +21,10 @@ thread (the iteration's GFLOP at the per-thread rate of per-step products, measu
 speed.py), N_gemm GEMM calls per iteration and w = B(p) / B(1) the work (1 for strong
 scaling): t(p) = w (t(1) - W + W / p) + N_gemm c(p).
 
-Hybrid (not implemented, model only): n blocks with teams of q threads (n q <= p) that split
-each per-step product of a block by columns: R(ceil(B/n)) / q plus a team barrier per step and
-layer, forward and twice backward (3 T L c(q)); the best n and q are taken (q = 1: batch).
+Hybrid (costed so as to decide on it; phi_rnn does not implement it, bench/README.md says
+why): n blocks with teams of q threads (n q <= p) that split each per-step product of a block
+by columns: R(ceil(B/n)) / q plus a team barrier per step and layer, forward and twice
+backward (3 T L c(q)); the best n and q are taken (q = 1: batch).
 
 The parts come from speed.py's profile (mean ms per kernel, scaled to the median) and
 scale_barrier.py's region cost; points without them (older studies) get no model.

@@ -410,6 +410,7 @@ def test_idle_threads_are_named_on_a_xeon_phi(phi):
     assert plan.cpus[50:] == list(range(50, 64))  # one thread per core, compact
     assert "threads 50-63 (CPUs 50-63) get no rows" in note and "14 of 64 idle" in note
     assert "--batch_size 64" in note and "--threads 50" in note and "\n" not in note
+    assert "the batch strategy runs" in note and "--strategy gemm is slower" in note  # the decision
     assert idle_threads_note(plan.threads, 64, "batch", plan.cpus) is None
     assert idle_threads_note(plan.threads, 50, "gemm", plan.cpus) is None  # gemm uses them all
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(BENCH))
 import scale_model  # noqa: E402
 import scale_machine  # noqa: E402
 import scale_points  # noqa: E402
+import scale_rounds  # noqa: E402
 import scale_run  # noqa: E402
 
 
@@ -340,9 +341,9 @@ def test_default_output_is_this_machines_and_machine_json_describes_it(study):
 
 
 def test_committed_study_is_not_resumed_on_another_machine(tmp_path):
-    """results/scale-vm was measured on the 2-core AVX-512 VM; a 2-core AVX2 VM with the same
+    """results/scale-amd-epyc-2c-avx512 was measured on the 2-core AVX-512 VM; a 2-core AVX2 VM with the same
     CPU name is another machine."""
-    recorded = json.loads((BENCH.parent / "results" / "scale-vm" / "machine.json").read_text())
+    recorded = json.loads((BENCH.parent / "results" / "scale-amd-epyc-2c-avx512" / "machine.json").read_text())
     avx2_vm = {**recorded["machine"], "isa": "avx2"}
     assert scale_machine.identity(avx2_vm) != scale_machine.identity(recorded["machine"])
     assert scale_machine.slug(avx2_vm) != scale_machine.slug(recorded["machine"])
@@ -368,6 +369,39 @@ def test_resume_refuses_or_sets_aside_another_machines_points(study, tmp_path):
 
 def study_cores(study):
     return json.loads((study[0] / "machine.json").read_text())["machine"]["cores"]
+
+
+def test_rounds_merge_to_the_median_rounds_real_point(study, tmp_path):
+    """Three rounds of one study: every merged point is the file of the round whose median is
+    the median (not an average), with all rounds' medians; each round validated on its own."""
+    out = tmp_path / "rounded"
+    scale = {"r1": 1.0, "r2": 3.0, "r3": 2.0}
+    for name, factor in scale.items():
+        round_dir = out / "rounds" / name
+        shutil.copytree(study[0], round_dir)
+        for path in point_files(round_dir):
+            record = json.loads(path.read_text())
+            record["result"]["phi_rnn"]["median_ms"] *= factor
+            record["result"]["phi_rnn"]["ms"] = [t * factor for t in record["result"]["phi_rnn"]["ms"]]
+            path.write_text(json.dumps(record))
+    merged, rounds = scale_rounds.merge(out)
+    assert (merged, rounds) == (len(STUDY_KEYS), 3)
+    for key in STUDY_KEYS:
+        chosen = json.loads((out / "points" / f"{key}.json").read_text())
+        r2 = json.loads((out / "rounds" / "r2" / "points" / f"{key}.json").read_text())
+        r3 = json.loads((out / "rounds" / "r3" / "points" / f"{key}.json").read_text())
+        assert chosen["result"] == r3["result"]  # factor 2: the middle of 1, 2, 3
+        assert chosen["round_medians_ms"] == [r["result"]["phi_rnn"]["median_ms"] for r in
+                                              (json.loads((out / "rounds" / n / "points" / f"{key}.json").read_text())
+                                               for n in ("r1", "r2", "r3"))]
+        assert r2["result"]["phi_rnn"]["median_ms"] > chosen["result"]["phi_rnn"]["median_ms"]
+    errors = scale_rounds.validate_rounds(out)
+    assert set(errors) == {k for k in STUDY_KEYS}  # tiny's profiled points all get a model
+    assert all(len(e) == 3 for e in errors.values())
+    assert "median" in (out / "rounds" / "validation.md").read_text()
+    assert not list((out / "rounds" / "r1").glob("results.*"))  # one set of reports: OUT's
+    run_scale("--collect", out)
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == len(STUDY_KEYS)
 
 
 def test_blas_is_a_dimension_of_its_own():
