@@ -15,13 +15,15 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import speed  # noqa: E402
 from speed import run_torch_reference, run_worker  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn.errors import UsageError  # noqa: E402
 from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 
-BACKENDS = ("libxsmm", "libxsmm+openblas", "openblas", "mkl")
+BACKENDS = ("libxsmm", "libxsmm+onednn", "onednn", "openblas", "mkl")
+LIBRARIES = {"libxsmm", "onednn", "openblas", "mkl"}
 
 
 def parse_args(argv):
@@ -29,8 +31,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma-separated, of libxsmm, openblas, mkl, or STEP+SEQUENCE pairs such as "
-                        "libxsmm+openblas (those not present here are left out)")
+                   help="comma-separated, of libxsmm, onednn, openblas, mkl, or STEP+SEQUENCE pairs such as "
+                        "libxsmm+onednn (those not present here are left out)")
     p.add_argument("--no-torch", dest="torch", action="store_false")
     p.add_argument("--cpu-time", action="store_true",
                    help="instead: one process, one thread, the backends' iterations interleaved and timed in "
@@ -40,8 +42,9 @@ def parse_args(argv):
                    help="instead: 1-thread GFLOP/s (CPU time) of each library on each GEMM shape of the "
                         "iteration with --threads threads' blocks")
     args, speed_argv = p.parse_known_args(argv)
+    speed.parse_args(speed_argv)  # the rest are speed.py's: a flag it does not know is one line, exit 2
     args.backends = args.backends.split(",")
-    unknown = [b for b in args.backends if not set(b.split("+")) <= {"libxsmm", "openblas", "mkl"}]
+    unknown = [b for b in args.backends if not set(b.split("+")) <= LIBRARIES]
     if unknown or args.rounds < 1 or args.threads < 1:
         raise UsageError(f"--backends {','.join(unknown)} unknown" if unknown else "--rounds and --threads must be positive")
     return args, speed_argv

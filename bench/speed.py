@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--seq_length", "--seq-length", type=int, default=50)
     p.add_argument("--vocab", type=int, default=65, help="vocabulary size (tiny-shakespeare: 65)")
     p.add_argument("--strategy", default="batch", choices=("batch", "gemm"))
-    p.add_argument("--blas", metavar="libxsmm|openblas|mkl", default=None,
+    p.add_argument("--blas", metavar="libxsmm|onednn|openblas|mkl", default=None,
                    help="float32 GEMM backend for the one-thread products, or STEP+SEQUENCE libraries "
                         "(default: the fastest here)")
     p.add_argument("--iters", type=int, default=30, help="timed iterations")

@@ -1,5 +1,5 @@
-"""The GEMMs of the compiled kernels: float32 through MKL, OpenBLAS or libxsmm, float64
-through MKL.
+"""The GEMMs of the compiled kernels: float32 through MKL, oneDNN, OpenBLAS or libxsmm,
+float64 through MKL.
 
 MKL (libmkl_rt from the `mkl` wheel or a conda env) is loaded into the process with llvmlite
 so that compiled kernels resolve its functions by symbol name: a call costs ~0.05 us from
@@ -12,12 +12,17 @@ bound to a compiled dispatcher (`_dispatch_sgemm`). Products MKL
 would run on one thread (inside phi_rnn's per-thread blocks, or every product when phi_rnn
 runs on one thread) go to the chosen small-GEMM library; the ones MKL threads stay on MKL:
 
+- "onednn": oneDNN's dnnl_sgemm from the `onednn-cpu-gomp` wheel (a dependency): JIT
+  kernels chosen by the CPU's instruction sets, not its vendor, so fast on AMD CPUs too. It
+  is the build on GNU OpenMP, the runtime numba's workers and MKL already share: called
+  inside a parallel region it runs on its caller's thread and starts none (the dispatcher
+  sends it only such products, or those of a one-thread process).
 - "openblas": OpenBLAS from the `scipy-openblas32` wheel (a dependency, so every install
   has it), set to one thread: it only ever runs products that must stay on their thread.
 - "libxsmm": libxsmm's JIT kernels through native/small_gemm.c, where `make native` built
   it (libxsmm installed); libxsmm declines some products (small_gemm.c), MKL runs those.
 - "mkl": MKL for all.
-- "libxsmm+openblas" (any two): the first for the per-step products, the second for the
+- "libxsmm+onednn" (any two): the first for the per-step products, the second for the
   whole-sequence ones (STEP_ROWS below).
 
 The choice lives in a word of memory the compiled code reads on every call (set_backend
@@ -67,11 +72,19 @@ dgemm = types.ExternalFunction(
     types.void(_i32, _i32, _i32, _i32, _i32, _i32, _f64, _ptr, _i32, _ptr, _i32, _f64, _ptr, _i32),
 )
 _SGEMM_ARGS = (_i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr, _i32, _ptr, _i32, _f32, _ptr, _i32)
-# The three float32 GEMMs, each bound to an address below (symbol names of phi_rnn's own,
+# The four float32 GEMMs, each bound to an address below (symbol names of phi_rnn's own,
 # so that no other library's cblas_sgemm in the process can stand in for them).
 _mkl_sgemm = types.ExternalFunction("phi_rnn_mkl_sgemm", types.void(*_SGEMM_ARGS))
 _openblas_sgemm = types.ExternalFunction("phi_rnn_openblas_sgemm", types.void(*_SGEMM_ARGS))
 _xsmm_sgemm = types.ExternalFunction("phi_rnn_xsmm_sgemm", types.int32(*_SGEMM_ARGS))
+# dnnl_status_t dnnl_sgemm(char transa, char transb, dim_t m, n, k, float alpha, const float *a,
+# dim_t lda, const float *b, dim_t ldb, float beta, float *c, dim_t ldc): row-major, 0 = done.
+_i64 = types.int64
+_onednn_sgemm = types.ExternalFunction("phi_rnn_onednn_sgemm", types.int32(
+    types.int8, types.int8, _i64, _i64, _i64, _f32, _ptr, _i64, _ptr, _i64, _f32, _ptr, _i64))
+# GNU OpenMP's view of the calling thread: oneDNN starts threads unless one of these holds.
+_omp_in_parallel = types.ExternalFunction("phi_rnn_omp_in_parallel", types.int32())
+_omp_max_threads = types.ExternalFunction("phi_rnn_omp_get_max_threads", types.int32())
 _mkl_max_threads = types.ExternalFunction("MKL_Get_Max_Threads", types.int32())
 
 # int mkl_set_num_threads_local(int n): this thread's MKL thread count; 0 = back to global.
@@ -79,8 +92,8 @@ _mkl_max_threads = types.ExternalFunction("MKL_Get_Max_Threads", types.int32())
 # nested regions that cost ~3x on a 2-core machine (measured).
 set_num_threads_local = types.ExternalFunction("MKL_Set_Num_Threads_Local", types.int32(types.int32))
 
-BACKENDS = ("libxsmm", "openblas", "mkl")
-_CODES = {"mkl": 0, "libxsmm": 1, "openblas": 2}
+BACKENDS = ("libxsmm", "onednn", "openblas", "mkl")
+_CODES = {"mkl": 0, "libxsmm": 1, "openblas": 2, "onednn": 3}
 # A product with fewer rows than this and A not transposed is a per-step one (a recurrence's
 # batch rows times a weight matrix, 50 times an iteration); the rest run over all steps at
 # once (input projections and gradients, weight gradients x^T dG, the decoder). Libraries
@@ -100,6 +113,9 @@ SMALL_GEMM_PATH = native.small_gemm_path()
 SMALL_GEMM_MISSING = "libxsmm backend not built: apt install libxsmm-dev (or conda install libxsmm), then `make native`"
 _OPENBLAS_ENV = "PHI_RNN_OPENBLAS"  # a libscipy_openblas.so elsewhere, or a path naming no file: none
 OPENBLAS_MISSING = "openblas backend not installed: pip install scipy-openblas32"
+_ONEDNN_ENV = "PHI_RNN_ONEDNN"  # a libdnnl.so.3 elsewhere, or a path naming no file: none
+ONEDNN_MISSING = "onednn backend not installed: pip install onednn-cpu-gomp"
+MISSING = {"libxsmm": SMALL_GEMM_MISSING, "openblas": OPENBLAS_MISSING, "onednn": ONEDNN_MISSING}
 
 
 def _load_small_gemm():
@@ -140,8 +156,45 @@ def _load_openblas():
     return lib
 
 
+class _DnnlVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int),
+                ("hash", ctypes.c_char_p), ("cpu_runtime", ctypes.c_uint), ("gpu_runtime", ctypes.c_uint)]
+
+
+_DNNL_RUNTIME_OMP = 2
+
+
+def _onednn_path():
+    if os.environ.get(_ONEDNN_ENV):
+        return Path(os.environ[_ONEDNN_ENV])
+    from importlib import metadata
+    try:
+        files = metadata.distribution("onednn-cpu-gomp").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    found = [f for f in files if f.name == "libdnnl.so.3"]  # the wheel's data: <prefix>/lib
+    return Path(found[0].locate()) if found else None
+
+
+def _load_onednn():
+    path = _onednn_path()
+    if path is None or not path.exists():
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.dnnl_version.restype = ctypes.POINTER(_DnnlVersion)
+    if lib.dnnl_version().contents.cpu_runtime != _DNNL_RUNTIME_OMP:
+        # A TBB or threadpool build would start its own threads inside numba's workers.
+        print(f"phi_rnn: warning: {path} is not oneDNN's GNU OpenMP build (onednn-cpu-gomp); oneDNN not used",
+              file=sys.stderr)
+        return None
+    return lib
+
+
 _small_gemm = _load_small_gemm()
 _openblas = _load_openblas()
+_onednn = _load_onednn()
+# libgomp as loaded in this process (oneDNN's, numba's and MKL's OpenMP runtime).
+_gomp = ctypes.CDLL("libgomp.so.1") if _onednn else None
 _mkl_sgemm_address = _address(_mkl, "cblas_sgemm")
 binding.add_symbol("phi_rnn_mkl_sgemm", _mkl_sgemm_address)
 # A library that is missing gets MKL's address: never called (set_backend refuses it), but
@@ -150,13 +203,17 @@ binding.add_symbol("phi_rnn_openblas_sgemm",
                    _address(_openblas, "scipy_cblas_sgemm") if _openblas else _mkl_sgemm_address)
 binding.add_symbol("phi_rnn_xsmm_sgemm",
                    _address(_small_gemm, "phi_xsmm_sgemm") if _small_gemm else _mkl_sgemm_address)
+binding.add_symbol("phi_rnn_onednn_sgemm", _address(_onednn, "dnnl_sgemm") if _onednn else _mkl_sgemm_address)
+binding.add_symbol("phi_rnn_omp_in_parallel", _address(_gomp, "omp_in_parallel") if _gomp else _mkl_sgemm_address)
+binding.add_symbol("phi_rnn_omp_get_max_threads",
+                   _address(_gomp, "omp_get_max_threads") if _gomp else _mkl_sgemm_address)
 
 # The words the compiled dispatcher reads: the backends' codes (per-step products in the low
 # byte, whole-sequence ones in the next) and whether to count calls; the counters, one per
-# library in code order (MKL, libxsmm, OpenBLAS).
+# library in code order (MKL, libxsmm, OpenBLAS, oneDNN).
 _choice = ctypes.c_int32(0)
 _counting = ctypes.c_int32(0)
-_calls = (ctypes.c_uint64 * 3)()
+_calls = (ctypes.c_uint64 * len(_CODES))()
 binding.add_symbol("phi_rnn_gemm_choice", ctypes.addressof(_choice))
 binding.add_symbol("phi_rnn_gemm_counting", ctypes.addressof(_counting))
 binding.add_symbol("phi_rnn_gemm_calls", ctypes.addressof(_calls))
@@ -190,7 +247,7 @@ _read_counting = _word_reader("phi_rnn_gemm_counting")
 def _count_call(typingctx, index):
     """Atomically add 1 to the calls of the library with code `index`."""
     def codegen(context, builder, signature, args):
-        counters = _external_global(builder, "phi_rnn_gemm_calls", ir.ArrayType(ir.IntType(64), 3))
+        counters = _external_global(builder, "phi_rnn_gemm_calls", ir.ArrayType(ir.IntType(64), len(_CODES)))
         slot = builder.gep(counters, [ir.Constant(ir.IntType(32), 0), args[0]])
         builder.atomic_rmw("add", slot, ir.Constant(ir.IntType(64), 1), "monotonic")
         return context.get_dummy_value()
@@ -207,6 +264,10 @@ def _dispatch_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, be
         if code == 2:
             _openblas_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
             ran = 2
+        elif code == 3 and layout == ROW_MAJOR and (_omp_in_parallel() != 0 or _omp_max_threads() == 1):
+            if _onednn_sgemm(np.int8(84 if trans_a == TRANS else 78), np.int8(84 if trans_b == TRANS else 78),
+                             m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0:
+                ran = 3
         elif code == 1 and _xsmm_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
             ran = 1
     if ran == 0:
@@ -229,17 +290,18 @@ _reason = ""
 
 def available():
     """The backends this process can run, in BACKENDS order."""
-    present = {"libxsmm": _small_gemm is not None, "openblas": _openblas is not None, "mkl": True}
+    present = {"libxsmm": _small_gemm is not None, "onednn": _onednn is not None,
+               "openblas": _openblas is not None, "mkl": True}
     return tuple(name for name in BACKENDS if present[name])
 
 
 def libraries(name):
-    """The (per-step, whole-sequence) libraries of backend `name`: "openblas" runs both kinds
-    of product on OpenBLAS, "libxsmm+openblas" the per-step ones on libxsmm."""
+    """The (per-step, whole-sequence) libraries of backend `name`: "onednn" runs both kinds
+    of product on oneDNN, "libxsmm+onednn" the per-step ones on libxsmm."""
     parts = name.split("+")
     if len(parts) > 2 or not all(part in BACKENDS for part in parts):
         raise ValueError(f"unknown GEMM backend {name!r} (choose from {', '.join(BACKENDS)}, "
-                         "or per-step+whole-sequence libraries such as libxsmm+openblas)")
+                         "or per-step+whole-sequence libraries such as libxsmm+onednn)")
     return parts[0], parts[-1]
 
 
@@ -249,7 +311,7 @@ def set_backend(name, reason=""):
     step, sequence = libraries(name)
     for library in (step, sequence):
         if library not in available():
-            raise ValueError(SMALL_GEMM_MISSING if library == "libxsmm" else OPENBLAS_MISSING)
+            raise ValueError(MISSING[library])
     _choice.value = _CODES[step] | _CODES[sequence] << 8
     _backend, _reason = name, reason
 
@@ -274,6 +336,9 @@ def library_version(name):
         return _openblas.scipy_openblas_get_config().decode().split()[1]
     if name == "libxsmm":
         return _small_gemm.phi_xsmm_version().decode()
+    if name == "onednn":
+        v = _onednn.dnnl_version().contents
+        return f"{v.major}.{v.minor}.{v.patch}"
     return mkl_version()
 
 
@@ -282,6 +347,10 @@ def _describe_library(name):
         return f"libxsmm {library_version(name)} ({_small_gemm.phi_xsmm_target().decode()} kernels)"
     if name == "openblas":
         return f"openblas {library_version(name)} ({_openblas.scipy_openblas_get_corename().decode()} kernels)"
+    if name == "onednn":
+        isa = _onednn.dnnl_get_effective_cpu_isa()  # dnnl_cpu_isa_t: bit 0x20 AVX-512, 0x4 AVX2
+        width = "AVX-512" if isa & 0x20 else "AVX2" if isa & 0x4 else "SSE4.1"
+        return f"onednn {library_version(name)} ({width} JIT kernels)"
     return f"mkl {mkl_version()}"
 
 
@@ -319,6 +388,23 @@ def _run_products(operands, products, first, stop):
                   b.shape[1], zero, c.ctypes.data, c.shape[1])
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The calling thread's MKL and OpenMP thread counts set to one inside the block (as in a
+    one-thread process): its products then go to the small-GEMM backend, and oneDNN, which
+    outside a parallel region runs on omp_get_max_threads() threads, stays on this one."""
+    previous = _mkl.MKL_Set_Num_Threads_Local(1)
+    omp_threads = _gomp.omp_get_max_threads() if _gomp else None
+    if _gomp:
+        _gomp.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        _mkl.MKL_Set_Num_Threads_Local(previous)
+        if _gomp:
+            _gomp.omp_set_num_threads(omp_threads)
+
+
 def measure_rates(names, rounds=7):
     """Single-thread GFLOP/s {library: {"step": ..., "sequence": ...}} of each library in
     `names` on MEASURED_PRODUCTS' per-step and whole-sequence products."""
@@ -342,9 +428,8 @@ def product_rates(names, products, groups, rounds=7):
         operands.append((a, rng.standard_normal((k, n)).astype(np.float32), np.zeros((m, n), np.float32)))
     table = np.array([(calls, int(t), m, n, k) for calls, t, m, n, k in products], np.int64)
     flop = {group: sum(2 * c * m * n * k for c, _, m, n, k in products[lo:hi]) for group, (lo, hi) in groups.items()}
-    previous = _mkl.MKL_Set_Num_Threads_Local(1)
     seconds = {(name, group): [] for name in names for group in groups}
-    try:
+    with one_thread():
         for r in range(rounds + 1):
             for name in names:
                 with using(name):
@@ -353,8 +438,6 @@ def product_rates(names, products, groups, rounds=7):
                         _run_products(operands, table, lo, hi)
                         if r:  # round 0 warms up (libxsmm generates its kernels there)
                             seconds[name, group].append(time.thread_time() - t0)
-    finally:
-        _mkl.MKL_Set_Num_Threads_Local(previous)
     return {key: flop[key[1]] / float(np.median(s)) / 1e9 for key, s in seconds.items()}
 
 
@@ -395,7 +478,8 @@ def vector_width():
 
 
 # Settings that make the libraries generate code for an older CPU (an AVX2 one emulated).
-_EMULATION_VARS = ("NUMBA_CPU_NAME", "MKL_ENABLE_INSTRUCTIONS", "LIBXSMM_TARGET", "OPENBLAS_CORETYPE")
+_EMULATION_VARS = ("NUMBA_CPU_NAME", "MKL_ENABLE_INSTRUCTIONS", "LIBXSMM_TARGET", "OPENBLAS_CORETYPE",
+                   "ONEDNN_MAX_CPU_ISA")
 
 
 def _machine_key():
@@ -495,13 +579,14 @@ def count_calls(on):
     """Start (and zero) or stop counting the float32 GEMM calls per library (off by default:
     a counter shared by the threads would move between cores on every call)."""
     if on:
-        _calls[0] = _calls[1] = _calls[2] = 0
+        for code in _CODES.values():
+            _calls[code] = 0
     _counting.value = int(on)
 
 
 def calls():
     """(small-GEMM libraries, MKL) float32 GEMM calls since count_calls(True)."""
-    return _calls[1] + _calls[2], _calls[0]
+    return sum(_calls[code] for name, code in _CODES.items() if name != "mkl"), _calls[0]
 
 
 def calls_per_library():

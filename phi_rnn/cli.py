@@ -105,10 +105,10 @@ def _add_runtime_arguments(p):
     affinity.add_thread_arguments(g)
     g.add_argument("--deterministic", action="store_true",
                    help="MKL conditional numerical reproducibility (MKL_CBWR): identical results run to run")
-    g.add_argument("--blas", metavar="libxsmm|openblas|mkl", default=None,
+    g.add_argument("--blas", metavar="libxsmm|onednn|openblas|mkl", default=None,
                    help="float32 GEMMs MKL would run on one thread: on libxsmm's JIT kernels (needs "
-                        "`make native` with libxsmm installed), OpenBLAS, or MKL; STEP+SEQUENCE (e.g. "
-                        "libxsmm+openblas) for the per-step and the whole-sequence products (default: the "
+                        "`make native` with libxsmm installed), oneDNN's, OpenBLAS, or MKL; STEP+SEQUENCE "
+                        "(e.g. libxsmm+onednn) for the per-step and the whole-sequence products (default: the "
                         "fastest here)")
 
 

@@ -29,8 +29,8 @@ def blas_backend(request):
     """Each float32 GEMM backend in turn (libxsmm only where `make native` built it)."""
     if request.param == "libxsmm":
         _require_libxsmm()
-    elif request.param not in blas.available():  # OpenBLAS: a dependency, always there
-        pytest.fail(blas.OPENBLAS_MISSING)
+    elif request.param not in blas.available():  # OpenBLAS, oneDNN: dependencies, always there
+        pytest.fail(blas.MISSING[request.param])
     chosen = blas.backend()
     blas.set_backend(request.param)
     yield request.param

@@ -1,6 +1,7 @@
-"""The float32 GEMM backends and the choice between them (phi_rnn/blas.py): OpenBLAS on the
-products MKL would run on one thread, MKL keeping the threaded ones; the choice measured once
-per machine and kept; a missing library a one-line usage error."""
+"""The float32 GEMM backends and the choice between them (phi_rnn/blas.py): OpenBLAS or oneDNN
+on the products MKL would run on one thread, MKL keeping the threaded ones; oneDNN never
+starting threads of its own; the choice measured once per machine and kept; a missing library
+a one-line usage error."""
 import json
 import os
 import subprocess
@@ -15,61 +16,118 @@ from phi_rnn import kernels as K
 rng = np.random.default_rng(7)
 
 
-@pytest.fixture
-def on_openblas():
-    if "openblas" not in blas.available():
-        pytest.fail(blas.OPENBLAS_MISSING)  # a dependency of phi_rnn: always installed
-    with blas.using("openblas"):
-        yield
+SMALL_GEMM_DEPENDENCIES = ("openblas", "onednn")  # installed with phi_rnn: never skipped
+
+
+@pytest.fixture(params=SMALL_GEMM_DEPENDENCIES)
+def on_dependency(request):
+    """Each small-GEMM library that comes with the install, in turn."""
+    if request.param not in blas.available():
+        pytest.fail(blas.MISSING[request.param])
+    with blas.using(request.param):
+        yield request.param
     blas.count_calls(False)
 
 
-@pytest.mark.parametrize("mkl_threads", [1, 2])
-def test_openblas_runs_the_one_thread_products_and_mkl_keeps_the_threaded_ones(on_openblas, mkl_threads):
-    """The per-thread products of a char-rnn step (MKL set to one thread, as inside the
-    per-thread blocks) go to OpenBLAS; with MKL free to thread (2 threads here) the product
-    stays on MKL. Both match numpy."""
-    if mkl_threads > 1 and blas._mkl.MKL_Get_Max_Threads() < 2:
+def _products_on_this_thread():
+    """Each product of MEASURED_PRODUCTS through the kernels' GEMM, checked against numpy;
+    the (small-GEMM, MKL) calls of each."""
+    counted = []
+    for _, trans_a, m, n, k in blas.MEASURED_PRODUCTS:
+        a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        c = np.full((m, n), np.nan, np.float32)  # beta 0: c is not read
+        blas.count_calls(True)
+        K.gemm(trans_a, False, 1.0, a, b, 0.0, c)
+        counted.append(blas.calls())
+        expect = (a.T if trans_a else a).astype(np.float64) @ b
+        np.testing.assert_allclose(c, expect, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    return counted
+
+
+def test_the_one_thread_products_go_to_the_library_and_match_numpy(on_dependency):
+    """The per-thread products of a char-rnn step, with MKL and OpenMP set to one thread (as
+    in a one-thread run), go to the chosen library."""
+    with blas.one_thread():
+        assert _products_on_this_thread() == [(1, 0)] * len(blas.MEASURED_PRODUCTS)
+
+
+def test_mkl_keeps_the_products_it_would_thread(on_dependency):
+    """With MKL free to thread (2 threads here) every product stays on MKL."""
+    if blas._mkl.MKL_Get_Max_Threads() < 2:
         pytest.skip("one CPU: MKL runs every product on one thread")
-    previous = blas._mkl.MKL_Set_Num_Threads_Local(mkl_threads)
+    previous = blas._mkl.MKL_Set_Num_Threads_Local(2)
     try:
-        for _, trans_a, m, n, k in blas.MEASURED_PRODUCTS:
-            a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
-            b = rng.standard_normal((k, n)).astype(np.float32)
-            c = np.full((m, n), np.nan, np.float32)  # beta 0: c is not read
-            blas.count_calls(True)
-            K.gemm(trans_a, False, 1.0, a, b, 0.0, c)
-            assert blas.calls() == ((1, 0) if mkl_threads == 1 else (0, 1)), (m, n, k)
-            expect = (a.T if trans_a else a).astype(np.float64) @ b
-            np.testing.assert_allclose(c, expect, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+        assert _products_on_this_thread() == [(0, 1)] * len(blas.MEASURED_PRODUCTS)
     finally:
         blas._mkl.MKL_Set_Num_Threads_Local(previous)
 
 
-def test_openblas_in_the_parallel_blocks_matches_mkl_and_runs_every_product():
+def test_onednn_outside_a_parallel_region_with_openmp_threads_to_spare_is_left_to_mkl():
+    """oneDNN there would run on omp_get_max_threads() threads of its own: with MKL on one
+    thread but OpenMP's count at 2 (a 2-thread run's main thread), MKL runs the products."""
+    if "onednn" not in blas.available():
+        pytest.fail(blas.ONEDNN_MISSING)
+    if blas._gomp.omp_get_max_threads() < 2:
+        pytest.skip("one CPU: OpenMP runs one thread")
+    previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
+    try:
+        with blas.using("onednn"):
+            assert _products_on_this_thread() == [(0, 1)] * len(blas.MEASURED_PRODUCTS)
+    finally:
+        blas._mkl.MKL_Set_Num_Threads_Local(previous)
+        blas.count_calls(False)
+
+
+def _threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_the_library_in_the_parallel_blocks_matches_mkl_runs_every_product_and_starts_no_thread(on_dependency):
     """A char-rnn sized LSTM iteration with the batch strategy (numba's workers, MKL on one
-    thread in each): on OpenBLAS every float32 GEMM of the forward and backward runs there;
-    loss and gradients agree with MKL's to float32 accuracy."""
+    thread in each): on the library every float32 GEMM of the forward and backward runs
+    there, without one thread more in the process; loss and gradients agree with MKL's to
+    float32 accuracy."""
     from phi_rnn.model import Network
     r = np.random.default_rng(1)
     net = Network("lstm", 65, 128, 2, strategy="batch")
     net.init_params(r)
     x = r.integers(0, 65, (50, 50)).astype(np.int32)
     y = r.integers(0, 65, (50, 50)).astype(np.int32)
-    results = {}
-    for name in ("openblas", "mkl"):
+    results, threads = {}, {}
+    for name in ("mkl", on_dependency):  # MKL first: numba's and MKL's threads are up before
         with blas.using(name):
             blas.count_calls(True)
             loss = net.forward(x, y, net.zero_state(50))
             net.backward(x, False)
             blas.count_calls(False)
             results[name] = loss, net.grads.data.copy(), blas.calls()
-    on_openblas, on_mkl = results["openblas"][2]
-    assert on_mkl == 0 and on_openblas >= 2 * 2 * 99  # per block and layer: 50 + 49 recurrent products
-    assert results["mkl"][2] == (0, on_openblas)
-    (loss_o, grads_o, _), (loss_m, grads_m, _) = results["openblas"], results["mkl"]
+            threads[name] = _threads()
+    on_library, on_mkl = results[on_dependency][2]
+    assert on_mkl == 0 and on_library >= 2 * 2 * 99  # per block and layer: 50 + 49 recurrent products
+    assert results["mkl"][2] == (0, on_library)
+    assert threads[on_dependency] == threads["mkl"]
+    (loss_o, grads_o, _), (loss_m, grads_m, _) = results[on_dependency], results["mkl"]
     assert abs(loss_o - loss_m) < 1e-5 * abs(loss_m)
     np.testing.assert_allclose(grads_o, grads_m, rtol=1e-3, atol=1e-5 * np.abs(grads_m).max())
+
+
+def test_a_onednn_build_on_another_threading_runtime_is_named_and_left_out(tmp_path):
+    """oneDNN's TBB build (the `onednn` wheel) would start TBB threads inside numba's
+    workers: only the GNU OpenMP build is used."""
+    source = tmp_path / "dnnl.c"
+    source.write_text("typedef struct { int major, minor, patch; const char *hash; unsigned cpu_runtime, "
+                      "gpu_runtime; } version_t;\nstatic const version_t v = {3, 9, 0, \"x\", 4, 0};\n"
+                      "const version_t *dnnl_version(void) { return &v; }\n")
+    library = tmp_path / "libdnnl.so.3"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    code = "from phi_rnn import blas; print(','.join(blas.available()))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PHI_RNN_ONEDNN=str(library)))
+    assert result.returncode == 0, result.stderr
+    assert "onednn" not in result.stdout.strip().split(",")
+    assert result.stderr.strip() == (f"phi_rnn: warning: {library} is not oneDNN's GNU OpenMP build "
+                                     "(onednn-cpu-gomp); oneDNN not used")
 
 
 def _rates(**per_library):
@@ -84,6 +142,9 @@ def test_choose_takes_the_fastest_per_kind_of_product_and_keeps_mkl_on_a_tie():
     # libxsmm's AVX2 kernels: fastest per step, half OpenBLAS's rate on the weight gradients
     assert blas.choose(_rates(mkl=(69, 74), openblas=(70, 81), libxsmm=(76, 61))) == "libxsmm+openblas"
     assert blas.choose(_rates(mkl=(80, 90), libxsmm=(110, 60))) == "libxsmm+mkl"
+    # without libxsmm on an AMD CPU: oneDNN's JIT kernels ahead of OpenBLAS and MKL on both kinds
+    assert blas.choose(_rates(mkl=(63, 64), openblas=(69, 76), onednn=(89, 90))) == "onednn"
+    assert blas.choose(_rates(mkl=(63, 64), openblas=(69, 96), onednn=(89, 90))) == "onednn+openblas"
 
 
 def test_a_pair_runs_the_per_step_products_on_the_first_library_and_the_rest_on_the_second():
@@ -100,7 +161,7 @@ def test_a_pair_runs_the_per_step_products_on_the_first_library_and_the_rest_on_
                 K.gemm(trans_a, False, 1.0, a, b, 0.0, c)
                 blas.count_calls(False)
                 step = m < blas.STEP_ROWS and not trans_a
-                expected = {"libxsmm": int(step), "openblas": int(not step), "mkl": 0}
+                expected = {"libxsmm": int(step), "openblas": int(not step), "mkl": 0, "onednn": 0}
                 assert blas.calls_per_library() == expected, (m, n, k, trans_a)
                 np.testing.assert_allclose(c, (a.T if trans_a else a).astype(np.float64) @ b, rtol=1e-4,
                                            atol=1e-4 * np.sqrt(k))
@@ -114,11 +175,13 @@ def test_a_backend_that_is_not_one_is_refused():
             blas.set_backend(name)
 
 
-def test_measured_rates_are_positive_and_leave_the_backend_as_it_was(on_openblas):
-    rates = blas.measure_rates(("openblas", "mkl"), rounds=1)
-    assert set(rates) == {"openblas", "mkl"}
+def test_measured_rates_are_positive_and_leave_the_backend_and_thread_counts_as_they_were(on_dependency):
+    counts = blas._mkl.MKL_Get_Max_Threads(), blas._gomp.omp_get_max_threads()
+    rates = blas.measure_rates((on_dependency, "mkl"), rounds=1)
+    assert set(rates) == {on_dependency, "mkl"}
     assert all(set(r) == {"step", "sequence"} and min(r.values()) > 0 for r in rates.values())
-    assert blas.backend() == "openblas"
+    assert blas.backend() == on_dependency
+    assert (blas._mkl.MKL_Get_Max_Threads(), blas._gomp.omp_get_max_threads()) == counts
 
 
 def _default_in_a_fresh_process(cache_home):
@@ -169,13 +232,14 @@ def test_vector_width_names_an_emulated_cpu(monkeypatch):
 SPEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "speed.py")
 
 
-def test_speed_blas_openblas_without_it_is_one_line_exit_2(tmp_path):
-    env = dict(os.environ, PHI_RNN_OPENBLAS=str(tmp_path / "no-library.so"))
-    result = subprocess.run([sys.executable, SPEED, "--no-torch", "--blas", "openblas", "--threads", "1"],
+@pytest.mark.parametrize("library, variable", [("openblas", "PHI_RNN_OPENBLAS"), ("onednn", "PHI_RNN_ONEDNN")])
+def test_speed_blas_library_without_it_is_one_line_exit_2(tmp_path, library, variable):
+    env = dict(os.environ, **{variable: str(tmp_path / "no-library.so")})
+    result = subprocess.run([sys.executable, SPEED, "--no-torch", "--blas", library, "--threads", "1"],
                             capture_output=True, text=True, timeout=300, env=env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0] == f"speed.py: error: --blas openblas: {blas.OPENBLAS_MISSING}"
+    assert lines[0] == f"speed.py: error: --blas {library}: {blas.MISSING[library]}"
 
 
 BACKENDS_BENCH = os.path.join(os.path.dirname(SPEED), "backends.py")
@@ -185,10 +249,11 @@ def test_backends_bench_runs_each_backend_and_rejects_an_unknown_one():
     tiny = ["--rnn_size", "16", "--batch_size", "8", "--seq_length", "6", "--vocab", "10", "--iters", "3",
             "--warmup", "1"]
     result = subprocess.run([sys.executable, BACKENDS_BENCH, "--no-torch", "--rounds", "1",
-                             "--backends", "openblas,mkl", *tiny], capture_output=True, text=True, timeout=600)
+                             "--backends", "onednn,openblas,mkl", *tiny], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert "[openblas: openblas " in lines["openblas"] and "[mkl " in lines["mkl"]
+    assert "[onednn: onednn " in lines["onednn"]
     assert "vectors " in result.stdout and "/ floor" in lines["openblas"]
     result = subprocess.run([sys.executable, BACKENDS_BENCH, "--shapes", "--rounds", "1", "--backends",
                              "openblas,mkl", *tiny], capture_output=True, text=True, timeout=600)
@@ -204,6 +269,9 @@ def test_backends_bench_runs_each_backend_and_rejects_an_unknown_one():
     result = subprocess.run([sys.executable, BACKENDS_BENCH, "--backends", "blis"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == "backends.py: error: --backends blis unknown"
+    result = subprocess.run([sys.executable, BACKENDS_BENCH, "--no-torch", "--bogus"], capture_output=True,
+                            text=True, timeout=60)  # speed.py's flags pass through; no other
+    assert result.returncode == 2 and result.stderr.strip() == "backends.py: error: unrecognized arguments: --bogus"
 
 
 def test_processes_starting_together_measure_once(tmp_path):

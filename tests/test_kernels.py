@@ -50,12 +50,11 @@ def test_gemm_matches_numpy(ta, tb, dtype, tol):
 
 @pytest.fixture
 def one_mkl_thread():
-    """MKL set to one thread on this thread, as inside the per-thread blocks (where the
-    libxsmm backend takes over), for the length of the test."""
+    """MKL and OpenMP set to one thread on this thread, as inside the per-thread blocks
+    (where the small-GEMM backend takes over), for the length of the test."""
     from phi_rnn import blas
-    previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
-    yield
-    blas._mkl.MKL_Set_Num_Threads_Local(previous)
+    with blas.one_thread():
+        yield
 
 
 @pytest.mark.parametrize("m, n, k", [(25, 512, 128), (7, 5, 3), (1250, 65, 128)])
@@ -64,7 +63,7 @@ def one_mkl_thread():
 def test_gemm_backends_on_one_thread_match_numpy(m, n, k, ta, tb, beta, blas_backend, one_mkl_thread):
     """The float32 products as the per-thread blocks call them (MKL set to one thread), with
     operands that are column blocks of wider rows (GRU's gate blocks). libxsmm takes every
-    one whose B is not transposed, OpenBLAS every one; MKL the rest."""
+    one whose B is not transposed, OpenBLAS and oneDNN every one; MKL the rest."""
     from phi_rnn import blas
     a = rng.standard_normal((k, m + 3) if ta else (m, k + 3)).astype(np.float32)[:, :m if ta else k]
     b = rng.standard_normal((n, k + 2) if tb else (k, n + 2)).astype(np.float32)[:, :k if tb else n]
@@ -79,7 +78,7 @@ def test_gemm_backends_on_one_thread_match_numpy(m, n, k, ta, tb, beta, blas_bac
     blas.count_calls(False)
     np.testing.assert_allclose(c, expect, rtol=1e-4, atol=1e-4 * np.sqrt(k))
     np.testing.assert_array_equal(c_wide[:, n:], beyond)  # the columns past n are not c's
-    small = blas_backend == "openblas" or (blas_backend == "libxsmm" and not tb)
+    small = blas_backend in ("openblas", "onednn") or (blas_backend == "libxsmm" and not tb)
     assert blas.calls() == ((1, 0) if small else (0, 1))
 
 
