@@ -97,7 +97,7 @@ def build_parser():
     parser.add_argument("--policies", type=comma_list(POLICIES), default=["compact"],
                         help=f"affinity policies, of {', '.join(POLICIES)} (default compact)")
     parser.add_argument("--blas", type=comma_list(BLAS), default=[""],
-                        help="float32 GEMM backends to compare, of libxsmm, openblas, mkl (default: "
+                        help="float32 GEMM backends to compare, of libxsmm, onednn, openblas, mkl (default: "
                              "speed.py's, the fastest here)")
     parser.add_argument("--scaling", type=comma_list(SCALINGS), default=["strong"],
                         help="strong: fixed global batch; weak: batch = config batch x ranks x threads")

@@ -28,7 +28,7 @@ CUSTOM_CONFIG = re.compile(r"^(\d+)x(\d+)(?:-b(\d+))?(?:-s(\d+))?$")
 MODELS = ("lstm", "gru", "rnn")
 STRATEGIES = ("batch", "gemm")
 POLICIES = ("compact", "scatter", "balanced", "none")
-BLAS = ("libxsmm", "openblas", "mkl")  # "" (the default): what speed.py picks, the fastest here
+BLAS = ("libxsmm", "onednn", "openblas", "mkl")  # "" (the default): what speed.py picks, the fastest here
 SCALINGS = ("strong", "weak")
 # slowest first; a point's key lists them in this order
 DIMENSIONS = ("scaling", "config", "model", "strategy", "blas", "policy", "ranks", "threads")

@@ -218,7 +218,8 @@ def test_there_are_at_least_twenty_distinct_cases():
 
 @pytest.mark.parametrize("library, variable, message", [
     ("libxsmm", "PHI_RNN_SMALL_GEMM", "libxsmm backend not built: apt install libxsmm-dev"),
-    ("openblas", "PHI_RNN_OPENBLAS", "openblas backend not installed: pip install scipy-openblas32")])
+    ("openblas", "PHI_RNN_OPENBLAS", "openblas backend not installed: pip install scipy-openblas32"),
+    ("onednn", "PHI_RNN_ONEDNN", "onednn backend not installed: pip install onednn-cpu-gomp")])
 def test_blas_without_its_library_is_one_line_exit_2_and_the_default_is_another(world, tmp_path, library,
                                                                                   variable, message):
     """Where a small-GEMM library is missing (here: its variable names no file), asking for
