@@ -85,6 +85,7 @@ _onednn_sgemm = types.ExternalFunction("phi_rnn_onednn_sgemm", types.int32(
 # GNU OpenMP's view of the calling thread: oneDNN starts threads unless one of these holds.
 _omp_in_parallel = types.ExternalFunction("phi_rnn_omp_in_parallel", types.int32())
 _omp_max_threads = types.ExternalFunction("phi_rnn_omp_get_max_threads", types.int32())
+_DNNL_T, _DNNL_N = np.int8(ord("T")), np.int8(ord("N"))  # dnnl_sgemm's transposition characters
 _mkl_max_threads = types.ExternalFunction("MKL_Get_Max_Threads", types.int32())
 
 # int mkl_set_num_threads_local(int n): this thread's MKL thread count; 0 = back to global.
@@ -265,7 +266,7 @@ def _dispatch_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, be
             _openblas_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
             ran = 2
         elif code == 3 and layout == ROW_MAJOR and (_omp_in_parallel() != 0 or _omp_max_threads() == 1):
-            if _onednn_sgemm(np.int8(84 if trans_a == TRANS else 78), np.int8(84 if trans_b == TRANS else 78),
+            if _onednn_sgemm(_DNNL_T if trans_a == TRANS else _DNNL_N, _DNNL_T if trans_b == TRANS else _DNNL_N,
                              m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0:
                 ran = 3
         elif code == 1 and _xsmm_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
