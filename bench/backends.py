@@ -63,17 +63,19 @@ def shape_rates(args, speed_argv):
     from phi_rnn import blas
     H, T, V, nb = config.rnn_size, config.seq_length, config.vocab, -(-config.batch_size // args.threads)
     G, rows = 4 * H, T * nb
-    products = [("per-step forward h W_hh^T", (T, False, nb, G, H)), ("per-step backward dG W_hh", (T, False, nb, H, G)),
-                ("input projection", (1, False, rows, G, H)), ("input gradient", (1, False, rows, H, G)),
-                ("weight gradient x^T dG", (1, True, H, G, rows)), ("decoder logits", (1, False, rows, V, H)),
-                ("decoder input gradient", (1, False, rows, H, V)), ("decoder weight gradient", (1, True, V, H, rows))]
+    products = [("per-step forward h W_hh^T", (T, False, nb, G, H, 1.0)),
+                ("per-step backward dG W_hh", (T, False, nb, H, G, 0.0)),
+                ("input projection", (1, False, rows, G, H, 0.0)), ("input gradient", (1, False, rows, H, G, 0.0)),
+                ("weight gradient x^T dG", (1, True, H, G, rows, 0.0)), ("decoder logits", (1, False, rows, V, H, 1.0)),
+                ("decoder input gradient", (1, False, rows, H, V, 0.0)),
+                ("decoder weight gradient", (1, True, V, H, rows, 0.0))]
     names = [b for b in args.backends if set(b.split("+")) <= set(blas.available())]
     groups = {label: (i, i + 1) for i, (label, _) in enumerate(products)}
     rates = blas.product_rates(names, [p for _, p in products], groups, rounds=args.rounds)
     print(f"{blas.vector_width()}; 1 thread, GFLOP/s in CPU time, median of {args.rounds} interleaved rounds; "
           + ", ".join(f"{n} {blas.library_version(n)}" for n in blas.available()))
     print(f"{'product':28s} {'M x N x K':>24s}  " + "  ".join(f"{n:>9s}" for n in names))
-    for label, (_, trans_a, m, n, k) in products:
+    for label, (_, trans_a, m, n, k, _) in products:
         shape = f"{m} x {n} x {k}" + (" (A^T)" if trans_a else "")
         print(f"{label:28s} {shape:>24s}  " + "  ".join(f"{rates[name, label]:9.1f}" for name in names))
     return 0

@@ -370,23 +370,54 @@ def describe_backend():
 
 # The per-thread products of a char-rnn iteration (2 x 128 LSTM, 65 symbols, 25 of its 50
 # batch rows per thread, 50 steps), each with the number of calls that gives it its share of
-# the iteration's work: (calls, trans_a, m, n, k). Each layer's recurrent products forward
+# the iteration's work and the beta the kernels call it with: (calls, trans_a, m, n, k, beta).
+# Each layer's recurrent products forward (onto the gates, which hold the input projection)
 # and backward, input projection, input gradient and weight gradient (x^T dG), the decoder.
-MEASURED_PRODUCTS = ((50, False, 25, 512, 128), (50, False, 25, 128, 512), (1, False, 1250, 512, 128),
-                     (1, False, 1250, 128, 512), (1, True, 128, 512, 1250), (1, False, 1250, 65, 128),
-                     (1, True, 65, 128, 1250))
+MEASURED_PRODUCTS = ((50, False, 25, 512, 128, 1.0), (50, False, 25, 128, 512, 0.0),
+                     (1, False, 1250, 512, 128, 0.0), (1, False, 1250, 128, 512, 0.0),
+                     (1, True, 128, 512, 1250, 0.0), (1, False, 1250, 65, 128, 1.0),
+                     (1, True, 65, 128, 1250, 0.0))
+
+
+def measurement_operands(products, rng):
+    """The operands of `products` as an iteration sees them: a product of `calls` calls runs
+    call i on A[i] and C[i], slices of one (calls, ...) array each (a recurrence's steps:
+    the step's state and gates, together in L2/L3 rather than one set hot in L1), all on one
+    B (the weights, shared by the steps): [(A, B, C), ...]. Reusing one A and C call after
+    call favours libraries whose per-call kernels gain most from hot operands (libxsmm's
+    AVX2 ones): their lead there was not the iteration's (bench/README.md)."""
+    from numba.typed import List
+    operands = List()
+    for calls, trans_a, m, n, k, _ in products:
+        a = rng.standard_normal((calls, k, m) if trans_a else (calls, m, k)).astype(np.float32)
+        operands.append((a, rng.standard_normal((k, n)).astype(np.float32),
+                         rng.standard_normal((calls, m, n)).astype(np.float32)))
+    return operands
+
+
+def _product_table(products):
+    return (np.array([(calls, int(t), m, n, k) for calls, t, m, n, k, _ in products], np.int64),
+            np.array([beta for *_, beta in products], np.float32))
 
 
 @njit(cache=True)
-def _run_products(operands, products, first, stop):
-    one, zero = np.float32(1.0), np.float32(0.0)
+def _run_products(operands, products, betas, first, stop):
+    """Products first..stop-1 of the table, call i of each on its operands' A[i], B, C[i]."""
+    one = np.float32(1.0)
     for p in range(first, stop):
         trans_a = TRANS if products[p, 1] else NO_TRANS
         m, n, k = products[p, 2], products[p, 3], products[p, 4]
-        a, b, c = operands[p]
-        for _ in range(products[p, 0]):
+        a_steps, b, c_steps = operands[p]
+        for i in range(products[p, 0]):
+            a, c = a_steps[i], c_steps[i]
             sgemm(ROW_MAJOR, trans_a, NO_TRANS, m, n, k, one, a.ctypes.data, a.shape[1], b.ctypes.data,
-                  b.shape[1], zero, c.ctypes.data, c.shape[1])
+                  b.shape[1], betas[p], c.ctypes.data, c.shape[1])
+
+
+def run_products(products, operands):
+    """Every call of `products` on `operands` (measurement_operands) through the kernels' GEMM."""
+    table, betas = _product_table(products)
+    _run_products(operands, table, betas, 0, len(products))
 
 
 @contextlib.contextmanager
@@ -409,7 +440,7 @@ def one_thread():
 def measure_rates(names, rounds=7):
     """Single-thread GFLOP/s {library: {"step": ..., "sequence": ...}} of each library in
     `names` on MEASURED_PRODUCTS' per-step and whole-sequence products."""
-    step = [not t and m < STEP_ROWS for _, t, m, _, _ in MEASURED_PRODUCTS]
+    step = [not t and m < STEP_ROWS for _, t, m, _, _, _ in MEASURED_PRODUCTS]
     split = step.index(False)
     assert not any(step[split:])  # the per-step products first
     rates = product_rates(names, MEASURED_PRODUCTS, {"step": (0, split), "sequence": (split, len(step))}, rounds)
@@ -418,17 +449,13 @@ def measure_rates(names, rounds=7):
 
 def product_rates(names, products, groups, rounds=7):
     """{(library, group): GFLOP/s} for each library in `names` (or backend) and each group
-    {name: (first, stop)} of `products` ((calls, trans_a, m, n, k), ...), on one thread: the
-    libraries interleaved round by round, the median round each, timed in this thread's CPU
-    time (time other processes take the core from it does not count)."""
-    from numba.typed import List
-    rng = np.random.default_rng(0)
-    operands = List()
-    for _, trans_a, m, n, k in products:
-        a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
-        operands.append((a, rng.standard_normal((k, n)).astype(np.float32), np.zeros((m, n), np.float32)))
-    table = np.array([(calls, int(t), m, n, k) for calls, t, m, n, k in products], np.int64)
-    flop = {group: sum(2 * c * m * n * k for c, _, m, n, k in products[lo:hi]) for group, (lo, hi) in groups.items()}
+    {name: (first, stop)} of `products` ((calls, trans_a, m, n, k, beta), ...) on operands as
+    an iteration sees them (measurement_operands), on one thread: the libraries interleaved
+    round by round, the median round each, timed in this thread's CPU time (time other
+    processes take the core from it does not count)."""
+    operands = measurement_operands(products, np.random.default_rng(0))
+    table, betas = _product_table(products)
+    flop = {group: sum(2 * c * m * n * k for c, _, m, n, k, _ in products[lo:hi]) for group, (lo, hi) in groups.items()}
     seconds = {(name, group): [] for name in names for group in groups}
     with one_thread():
         for r in range(rounds + 1):
@@ -436,7 +463,7 @@ def product_rates(names, products, groups, rounds=7):
                 with using(name):
                     for group, (lo, hi) in groups.items():
                         t0 = time.thread_time()
-                        _run_products(operands, table, lo, hi)
+                        _run_products(operands, table, betas, lo, hi)
                         if r:  # round 0 warms up (libxsmm generates its kernels there)
                             seconds[name, group].append(time.thread_time() - t0)
     return {key: flop[key[1]] / float(np.median(s)) / 1e9 for key, s in seconds.items()}
@@ -483,6 +510,11 @@ _EMULATION_VARS = ("NUMBA_CPU_NAME", "MKL_ENABLE_INSTRUCTIONS", "LIBXSMM_TARGET"
                    "ONEDNN_MAX_CPU_ISA")
 
 
+# The measurement's version, first in the cache key: a measurement made another way (v1: one
+# hot operand set per product, beta 0) is measured again, not trusted.
+MEASUREMENT = "rates v2"
+
+
 def _machine_key():
     model = ""
     try:
@@ -491,7 +523,7 @@ def _machine_key():
     except OSError:
         pass
     libraries = ", ".join(f"{name} {library_version(name)}" for name in available())
-    return f"{model}; {vector_width()}; {libraries}"
+    return f"{MEASUREMENT}; {model}; {vector_width()}; {libraries}"
 
 
 def cache_path():

@@ -33,7 +33,7 @@ def _products_on_this_thread():
     """Each product of MEASURED_PRODUCTS through the kernels' GEMM, checked against numpy;
     the (small-GEMM, MKL) calls of each."""
     counted = []
-    for _, trans_a, m, n, k in blas.MEASURED_PRODUCTS:
+    for _, trans_a, m, n, k, _ in blas.MEASURED_PRODUCTS:
         a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
         b = rng.standard_normal((k, n)).astype(np.float32)
         c = np.full((m, n), np.nan, np.float32)  # beta 0: c is not read
@@ -153,7 +153,7 @@ def test_a_pair_runs_the_per_step_products_on_the_first_library_and_the_rest_on_
     previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
     try:
         with blas.using("libxsmm+openblas"):
-            for _, trans_a, m, n, k in blas.MEASURED_PRODUCTS:
+            for _, trans_a, m, n, k, _ in blas.MEASURED_PRODUCTS:
                 a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
                 b = rng.standard_normal((k, n)).astype(np.float32)
                 c = np.empty((m, n), np.float32)
@@ -184,6 +184,27 @@ def test_measured_rates_are_positive_and_leave_the_backend_and_thread_counts_as_
     assert (blas._mkl.MKL_Get_Max_Threads(), blas._gomp.omp_get_max_threads()) == counts
 
 
+def test_the_measurement_runs_each_step_on_its_own_operands_with_the_weights_shared(on_dependency):
+    """As in an iteration: a product's calls (a recurrence's steps) each run on their own A
+    and C (slices of one array, so they come from L2/L3, not hot from the call before) with
+    one B, and with the kernels' beta. Each call's C must come out as its own A[i] B + beta
+    C0[i]: a measurement back on a single hot operand set leaves the other steps' C as they were."""
+    operands = blas.measurement_operands(blas.MEASURED_PRODUCTS, np.random.default_rng(3))
+    before = [c.copy() for _, _, c in operands]
+    with blas.one_thread():
+        blas.count_calls(True)
+        blas.run_products(blas.MEASURED_PRODUCTS, operands)
+        blas.count_calls(False)
+    assert blas.calls_per_library()[on_dependency] == sum(p[0] for p in blas.MEASURED_PRODUCTS)
+    for (calls, trans_a, m, n, k, beta), (a, b, c), c0 in zip(blas.MEASURED_PRODUCTS, operands, before):
+        assert a.shape == ((calls, k, m) if trans_a else (calls, m, k)) and b.shape == (k, n)
+        assert c.shape == (calls, m, n) and len({a[i].ctypes.data for i in range(calls)}) == calls
+        product = np.einsum("skm,kn->smn" if trans_a else "smk,kn->smn", a.astype(np.float64), b)
+        np.testing.assert_allclose(c, product + beta * c0, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    recurrent = [p for p in blas.MEASURED_PRODUCTS if p[0] > 1]
+    assert recurrent and all(not t and m < blas.STEP_ROWS for _, t, m, _, _, _ in recurrent)
+
+
 def _default_in_a_fresh_process(cache_home):
     code = ("from phi_rnn import blas; import json; "
             "print(json.dumps([blas.backend(), blas.default_backend(), blas.describe_backend(), "
@@ -211,6 +232,24 @@ def test_the_default_is_measured_once_per_machine_and_kept(tmp_path):
         json.dump(kept, f)
     backend, _, described, _ = _default_in_a_fresh_process(tmp_path)
     assert backend == "mkl" and "mkl 2.0/3.0" in described
+
+
+def test_a_choice_kept_by_an_older_measurement_is_measured_again(tmp_path):
+    """An entry under a key without this measurement's version (one hot operand set per
+    product, as before rates v2) is not trusted: the rates are measured again and kept
+    beside it."""
+    _, _, _, path = _default_in_a_fresh_process(tmp_path)
+    (key, entry), = json.loads(open(path).read()).items()
+    assert key.startswith(blas.MEASUREMENT + "; ")
+    older = key[len(blas.MEASUREMENT) + 2:]
+    entry["rates"] = {name: {"step": 1.0, "sequence": 1.0} for name in entry["rates"]}
+    entry["rates"]["mkl"] = {"step": 2.0, "sequence": 3.0}
+    with open(path, "w") as f:
+        json.dump({older: entry}, f)
+    backend, _, described, _ = _default_in_a_fresh_process(tmp_path)
+    kept = json.loads(open(path).read())
+    assert set(kept) == {older, key} and kept[older] == entry
+    assert "mkl 2.0/3.0" not in described and backend == blas.choose(kept[key]["rates"])
 
 
 def test_an_unwritable_cache_only_is_not_kept(tmp_path):
