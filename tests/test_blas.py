@@ -112,22 +112,31 @@ def test_the_library_in_the_parallel_blocks_matches_mkl_runs_every_product_and_s
     np.testing.assert_allclose(grads_o, grads_m, rtol=1e-3, atol=1e-5 * np.abs(grads_m).max())
 
 
-def test_a_onednn_build_on_another_threading_runtime_is_named_and_left_out(tmp_path):
-    """oneDNN's TBB build (the `onednn` wheel) would start TBB threads inside numba's
-    workers: only the GNU OpenMP build is used."""
-    source = tmp_path / "dnnl.c"
-    source.write_text("typedef struct { int major, minor, patch; const char *hash; unsigned cpu_runtime, "
-                      "gpu_runtime; } version_t;\nstatic const version_t v = {3, 9, 0, \"x\", 4, 0};\n"
-                      "const version_t *dnnl_version(void) { return &v; }\n")
-    library = tmp_path / "libdnnl.so.3"
+def _libraries_found_with(tmp_path, variable, library_name, c_source):
+    """blas.available() in a fresh process whose `variable` names a library built from
+    c_source; returns (the backends found, its stderr)."""
+    source = tmp_path / "library.c"
+    source.write_text(c_source)
+    library = tmp_path / library_name
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     code = "from phi_rnn import blas; print(','.join(blas.available()))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PHI_RNN_ONEDNN=str(library)))
+                            env=dict(os.environ, **{variable: str(library)}))
     assert result.returncode == 0, result.stderr
-    assert "onednn" not in result.stdout.strip().split(",")
-    assert result.stderr.strip() == (f"phi_rnn: warning: {library} is not oneDNN's GNU OpenMP build "
-                                     "(onednn-cpu-gomp); oneDNN not used")
+    return result.stdout.strip().split(","), result.stderr.strip()
+
+
+def test_a_onednn_build_on_another_threading_runtime_is_named_and_left_out(tmp_path):
+    """oneDNN's TBB build (the `onednn` wheel) would start TBB threads inside numba's
+    workers: only the GNU OpenMP build is used."""
+    found, stderr = _libraries_found_with(
+        tmp_path, "PHI_RNN_ONEDNN", "libdnnl.so.3",
+        "typedef struct { int major, minor, patch; const char *hash; unsigned cpu_runtime, "
+        "gpu_runtime; } version_t;\nstatic const version_t v = {3, 9, 0, \"x\", 4, 0};\n"
+        "const version_t *dnnl_version(void) { return &v; }\n")
+    assert "onednn" not in found
+    assert stderr == (f"phi_rnn: warning: {tmp_path / 'libdnnl.so.3'} is not oneDNN's GNU OpenMP build "
+                      "(onednn-cpu-gomp); oneDNN not used")
 
 
 def _rates(**per_library):
@@ -326,13 +335,8 @@ def test_processes_starting_together_measure_once(tmp_path):
 
 
 def test_a_small_gemm_built_from_an_older_source_is_named_and_left_out(tmp_path):
-    source = tmp_path / "old.c"
-    source.write_text("int phi_gemm_init(void) { return 0; }\n")  # the previous library's entry point
-    library = tmp_path / "libsmall_gemm.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
-    code = "from phi_rnn import blas; print(','.join(blas.available()))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PHI_RNN_SMALL_GEMM=str(library)))
-    assert result.returncode == 0, result.stderr
-    assert "libxsmm" not in result.stdout.split(",")
-    assert result.stderr.strip() == f"phi_rnn: warning: {library} is an older build: run `make native`; libxsmm not used"
+    found, stderr = _libraries_found_with(tmp_path, "PHI_RNN_SMALL_GEMM", "libsmall_gemm.so",
+                                          "int phi_gemm_init(void) { return 0; }\n")  # the previous entry point
+    assert "libxsmm" not in found
+    assert stderr == (f"phi_rnn: warning: {tmp_path / 'libsmall_gemm.so'} is an older build: run `make native`; "
+                      "libxsmm not used")
