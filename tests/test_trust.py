@@ -3,6 +3,7 @@
 are deterministic for a given seed and thread count (with or without pinning)."""
 import glob
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -166,7 +167,8 @@ def test_one_run_per_checkpoint_directory_and_the_lock_dies_with_its_holder(tmp_
     stale.write_bytes(b"half a checkpoint")
     third = run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--checkpoint_dir", cv, "--resume", "latest",
                     "--max_iters", checkpoint.load("latest", str(cv)).meta["iteration"] + 2, check=True)
-    assert "removed 1 temporary file(s) of an interrupted checkpoint write" in third.stdout
+    # ours, and the first run's own when the SIGKILL cut one of its checkpoint writes (it writes every 5 iterations)
+    assert re.search(r"removed [12] temporary file\(s\) of an interrupted checkpoint write", third.stdout), third.stdout
     assert not [n for n in os.listdir(cv) if n.startswith(".tmp-")]
 
 
