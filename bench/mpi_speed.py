@@ -109,11 +109,7 @@ class PerLayerAllreduce:
     def begin(self, loss, flags):
         """Before backward: the carried values in place, nothing started."""
         import numpy as np
-        grads = self.net.grads
-        spare = grads.storage[grads.data.size:]
-        spare[:] = 0
-        spare[0], spare[1] = distributed._split_pair(loss * self.world.share)
-        spare[distributed.CARRIED:distributed.CARRIED + len(flags)] = flags
+        distributed.pack_carried(self.net.grads, loss, flags, self.world.share)
         self.flags = len(flags)
         self.scale = np.float32(self.world.share)
         self.requests = []
@@ -135,9 +131,7 @@ class PerLayerAllreduce:
         self._start_next()
         self.active = False
         self.world.MPI.Request.Waitall(self.requests)
-        spare = self.net.grads.storage[self.net.grads.data.size:]
-        c = distributed.CARRIED
-        return float(spare[0]) + float(spare[1]), [float(f) for f in spare[c:c + self.flags]]
+        return distributed.unpack_carried(self.net.grads, self.flags)
 
 
 def worker(args):

@@ -93,6 +93,23 @@ def _split_pair(value):
     return high, np.float32(value - float(high))
 
 
+def pack_carried(grads, loss, flags, share):
+    """The loss (weighted by this rank's share, as a float32 pair) and the flags into the spare
+    slots after grads.data, where the gradient's allreduce sums them along with it."""
+    spare = grads.storage[grads.data.size:]
+    if spare.size < CARRIED + len(flags):
+        raise ValueError(f"gradient buffer has {spare.size} spare slots, {CARRIED + len(flags)} needed")
+    spare[:] = 0
+    spare[0], spare[1] = _split_pair(loss * share)
+    spare[CARRIED:CARRIED + len(flags)] = flags
+
+
+def unpack_carried(grads, count):
+    """After the allreduce: (the global loss, the `count` summed flags)."""
+    spare = grads.storage[grads.data.size:]
+    return float(spare[0]) + float(spare[1]), [float(f) for f in spare[CARRIED:CARRIED + count]]
+
+
 class Single:
     """One process: the whole batch, nothing to exchange."""
     rank, size, local_rank, local_size, root = 0, 1, 0, 1, True
@@ -157,17 +174,11 @@ class MpiWorld:
         weighted by its share of the global batch first (exact for equal power-of-two splits).
         Returns (global loss, summed flags); every rank gets the same."""
         import numpy as np
-        n = grads.data.size
-        spare = grads.storage[n:]
-        if spare.size < CARRIED + len(flags):
-            raise ValueError(f"gradient buffer has {spare.size} spare slots, {CARRIED + len(flags)} needed")
+        pack_carried(grads, loss, flags, self.share)
         if self.share != 1.0:
             grads.data *= np.float32(self.share)
-        spare[:] = 0
-        spare[0], spare[1] = _split_pair(loss * self.share)
-        spare[CARRIED:CARRIED + len(flags)] = flags
         self.comm.Allreduce(self.MPI.IN_PLACE, grads.storage, op=self.MPI.SUM)
-        return float(spare[0]) + float(spare[1]), [float(f) for f in spare[CARRIED:CARRIED + len(flags)]]
+        return unpack_carried(grads, len(flags))
 
     def mean_over_streams(self, value):
         """A per-stream mean (e.g. a validation loss over this rank's streams) -> the global mean."""
