@@ -20,7 +20,6 @@ allreduce figure is that wait. Needs the [mpi] extra (mpi4py + mpich).
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity, distributed  # noqa: E402  (light: start no runtime)
 from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 from phi_rnn.errors import UsageError  # noqa: E402
-from speed import peak_rss_mb, summary, versions  # noqa: E402  (light too; the numbers as speed.py reports them)
+from speed import machine_record, peak_rss_mb, summary, versions  # noqa: E402  (light too; the numbers as speed.py reports them)
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
@@ -242,10 +241,8 @@ def cpu_flags():
 
 
 def machine():
-    """This machine as speed.py describes it (bench/scale.py tells machines apart by it)."""
-    topology = affinity.read_topology(allowed=sorted(os.sched_getaffinity(0)))
-    return {"cpu": topology.model_name, "sockets": len(topology.sockets), "cores": len(topology.cores),
-            "logical_cpus": len(topology.cpus), "numa_nodes": len(topology.nodes), "hostname": platform.node()}
+    """This machine as speed.py describes it."""
+    return machine_record(affinity.read_topology(allowed=sorted(os.sched_getaffinity(0))))
 
 
 def summarize(rounds, key):

@@ -237,6 +237,12 @@ def torch_worker(args):
 RUNTIME_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_", "OPENBLAS_")
 
 
+def machine_record(topology):
+    """The machine as a report names it (bench/scale.py tells machines apart by it)."""
+    return {"cpu": topology.model_name, "sockets": len(topology.sockets), "cores": len(topology.cores),
+            "logical_cpus": len(topology.cpus), "numa_nodes": len(topology.nodes), "hostname": platform.node()}
+
+
 def run_worker(kind, argv, threads, script=__file__):
     """`script --worker kind` in a fresh process per implementation (this one loads no runtime: once libgomp loads it
     pins the main thread, and children would inherit that). phi_rnn's worker applies the plan;
@@ -293,11 +299,8 @@ def main(argv=None):
     except UsageError as e:
         print(f"speed.py: error: {e}", file=sys.stderr)
         return 2
-    topo = plan.topology.to_dict()
     report = {
-        "machine": {"cpu": topo["model_name"], "sockets": topo["sockets"], "cores": topo["cores"],
-                    "logical_cpus": topo["logical_cpus"], "numa_nodes": len(plan.topology.nodes),
-                    "hostname": platform.node()},
+        "machine": machine_record(plan.topology),
         "versions": mine["versions"],
         "config": {"model": args.model, "rnn_size": args.rnn_size, "num_layers": args.num_layers,
                    "batch_size": args.batch_size, "seq_length": args.seq_length, "vocab": args.vocab},
