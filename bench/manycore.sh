@@ -40,7 +40,8 @@ build_bundle() {
     cp "$ROOT/native/build/libsmall_gemm.so" "$ROOT/native/build/affinity_probe" "$BUNDLE_DIR/native/"
     local mkl_rt version
     mkl_rt=$("$venv_python" -c 'from phi_rnn.blas import MKL_RT_PATH; print(MKL_RT_PATH)')
-    version=$("$venv_python" -c 'from phi_rnn.blas import mkl_version; print(mkl_version())')
+    # the stamp names the layout too: a bundle of another layout is rebuilt
+    version="$("$venv_python" -c 'from phi_rnn.blas import mkl_version; print(mkl_version())'), libgomp apart"
     # MKL changes with the wheel only, and compressing it takes minutes: kept while its version is
     if [ -f "$ARCHIVE" ] && [ "$(cat "$BUNDLE_DIR/MKL_VERSION" 2>/dev/null)" = "$version" ]; then
         say "kept $ARCHIVE (MKL $version); refreshed native/"
@@ -53,8 +54,11 @@ build_bundle() {
     for lib in "${MKL_LIBS[@]}"; do
         cp "$(dirname "$mkl_rt")/$lib".so.* "$stage/lib/" || die "$lib not found next to $mkl_rt"
     done
-    # libgomp for a machine without one (numba's omp layer and MKL's GNU layer both need it)
-    cp "$(gcc -print-file-name=libgomp.so.1)" "$stage/lib/" 2>/dev/null || true
+    # libgomp for a machine without one (numba's omp layer and MKL's GNU layer both need it),
+    # in a folder of its own: MKL loads a libgomp from its own folder before the process's,
+    # and two OpenMP runtimes in one process are two thread pools fighting for the cores
+    mkdir -p "$stage/gomp"
+    cp "$(gcc -print-file-name=libgomp.so.1)" "$stage/gomp/" 2>/dev/null || true
     # the x86 filter and a dictionary as large as the biggest library: the CPU-path
     # libraries share much of their code
     tar -C "$stage" -cf - . | xz --x86 --lzma2=preset=9e,dict=128MiB -T1 > "$ARCHIVE.tmp"
@@ -89,7 +93,7 @@ unpack_bundle() {
     export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$UNPACKED/cache}
     if ! "$PYTHON" -c 'import ctypes.util, sys; sys.exit(ctypes.util.find_library("gomp") is None)'; then
         say "no libgomp on this machine: using the bundle's"
-        export LD_LIBRARY_PATH=$UNPACKED/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        export LD_LIBRARY_PATH=$UNPACKED/gomp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     fi
 }
 

@@ -4,10 +4,13 @@ measured point of a study and extrapolated to many-core counts (labelled as a mo
 Batch strategy, p threads, batch B: n = min(p, B) blocks of at most b = ceil(B / n) rows, one
 per thread; p - n threads idle.
 
-    t(p) = R(b) + Red(n, p) + Opt(p) + Rest(B) + N(p) c(p)
+    t(p) = R(b) (1 + (k(p) - 1) g) + Red(n, p) + Opt(p) + Rest(B) + N(p) c(p)
 
   R(b)      the block kernels (every layer's recurrence, the decoder; forward and backward) on
             b rows, measured on one core: the 1-thread point at batch b (the block series)
+  k(p), g   contention: a block's GEMMs run by all n blocks' threads at once take k(p) times
+            as long as run by one thread alone (scale_parts.py, measured in the p-thread
+            point's process); g is the GEMMs' share of R(b) there
   Red(n,p)  the per-block partial gradients summed: (n + 1) P floats streamed by p threads at
             the bandwidth one thread reached summing one part at 1 thread (2 P floats)
   Opt(p)    RMSprop over the P parameters (bandwidth-bound): its 1-thread time over p
@@ -16,18 +19,24 @@ per thread; p - n threads idle.
   N(p) c(p) parallel regions per iteration times the fork/join cost of one, measured at p
             threads by scale_barrier.py (c(1) = 0: one thread takes the serial kernels)
 
-Gemm strategy: one block, serial kernels, MKL-threaded GEMMs. With W the GEMM time at 1
-thread (the iteration's GFLOP at the per-thread rate of per-step products, measured by
-speed.py), N_gemm GEMM calls per iteration and w = B(p) / B(1) the work (1 for strong
-scaling): t(p) = w (t(1) - W + W / p) + N_gemm c(p).
+Gemm strategy: one block, serial kernels, MKL-threaded GEMMs. With W the series' GEMMs on one
+thread (scale_parts.py, in its 1-thread point's process), S = t(1) - W the rest, s(p) the
+GEMMs' speedup threaded by MKL at p threads (scale_parts.py, in the p-thread point's process;
+it holds MKL's own fork/join) and w = B(p) / B(1) the work (1 for strong scaling):
+t(p) = w (S + W / s(p)).
+
+Beyond the thread counts measured: k(p) stays what it was at the largest (each core keeps the
+share of cache and bandwidth it had there), s(p) follows Amdahl's law fitted through the
+measured speedups, c(p) a + b log2(p) through the measured costs.
 
 Hybrid (costed so as to decide on it; phi_rnn does not implement it, bench/README.md says
 why): n blocks with teams of q threads (n q <= p) that split each per-step product of a block
 by columns: R(ceil(B/n)) / q plus a team barrier per step and layer, forward and twice
 backward (3 T L c(q)); the best n and q are taken (q = 1: batch).
 
-The parts come from speed.py's profile (mean ms per kernel, scaled to the median) and
-scale_barrier.py's region cost; points without them (older studies) get no model.
+The parts come from speed.py's profile (mean ms per kernel, scaled to the median), its
+measured parts (speed.py --parts) and scale_barrier.py's region cost; points without a
+profile (older studies) get no model.
 """
 import math
 from dataclasses import dataclass
@@ -47,14 +56,7 @@ def regions_per_iteration(num_layers):
     return (2 * num_layers + 2) + (3 * num_layers + 2) + 1
 
 
-def gemm_calls_per_iteration(num_layers, seq_length):
-    """MKL calls of one gemm-strategy iteration: per step and layer the recurrent product
-    forward and backward; per layer the input projection, two weight gradients and the input
-    gradient; the decoder forward, its weight and input gradients."""
-    return 2 * seq_length * num_layers + 4 * num_layers + 3
-
-
-def parts_of(row):
+def profile_parts(row):
     """{block, reduce, optimizer, rest} ms of a measured row, from speed.py's profile (mean
     ms per iteration) scaled to the row's median; None without a profile."""
     profile, mean = row.get("profile"), row.get("mean_ms")
@@ -96,7 +98,7 @@ class BlockSeries:
     def __init__(self, rows):
         by_batch = {}
         for row in rows:
-            parts = parts_of(row)
+            parts = profile_parts(row)
             if parts:
                 by_batch[row["batch_size"]] = parts
         self.batches = sorted(by_batch)
@@ -137,35 +139,88 @@ def block_series(rows):
 
 
 @dataclass
+class Contention:
+    """k(p) and g of the batch strategy (module docstring): {threads: (k, g)} from the
+    series' points measured with scale_parts.py's block_contention."""
+    measured: dict
+
+    def __call__(self, p):
+        """(k(p), g): k(1) = 1; between measured counts linear in log2 p; beyond the largest
+        measured count, its value."""
+        known = sorted(self.measured)
+        if p <= 1 or not known:
+            return 1.0, 0.0
+        if p in self.measured:
+            return self.measured[p]
+        if p > known[-1]:
+            return self.measured[known[-1]]
+        counts = [1] + known
+        k = float(np.interp(math.log2(p), np.log2(counts), [1.0] + [self.measured[q][0] for q in known]))
+        return k, self.measured[min(q for q in known if q > p)][1]
+
+    def block_ms(self, p, one_core_ms):
+        k, share = self(p)
+        return one_core_ms * (1 + (k - 1) * share)
+
+
+@dataclass
+class ThreadedGemm:
+    """The gemm strategy's time (module docstring): S, W at the base batch on one thread and
+    the measured speedups {threads: s(p)} of its GEMMs threaded by MKL."""
+    serial_ms: float  # S
+    gemm_ms: float  # W
+    speedups: dict
+
+    def speedup(self, p):
+        """s(p): measured where measured; else Amdahl's law 1 / (f + (1 - f) / p) with f
+        least-squares through the measured counts (f > 1 where threading slowed them)."""
+        if p <= 1:
+            return 1.0
+        if p in self.speedups:
+            return self.speedups[p]
+        known = [q for q in self.speedups if q > 1]
+        if not known:
+            return 1.0
+        x = np.array([1 - 1 / q for q in known])
+        y = np.array([1 / self.speedups[q] - 1 / q for q in known])
+        serial = max(float(x @ y / (x @ x)), 0.0)
+        return 1 / (serial + (1 - serial) / p)
+
+    def time_ms(self, p, work):
+        return work * (self.serial_ms + self.gemm_ms / self.speedup(p))
+
+
+@dataclass
 class Model:
-    """The model of one series (fixed shape, strategy, policy; threads vary)."""
+    """The model of one series (fixed shape, strategy, policy; threads vary). `gemm` is the
+    gemm-strategy series' of the same shape (None where it was not measured with its parts);
+    `contention` the batch-strategy series'."""
     strategy: str
     num_layers: int
     seq_length: int
     base_batch: int
     weak: bool
     one_thread: dict  # the parts of the series' 1-thread point
-    gemm_ms: float  # W: the GEMM time at 1 thread (gemm strategy)
     blocks: BlockSeries
     regions: RegionCost
+    contention: Contention
+    gemm: ThreadedGemm = None
 
     def batch(self, p):
         return self.base_batch * p if self.weak else self.base_batch
 
     def time_ms(self, p, strategy=None):
+        """The model's time at p threads; None for the gemm strategy without its parts."""
         strategy = strategy or self.strategy
         batch = self.batch(p)
-        if strategy == "gemm":  # the 1-thread time grows with the batch (weak scaling)
-            work = batch / self.base_batch
-            one = sum(self.one_thread.values())
-            calls = gemm_calls_per_iteration(self.num_layers, self.seq_length)
-            return work * (one - self.gemm_ms + self.gemm_ms / p) + calls * self.regions(p)
-        blocks = min(p, batch)
-        rows = math.ceil(batch / blocks)
+        if strategy == "gemm":
+            return self.gemm.time_ms(p, batch / self.base_batch) if self.gemm else None
         if strategy == "hybrid":
             return min(self._hybrid_ms(p, batch, n, q) for n in range(1, min(p, batch) + 1)
                        for q in range(1, p // n + 1))
-        return (self.blocks.block_ms(rows) + self._shared_ms(p, blocks, batch)
+        blocks = min(p, batch)
+        rows = math.ceil(batch / blocks)
+        return (self.contention.block_ms(p, self.blocks.block_ms(rows)) + self._shared_ms(p, blocks, batch)
                 + regions_per_iteration(self.num_layers) * self.regions(p))
 
     def _shared_ms(self, p, blocks, batch):
@@ -177,7 +232,7 @@ class Model:
     def _hybrid_ms(self, p, batch, blocks, team):
         rows = math.ceil(batch / blocks)
         team_barriers = 3 * self.seq_length * self.num_layers * self.regions(team)
-        return (self.blocks.block_ms(rows) / team + team_barriers
+        return (self.contention.block_ms(p, self.blocks.block_ms(rows)) / team + team_barriers
                 + self._shared_ms(p, blocks, batch)
                 + regions_per_iteration(self.num_layers) * self.regions(p))
 
@@ -185,28 +240,69 @@ class Model:
         return max(p - self.batch(p), 0) if self.strategy == "batch" else 0
 
 
+def _measured_parts(row, name):
+    return (row.get("parts") or {}).get(name)
+
+
+def sibling(series, strategy):
+    """The series of the same shape, scaling, policy and library with another strategy."""
+    index = SERIES_FIELDS.index("strategy")
+    return series[:index] + (strategy,) + series[index + 1:]
+
+
+def contention_of(rows, blocks):
+    """The Contention of the batch-strategy rows `rows` (one series): k and g where a point
+    measured them (g: the GEMMs alone over R(b) of their block rows)."""
+    measured = {}
+    for row in rows:
+        parts = _measured_parts(row, "contention")
+        if parts and row["threads"] > 1:
+            share = min(parts["alone_ms"] / blocks.block_ms(parts["block_rows"]), 1.0)
+            measured[row["threads"]] = (parts["contention"], share)
+    return Contention(measured)
+
+
+def threaded_gemm_of(rows):
+    """The ThreadedGemm of the gemm-strategy rows `rows` (one series); None without a
+    1-thread point that measured its GEMMs."""
+    one = next((r for r in rows if r["threads"] == 1 and _measured_parts(r, "gemm")), None)
+    if one is None:
+        return None
+    gemm_ms = min(_measured_parts(one, "gemm")["one_thread_ms"], one["median_ms"])
+    speedups = {r["threads"]: _measured_parts(r, "gemm")["speedup"]
+                for r in rows if r["threads"] > 1 and _measured_parts(r, "gemm")}
+    return ThreadedGemm(serial_ms=one["median_ms"] - gemm_ms, gemm_ms=gemm_ms, speedups=speedups)
+
+
 def build_models(rows, region_ms):
-    """One Model per series that has a profiled 1-thread point, its block series and region
-    costs (region_ms: {(policy, threads): ms}); returns {series: Model}."""
+    """One Model per series that has a profiled 1-thread point and its block series (a gemm
+    series also its measured GEMMs), with region costs (region_ms: {(policy, threads): ms});
+    returns {series: Model}."""
     blocks = block_series(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    members = {}
+    for row in ok:
+        members.setdefault(series_of(row), []).append(row)
+    ones = {s: r for s, r in ((series_of(r), r) for r in ok if r["threads"] == 1)}
     models = {}
-    ones = {series_of(r): r for r in rows if r["status"] == "ok" and r["threads"] == 1}
-    for series in dict.fromkeys(series_of(r) for r in rows if r["status"] == "ok"):
+    for series, own in members.items():
         base = ones.get(series) or _one_thread_of_any_policy(series, ones)
-        parts = parts_of(base) if base else None
+        parts = profile_parts(base) if base else None
         shape_blocks = blocks.get(shape_of(base)) if base else None
         if not parts or not shape_blocks:
             continue
         fields = dict(zip(SERIES_FIELDS, series))
+        gemm_rows = members.get(sibling(series, "gemm"), [])
+        if fields["strategy"] == "gemm" and threaded_gemm_of(gemm_rows) is None:
+            continue
         costs = RegionCost({p: ms for (policy, p), ms in region_ms.items()
                             if policy == fields["policy"]})
-        rate = base.get("small_gemm_peak_gflops") or 0.0
         models[series] = Model(
             strategy=fields["strategy"], num_layers=base["num_layers"],
             seq_length=base["seq_length"], base_batch=base["batch_size"],
-            weak=fields["scaling"] == "weak", one_thread=parts,
-            gemm_ms=min(base["gflop_per_iter"] / rate * 1e3, sum(parts.values())) if rate else 0.0,
-            blocks=shape_blocks, regions=costs)
+            weak=fields["scaling"] == "weak", one_thread=parts, blocks=shape_blocks, regions=costs,
+            contention=contention_of(members.get(sibling(series, "batch"), []), shape_blocks),
+            gemm=threaded_gemm_of(gemm_rows))
     return models
 
 
@@ -235,7 +331,8 @@ def validate(rows, models):
 
 def extrapolate(series, model, base_row):
     """The model's rows for EXTRAPOLATE_TO: time, speedup over the measured 1-thread point,
-    idle threads, and for strong scaling what the other strategies would take."""
+    idle threads, and for strong scaling what the other strategies would take (gemm None
+    where its series was not measured with its parts)."""
     out = []
     for p in EXTRAPOLATE_TO:
         ms = model.time_ms(p)

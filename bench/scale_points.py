@@ -95,7 +95,7 @@ class Point:
                 "--seq_length", str(self.seq_length), "--vocab", str(self.vocab),
                 "--threads", str(self.threads), "--policy", self.policy,
                 "--strategy", self.strategy, "--iters", str(iters), "--warmup", str(warmup),
-                "--no-torch", "--json", "--profile"] + (["--blas", self.blas] if self.blas else [])
+                "--no-torch", "--json", "--profile", "--parts"] + (["--blas", self.blas] if self.blas else [])
 
 
 def series_of(row):

@@ -22,10 +22,13 @@ def write_markdown(path, rows, models, machine):
               "series; efficiency = speedup / (ranks x threads). *model ms* is scale_model.py's "
               "time for the point, built from measured parts, and *error* its difference from "
               "the measured median. *allreduce* is the gradient's allreduce as rank 0 saw it "
-              "(including any wait for a slower rank), as a share of the iteration.", "",
+              "(including any wait for a slower rank), as a share of the iteration. *part* is "
+              "the part measured in the point's own process (bench/scale_parts.py): *k* how "
+              "much slower a block's GEMMs run with every block at once (batch strategy), *s* "
+              "the speedup of the iteration's GEMMs threaded by MKL (gemm strategy).", "",
               f"| {series_cols} | threads | batch | median ms | min-max ms | chars/s | GFLOP/s "
-              "| % peak | speedup | efficiency | model ms | error | allreduce |",
-              "|" + "---|" * (len(SERIES_FIELDS) + 12)]
+              "| % peak | speedup | efficiency | part | model ms | error | allreduce |",
+              "|" + "---|" * (len(SERIES_FIELDS) + 13)]
     ok_rows = [r for r in rows if r["status"] == "ok"]
     for row in ok_rows:
         error, share = row.get("model_error"), row.get("allreduce_share")
@@ -34,7 +37,7 @@ def write_markdown(path, rows, models, machine):
             f"| {fmt_ms(row['median_ms'])} | {fmt_ms(row['min_ms'])}-{fmt_ms(row['max_ms'])} "
             f"| {row['chars_per_s']:.0f} | {fmt(row['gflops'], '.1f')} "
             f"| {fmt(row['pct_peak'], '.1f')} | {fmt(row['speedup'], '.2f')} "
-            f"| {fmt(row['efficiency'], '.2f')} | {fmt_ms(row['model_ms']) if row.get('model_ms') else ''} "
+            f"| {fmt(row['efficiency'], '.2f')} | {measured_part(row)} | {fmt_ms(row['model_ms']) if row.get('model_ms') else ''} "
             f"| {'' if error is None else f'{100 * error:+.1f}%'} "
             f"| {'' if share is None else f'{100 * share:.1f}%'} |")
     errors = [abs(r["model_error"]) for r in ok_rows if r.get("model_error") is not None]
@@ -45,11 +48,15 @@ def write_markdown(path, rows, models, machine):
                   f"{100 * VALIDATION_BAR:.0f}%; the largest error is {100 * max(errors):.1f}%.",
                   ""]
     lines += ["Time per iteration from measured parts (bench/scale_model.py): the block "
-              "kernels' time for b batch rows on one core, the partial-gradient reduction and "
-              "the optimizer against the bandwidth one thread reached, the serial rest, and "
-              "the parallel regions per iteration times the measured fork/join cost. The rows "
-              "below are the model, not measurements: extrapolating from these cores assumes "
-              "the same per-core rates and no memory-bandwidth ceiling.", "",
+              "kernels' time for b batch rows on one core, slowed by the contention k measured "
+              "with every block at once, the partial-gradient reduction and the optimizer "
+              "against the bandwidth one thread reached, the serial rest, and the parallel "
+              "regions per iteration times the measured fork/join cost; for the gemm strategy "
+              "the 1-thread time outside the GEMMs plus the GEMMs at their measured threaded "
+              "speedup s. The rows below are the model, not measurements: beyond the thread "
+              "counts measured, k stays at its value at the largest, s follows Amdahl's law "
+              "fitted through the measured speedups, and each core keeps its rates (no "
+              "memory-bandwidth ceiling).", "",
               f"| {series_cols} | threads | batch | model ms | speedup | efficiency "
               "| idle threads | batch ms | gemm ms | hybrid ms (not implemented) |",
               "|" + "---|" * (len(SERIES_FIELDS) + 9)]
@@ -60,7 +67,7 @@ def write_markdown(path, rows, models, machine):
                 f"| {' | '.join(str(m[f]) for f in SERIES_FIELDS)} | {x['threads']} "
                 f"| {x['batch_size']} | {fmt_ms(x['median_ms'])} | {x['speedup']:.2f} "
                 f"| {x['efficiency']:.2f} | {x['idle_threads']} | "
-                + " | ".join(fmt_ms(other[s]) if s in other else "" for s in ("batch", "gemm", "hybrid"))
+                + " | ".join("" if other.get(s) is None else fmt_ms(other[s]) for s in ("batch", "gemm", "hybrid"))
                 + " |")
     unmodelled = [m for m in models if not m["modelled"]]
     if unmodelled:
@@ -72,6 +79,15 @@ def write_markdown(path, rows, models, machine):
         lines += ["", "## Failed points", ""]
         lines += [f"- `{r['key']}` (point {r['index']}): {r['error']}" for r in failed]
     write_atomic(path, "\n".join(lines) + "\n")
+
+
+def measured_part(row):
+    """'k 1.05' or 's 1.27': the part measured with the point (bench/scale_parts.py)."""
+    if row.get("contention") is not None:
+        return f"k {row['contention']:.2f}"
+    if row.get("gemm_speedup") is not None and row["threads"] > 1:
+        return f"s {row['gemm_speedup']:.2f}"
+    return ""
 
 
 def machine_markdown(machine):

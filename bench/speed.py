@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--profile", action="store_true",
                    help="also time each kernel call of phi_rnn's iteration (mean ms per iteration)")
+    p.add_argument("--parts", action="store_true",
+                   help="also measure the scaling model's parts at this thread count (bench/scale_parts.py)")
     p.add_argument("--worker", choices=("phi_rnn", "torch"), help=argparse.SUPPRESS)
     affinity.add_thread_arguments(p)
     args = p.parse_args(argv)
@@ -146,7 +148,18 @@ def phi_rnn_worker(args):
     times, cpu_times = _timed_iterations(iteration, args.iters)
     profile = {label: seconds / args.iters * 1e3 for label, seconds in spent.items()}
     gflop = gemm_flops(args.model, args.vocab, args.rnn_size, args.num_layers, args.batch_size, args.seq_length) / 1e9
-    return times, cpu_times, gflop, profile
+    return times, cpu_times, gflop, profile, measured_parts(args) if args.parts else None
+
+
+def measured_parts(args):
+    """The scaling model's parts at this thread count on this config's shapes
+    (bench/scale_parts.py): the gemm strategy's GEMMs threaded by MKL; the batch strategy's
+    blocks slowing each other down (none at one thread)."""
+    import scale_parts
+    shape = (args.model, args.vocab, args.rnn_size, args.num_layers, args.batch_size, args.seq_length)
+    if args.strategy == "gemm":
+        return {"gemm": scale_parts.gemm_speedup(*shape)}
+    return {"contention": scale_parts.block_contention(*shape)} if args.threads > 1 else {}
 
 
 def training_iteration(config):
@@ -287,12 +300,12 @@ def main(argv=None):
     args.threads = plan.threads
     try:
         if args.worker == "phi_rnn":
-            times, cpu_times, gflop, profile = phi_rnn_worker(args)
+            times, cpu_times, gflop, profile, parts = phi_rnn_worker(args)
             from phi_rnn import blas
             print(json.dumps({"times": times, "cpu_times": cpu_times, "gflop": gflop, "peak": sgemm_peak_gflops(),
                               "small_peak": small_gemm_peak_gflops(), "gemm": blas.describe_backend(),
                               "vector": blas.vector_width(), "versions": versions(), "rss_mb": peak_rss_mb(),
-                              "profile": profile}))
+                              "profile": profile, "parts": parts}))
             return 0
         worker_argv = [a for a in argv if a not in ("--json",)]
         mine = run_worker("phi_rnn", worker_argv, plan.threads)
@@ -309,6 +322,7 @@ def main(argv=None):
         "peak_gflops": mine["peak"], "small_gemm_peak_gflops": mine["small_peak"],
         "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"], mine["rss_mb"], mine["cpu_times"]),
         "torch": None, "ratio": None, "cpu_ratio": None, "profile": mine["profile"] or None,
+        "parts": mine["parts"],
     }
     theirs = run_torch_reference(worker_argv, plan.threads) if args.torch else None
     if theirs:

@@ -639,6 +639,8 @@ def load_mkl() -> str | None:
 
 
 def runtime_mismatches(plan: Plan, numba_info: dict, mkl: dict | None, openmp: list[str]) -> list[str]:
+    """What differs from the plan in the runtimes' own accounts; openmp: the OpenMP runtime
+    libraries loaded."""
     problems = []
     if numba_info["threading_layer"] != "omp":
         problems.append(f"numba threading layer is {numba_info['threading_layer']!r}, expected 'omp'")
@@ -677,11 +679,14 @@ def verify(plan: Plan, probe: Path | str = PROBE_PATH) -> Verification:
         notes.append(PROBE_MISSING)
     if not any(i["internal_api"] == "mkl" for i in threadpool_info()):
         load_mkl()
+    # asking MKL for its threading layer loads the OpenMP runtime MKL picks (one in its own
+    # directory before the process's: two runtimes, two thread pools); the second look sees it
+    threadpool_info()
     pools = threadpool_info()
     mkl = next(({"num_threads": i["num_threads"], "threading_layer": i.get("threading_layer"),
                  "filepath": i["filepath"]} for i in pools if i["internal_api"] == "mkl"), None)
     openmp = [i["prefix"] for i in pools if i["user_api"] == "openmp"]
-    mismatches += runtime_mismatches(plan, numba_info, mkl, openmp)
+    mismatches += runtime_mismatches(plan, numba_info, mkl, [i["filepath"] for i in pools if i["user_api"] == "openmp"])
     if probe_report is not None:
         cpus, source = [t["cpu"] for t in sorted(probe_report["threads"], key=lambda t: t["thread"])], "probe"
     else:

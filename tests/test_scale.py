@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -60,7 +61,7 @@ def copy_study(study, tmp_path):
 # ---------------------------------------------------------------- the model
 
 def measured_row(batch, threads=1, strategy="batch", scaling="strong", block=1.0, reduce=0.1,
-                 optimizer=0.05, rest=0.2, median=None, rate=None):
+                 optimizer=0.05, rest=0.2, median=None, parts=None):
     """A collected row as scale_collect makes it from a profiled point (layers 2, seq 50)."""
     profile = {"layer_forward": block / 2, "layer_backward": block / 2, "reduce_parts": reduce,
                "rmsprop_step": optimizer}
@@ -69,51 +70,103 @@ def measured_row(batch, threads=1, strategy="batch", scaling="strong", block=1.0
             "strategy": strategy, "blas": "", "policy": "compact", "threads": threads,
             "num_layers": 2, "rnn_size": 128, "seq_length": 50, "vocab": 65,
             "batch_size": batch, "median_ms": median or mean, "mean_ms": mean,
-            "profile": profile, "gflop_per_iter": 3.0, "small_gemm_peak_gflops": rate,
-            "chars_per_s": 1.0}
+            "profile": profile, "parts": parts, "gflop_per_iter": 3.0, "chars_per_s": 1.0}
+
+
+def contention(block_rows, alone_ms, k):
+    return {"contention": {"block_rows": block_rows, "alone_ms": alone_ms, "together_ms": k * alone_ms,
+                           "contention": k}}
 
 
 def test_model_adds_the_measured_parts_by_its_formula():
     block_ms = {1: 0.1, 2: 0.15, 25: 1.2, 50: 2.0}  # R(b), one core
     rows = [measured_row(b, block=ms, rest=0.2 + 0.004 * b) for b, ms in block_ms.items()]
+    # at 2 threads the blocks' GEMMs (0.9 of R(25) = 1.2 ms) ran 1.2x slower together
+    rows.append(measured_row(50, threads=2, block=1.5, parts=contention(25, 0.9 * 1.2, 1.2)))
     region = {("compact", 2): 0.003, ("compact", 4): 0.004}
     model = scale_model.build_models(rows, region)[scale_points.series_of(rows[-1])]
     regions = scale_model.regions_per_iteration(2)
     assert regions == 6 + 8 + 1
     rest = 0.2 + 0.004 * 50  # Rest(B) is linear in B over the block series
     for p, rows_per_block, cost in ((2, 25, 0.003), (4, 13, 0.004)):
-        r_b = 1.2 + (2.0 - 1.2) * (rows_per_block - 25) / 25 if rows_per_block > 25 else \
-            0.15 + (1.2 - 0.15) * (rows_per_block - 2) / 23
-        expected = r_b + 0.1 * (p + 1) / (2 * p) + 0.05 / p + rest + regions * cost
+        r_b = 0.15 + (1.2 - 0.15) * (rows_per_block - 2) / 23
+        slowed = r_b * (1 + 0.2 * 0.9)  # k held at the largest count measured (2)
+        expected = slowed + 0.1 * (p + 1) / (2 * p) + 0.05 / p + rest + regions * cost
         assert model.time_ms(p) == pytest.approx(expected, rel=1e-9)
     # more threads than rows: 50 one-row blocks, 14 threads idle; c(64) from a + b log2(p)
     cost_64 = 0.003 + (0.004 - 0.003) * (6 - 1)
     assert model.time_ms(64) == pytest.approx(
-        0.1 + 0.1 * 51 / 128 + 0.05 / 64 + rest + regions * cost_64, rel=1e-9)
+        0.1 * 1.18 + 0.1 * 51 / 128 + 0.05 / 64 + rest + regions * cost_64, rel=1e-9)
     assert model.idle_threads(64) == 14 and model.idle_threads(50) == 0
     assert scale_model.validate(rows, {}) is None  # nothing modelled, no error claimed
 
 
-def test_hybrid_and_gemm_are_costed_from_the_same_parts():
+def test_contention_is_interpolated_in_log_threads_and_held_beyond():
+    c = scale_model.Contention({4: (1.3, 0.8), 16: (1.5, 0.9)})
+    assert c(1) == (1.0, 0.0) and c(4) == (1.3, 0.8)
+    assert c(2) == (pytest.approx(1.15), 0.8) and c(8) == (pytest.approx(1.4), 0.9)
+    assert c(64) == (1.5, 0.9)
+    assert c.block_ms(16, 10.0) == pytest.approx(10.0 * (1 + 0.5 * 0.9))
+
+
+def test_gemm_time_from_measured_threaded_speedups_then_amdahl():
+    def gemm_parts(one_thread_ms, speedup):
+        return {"gemm": {"one_thread_ms": one_thread_ms, "threaded_ms": one_thread_ms / speedup,
+                         "speedup": speedup}}
     rows = [measured_row(b, block=0.1 * b ** 0.8) for b in (1, 2, 4, 50)]
-    rows.append(measured_row(50, strategy="gemm", rate=30.0, block=2.5))
+    # the gemm series: 4 ms in all at one thread, 3 ms of it in GEMMs; threaded 1.6x at 2, 2.5x at 4
+    rows += [measured_row(50, strategy="gemm", median=4.0, parts=gemm_parts(3.0, 1.0)),
+             measured_row(50, threads=2, strategy="gemm", parts=gemm_parts(3.1, 1.6)),
+             measured_row(50, threads=4, strategy="gemm", parts=gemm_parts(3.2, 2.5))]
     models = scale_model.build_models(rows, {("compact", 2): 0.002, ("compact", 4): 0.003})
     batch = models[scale_points.series_of(rows[3])]
     gemm = models[scale_points.series_of(rows[4])]
-    p = 64
-    c = scale_model.RegionCost({2: 0.002, 4: 0.003})
-    shared = 0.1 * 51 / (2 * p) + 0.05 / p + batch.blocks.rest_ms(50) + 15 * c(p)
-    # 25 blocks of 2 rows, teams of 2 threads splitting each block's products by columns
+    assert gemm.time_ms(1) == pytest.approx(4.0)
+    assert gemm.time_ms(2) == pytest.approx(1.0 + 3.0 / 1.6)
+    # Amdahl through (2, 1.6), (4, 2.5): 1/s - 1/p = f (1 - 1/p), least squares
+    x, y = [0.5, 0.75], [1 / 1.6 - 0.5, 1 / 2.5 - 0.25]
+    f = (x[0] * y[0] + x[1] * y[1]) / (x[0] ** 2 + x[1] ** 2)
+    assert gemm.time_ms(64) == pytest.approx(1.0 + 3.0 * (f + (1 - f) / 64))
+    assert batch.time_ms(64, "gemm") == pytest.approx(gemm.time_ms(64))  # the sibling's parts
+    # hybrid: 25 blocks of 2 rows, teams of 2 threads splitting each block's products by columns
+    p, c = 64, scale_model.RegionCost({2: 0.002, 4: 0.003})
     two_row_teams = 0.1 * 2 ** 0.8 / 2 + 3 * 50 * 2 * c(2) + 0.1 * 26 / (2 * p) + 0.05 / p \
         + batch.blocks.rest_ms(50) + 15 * c(p)
-    assert batch.time_ms(p, "batch") == pytest.approx(0.1 + shared)
+    assert batch.time_ms(p, "batch") == pytest.approx(
+        0.1 + 0.1 * 51 / (2 * p) + 0.05 / p + batch.blocks.rest_ms(50) + 15 * c(p))
     assert batch.time_ms(p, "hybrid") <= min(two_row_teams, batch.time_ms(p, "batch")) + 1e-12
-    gemm_ms = 3.0 / 30.0 * 1e3  # W: the iteration's GFLOP at one thread's rate
-    one = gemm.one_thread
-    calls = scale_model.gemm_calls_per_iteration(2, 50)
-    assert gemm.gemm_ms == pytest.approx(min(gemm_ms, sum(one.values())))
-    assert gemm.time_ms(p) == pytest.approx(
-        sum(one.values()) - gemm.gemm_ms + gemm.gemm_ms / p + calls * c(p))
+    # a gemm series measured without its parts gets no model; the batch series no gemm time
+    for row in rows[4:]:
+        row["parts"] = None
+    models = scale_model.build_models(rows, {})
+    assert scale_points.series_of(rows[4]) not in models
+    assert models[scale_points.series_of(rows[3])].time_ms(64, "gemm") is None
+
+
+@pytest.mark.parametrize("model", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_parts_multiply_the_iterations_gemms(model, layers):
+    import scale_parts
+    from phi_rnn.model import gemm_flops
+    products = scale_parts.iteration_products(model, 65, 32, layers, 5, 7)
+    flops = sum(2 * calls * m * n * k for calls, _, m, n, k, _ in products)
+    assert flops == gemm_flops(model, 65, 32, layers, 5, 7)
+
+
+def test_parts_blocks_each_compute_their_own_products():
+    import scale_parts
+    products = ((3, False, 4, 12, 8, 1.0), (1, True, 8, 12, 20, 0.0))
+    operands = scale_parts._operands(products, 3, np.random.default_rng(1))
+    before = [c.copy() + 1 for _, _, c in operands]
+    for (_, _, c), start in zip(operands, before):
+        c[...] = start
+    scale_parts._run_blocks(operands, *scale_parts._table(products), 2)  # blocks 0 and 1, not 2
+    for (calls, trans_a, *_ , beta), (a, b, c), start in zip(products, operands, before):
+        for block in range(3):
+            for i in range(calls):
+                op_a = a[block, i].T if trans_a else a[block, i]
+                expected = op_a @ b + beta * start[block, i] if block < 2 else start[block, i]
+                np.testing.assert_allclose(c[block, i], expected, rtol=1e-5, atol=1e-4)
 
 
 def test_rows_without_a_profile_get_no_model():

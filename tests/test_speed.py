@@ -27,6 +27,22 @@ def test_profile_names_each_kernel_and_fits_in_the_iteration():
     assert report["gemm"].startswith(blas.default_backend())  # the run names its GEMM backend
 
 
+def test_parts_are_measured_with_the_point_at_its_thread_count():
+    def run(*extra):
+        argv = [sys.executable, str(SPEED), "--no-torch", "--parts", "--json", "--threads", "2",
+                "--rnn_size", "16", "--num_layers", "2", "--batch_size", "5", "--seq_length", "6",
+                "--vocab", "10", "--iters", "2", "--warmup", "1", *extra]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["parts"]
+    blocks = run()["contention"]  # batch strategy: 2 blocks of at most 3 of the 5 rows
+    assert (blocks["blocks"], blocks["block_rows"]) == (2, 3)
+    assert blocks["contention"] == blocks["together_ms"] / blocks["alone_ms"] and blocks["alone_ms"] > 0
+    gemm = run("--strategy", "gemm")["gemm"]
+    assert gemm["speedup"] == gemm["one_thread_ms"] / gemm["threaded_ms"] and gemm["threaded_ms"] > 0
+    assert run("--threads", "1") == {}  # one block: nothing contends
+
+
 SAMPLING = SPEED.parent / "sampling.py"
 
 
