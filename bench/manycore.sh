@@ -162,13 +162,17 @@ run_study() {
     out=$("${scale[@]}" --print-out)
     say "$cores usable cores; threads $threads; results in ${out#"$ROOT"/}"
 
-    # numba compiles every kernel once (~15-25 s) into phi_rnn's cache; each point then
-    # starts from the cache
+    # numba compiles every kernel once (~15-25 s) into phi_rnn's cache, and the model's
+    # parts (scale_parts.py, measured at more than one thread); each point then starts from
+    # the cache
     say "warming numba's cache"
-    "$PYTHON" "$ROOT/bench/speed.py" --rnn_size 16 --num_layers 1 --batch_size 4 --seq_length 8 \
-        --iters 1 --warmup 1 --threads 1 --no-torch --json > /dev/null
-    "$PYTHON" "$ROOT/bench/speed.py" --rnn_size 16 --num_layers 1 --batch_size 4 --seq_length 8 \
-        --iters 1 --warmup 1 --threads 1 --no-torch --json --strategy gemm > /dev/null
+    local strategy
+    for strategy in batch gemm; do
+        "$PYTHON" "$ROOT/bench/speed.py" --rnn_size 16 --num_layers 1 --batch_size 4 --seq_length 8 \
+            --iters 1 --warmup 1 --threads "${threads%%,*}" --no-torch --json --strategy $strategy > /dev/null
+        "$PYTHON" "$ROOT/bench/speed.py" --rnn_size 16 --num_layers 1 --batch_size 4 --seq_length 8 \
+            --iters 1 --warmup 1 --threads "$top" --no-torch --json --strategy $strategy --parts > /dev/null
+    done
 
     local quick=()
     [ "${MANYCORE_QUICK:-0}" = 1 ] && quick=(--iters 2 --warmup 1)
