@@ -157,9 +157,7 @@ def test_parts_blocks_each_compute_their_own_products():
     import scale_parts
     products = ((3, False, 4, 12, 8, 1.0), (1, True, 8, 12, 20, 0.0))
     operands = scale_parts._operands(products, 3, np.random.default_rng(1))
-    before = [c.copy() + 1 for _, _, c in operands]
-    for (_, _, c), start in zip(operands, before):
-        c[...] = start
+    before = [c.copy() for _, _, c in operands]
     scale_parts._run_blocks(operands, *scale_parts._table(products), 2)  # blocks 0 and 1, not 2
     for (calls, trans_a, *_ , beta), (a, b, c), start in zip(products, operands, before):
         for block in range(3):
