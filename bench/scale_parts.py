@@ -44,15 +44,18 @@ def iteration_products(model, vocab, rnn_size, num_layers, rows, seq_length):
 
 
 def _operands(products, blocks, rng):
-    """Per product (A, B, C): A and C (blocks, calls, ...) for each block's own activations,
-    one B (the weights every block shares), as an iteration holds them. All written here, so
-    that no timed run pays the page faults of their first touch."""
+    """Per product (A, B, C) as an iteration holds them: one B (the weights every block
+    shares); A and C (blocks, calls, ...) of each block's own. A per-step product's A is the
+    state its step just computed (one hot (m, k) per block), its C the step's own gates when
+    it adds to them (forward, beta 1) or one hot gradient (backward, beta 0). All written
+    here, so that no timed run pays the page faults of their first touch."""
     operands = List()
-    for calls, trans_a, m, n, k, _ in products:
-        shape_a = (blocks, calls, k, m) if trans_a else (blocks, calls, m, k)
+    for calls, trans_a, m, n, k, beta in products:
+        shape_a = (blocks, 1, k, m) if trans_a else (blocks, 1, m, k)
+        c_calls = calls if beta else 1
         operands.append((rng.standard_normal(shape_a, dtype=np.float32),
                          rng.standard_normal((k, n), dtype=np.float32),
-                         np.full((blocks, calls, m, n), 0.5, np.float32)))
+                         np.full((blocks, c_calls, m, n), 0.5, np.float32)))
     return operands
 
 
@@ -70,8 +73,8 @@ def _run_block(operands, table, betas, block):
         trans_a = TRANS if table[p, 1] else NO_TRANS
         m, n, k = table[p, 2], table[p, 3], table[p, 4]
         a_all, b, c_all = operands[p]
-        for i in range(table[p, 0]):
-            a, c = a_all[block, i], c_all[block, i]
+        for i in range(table[p, 0]):  # a step's A, C: the call's own, or the one hot one
+            a, c = a_all[block, i % a_all.shape[1]], c_all[block, i % c_all.shape[1]]
             sgemm(ROW_MAJOR, trans_a, NO_TRANS, m, n, k, one, a.ctypes.data, a.shape[1], b.ctypes.data,
                   b.shape[1], betas[p], c.ctypes.data, c.shape[1])
 

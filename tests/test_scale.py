@@ -154,17 +154,21 @@ def test_parts_multiply_the_iterations_gemms(model, layers):
 
 
 def test_parts_blocks_each_compute_their_own_products():
+    """Blocks 0 and 1 of 3 run every call of each product on their own operands (a per-step
+    product's one hot A, and its C per step when it adds to it); block 2 is left alone."""
     import scale_parts
-    products = ((3, False, 4, 12, 8, 1.0), (1, True, 8, 12, 20, 0.0))
+    products = ((3, False, 4, 12, 8, 1.0), (3, False, 4, 8, 12, 0.0), (1, True, 8, 12, 20, 0.0))
     operands = scale_parts._operands(products, 3, np.random.default_rng(1))
-    before = [c.copy() for _, _, c in operands]
-    scale_parts._run_blocks(operands, *scale_parts._table(products), 2)  # blocks 0 and 1, not 2
-    for (calls, trans_a, *_ , beta), (a, b, c), start in zip(products, operands, before):
-        for block in range(3):
+    expected = [c.copy() for _, _, c in operands]
+    for (calls, trans_a, *_, beta), (a, b, _), c in zip(products, operands, expected):
+        assert a.shape[1] == 1 and c.shape[1] == (calls if beta else 1)
+        for block in range(2):
             for i in range(calls):
-                op_a = a[block, i].T if trans_a else a[block, i]
-                expected = op_a @ b + beta * start[block, i] if block < 2 else start[block, i]
-                np.testing.assert_allclose(c[block, i], expected, rtol=1e-5, atol=1e-4)
+                op_a = a[block, 0].T if trans_a else a[block, 0]
+                c[block, i % c.shape[1]] = op_a @ b + beta * c[block, i % c.shape[1]]
+    scale_parts._run_blocks(operands, *scale_parts._table(products), 2)
+    for (_, _, c), want in zip(operands, expected):
+        np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4)
 
 
 def test_rows_without_a_profile_get_no_model():
