@@ -15,7 +15,7 @@ from scale_run import json_files, write_atomic, write_json_atomic
 CSV_FIELDS = ("index", "key", "status", "scaling", "config", "model", "num_layers", "rnn_size",
               "batch_size", "seq_length", "vocab", "ranks", "threads", "cores", "strategy", "blas", "policy",
               "median_ms", "min_ms", "max_ms", "spread_pct", "chars_per_s", "gflop_per_iter",
-              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "contention", "gemm_speedup",
+              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "contention", "gemm_threaded_ms",
               "model_ms", "model_error",
               "allreduce_ms", "allreduce_share", "gemm", "placement", "error")
 CURVE_THREADS = sorted({int(round(p)) for p in np.geomspace(1, max(EXTRAPOLATE_TO), 40)})
@@ -56,7 +56,7 @@ def record_to_row(record):
     row["spread_pct"] = 100.0 * (timing["max_ms"] - timing["min_ms"]) / timing["median_ms"]
     parts = row["parts"] or {}  # measured with the point (bench/scale_parts.py)
     row["contention"] = parts["contention"]["contention"] if "contention" in parts else None
-    row["gemm_speedup"] = parts["gemm"]["speedup"] if "gemm" in parts else None
+    row["gemm_threaded_ms"] = parts["gemm"]["threaded_ms"] if "gemm" in parts else None
     mpi = result.get("mpi")  # ranks > 1: the allreduce as rank 0 saw it (bench/mpi_speed.py)
     row["allreduce_ms"] = mpi["allreduce_ms"] if mpi else None
     row["allreduce_share"] = mpi["allreduce_share"] if mpi else None

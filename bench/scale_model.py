@@ -20,10 +20,12 @@ per thread; p - n threads idle.
             threads by scale_barrier.py (c(1) = 0: one thread takes the serial kernels)
 
 Gemm strategy: one block, serial kernels, MKL-threaded GEMMs. With W the series' GEMMs on one
-thread (scale_parts.py, in its 1-thread point's process), S = t(1) - W the rest, s(p) the
-GEMMs' speedup threaded by MKL at p threads (scale_parts.py, in the p-thread point's process;
-it holds MKL's own fork/join) and w = B(p) / B(1) the work (1 for strong scaling):
-t(p) = w (S + W / s(p)).
+thread and S = t(1) - W the rest, both from its 1-thread point's process, G(p) the GEMMs
+threaded by MKL in the p-thread point's process at its batch (scale_parts.py; it holds MKL's
+own fork/join per call), w = B(p) / B(1) the work (1 for strong scaling) and s(p) = w W / G(p)
+their speedup: t(p) = w (S + W / s(p)) = w S + G(p). (The one-thread run inside the p-thread
+process is not W: it shares the machine with p - 1 spinning OpenMP threads, which a
+1-thread run does not.)
 
 Beyond the thread counts measured: k(p) stays what it was at the largest (each core keeps the
 share of cache and bandwidth it had there), s(p) follows Amdahl's law fitted through the
@@ -166,7 +168,7 @@ class Contention:
 @dataclass
 class ThreadedGemm:
     """The gemm strategy's time (module docstring): S, W at the base batch on one thread and
-    the measured speedups {threads: s(p)} of its GEMMs threaded by MKL."""
+    the measured speedups {threads: s(p) = w W / G(p)} of its GEMMs threaded by MKL."""
     serial_ms: float  # S
     gemm_ms: float  # W
     speedups: dict
@@ -269,7 +271,7 @@ def threaded_gemm_of(rows):
     if one is None:
         return None
     gemm_ms = min(_measured_parts(one, "gemm")["one_thread_ms"], one["median_ms"])
-    speedups = {r["threads"]: _measured_parts(r, "gemm")["speedup"]
+    speedups = {r["threads"]: r["batch_size"] / one["batch_size"] * gemm_ms / _measured_parts(r, "gemm")["threaded_ms"]
                 for r in rows if r["threads"] > 1 and _measured_parts(r, "gemm")}
     return ThreadedGemm(serial_ms=one["median_ms"] - gemm_ms, gemm_ms=gemm_ms, speedups=speedups)
 

@@ -7,11 +7,13 @@ point's own shapes, as synthetic runs of the iteration's GEMMs (not the iteratio
   wait. The block series R(b) is measured on one core with the others idle; blocks that run
   together share the last-level cache and memory bandwidth (and, on a VM, whatever the host
   shares between its virtual CPUs).
-- gemm speedup: the iteration's GEMMs on the whole batch threaded by MKL at p threads, over
-  the same on one thread on the small-GEMM backend: what the gemm strategy gains per product.
+- threaded GEMMs: the iteration's GEMMs on the whole batch threaded by MKL at p threads,
+  G(p) (the gemm strategy's products), and the same on one thread on the small-GEMM backend,
+  interleaved round by round. The model takes the one-thread time from the 1-thread point's
+  own process: here p - 1 OpenMP threads spin next to it, which a 1-thread run does not have.
 
-Both are ratios of runs interleaved round by round in one process, so the machine's drift
-between points does not enter them.
+The contention is a ratio of runs interleaved round by round in one process, so the
+machine's drift between points does not enter it.
 """
 import time
 

@@ -24,8 +24,8 @@ def write_markdown(path, rows, models, machine):
               "the measured median. *allreduce* is the gradient's allreduce as rank 0 saw it "
               "(including any wait for a slower rank), as a share of the iteration. *part* is "
               "the part measured in the point's own process (bench/scale_parts.py): *k* how "
-              "much slower a block's GEMMs run with every block at once (batch strategy), *s* "
-              "the speedup of the iteration's GEMMs threaded by MKL (gemm strategy).", "",
+              "much slower a block's GEMMs run with every block at once (batch strategy), *G* "
+              "the iteration's GEMMs threaded by MKL, in ms (gemm strategy).", "",
               f"| {series_cols} | threads | batch | median ms | min-max ms | chars/s | GFLOP/s "
               "| % peak | speedup | efficiency | part | model ms | error | allreduce |",
               "|" + "---|" * (len(SERIES_FIELDS) + 13)]
@@ -52,10 +52,10 @@ def write_markdown(path, rows, models, machine):
               "with every block at once, the partial-gradient reduction and the optimizer "
               "against the bandwidth one thread reached, the serial rest, and the parallel "
               "regions per iteration times the measured fork/join cost; for the gemm strategy "
-              "the 1-thread time outside the GEMMs plus the GEMMs at their measured threaded "
-              "speedup s. The rows below are the model, not measurements: beyond the thread "
-              "counts measured, k stays at its value at the largest, s follows Amdahl's law "
-              "fitted through the measured speedups, and each core keeps its rates (no "
+              "the 1-thread time outside the GEMMs plus the GEMMs' time G threaded by MKL. The "
+              "rows below are the model, not measurements: beyond the thread counts measured, "
+              "k stays at its value at the largest, the GEMMs' speedup follows Amdahl's law "
+              "fitted through the measured ones, and each core keeps its rates (no "
               "memory-bandwidth ceiling).", "",
               f"| {series_cols} | threads | batch | model ms | speedup | efficiency "
               "| idle threads | batch ms | gemm ms | hybrid ms (not implemented) |",
@@ -82,11 +82,11 @@ def write_markdown(path, rows, models, machine):
 
 
 def measured_part(row):
-    """'k 1.05' or 's 1.27': the part measured with the point (bench/scale_parts.py)."""
+    """'k 1.05' or 'G 29.8': the part measured with the point (bench/scale_parts.py)."""
     if row.get("contention") is not None:
         return f"k {row['contention']:.2f}"
-    if row.get("gemm_speedup") is not None and row["threads"] > 1:
-        return f"s {row['gemm_speedup']:.2f}"
+    if row.get("gemm_threaded_ms") is not None and row["threads"] > 1:
+        return f"G {fmt_ms(row['gemm_threaded_ms'])}"
     return ""
 
 

@@ -180,10 +180,10 @@ def idle_threads_note(threads, batch_size, strategy, cpus=()):
     iteration i to thread i), so with more threads than rows threads batch_size.. get none and
     wait. Returns the line naming them and what to do, or None. bench/scale_model.py costs
     the ways out from measured parts: more rows per thread, or fewer threads at the same
-    speed. It finds the gemm strategy (each step's products shared, a fork/join per product)
-    slower than idle threads at char-rnn's sizes, and teams of threads sharing a block's
-    products (a hybrid) no faster than the batch strategy below 2 x batch_size threads, so
-    phi_rnn has neither as the answer (bench/README.md, "The hybrid, decided")."""
+    speed. It finds the gemm strategy (each step's products shared by MKL's threads) slower
+    than idle threads, and teams of threads sharing a block's products (a hybrid, not built)
+    no faster than the batch strategy at char-rnn's sizes (bench/README.md, "The hybrid,
+    decided")."""
     if strategy != "batch" or threads <= batch_size:
         return None
     idle = threads - batch_size
@@ -194,8 +194,7 @@ def idle_threads_note(threads, batch_size, strategy, cpus=()):
     return (f"note: {threads} threads for a batch of {batch_size} {rows}: {which}{where} {get} no "
             f"rows and wait, {idle} of {threads} idle. Give every thread rows with --batch_size "
             f"{threads} (or a multiple of it), or run --threads {batch_size}: the same speed with "
-            f"{idle} {cores} free (the batch strategy runs; sharing a block among threads would "
-            f"gain nothing here by the scaling model, and --strategy gemm is slower)")
+            f"{idle} {cores} free (the batch strategy runs; --strategy gemm is slower)")
 
 
 def thread_cpus():

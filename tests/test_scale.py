@@ -110,14 +110,14 @@ def test_contention_is_interpolated_in_log_threads_and_held_beyond():
 
 
 def test_gemm_time_from_measured_threaded_speedups_then_amdahl():
-    def gemm_parts(one_thread_ms, speedup):
-        return {"gemm": {"one_thread_ms": one_thread_ms, "threaded_ms": one_thread_ms / speedup,
-                         "speedup": speedup}}
+    def gemm_parts(threaded_ms, one_thread_ms=9.9):  # the one-thread run of a p-thread process: unused
+        return {"gemm": {"one_thread_ms": one_thread_ms, "threaded_ms": threaded_ms,
+                         "speedup": one_thread_ms / threaded_ms}}
     rows = [measured_row(b, block=0.1 * b ** 0.8) for b in (1, 2, 4, 50)]
     # the gemm series: 4 ms in all at one thread, 3 ms of it in GEMMs; threaded 1.6x at 2, 2.5x at 4
-    rows += [measured_row(50, strategy="gemm", median=4.0, parts=gemm_parts(3.0, 1.0)),
-             measured_row(50, threads=2, strategy="gemm", parts=gemm_parts(3.1, 1.6)),
-             measured_row(50, threads=4, strategy="gemm", parts=gemm_parts(3.2, 2.5))]
+    rows += [measured_row(50, strategy="gemm", median=4.0, parts=gemm_parts(3.0, 3.0)),
+             measured_row(50, threads=2, strategy="gemm", parts=gemm_parts(3.0 / 1.6)),
+             measured_row(50, threads=4, strategy="gemm", parts=gemm_parts(3.0 / 2.5))]
     models = scale_model.build_models(rows, {("compact", 2): 0.002, ("compact", 4): 0.003})
     batch = models[scale_points.series_of(rows[3])]
     gemm = models[scale_points.series_of(rows[4])]
@@ -135,6 +135,13 @@ def test_gemm_time_from_measured_threaded_speedups_then_amdahl():
     assert batch.time_ms(p, "batch") == pytest.approx(
         0.1 + 0.1 * 51 / (2 * p) + 0.05 / p + batch.blocks.rest_ms(50) + 15 * c(p))
     assert batch.time_ms(p, "hybrid") <= min(two_row_teams, batch.time_ms(p, "batch")) + 1e-12
+    # weak scaling: the GEMMs of twice the batch at 2 threads in 4.5 ms, 1 ms outside them per batch
+    weak = [measured_row(8, scaling="weak", strategy="gemm", median=4.0, parts=gemm_parts(3.0, 3.0)),
+            measured_row(16, threads=2, scaling="weak", strategy="gemm", parts=gemm_parts(4.5))]
+    weak[1]["config"] = weak[0]["config"]  # one series: the config's batch of 8 per thread
+    model = scale_model.build_models(rows[:4] + weak, {})[scale_points.series_of(weak[1])]
+    assert model.gemm.speedup(2) == pytest.approx(2 * 3.0 / 4.5)
+    assert model.time_ms(2) == pytest.approx(2 * 1.0 + 4.5)
     # a gemm series measured without its parts gets no model; the batch series no gemm time
     for row in rows[4:]:
         row["parts"] = None
