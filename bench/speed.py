@@ -390,6 +390,15 @@ def print_report(r):
         for label, ms in sorted(r["profile"].items(), key=lambda item: -item[1]):
             print(f"  {ms:7.3f}  {label}")
         print(f"  {mean - sum(r['profile'].values()):7.3f}  the rest (Python, numpy, dropout masks)")
+    parts = r.get("parts") or {}
+    if "contention" in parts:
+        c = parts["contention"]
+        print(f"parts: {c['blocks']} blocks of {c['block_rows']} rows, their GEMMs {c['alone_ms']:.2f} ms alone, "
+              f"{c['together_ms']:.2f} ms all at once: contention k = {c['contention']:.2f}")
+    if "gemm" in parts:
+        g = parts["gemm"]
+        print(f"parts: the iteration's GEMMs {g['threaded_ms']:.2f} ms as this process runs them "
+              f"({g['one_thread_ms']:.2f} ms on one of its threads)")
     floor = r["gflop_per_iter"] / r["peak_gflops"] * 1e3
     strict = r["gflop_per_iter"] / best_rate(r) * 1e3
     line = (f"phi_rnn / GEMM floor = {r['phi_rnn']['median_ms'] / floor:.2f} "
