@@ -23,7 +23,7 @@ from numba import njit, prange
 from numba.typed import List
 
 from phi_rnn import blas
-from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, set_num_threads_local, sgemm
+from phi_rnn.blas import run_product_table, set_num_threads_local
 from phi_rnn.cells import GATES
 
 BUDGET_S = 1.5  # for each part, all rounds together: a point's own timing takes seconds
@@ -46,39 +46,29 @@ def iteration_products(model, vocab, rnn_size, num_layers, rows, seq_length):
 
 
 def _operands(products, blocks, rng):
-    """Per product (A, B, C) as an iteration holds them: one B (the weights every block
-    shares); A and C (blocks, calls, ...) of each block's own. A per-step product's A is the
-    state its step just computed (one hot (m, k) per block), its C the step's own gates when
-    it adds to them (forward, beta 1) or one hot gradient (backward, beta 0). All written
-    here, so that no timed run pays the page faults of their first touch."""
-    operands = List()
-    for calls, trans_a, m, n, k, beta in products:
-        shape_a = (blocks, 1, k, m) if trans_a else (blocks, 1, m, k)
-        c_calls = calls if beta else 1
-        operands.append((rng.standard_normal(shape_a, dtype=np.float32),
-                         rng.standard_normal((k, n), dtype=np.float32),
-                         np.full((blocks, c_calls, m, n), 0.5, np.float32)))
-    return operands
+    """Each block's operands of `products` as an iteration holds them, for
+    blas.run_product_table: [[(A, B, C) per product] per block], one B per product (the weights
+    every block shares). A per-step product's A is the state its step just computed (one hot
+    (m, k) slice), its C the step's own gates when it adds to them (forward, beta 1) or one hot
+    gradient (backward, beta 0). All written here, so that no timed run pays the page faults
+    of their first touch."""
+    weights = [rng.standard_normal((k, n), dtype=np.float32) for _, _, _, n, k, _ in products]
+    by_block = List()
+    for _ in range(blocks):
+        operands = List()
+        for (calls, trans_a, m, n, k, beta), b in zip(products, weights):
+            operands.append((rng.standard_normal((1, k, m) if trans_a else (1, m, k), dtype=np.float32), b,
+                             np.full((calls if beta else 1, m, n), 0.5, np.float32)))
+        by_block.append(operands)
+    return by_block
 
 
-def _table(products, warm_up=False):
-    """(products as an int64 table, their betas); warm_up: one call of each."""
-    return (np.array([(1 if warm_up else calls, int(t), m, n, k) for calls, t, m, n, k, _ in products], np.int64),
-            np.array([beta for *_, beta in products], np.float32))
-
-
-@njit(cache=True)
-def _run_block(operands, table, betas, block):
-    """Every call of the table on block `block`'s operands, through the kernels' GEMM."""
-    one = np.float32(1.0)
-    for p in range(table.shape[0]):
-        trans_a = TRANS if table[p, 1] else NO_TRANS
-        m, n, k = table[p, 2], table[p, 3], table[p, 4]
-        a_all, b, c_all = operands[p]
-        for i in range(table[p, 0]):  # a step's A, C: the call's own, or the one hot one
-            a, c = a_all[block, i % a_all.shape[1]], c_all[block, i % c_all.shape[1]]
-            sgemm(ROW_MAJOR, trans_a, NO_TRANS, m, n, k, one, a.ctypes.data, a.shape[1], b.ctypes.data,
-                  b.shape[1], betas[p], c.ctypes.data, c.shape[1])
+def _tables(products):
+    """{warm_up: (table, betas)}: every call of the products, or one call of each."""
+    table, betas = blas.product_table(products)
+    warm = table.copy()
+    warm[:, 0] = 1
+    return {False: (table, betas), True: (warm, betas)}
 
 
 @njit(parallel=True, cache=True)
@@ -87,7 +77,7 @@ def _run_blocks(operands, table, betas, blocks):
     strategy's block kernels (kernels.layer_forward_blocks)."""
     for block in prange(blocks):
         set_num_threads_local(1)
-        _run_block(operands, table, betas, block)
+        run_product_table(operands[block], table, betas, 0, table.shape[0])
         set_num_threads_local(0)
 
 
@@ -119,7 +109,7 @@ def block_contention(model, vocab, rnn_size, num_layers, batch_size, seq_length)
     rows = -(-batch_size // blocks)
     products = iteration_products(model, vocab, rnn_size, num_layers, rows, seq_length)
     operands = _operands(products, blocks, np.random.default_rng(0))
-    tables = {False: _table(products), True: _table(products, warm_up=True)}
+    tables = _tables(products)
     medians, rounds = _interleaved_medians({
         "alone": lambda warm_up=False: _run_blocks(operands, *tables[warm_up], 1),
         "together": lambda warm_up=False: _run_blocks(operands, *tables[warm_up], blocks)})
@@ -133,16 +123,16 @@ def gemm_speedup(model, vocab, rnn_size, num_layers, batch_size, seq_length):
     small-GEMM backend, as a one-thread run takes them), "threaded_ms" (MKL on every thread),
     "speedup", "rounds"}."""
     products = iteration_products(model, vocab, rnn_size, num_layers, batch_size, seq_length)
-    operands = _operands(products, 1, np.random.default_rng(0))
-    tables = {False: _table(products), True: _table(products, warm_up=True)}
+    operands = _operands(products, 1, np.random.default_rng(0))[0]
+    tables = _tables(products)
 
     def on_one_thread(warm_up=False):
         with blas.one_thread():
-            _run_block(operands, *tables[warm_up], 0)
+            run_product_table(operands, *tables[warm_up], 0, len(products))
 
     runs = {"one": on_one_thread}
     if numba.get_num_threads() > 1:  # on one thread both are the same run
-        runs["threaded"] = lambda warm_up=False: _run_block(operands, *tables[warm_up], 0)
+        runs["threaded"] = lambda warm_up=False: run_product_table(operands, *tables[warm_up], 0, len(products))
     medians, rounds = _interleaved_medians(runs)
     threaded = medians.get("threaded", medians["one"])
     return {"one_thread_ms": medians["one"] * 1e3, "threaded_ms": threaded * 1e3,

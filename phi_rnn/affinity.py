@@ -685,8 +685,9 @@ def verify(plan: Plan, probe: Path | str = PROBE_PATH) -> Verification:
     pools = threadpool_info()
     mkl = next(({"num_threads": i["num_threads"], "threading_layer": i.get("threading_layer"),
                  "filepath": i["filepath"]} for i in pools if i["internal_api"] == "mkl"), None)
-    openmp = [i["prefix"] for i in pools if i["user_api"] == "openmp"]
-    mismatches += runtime_mismatches(plan, numba_info, mkl, [i["filepath"] for i in pools if i["user_api"] == "openmp"])
+    openmp_pools = [i for i in pools if i["user_api"] == "openmp"]
+    openmp = [i["prefix"] for i in openmp_pools]
+    mismatches += runtime_mismatches(plan, numba_info, mkl, [i["filepath"] for i in openmp_pools])
     if probe_report is not None:
         cpus, source = [t["cpu"] for t in sorted(probe_report["threads"], key=lambda t: t["thread"])], "probe"
     else:

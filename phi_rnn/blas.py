@@ -395,29 +395,33 @@ def measurement_operands(products, rng):
     return operands
 
 
-def _product_table(products):
+def product_table(products):
+    """(products as an int64 table of (calls, trans_a, m, n, k), their betas as float32):
+    what run_product_table takes."""
     return (np.array([(calls, int(t), m, n, k) for calls, t, m, n, k, _ in products], np.int64),
             np.array([beta for *_, beta in products], np.float32))
 
 
 @njit(cache=True)
-def _run_products(operands, products, betas, first, stop):
-    """Products first..stop-1 of the table, call i of each on its operands' A[i], B, C[i]."""
+def run_product_table(operands, products, betas, first, stop):
+    """Products first..stop-1 of the table, call i of each on its operands' A[i], B, C[i]; an
+    A or C of one slice is that slice on every call (a hot operand: the state a step just
+    computed)."""
     one = np.float32(1.0)
     for p in range(first, stop):
         trans_a = TRANS if products[p, 1] else NO_TRANS
         m, n, k = products[p, 2], products[p, 3], products[p, 4]
         a_steps, b, c_steps = operands[p]
         for i in range(products[p, 0]):
-            a, c = a_steps[i], c_steps[i]
+            a, c = a_steps[i % a_steps.shape[0]], c_steps[i % c_steps.shape[0]]
             sgemm(ROW_MAJOR, trans_a, NO_TRANS, m, n, k, one, a.ctypes.data, a.shape[1], b.ctypes.data,
                   b.shape[1], betas[p], c.ctypes.data, c.shape[1])
 
 
 def run_products(products, operands):
     """Every call of `products` on `operands` (measurement_operands) through the kernels' GEMM."""
-    table, betas = _product_table(products)
-    _run_products(operands, table, betas, 0, len(products))
+    table, betas = product_table(products)
+    run_product_table(operands, table, betas, 0, len(products))
 
 
 @contextlib.contextmanager
@@ -454,7 +458,7 @@ def product_rates(names, products, groups, rounds=7):
     round by round, the median round each, timed in this thread's CPU time (time other
     processes take the core from it does not count)."""
     operands = measurement_operands(products, np.random.default_rng(0))
-    table, betas = _product_table(products)
+    table, betas = product_table(products)
     flop = {group: sum(2 * c * m * n * k for c, _, m, n, k, _ in products[lo:hi]) for group, (lo, hi) in groups.items()}
     seconds = {(name, group): [] for name in names for group in groups}
     with one_thread():
@@ -463,7 +467,7 @@ def product_rates(names, products, groups, rounds=7):
                 with using(name):
                     for group, (lo, hi) in groups.items():
                         t0 = time.thread_time()
-                        _run_products(operands, table, betas, lo, hi)
+                        run_product_table(operands, table, betas, lo, hi)
                         if r:  # round 0 warms up (libxsmm generates its kernels there)
                             seconds[name, group].append(time.thread_time() - t0)
     return {key: flop[key[1]] / float(np.median(s)) / 1e9 for key, s in seconds.items()}

@@ -166,16 +166,19 @@ def test_parts_blocks_each_compute_their_own_products():
     import scale_parts
     products = ((3, False, 4, 12, 8, 1.0), (3, False, 4, 8, 12, 0.0), (1, True, 8, 12, 20, 0.0))
     operands = scale_parts._operands(products, 3, np.random.default_rng(1))
-    expected = [c.copy() for _, _, c in operands]
-    for (calls, trans_a, *_, beta), (a, b, _), c in zip(products, operands, expected):
-        assert a.shape[1] == 1 and c.shape[1] == (calls if beta else 1)
-        for block in range(2):
-            for i in range(calls):
-                op_a = a[block, 0].T if trans_a else a[block, 0]
-                c[block, i % c.shape[1]] = op_a @ b + beta * c[block, i % c.shape[1]]
-    scale_parts._run_blocks(operands, *scale_parts._table(products), 2)
-    for (_, _, c), want in zip(operands, expected):
-        np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-4)
+    expected = [[c.copy() for _, _, c in block] for block in operands]
+    for block in range(3):
+        for j, ((calls, trans_a, *_, beta), (a, b, _), c) in enumerate(zip(products, operands[block], expected[block])):
+            assert a.shape[0] == 1 and c.shape[0] == (calls if beta else 1)
+            assert np.shares_memory(b, operands[0][j][1])  # every block multiplies by the same weights
+            for i in range(calls if block < 2 else 0):
+                op_a = a[0].T if trans_a else a[0]
+                c[i % c.shape[0]] = op_a @ b + beta * c[i % c.shape[0]]
+    table, betas = scale_parts._tables(products)[False]
+    scale_parts._run_blocks(operands, table, betas, 2)
+    for block, want in zip(operands, expected):
+        for (_, _, c), c_want in zip(block, want):
+            np.testing.assert_allclose(c, c_want, rtol=1e-5, atol=1e-4)
 
 
 def test_rows_without_a_profile_get_no_model():
