@@ -77,7 +77,7 @@ def _run_blocks(operands, table, betas, blocks):
     strategy's block kernels (kernels.layer_forward_blocks)."""
     for block in prange(blocks):
         set_num_threads_local(1)
-        run_product_table(operands[block], table, betas, 0, table.shape[0])
+        run_product_table(operands[np.int64(block)], table, betas, 0, table.shape[0])  # prange counts in uint64
         set_num_threads_local(0)
 
 
