@@ -1,0 +1,241 @@
+"""bfloat16 for the compiled kernels: whether this CPU runs it natively, the conversions
+between float32 and bfloat16, and the GEMM on bfloat16 operands with float32 accumulation
+and output.
+
+A bfloat16 number is the upper half of a float32's bits; arrays of them are uint16 arrays
+(numba has no bfloat16 type). Rounding is to nearest, ties to even, as the CPU's
+vcvtneps2bf16 and PyTorch round; a NaN stays a NaN (quiet, its sign and upper payload
+kept), a finite value past bfloat16's largest rounds to infinity, denormals stay denormals.
+
+`gemm` is called from compiled code with cblas_sgemm's arguments, A and B the addresses of
+bfloat16 (uint16) arrays, C float32: C = alpha * op(A) @ op(B) + beta * C. It runs on
+oneDNN's dnnl_gemm_bf16bf16f32 (the `onednn-cpu-gomp` wheel: JIT kernels by instruction
+set, AVX512_BF16 or AMX) or MKL's cblas_gemm_bf16bf16f32, per kind of product as blas.py
+tells them apart (per-step products: fewer than blas.STEP_ROWS rows, A not transposed). Both
+libraries are the ones blas.py loads. Threads: oneDNN runs on its caller's thread inside an
+OpenMP parallel region and on omp_get_max_threads() threads outside one; MKL on the calling
+thread's MKL thread count.
+
+A CPU without avx512_bf16 or amx_bf16 would run these products in emulation, slower than
+float32: require_native() refuses it. ONEDNN_MAX_CPU_ISA capping oneDNN below
+AVX512_CORE_BF16 counts as such a CPU (how the refusal is tested on one that has them).
+"""
+import contextlib
+import ctypes
+import os
+
+import numpy as np
+from llvmlite import binding
+from numba import cfunc, njit, types
+
+from phi_rnn import blas
+from phi_rnn.blas import NO_TRANS, ROW_MAJOR, STEP_ROWS, TRANS
+from phi_rnn.errors import UsageError
+
+NATIVE_FEATURES = ("avx512_bf16", "amx_bf16")
+# Bits of oneDNN's dnnl_cpu_isa_t (dnnl_get_effective_cpu_isa) that each feature sets: the
+# instruction sets its kernels may use, after ONEDNN_MAX_CPU_ISA.
+_DNNL_ISA_BITS = {"avx512_bf16": 0x80, "amx_bf16": 0x800}
+_ISA_CAP_ENV = "ONEDNN_MAX_CPU_ISA"
+
+
+def cpu_flags():
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_features():
+    """The native bfloat16 features (of NATIVE_FEATURES) this CPU has and oneDNN may use."""
+    flags = cpu_flags()
+    isa = blas._onednn.dnnl_get_effective_cpu_isa() if blas._onednn else None
+    return tuple(f for f in NATIVE_FEATURES if f in flags and (isa is None or isa & _DNNL_ISA_BITS[f]))
+
+
+def refusal():
+    """Why --precision bf16 cannot run here: one line."""
+    text = "--precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16); this CPU has neither"
+    hidden = [f for f in NATIVE_FEATURES if f in cpu_flags()]
+    if hidden:
+        cap = os.environ.get(_ISA_CAP_ENV)
+        hider = f"{_ISA_CAP_ENV}={cap} hides" if cap else "oneDNN cannot use"
+        text += f" ({hider} its {' and '.join(hidden)})"
+    return text
+
+
+def require_native():
+    """Raise UsageError(refusal()) unless this CPU runs bfloat16 natively."""
+    if not native_features():
+        raise UsageError(refusal())
+
+
+# ---------------------------------------------------------------- conversions
+
+_opts = dict(cache=True, error_model="numpy")
+_SIGN_MASK, _EXPONENT_ALL = np.uint32(0x7FFFFFFF), np.uint32(0x7F800000)
+_ROUND_BIAS, _QUIET = np.uint32(0x7FFF), np.uint32(0x40)
+_SIXTEEN, _ONE = np.uint32(16), np.uint32(1)
+
+
+@njit(**_opts)
+def bf16_bits(value):
+    """The bfloat16 nearest to float32 `value` (ties to even), as its uint16 bits."""
+    bits = np.float32(value).view(np.uint32)
+    upper = np.uint32(bits >> _SIXTEEN)  # numba widens uint32 arithmetic to 64 bits: kept to 32
+    # Adding 0x7fff plus the kept part's lowest bit carries into it exactly when the dropped
+    # half is above one half, or one half and the kept part odd; a carry out of the mantissa
+    # raises the exponent, up to infinity.
+    rounded = np.uint32(np.uint32(bits + _ROUND_BIAS + (upper & _ONE)) >> _SIXTEEN)
+    is_nan = (bits & _SIGN_MASK) > _EXPONENT_ALL
+    return np.uint16(np.uint32(upper | _QUIET) if is_nan else rounded)
+
+
+@njit(**_opts)
+def bf16_value(bits):
+    """The float32 that bfloat16 bits `bits` stand for (exact)."""
+    return np.uint32(np.uint32(bits) << _SIXTEEN).view(np.float32)
+
+
+@njit(**_opts)
+def round_into(values, out):
+    """out[i] = bf16_bits(values[i]): float32 values into a uint16 array of the same shape,
+    both contiguous."""
+    src = values.reshape(values.size)
+    dst = out.reshape(out.size)
+    for i in range(src.shape[0]):
+        dst[i] = bf16_bits(src[i])
+
+
+@njit(**_opts)
+def widen_into(bits, out):
+    """out[i] = bf16_value(bits[i]): a uint16 array of bfloat16 into float32 of the same
+    shape, both contiguous."""
+    src = bits.reshape(bits.size)
+    dst = out.reshape(out.size)
+    for i in range(src.shape[0]):
+        dst[i] = bf16_value(src[i])
+
+
+def to_bf16(values):
+    """A new uint16 array of the bfloat16s nearest to `values` (any float array)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    out = np.empty(values.shape, np.uint16)
+    round_into(values, out)
+    return out
+
+
+def to_float32(bits):
+    """A new float32 array of the values of bfloat16 `bits` (a uint16 array)."""
+    bits = np.ascontiguousarray(bits, dtype=np.uint16)
+    out = np.empty(bits.shape, np.float32)
+    widen_into(bits, out)
+    return out
+
+
+# ---------------------------------------------------------------- the GEMM
+
+_i32, _i64, _f32, _ptr = types.int32, types.int64, types.float32, types.intp
+_GEMM_ARGS = (_i32, _i32, _i32, _i32, _i32, _i32, _f32, _ptr, _i32, _ptr, _i32, _f32, _ptr, _i32)
+# void cblas_gemm_bf16bf16f32(layout, transa, transb, m, n, k, alpha, const MKL_BF16 *a, lda,
+# const MKL_BF16 *b, ldb, beta, float *c, ldc)
+_mkl_gemm = types.ExternalFunction("phi_rnn_mkl_gemm_bf16", types.void(*_GEMM_ARGS))
+# dnnl_status_t dnnl_gemm_bf16bf16f32(char transa, char transb, dim_t m, n, k, float alpha,
+# const bfloat16 *a, dim_t lda, const bfloat16 *b, dim_t ldb, float beta, float *c, dim_t ldc):
+# row-major like dnnl_sgemm, 0 = done.
+_onednn_gemm = types.ExternalFunction("phi_rnn_onednn_gemm_bf16", types.int32(
+    types.int8, types.int8, _i64, _i64, _i64, _f32, _ptr, _i64, _ptr, _i64, _f32, _ptr, _i64))
+_DNNL_T, _DNNL_N = np.int8(ord("T")), np.int8(ord("N"))
+
+_mkl_address = blas._address(blas._mkl, "cblas_gemm_bf16bf16f32")
+binding.add_symbol("phi_rnn_mkl_gemm_bf16", _mkl_address)
+# Without oneDNN its name is bound to MKL's function: never called (set_backend refuses
+# "onednn"), but the dispatcher must link.
+binding.add_symbol("phi_rnn_onednn_gemm_bf16",
+                   blas._address(blas._onednn, "dnnl_gemm_bf16bf16f32") if blas._onednn else _mkl_address)
+
+BACKENDS = ("onednn", "mkl")
+_CODES = {"mkl": 0, "onednn": 1}
+# The library codes the dispatcher reads at every call: per-step products in the low byte,
+# whole-sequence ones in the next.
+_choice = ctypes.c_int32(0)
+binding.add_symbol("phi_rnn_gemm_bf16_choice", ctypes.addressof(_choice))
+_read_choice = blas._word_reader("phi_rnn_gemm_bf16_choice")
+
+
+@cfunc(types.void(*_GEMM_ARGS), cache=True)
+def _dispatch_gemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """The bfloat16 GEMM on the chosen library (module docstring); a, b, c are addresses."""
+    choice = _read_choice()
+    code = choice & 255 if m < STEP_ROWS and trans_a == NO_TRANS else choice >> 8
+    if code == 1 and layout == ROW_MAJOR:
+        if _onednn_gemm(_DNNL_T if trans_a == TRANS else _DNNL_N, _DNNL_T if trans_b == TRANS else _DNNL_N,
+                        m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0:
+            return
+    _mkl_gemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+binding.add_symbol("phi_rnn_gemm_bf16", _dispatch_gemm.address)
+gemm = types.ExternalFunction("phi_rnn_gemm_bf16", types.void(*_GEMM_ARGS))
+
+_backend = "onednn"
+
+
+def available():
+    """The bfloat16 GEMM libraries this process can run, in BACKENDS order."""
+    return tuple(name for name in BACKENDS if name == "mkl" or blas._onednn is not None)
+
+
+def libraries(name):
+    """The (per-step, whole-sequence) libraries of backend `name`: one library for both, or
+    "step+sequence" such as "mkl+onednn"."""
+    parts = name.split("+")
+    if len(parts) > 2 or not all(part in BACKENDS for part in parts):
+        raise ValueError(f"unknown bfloat16 GEMM backend {name!r} (choose from {', '.join(BACKENDS)}, "
+                         "or per-step+whole-sequence libraries such as mkl+onednn)")
+    return parts[0], parts[-1]
+
+
+def set_backend(name):
+    """Run the bfloat16 GEMMs on `name` from now on (also in kernels compiled before)."""
+    global _backend
+    step, sequence = libraries(name)
+    for library in (step, sequence):
+        if library not in available():
+            raise ValueError(blas.ONEDNN_MISSING)
+    _choice.value = _CODES[step] | _CODES[sequence] << 8
+    _backend = name
+
+
+def backend():
+    return _backend
+
+
+@contextlib.contextmanager
+def using(name):
+    """Run the bfloat16 GEMMs on `name` inside the block, then on the backend before."""
+    chosen = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(chosen)
+
+
+@njit(cache=True)
+def gemm_arrays(trans_a, trans_b, alpha, a, b, beta, c):
+    """c (M, N) = alpha * op(a) @ op(b) + beta * c through `gemm`: a and b uint16 arrays of
+    bfloat16, c float32, each 2-d with contiguous rows."""
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    gemm(ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS, m, n, k, np.float32(alpha),
+         a.ctypes.data, a.strides[0] // 2, b.ctypes.data, b.strides[0] // 2, np.float32(beta), c.ctypes.data,
+         c.strides[0] // 4)
+
+
+set_backend("onednn" if "onednn" in available() else "mkl")

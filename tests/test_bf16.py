@@ -1,0 +1,249 @@
+"""bfloat16 (phi_rnn/bf16.py): rounding float32 to bfloat16 against ml_dtypes' and against
+hand-made edge cases, widening back, the bfloat16 GEMM on each library against float64
+products of the rounded operands, and the refusal where the CPU (as oneDNN sees it) has no
+native bfloat16."""
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from numba import njit
+
+from phi_rnn import bf16
+from phi_rnn.errors import UsageError
+
+rng = np.random.default_rng(11)
+
+
+def _bits(values):
+    return np.asarray(values, np.uint32).view(np.float32)
+
+
+def _reference_bits(values):
+    """ml_dtypes' round-to-nearest-even bfloat16 of float32 `values`, as uint16 bits."""
+    return values.astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def test_rounding_matches_ml_dtypes_on_every_kind_of_float():
+    # Normal draws at many scales, and random bit patterns: every exponent, denormals, NaNs.
+    values = np.concatenate([
+        (rng.standard_normal(100_000) * 10.0 ** rng.integers(-30, 30, 100_000)).astype(np.float32),
+        rng.integers(0, 2 ** 32, 1_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+    ])
+    got = bf16.to_bf16(values)
+    finite_or_inf = ~np.isnan(values)
+    np.testing.assert_array_equal(got[finite_or_inf], _reference_bits(values[finite_or_inf]))
+    assert finite_or_inf.sum() < len(values)  # the draw holds NaNs
+
+
+def test_ties_round_to_even_and_the_rest_to_nearest():
+    # 1 + 2^-8 is halfway between 1 and the next bfloat16 (1 + 2^-7): to even, 1.
+    cases = {
+        0x3F808000: 0x3F80,  # tie, kept part even: down
+        0x3F818000: 0x3F82,  # tie, kept part odd: up
+        0x3F807FFF: 0x3F80,  # below half: down
+        0x3F808001: 0x3F81,  # above half: up
+        0xBF818000: 0xBF82,  # negative tie, odd: away from zero
+        0x3FFF8000: 0x4000,  # the carry raises the exponent
+    }
+    got = bf16.to_bf16(_bits(list(cases)))
+    np.testing.assert_array_equal(got, np.array(list(cases.values()), np.uint16))
+
+
+def test_infinities_overflow_zeros_and_denormals():
+    cases = {
+        0x7F800000: 0x7F80,  # +inf
+        0xFF800000: 0xFF80,  # -inf
+        0x7F7FFFFF: 0x7F80,  # float32's largest: past bfloat16's, to inf
+        0x7F7F8000: 0x7F80,  # tie above bfloat16's largest (odd): inf
+        0x7F7F7FFF: 0x7F7F,  # just below: bfloat16's largest
+        0xFF7FFFFF: 0xFF80,  # to -inf
+        0x00000000: 0x0000,
+        0x80000000: 0x8000,  # -0 keeps its sign
+        0x00000001: 0x0000,  # smallest denormal: to zero
+        0x00008000: 0x0000,  # denormal tie, even: down
+        0x00018000: 0x0002,  # denormal tie, odd: up
+        0x00012345: 0x0001,  # a denormal stays one
+        0x007FFFFF: 0x0080,  # largest denormal rounds up to the smallest normal
+    }
+    got = bf16.to_bf16(_bits(list(cases)))
+    np.testing.assert_array_equal(got, np.array(list(cases.values()), np.uint16))
+
+
+def test_nan_stays_a_quiet_nan_with_its_sign_and_payload():
+    nans = _bits([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF812345, 0x7FFFFFFF, 0x7F80FFFF])
+    got = bf16.to_bf16(nans)
+    wide = bf16.to_float32(got)
+    assert np.isnan(wide).all()
+    np.testing.assert_array_equal(np.signbit(wide), np.signbit(nans))
+    np.testing.assert_array_equal(got, (nans.view(np.uint32) >> 16).astype(np.uint16) | 0x40)
+
+
+def test_widening_is_exact_and_rounding_it_again_gives_it_back():
+    every = np.arange(2 ** 16, dtype=np.uint16)
+    wide = bf16.to_float32(every)
+    np.testing.assert_array_equal(wide.view(np.uint32), every.view(ml_dtypes.bfloat16).astype(np.float32).view(np.uint32))
+    back = bf16.to_bf16(wide)
+    is_nan = np.isnan(wide)
+    np.testing.assert_array_equal(back[~is_nan], every[~is_nan])
+    np.testing.assert_array_equal(back[is_nan], every[is_nan] | 0x40)  # signalling NaNs come back quiet
+
+
+def test_two_dimensional_arrays_keep_their_shape():
+    values = rng.standard_normal((37, 65)).astype(np.float32)
+    got = bf16.to_bf16(values)
+    assert got.shape == values.shape and got.dtype == np.uint16
+    np.testing.assert_array_equal(got, _reference_bits(values))
+    np.testing.assert_array_equal(bf16.to_float32(got), values.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@njit(cache=True)
+def _round_in_compiled_code(values, out):
+    for i in range(values.shape[0]):
+        out[i] = bf16.bf16_bits(values[i] * np.float32(2.0))
+
+
+def test_the_scalar_rounding_runs_inside_compiled_kernels():
+    values = rng.standard_normal(1000).astype(np.float32)
+    out = np.empty(1000, np.uint16)
+    _round_in_compiled_code(values, out)
+    np.testing.assert_array_equal(out, _reference_bits(values * np.float32(2.0)))
+
+
+# ---------------------------------------------------------------- the GEMM
+
+# The LSTM's kinds of product: a step's state times the weights onto the gates (NN, beta 1,
+# per-step rows), a step's gate gradients times the weights (NN, beta 0), the whole-sequence
+# input projection and decoder (NN), the weight gradients x^T dG (TN), and the weights used
+# transposed (NT, TT: one bfloat16 copy serving both directions).
+PRODUCTS = [  # (trans_a, trans_b, m, n, k, beta)
+    (False, False, 25, 512, 128, 1.0),
+    (False, False, 50, 128, 512, 0.0),
+    (False, False, 300, 512, 128, 0.0),
+    (False, False, 300, 65, 128, 1.0),
+    (True, False, 128, 512, 300, 0.0),
+    (True, False, 65, 128, 300, 1.0),
+    (False, True, 25, 128, 512, 0.0),
+    (True, True, 64, 96, 80, 0.5),
+]
+
+
+@pytest.fixture(params=bf16.BACKENDS)
+def bf16_backend(request):
+    if request.param not in bf16.available():
+        pytest.fail(f"{request.param} not installed")
+    with bf16.using(request.param):
+        yield request.param
+
+
+def _padded(rows, cols, pad):
+    """A (rows, cols) view with contiguous rows `pad` elements apart beyond cols (a slice of a
+    wider array, as the kernels pass the gates' column blocks)."""
+    return rng.standard_normal((rows, cols + pad)).astype(np.float32)[:, :cols]
+
+
+@pytest.mark.parametrize("product", PRODUCTS, ids=lambda p: "{}{} {}x{}x{} beta {}".format(
+    "T" if p[0] else "N", "T" if p[1] else "N", *p[2:]))
+def test_gemm_matches_float64_products_of_the_rounded_operands(bf16_backend, product):
+    trans_a, trans_b, m, n, k, beta = product
+    a32 = _padded(*((k, m) if trans_a else (m, k)), pad=3)
+    b32 = _padded(*((n, k) if trans_b else (k, n)), pad=5)
+    a = np.zeros((a32.shape[0], a32.shape[1] + 3), np.uint16)[:, :a32.shape[1]]  # keeps lda > cols
+    b = np.zeros((b32.shape[0], b32.shape[1] + 5), np.uint16)[:, :b32.shape[1]]
+    a[:] = bf16.to_bf16(a32)
+    b[:] = bf16.to_bf16(b32)
+    c_before = rng.standard_normal((m, n)).astype(np.float32) if beta else np.full((m, n), np.nan, np.float32)
+    c_wide = np.zeros((m, n + 7), np.float32)
+    c = c_wide[:, :n]
+    c[:] = c_before
+
+    bf16.gemm_arrays(trans_a, trans_b, 1.0, a, b, beta, c)
+
+    op_a = bf16.to_float32(np.ascontiguousarray(a)).astype(np.float64)
+    op_b = bf16.to_float32(np.ascontiguousarray(b)).astype(np.float64)
+    op_a, op_b = (op_a.T if trans_a else op_a), (op_b.T if trans_b else op_b)
+    expected = op_a @ op_b + (beta * c_before.astype(np.float64) if beta else 0.0)
+    # float32 accumulation of exact bfloat16 products: within a few float32 roundings per
+    # term of the magnitudes summed (unrounded operands would be off by ~2^-9 of them).
+    scale = np.abs(op_a) @ np.abs(op_b) + (abs(beta) * np.abs(c_before) if beta else 0.0)
+    error = np.abs(c - expected)
+    assert (error <= 1e-5 * scale).all(), f"worst {np.max(error / scale):.2e} of the magnitudes summed"
+    assert np.all(c_wide[:, n:] == 0.0)  # nothing written past the product's columns
+
+
+def test_gemm_on_unrounded_operands_would_fail_the_bound():
+    """The bound above tells bfloat16 operands from float32 ones: the check can fail."""
+    a32 = rng.standard_normal((25, 128)).astype(np.float32)
+    b32 = rng.standard_normal((128, 512)).astype(np.float32)
+    c = np.zeros((25, 512), np.float32)
+    bf16.gemm_arrays(False, False, 1.0, bf16.to_bf16(a32), bf16.to_bf16(b32), 0.0, c)
+    error = np.abs(c - a32.astype(np.float64) @ b32.astype(np.float64))
+    assert np.max(error / (np.abs(a32) @ np.abs(b32))) > 1e-4
+
+
+def test_backend_names():
+    assert bf16.libraries("mkl+onednn") == ("mkl", "onednn")
+    assert bf16.libraries("onednn") == ("onednn", "onednn")
+    with pytest.raises(ValueError, match="unknown bfloat16 GEMM backend"):
+        bf16.set_backend("openblas")
+    chosen = bf16.backend()
+    with bf16.using("mkl+onednn"):
+        assert bf16.backend() == "mkl+onednn"
+    assert bf16.backend() == chosen
+
+
+# ---------------------------------------------------------------- native bfloat16 or refusal
+
+_PROBE = ("from phi_rnn import bf16\n"
+          "print(','.join(bf16.native_features()))\n"
+          "try:\n"
+          "    bf16.require_native()\n"
+          "except bf16.UsageError as e:\n"
+          "    print(f'phi_rnn: error: {e}')\n")
+
+
+def _probe(isa_cap):
+    env = dict(os.environ)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa_cap:
+        env["ONEDNN_MAX_CPU_ISA"] = isa_cap
+    result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    features, *refusal = result.stdout.splitlines()
+    return tuple(filter(None, features.split(","))), refusal
+
+
+REFUSAL = ("phi_rnn: error: --precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16); "
+           "this CPU has neither")
+
+
+@pytest.mark.parametrize("isa_cap", ["AVX2", "AVX512_CORE"])
+def test_a_cpu_capped_below_bfloat16_is_refused_in_one_line(isa_cap):
+    features, refusal = _probe(isa_cap)
+    assert features == ()
+    assert len(refusal) == 1 and refusal[0].startswith(REFUSAL)
+    hidden = [f for f in bf16.NATIVE_FEATURES if f in bf16.cpu_flags()]
+    if hidden:  # the CPU has them: the line says what hides them
+        assert f"ONEDNN_MAX_CPU_ISA={isa_cap} hides its {' and '.join(hidden)}" in refusal[0]
+
+
+def test_uncapped_the_cpu_flags_decide():
+    flags = bf16.cpu_flags()
+    features, refusal = _probe(None)
+    assert features == tuple(f for f in bf16.NATIVE_FEATURES if f in flags)
+    assert bool(refusal) == (not features)
+
+
+def test_capped_at_avx512_bf16_amx_is_hidden():
+    features, _ = _probe("AVX512_CORE_BF16")
+    assert features == (("avx512_bf16",) if "avx512_bf16" in bf16.cpu_flags() else ())
+
+
+def test_require_native_in_this_process():
+    if bf16.native_features():
+        bf16.require_native()
+    else:
+        with pytest.raises(UsageError, match="needs a CPU with native bfloat16"):
+            bf16.require_native()
