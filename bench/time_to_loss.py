@@ -1,0 +1,596 @@
+"""Time to a good model: how many iterations each global batch size and learning-rate recipe
+needs to reach a validation loss, and what that costs in seconds at each core count.
+
+Iterations to a target do not depend on the machine, so the study runs the real trainer
+(`python -m phi_rnn train`, char-rnn's defaults otherwise, the full validation set), each run
+in a fresh process at --threads 1, a few at a time, and reads the run's metrics log. Seconds
+come separately: time per iteration t(batch, threads) measured at 1 and 2 threads by
+`--measure-speed` (on a quiet machine), and from the scaling study's model of the time per
+iteration beyond. Time to target = iterations to target x t(batch, threads); for each core
+count the table picks the batch and recipe that get there first.
+
+    python bench/time_to_loss.py run [--jobs 2]      # the convergence runs (resumable)
+    python bench/time_to_loss.py measure-speed       # t(batch, threads) at 1 and 2 threads
+    python bench/time_to_loss.py table               # CSV, JSON, Markdown, plot, recipes.json
+
+Each finished run is one JSON file under OUT/runs/ (written atomically): an interrupted study
+continues where it stopped; a run cut off mid-way continues from its checkpoint (--resume).
+The plan grows from the results: the base recipes first, warm-up where the trainer has
+--lr_warmup, then a grid around each batch's best and a second seed for the best rows.
+
+A target is reached at the first evaluation at or below it (what `--target_val_loss` stops
+at); the crossing interpolated between that evaluation and the one before is kept beside it.
+Each batch size's epoch is char-rnn's split of the corpus for that batch, and so is its
+validation set: the last tenth-or-so of each of the batch's streams.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from phi_rnn import data, metrics  # noqa: E402
+
+TARGETS = (1.60, 1.50, 1.45)
+STOP_AT = min(TARGETS)
+BATCHES = (50, 100, 200, 400, 800, 1600)
+CHAR_RNN_BATCH, CHAR_RNN_LR = 50, 2e-3
+SEEDS = (123, 456)
+MAX_EPOCHS = 10
+EVALS_PER_EPOCH = 10
+CORES = (1, 2, 16, 64, 68, 128)
+MEASURED_THREADS = (1, 2)
+# A run this far behind cannot be among the fast ones; it stops and reports where it was.
+STALLED = ((4.0, 2.0), (6.0, 1.75))  # (epoch, best val loss above which the run stops)
+SEED_REFERENCE = {"server CPU (9 h)": 9 * 3600, "laptop CPU (2.5 h)": 2.5 * 3600,
+                  "GTX 920M (33 min)": 33 * 60}
+OUT = REPO_ROOT / "results" / "time-to-loss"
+WORK = REPO_ROOT / "cv" / "time-to-loss"
+DATA_DIR = "data/tinyshakespeare"
+SEQ_LENGTH, TRAIN_FRAC, VAL_FRAC = 50, 0.95, 0.05
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One convergence run."""
+    batch: int
+    learning_rate: float
+    warmup: int  # iterations of linear learning-rate warm-up (0: none)
+    seed: int
+    recipe: str  # how the learning rate was chosen
+
+    @property
+    def run_id(self):
+        return f"b{self.batch}-lr{self.learning_rate:.4g}-w{self.warmup}-s{self.seed}"
+
+
+def corpus_chars(data_dir=DATA_DIR):
+    with open(REPO_ROOT / data_dir / "input.txt", encoding="utf-8") as f:
+        return len(f.read())
+
+
+def iterations_per_epoch(batch, chars):
+    return data.split_sizes(chars // (batch * SEQ_LENGTH), TRAIN_FRAC, VAL_FRAC)[0]
+
+
+def eval_every(batch, chars):
+    return max(1, round(iterations_per_epoch(batch, chars) / EVALS_PER_EPOCH))
+
+
+def scaled_lr(batch, rule, base_lr=CHAR_RNN_LR):
+    ratio = batch / CHAR_RNN_BATCH
+    return base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
+def train_command(spec, chars, checkpoint_dir, resume=False, max_epochs=MAX_EPOCHS):
+    cmd = [sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR,
+           "--batch_size", str(spec.batch), "--learning_rate", f"{spec.learning_rate:.6g}",
+           "--max_epochs", str(max_epochs), "--eval_val_every", str(eval_every(spec.batch, chars)),
+           "--seed", str(spec.seed), "--threads", "1", "--policy", "none", "--keep", "1",
+           "--print_every", "100", "--checkpoint_dir", str(checkpoint_dir), "--savefile", "run"]
+    if spec.warmup:
+        cmd += ["--lr_warmup", str(spec.warmup)]
+    if resume:
+        cmd += ["--resume", "latest"]
+    return cmd
+
+
+# ---- reading a run's curve -------------------------------------------------------------
+
+def evaluations(rows):
+    """[(iteration, epoch, val_loss, training seconds so far)] from metrics-log rows."""
+    out, seconds = [], 0.0
+    for row in rows:
+        seconds += (row["ms_per_iteration"] or 0.0) / 1000
+        if row["val_loss"] is not None:
+            out.append((int(row["iteration"]), row["epoch"], row["val_loss"], seconds))
+    return out
+
+
+def crossing(evals, target):
+    """Where the curve first reaches `target`: the first evaluation at or below it (iteration,
+    epoch, seconds) and the iteration interpolated linearly in loss between it and the
+    evaluation before; None when never reached."""
+    for k, (iteration, epoch, loss, seconds) in enumerate(evals):
+        if loss <= target:
+            if k == 0:
+                interpolated = float(iteration)
+            else:
+                i0, _, l0, _ = evals[k - 1]
+                interpolated = i0 + (iteration - i0) * (l0 - target) / (l0 - loss)
+            return {"iterations": iteration, "epochs": epoch, "train_seconds": seconds,
+                    "iterations_interpolated": interpolated}
+    return None
+
+
+def summarize(evals, targets=TARGETS):
+    best = min(evals, key=lambda e: e[2]) if evals else None
+    return {"evaluations": [list(e) for e in evals],
+            "best_val_loss": best[2] if best else None,
+            "best_at_iteration": best[0] if best else None,
+            "last_iteration": evals[-1][0] if evals else 0,
+            "last_epoch": evals[-1][1] if evals else 0.0,
+            "targets": {f"{t:.2f}": crossing(evals, t) for t in targets}}
+
+
+def stop_reason(evals, stop_at=STOP_AT, stalled=STALLED):
+    """Why a run still going should stop now (None: it goes on)."""
+    if not evals:
+        return None
+    best = min(e[2] for e in evals)
+    if best <= stop_at:
+        return f"reached {stop_at:.2f}"
+    epoch = evals[-1][1]
+    for at_epoch, above in stalled:
+        if epoch >= at_epoch and best > above:
+            return f"stalled: best {best:.4f} > {above} at epoch {epoch:.2f}"
+    return None
+
+
+# ---- running ---------------------------------------------------------------------------
+
+def write_json(path, value):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_evals(log):
+    try:
+        return evaluations(metrics.read_rows(log))
+    except (OSError, ValueError):
+        return []
+
+
+def run_one(spec, chars, out, work, stopping, log=print):
+    """Runs `spec` to its stop (target, stall, divergence or MAX_EPOCHS); writes its JSON."""
+    directory = work / spec.run_id
+    directory.mkdir(parents=True, exist_ok=True)
+    metrics_log = Path(metrics.log_path(str(directory), "run"))
+    resume = any(directory.glob("lm_run_*.npz"))
+    cmd = train_command(spec, chars, directory, resume)
+    shown = train_command(spec, chars, f"cv/time-to-loss/{spec.run_id}")
+    log(f"start {spec.run_id} ({spec.recipe}){' resuming' if resume else ''}")
+    with open(directory / "stdout.txt", "a") as stdout:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=stdout, stderr=subprocess.STDOUT)
+        reason = None
+        while proc.poll() is None:
+            stopping.wait(5)
+            if stopping.is_set():
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+                break
+            reason = reason or stop_reason(read_evals(metrics_log))
+            if reason and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+    evals = read_evals(metrics_log)
+    if reason is None and proc.returncode in (129, 130, 143, -signal.SIGTERM, -signal.SIGKILL):
+        log(f"{spec.run_id} interrupted (exit status {proc.returncode}); it resumes next time")
+        return None
+    if reason is None:
+        reason = f"{MAX_EPOCHS} epochs" if proc.returncode == 0 else f"trainer exit status {proc.returncode}"
+    result = {**asdict(spec), "run_id": spec.run_id,
+              "iterations_per_epoch": iterations_per_epoch(spec.batch, chars),
+              "eval_val_every": eval_every(spec.batch, chars), "max_epochs": MAX_EPOCHS,
+              "stopped": reason, "exit_status": proc.returncode,
+              "command": "python " + " ".join(shown[1:]),
+              "train_seconds_note": "1 thread, on a machine shared with other work: not the table's seconds",
+              **summarize(evals)}
+    write_json(out / "runs" / f"{spec.run_id}.json", result)
+    t = result["targets"]
+    log(f"done {spec.run_id}: {reason}; best {result['best_val_loss']}; "
+        + ", ".join(f"{k}: {v['epochs']:.2f} ep" if v else f"{k}: -" for k, v in t.items()))
+    return result
+
+
+def load_results(out):
+    results = {}
+    for path in sorted((out / "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        results[r["run_id"]] = r
+    return results
+
+
+def trainer_has(flag):
+    help_text = subprocess.run([sys.executable, "-m", "phi_rnn", "train", "--help"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout
+    return flag in help_text
+
+
+def epochs_to(result, target="1.50"):
+    hit = result["targets"].get(target)
+    return hit["epochs"] if hit else math.inf
+
+
+def rank_key(result, target="1.50"):
+    """Fewest iterations to the target first, then the lowest loss reached."""
+    hit = result["targets"].get(target)
+    return (hit["iterations"] if hit else math.inf, result["best_val_loss"] or math.inf)
+
+
+def best_per_batch(results, seed=SEEDS[0]):
+    best = {}
+    for r in results.values():
+        if r["seed"] == seed and (r["batch"] not in best or rank_key(r) < rank_key(best[r["batch"]])):
+            best[r["batch"]] = r
+    return best
+
+
+def plan(results, chars, warmup=True):
+    """The runs to do, in order: the base recipes (char-rnn's rate at batch 50, linear and
+    square-root scaling from it), warm-up over one epoch with both rules, then x0.7 and x1.4
+    around each batch's best so far, then the second seed of each batch's best."""
+    specs = [Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn"),
+             Spec(CHAR_RNN_BATCH, 2 * CHAR_RNN_LR, 0, SEEDS[0], "grid")]
+    for batch in BATCHES[1:]:
+        for rule in ("linear", "sqrt"):
+            specs.append(Spec(batch, scaled_lr(batch, rule), 0, SEEDS[0], rule))
+    if warmup:
+        for batch in BATCHES[2:]:
+            for rule in ("linear", "sqrt"):
+                specs.append(Spec(batch, scaled_lr(batch, rule), iterations_per_epoch(batch, chars),
+                                  SEEDS[0], f"{rule}+warmup"))
+    done = set(results)
+    if not all(s.run_id in done for s in specs):
+        return specs
+    for batch, best in sorted(best_per_batch(results).items()):
+        for factor in (0.7, 1.4):
+            lr = float(f"{best['learning_rate'] * factor:.3g}")
+            tried = [r["learning_rate"] for r in results.values()
+                     if r["batch"] == batch and r["warmup"] == best["warmup"] and r["seed"] == SEEDS[0]]
+            if all(abs(lr / t - 1) > 0.15 for t in tried):
+                specs.append(Spec(batch, lr, best["warmup"], SEEDS[0], "grid"))
+    if not all(s.run_id in done for s in specs):
+        return specs
+    for batch, best in sorted(best_per_batch(results).items()):
+        specs.append(Spec(batch, best["learning_rate"], best["warmup"], SEEDS[1], best["recipe"]))
+    specs.append(Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[1], "char-rnn"))
+    return specs
+
+
+def run_study(out, work, jobs, log=print):
+    """Runs the plan, `jobs` runs at a time. SIGTERM/SIGINT: every run in flight checkpoints
+    and stops (it continues from there next time), then the study ends."""
+    chars = corpus_chars()
+    lock = threading.Lock()
+    running = set()
+    results = load_results(out)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+
+    def next_spec():
+        if stopping.is_set():
+            return None
+        # without --lr_warmup in the trainer the warm-up recipes wait (asked again each time)
+        warmup = trainer_has("--lr_warmup")
+        with lock:
+            for spec in plan(results, chars, warmup):
+                if spec.run_id not in results and spec.run_id not in running:
+                    running.add(spec.run_id)
+                    return spec
+            return None
+
+    def worker():
+        while True:
+            spec = next_spec()
+            if spec is None:
+                with lock:
+                    idle = not running
+                if idle or stopping.is_set():
+                    return
+                time.sleep(10)  # the plan may grow once the runs in flight finish
+                continue
+            result = run_one(spec, chars, out, work, stopping, log)
+            with lock:
+                running.discard(spec.run_id)
+                if result:
+                    results[spec.run_id] = result
+
+    threads = [threading.Thread(target=worker) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(1)  # the main thread stays free to take the signal
+    log(f"{len(results)} runs in {out / 'runs'}")
+
+
+# ---- time per iteration --------------------------------------------------------------
+
+def speed_iterations(batch):
+    """Enough iterations for ~15 s per point at 1 thread (about 1.3 ms per batch row)."""
+    return max(10, round(15000 / (1.3 * batch)))
+
+
+def measure_speed(out, batches=BATCHES, threads=MEASURED_THREADS, log=print):
+    """t(batch, threads): the trainer's median ms per iteration (its compute: forward,
+    backward, update), each point a fresh process, the first iterations left out. Run it on
+    a quiet machine: the result is the table's measured seconds."""
+    import tempfile
+    points = []
+    for batch in batches:
+        for p in threads:
+            with tempfile.TemporaryDirectory() as tmp:
+                n = speed_iterations(batch)
+                cmd = [sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR,
+                       "--batch_size", str(batch), "--max_iters", str(n), "--eval_val_every", str(10 * n),
+                       "--val_max_batches", "1", "--threads", str(p), "--print_every", str(n),
+                       "--checkpoint_dir", tmp, "--savefile", "speed"]
+                load = os.getloadavg()[0]
+                subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+                rows = metrics.read_rows(metrics.log_path(tmp, "speed"))
+            times = sorted(r["ms_per_iteration"] for r in rows[3:])
+            median = times[len(times) // 2] if len(times) % 2 else sum(times[len(times) // 2 - 1:][:2]) / 2
+            points.append({"batch_size": batch, "threads": p, "median_ms": median, "iterations": n,
+                           "load_average_before": load})
+            log(f"batch {batch:5d}, {p} thread(s): {median:8.2f} ms per iteration (load {load:.2f})")
+    record = {"machine": machine_name(), "command": "python bench/time_to_loss.py measure-speed",
+              "load_average_after": os.getloadavg()[0], "points": points}
+    write_json(out / "speed.json", record)
+    return record
+
+
+def machine_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]}, {len(names)} logical CPUs"
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def iteration_seconds(speed, model=None):
+    """t(batch, threads) in seconds -> (seconds, 'measured' | 'modelled'). Measured where
+    speed.json has the point; beyond it the scaling study's model of the time per iteration,
+    scaled to this machine by the measured 1-thread time at that batch (the model's speedup
+    over its own 1-thread time, applied here)."""
+    measured = {(pt["batch_size"], pt["threads"]): pt["median_ms"] / 1e3 for pt in (speed or {}).get("points", [])}
+    model = model or modelled_seconds
+
+    def t(batch, threads):
+        if (batch, threads) in measured:
+            return measured[batch, threads], "measured"
+        one = measured.get((batch, 1))
+        if one is None:
+            return model(batch, threads), "modelled"
+        return one * model(batch, threads) / model(batch, 1), "modelled"
+    return t
+
+
+def modelled_seconds(batch, threads):
+    from types import SimpleNamespace
+    from bench.scale.model import predict_iteration_seconds
+    char_rnn = SimpleNamespace(num_layers=2, rnn_size=128, seq_length=SEQ_LENGTH, batch_size=batch)
+    return predict_iteration_seconds(char_rnn, threads)
+
+
+# ---- the tables ------------------------------------------------------------------------
+
+def time_rows(results, t, cores=CORES, targets=TARGETS):
+    """One row per (run, core count): seconds to each target = iterations x t(batch, cores)."""
+    rows = []
+    for r in sorted(results.values(), key=lambda r: (r["batch"], r["learning_rate"], r["warmup"], r["seed"])):
+        for p in cores:
+            seconds, source = t(r["batch"], p)
+            row = {"cores": p, "batch_size": r["batch"], "recipe": r["recipe"],
+                   "learning_rate": r["learning_rate"], "lr_warmup": r["warmup"], "seed": r["seed"],
+                   "ms_per_iteration": seconds * 1e3, "source": source}
+            for target in targets:
+                hit = r["targets"].get(f"{target:.2f}")
+                row[f"iterations_to_{target:.2f}"] = hit["iterations"] if hit else None
+                row[f"epochs_to_{target:.2f}"] = hit["epochs"] if hit else None
+                row[f"seconds_to_{target:.2f}"] = hit["iterations"] * seconds if hit else None
+            rows.append(row)
+    return rows
+
+
+def best_envelope(rows, target, seed=SEEDS[0]):
+    """{cores: the row with the shortest time to `target`} among the first seed's runs (ties:
+    the smaller batch); core counts where no run reached it are left out."""
+    key = f"seconds_to_{target:.2f}"
+    best = {}
+    for row in rows:
+        if row["seed"] != seed or row[key] is None:
+            continue
+        p = row["cores"]
+        if p not in best or (row[key], row["batch_size"]) < (best[p][key], best[p]["batch_size"]):
+            best[p] = row
+    return best
+
+
+def largest_batch_within(results, target="1.50", slack=0.10, seed=SEEDS[0]):
+    """The largest batch whose fewest epochs to `target` stay within `slack` of the best batch-50
+    recipe's; with the epochs of each batch's best."""
+    best = {b: min(epochs_to(r, target) for r in rs)
+            for b, rs in _by_batch(results, seed).items()}
+    reference = best.get(CHAR_RNN_BATCH, math.inf)
+    within = [b for b, e in best.items() if e <= reference * (1 + slack)]
+    return {"target": target, "slack": slack, "batch_50_epochs": reference,
+            "epochs_by_batch": {str(b): (e if math.isfinite(e) else None) for b, e in sorted(best.items())},
+            "largest_batch": max(within) if within and math.isfinite(reference) else None}
+
+
+def _by_batch(results, seed):
+    groups = {}
+    for r in results.values():
+        if r["seed"] == seed:
+            groups.setdefault(r["batch"], []).append(r)
+    return groups
+
+
+def recipes_per_thread_count(rows, target=1.50):
+    """{threads: the recipe of the shortest time to `target`} (the start-up note's advice)."""
+    key = f"{target:.2f}"
+    return {"target_val_loss": target, "threads": {
+        str(p): {"batch_size": row["batch_size"], "learning_rate": row["learning_rate"],
+                 "lr_warmup": row["lr_warmup"], f"iterations_to_{key}": row[f"iterations_to_{key}"],
+                 f"seconds_to_{key}": round(row[f"seconds_to_{key}"], 1), "source": row["source"]}
+        for p, row in sorted(best_envelope(rows, target).items())}}
+
+
+def _fmt(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def convergence_markdown(results):
+    lines = ["| batch | recipe | learning rate | warm-up (it) | seed | "
+             + " | ".join(f"to {t:.2f}: it / epochs" for t in TARGETS) + " | best val | stopped |",
+             "|" + "---|" * (7 + len(TARGETS))]
+    for r in sorted(results.values(), key=lambda r: (r["batch"], r["seed"], r["warmup"], r["learning_rate"])):
+        cells = []
+        for t in TARGETS:
+            hit = r["targets"][f"{t:.2f}"]
+            cells.append(f"{hit['iterations']} / {hit['epochs']:.2f}" if hit
+                         else f"not within {r['last_epoch']:.1f}")
+        lines.append(f"| {r['batch']} | {r['recipe']} | {r['learning_rate']:.4g} | {r['warmup']} | {r['seed']} | "
+                     + " | ".join(cells) + f" | {_fmt(r['best_val_loss'], 4)} | {r['stopped']} |")
+    return "\n".join(lines)
+
+
+def time_markdown(rows, targets=(1.50, 1.45)):
+    lines = ["| cores | source | " + " | ".join(f"to {t:.2f}: batch, lr, warm-up -> time" for t in targets)
+             + " | char-rnn's recipe (b50, 2e-3) to 1.50 |", "|" + "---|" * (3 + len(targets))]
+    envelopes = {t: best_envelope(rows, t) for t in targets}
+    charrnn = {row["cores"]: row for row in rows if row["batch_size"] == CHAR_RNN_BATCH
+               and row["learning_rate"] == CHAR_RNN_LR and row["lr_warmup"] == 0 and row["seed"] == SEEDS[0]}
+    for p in CORES:
+        cells, source = [], None
+        for t in targets:
+            row = envelopes[t].get(p)
+            source = source or (row and row["source"])
+            cells.append(f"{row['batch_size']}, {row['learning_rate']:.3g}, {row['lr_warmup']} -> "
+                         f"{_duration(row[f'seconds_to_{t:.2f}'])}" if row else "not reached")
+        ref = charrnn.get(p)
+        ref_cell = _duration(ref["seconds_to_1.50"]) if ref and ref["seconds_to_1.50"] else "-"
+        lines.append(f"| {p} | {source or '-'} | " + " | ".join(cells) + f" | {ref_cell} |")
+    return "\n".join(lines)
+
+
+def _duration(seconds):
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
+
+
+def plot(rows, path, targets=(1.50, 1.45)):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 5), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        key = f"seconds_to_{target:.2f}"
+        for batch in BATCHES:
+            by_cores = {}
+            for row in rows:
+                if row["batch_size"] == batch and row["seed"] == SEEDS[0] and row[key] is not None:
+                    if row["cores"] not in by_cores or row[key] < by_cores[row["cores"]][key]:
+                        by_cores[row["cores"]] = row
+            if not by_cores:
+                continue
+            cores = sorted(by_cores)
+            line, = ax.plot(cores, [by_cores[p][key] / 3600 for p in cores], "-", lw=1, label=f"batch {batch}")
+            for p in cores:
+                measured = by_cores[p]["source"] == "measured"
+                ax.plot(p, by_cores[p][key] / 3600, "o", color=line.get_color(),
+                        mfc=line.get_color() if measured else "white")
+        best = best_envelope(rows, target)
+        cores = sorted(best)
+        if cores:
+            ax.plot(cores, [best[p][key] / 3600 for p in cores], "k-", lw=3, alpha=0.6, label="best batch and recipe")
+        for (name, seconds), style in zip(SEED_REFERENCE.items(), (":", "--", "-.")):
+            ax.axhline(seconds / 3600, color="grey", ls=style, lw=1)
+            ax.text(1, seconds / 3600 * 1.08, f"char-rnn, {name}, 50 epochs", fontsize=7, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(CORES)
+        ax.set_xticklabels([str(p) for p in CORES])
+        ax.set_xlabel("cores (threads); filled: measured, open: modelled")
+        ax.set_ylabel("hours")
+        ax.set_title(f"time to validation loss {target:.2f}, tiny-shakespeare, 2 x 128 LSTM")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_tables(out, log=print):
+    results = load_results(out)
+    speed_path = out / "speed.json"
+    speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
+    if speed is None:
+        log("no speed.json (measure-speed): every time per iteration is the model's")
+    rows = time_rows(results, iteration_seconds(speed))
+    fields = list(rows[0]) if rows else []
+    with open(out / "time-to-loss.csv", "w", newline="") as f:
+        import csv
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    within = largest_batch_within(results)
+    recipes = recipes_per_thread_count(rows)
+    summary = {"targets": TARGETS, "max_epochs": MAX_EPOCHS, "speed": speed,
+               "convergence": [{k: v for k, v in r.items() if k != "evaluations"} for r in results.values()],
+               "best_by_cores": {f"{t:.2f}": {str(p): row for p, row in best_envelope(rows, t).items()}
+                                 for t in TARGETS},
+               "largest_batch_within_10pct_epochs_to_1.50": within, "recipes": recipes}
+    write_json(out / "time-to-loss.json", summary)
+    write_json(out / "recipes.json", recipes)
+    (out / "results.md").write_text(
+        "## Convergence (iterations and epochs to each validation loss; one thread per run)\n\n"
+        + convergence_markdown(results) + "\n\n## Time to target against cores\n\n" + time_markdown(rows)
+        + f"\n\nLargest batch whose epochs to 1.50 stay within 10% of the best batch-50 recipe's: "
+          f"{within['largest_batch']} (epochs to 1.50 by batch: {within['epochs_by_batch']})\n")
+    plot(rows, out / "time-to-loss.png")
+    log(f"wrote {out}/time-to-loss.csv, .json, .png, results.md, recipes.json ({len(results)} runs)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("run", "measure-speed", "table"))
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--work", type=Path, default=WORK, help="checkpoints and metrics logs of the runs")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (each at 1 thread)")
+    args = p.parse_args(argv)
+    if args.action == "run":
+        run_study(args.out, args.work, args.jobs, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
+    elif args.action == "measure-speed":
+        measure_speed(args.out)
+    else:
+        write_tables(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""bench/time_to_loss.py's table logic on small synthetic curves (no training)."""
+import math
+
+import pytest
+
+from bench import time_to_loss as ttl
+
+
+def _row(iteration, val_loss=None, ms=10.0):
+    return {"iteration": float(iteration), "epoch": iteration / 100, "train_loss": 2.0, "val_loss": val_loss,
+            "learning_rate": 2e-3, "grad_param_norm": 0.1, "ms_per_iteration": ms, "chars_per_s": 1.0}
+
+
+def test_evaluations_carry_the_training_seconds_of_every_iteration_before_them():
+    rows = [_row(1), _row(2, 2.5), _row(3), _row(4, 1.9, ms=20.0)]
+    assert ttl.evaluations(rows) == [(2, 0.02, 2.5, 0.02), (4, 0.04, 1.9, 0.05)]
+
+
+def test_a_target_is_reached_at_the_first_evaluation_at_or_below_it():
+    evals = [(10, 0.1, 2.0, 1.0), (20, 0.2, 1.55, 2.0), (30, 0.3, 1.45, 3.0), (40, 0.4, 1.40, 4.0)]
+    hit = ttl.crossing(evals, 1.50)
+    assert (hit["iterations"], hit["epochs"], hit["train_seconds"]) == (30, 0.3, 3.0)
+    assert hit["iterations_interpolated"] == pytest.approx(25.0)  # halfway from 1.55 to 1.45
+    assert ttl.crossing(evals, 1.45)["iterations"] == 30  # equal counts as reached
+    assert ttl.crossing(evals, 1.30) is None
+
+
+def test_a_curve_that_goes_back_up_keeps_its_first_crossing_and_its_best():
+    evals = [(10, 0.1, 1.7, 1.0), (20, 0.2, 1.48, 2.0), (30, 0.3, 1.52, 3.0), (40, 0.4, 1.49, 4.0)]
+    summary = ttl.summarize(evals)
+    assert summary["targets"]["1.50"]["iterations"] == 20
+    assert summary["targets"]["1.45"] is None
+    assert (summary["best_val_loss"], summary["best_at_iteration"], summary["last_epoch"]) == (1.48, 20, 0.4)
+
+
+def test_a_run_stops_at_the_last_target_or_when_it_has_stalled():
+    assert ttl.stop_reason([]) is None
+    assert ttl.stop_reason([(10, 1.0, 1.6, 1.0), (20, 2.0, 1.45, 2.0)]).startswith("reached")
+    assert ttl.stop_reason([(10, 3.9, 2.5, 1.0)]) is None
+    assert ttl.stop_reason([(10, 4.0, 2.5, 1.0)]).startswith("stalled")
+    assert ttl.stop_reason([(10, 4.0, 1.8, 1.0)]) is None
+    assert ttl.stop_reason([(10, 6.0, 1.8, 1.0)]).startswith("stalled")
+
+
+def _result(batch, lr, iterations_to_150, epochs_to_150, seed=123, warmup=0):
+    spec = ttl.Spec(batch, lr, warmup, seed, "test")
+    hit = None if iterations_to_150 is None else {"iterations": iterations_to_150, "epochs": epochs_to_150,
+                                                  "train_seconds": 0.0,
+                                                  "iterations_interpolated": float(iterations_to_150)}
+    return spec.run_id, {"batch": batch, "learning_rate": lr, "warmup": warmup, "seed": seed, "recipe": "test",
+                         "run_id": spec.run_id, "best_val_loss": 1.49 if hit else 1.7, "last_epoch": 10.0,
+                         "stopped": "test", "targets": {"1.60": hit, "1.50": hit, "1.45": None}}
+
+
+def _per_row_time(batch, threads):
+    """1 ms per batch row on one thread; threads take a block of rows each (none idle below B)."""
+    return 1e-3 * math.ceil(batch / threads), "modelled"
+
+
+def test_the_envelope_picks_per_core_count_the_batch_that_gets_there_first():
+    results = dict([_result(50, 2e-3, 1000, 2.4), _result(800, 1.6e-2, 70, 3.2),
+                    _result(1600, 3.2e-2, None, None), _result(800, 1.6e-2, 10, 0.4, seed=456)])
+    rows = ttl.time_rows(results, _per_row_time, cores=(1, 64))
+    best = ttl.best_envelope(rows, 1.50)
+    # 1 core: 1000 x 50 ms = 50 s against 70 x 800 ms = 56 s; 64 cores: 1000 x 1 ms against 70 x 13 ms
+    assert (best[1]["batch_size"], best[1]["seconds_to_1.50"]) == (50, pytest.approx(50.0))
+    assert (best[64]["batch_size"], best[64]["seconds_to_1.50"]) == (800, pytest.approx(70 * 0.013))
+    assert best[64]["seed"] == 123  # the second seed's lucky run does not choose
+    assert ttl.best_envelope(rows, 1.45) == {}  # nobody reached it
+    unreached = [r for r in rows if r["batch_size"] == 1600]
+    assert unreached and all(r["seconds_to_1.50"] is None for r in unreached)
+
+
+def test_equal_times_go_to_the_smaller_batch():
+    results = dict([_result(100, 4e-3, 200, 1.0), _result(200, 8e-3, 100, 1.0)])
+    rows = ttl.time_rows(results, lambda b, p: (1e-3 * b, "measured"), cores=(1,))
+    assert ttl.best_envelope(rows, 1.50)[1]["batch_size"] == 100
+
+
+def test_the_largest_batch_within_ten_percent_of_batch_50s_epochs():
+    results = dict([_result(50, 2e-3, 1000, 4.0), _result(50, 4e-3, 800, 3.0),
+                    _result(200, 8e-3, 210, 3.3), _result(400, 1.6e-2, 110, 3.4),
+                    _result(800, 1.6e-2, None, None), _result(1600, 1e-2, 40, 3.0, seed=456)])
+    within = ttl.largest_batch_within(results)
+    assert within["batch_50_epochs"] == 3.0
+    assert within["largest_batch"] == 200  # 3.3 is 10% over 3.0; 3.4 is not; 800 never got there
+    assert within["epochs_by_batch"]["800"] is None
+
+
+def test_modelled_times_take_the_models_speedup_from_the_measured_one_thread_time():
+    speed = {"points": [{"batch_size": 200, "threads": 1, "median_ms": 300.0},
+                        {"batch_size": 200, "threads": 2, "median_ms": 160.0}]}
+    t = ttl.iteration_seconds(speed, model=lambda batch, threads: 0.2 / min(threads, 8))
+    assert t(200, 2) == (0.16, "measured")
+    assert t(200, 16) == (pytest.approx(0.3 / 8), "modelled")
+    assert t(400, 16) == (pytest.approx(0.2 / 8), "modelled")  # nothing measured at 400: the model's own
