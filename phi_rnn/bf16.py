@@ -238,4 +238,48 @@ def gemm_arrays(trans_a, trans_b, alpha, a, b, beta, c):
          c.strides[0] // 4)
 
 
+# ---------------------------------------------------------------- weights packed once
+
+# MKL can lay a B operand out for its kernels once (the weights, once per update) and then
+# run every product with it without repacking it per call: what a per-step product, small
+# next to the weights it multiplies, otherwise spends much of its time on.
+PACKED = 151  # CBLAS_TRANSPOSE for an operand laid out by pack_into
+_B_MATRIX = 162  # CBLAS_IDENTIFIER: pack B
+_mkl_pack = types.ExternalFunction("phi_rnn_mkl_pack_bf16", types.void(
+    _i32, _i32, _i32, _i32, _i32, _i32, _ptr, _i32, _ptr))
+_mkl_compute = types.ExternalFunction("phi_rnn_mkl_compute_bf16", types.void(*_GEMM_ARGS))
+binding.add_symbol("phi_rnn_mkl_pack_bf16", blas._address(blas._mkl, "cblas_gemm_bf16bf16f32_pack"))
+binding.add_symbol("phi_rnn_mkl_compute_bf16", blas._address(blas._mkl, "cblas_gemm_bf16bf16f32_compute"))
+blas._mkl.cblas_gemm_bf16bf16f32_pack_get_size.restype = ctypes.c_size_t
+
+
+def packed_size(m, n, k):
+    """Bytes of a (k, n) B operand packed for products of m rows."""
+    return blas._mkl.cblas_gemm_bf16bf16f32_pack_get_size(_B_MATRIX, m, n, k)
+
+
+def packed_operand(m, n, k):
+    """A buffer for pack_into: a B operand of (k, n) for products of m rows."""
+    return np.empty(packed_size(m, n, k), np.uint8)
+
+
+@njit(cache=True)
+def pack_into(trans_b, b, m, packed):
+    """Lay out op(b) (bfloat16, (k, n), 2-d with contiguous rows) into `packed`
+    (packed_operand(m, n, k)) for gemm_packed_arrays' products of m rows."""
+    k, n = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
+    _mkl_pack(ROW_MAJOR, _B_MATRIX, TRANS if trans_b else NO_TRANS, m, n, k, b.ctypes.data, b.strides[0] // 2,
+              packed.ctypes.data)
+
+
+@njit(cache=True)
+def gemm_packed_arrays(trans_a, alpha, a, packed, beta, c):
+    """c (M, N) = alpha * op(a) @ B + beta * c, B packed by pack_into; on MKL, on the calling
+    thread's MKL thread count."""
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    _mkl_compute(ROW_MAJOR, TRANS if trans_a else NO_TRANS, PACKED, m, n, k, np.float32(alpha), a.ctypes.data,
+                 a.strides[0] // 2, packed.ctypes.data, n, np.float32(beta), c.ctypes.data, c.strides[0] // 4)
+
+
 set_backend("onednn" if "onednn" in available() else "mkl")

@@ -247,3 +247,24 @@ def test_require_native_in_this_process():
     else:
         with pytest.raises(UsageError, match="needs a CPU with native bfloat16"):
             bf16.require_native()
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["B", "B^T"])
+@pytest.mark.parametrize("m", [25, 300])
+def test_products_on_weights_packed_once_match_the_unpacked_gemm(trans_b, m):
+    """MKL's B laid out once (the weights, per update) serves every product of m rows, with
+    the results of the unpacked bfloat16 GEMM's bound."""
+    n, k = 512, 128
+    a = bf16.to_bf16(rng.standard_normal((m, k)))
+    b = bf16.to_bf16(rng.standard_normal((n, k) if trans_b else (k, n)))
+    packed = bf16.packed_operand(m, n, k)
+    bf16.pack_into(trans_b, b, m, packed)
+    op_a = bf16.to_float32(a).astype(np.float64)
+    op_b = bf16.to_float32(b).astype(np.float64)
+    op_b = op_b.T if trans_b else op_b
+    for beta in (0.0, 1.0):  # the same packing twice: packing does not wear out
+        c_before = rng.standard_normal((m, n)).astype(np.float32)
+        c = c_before.copy()
+        bf16.gemm_packed_arrays(False, 1.0, a, packed, beta, c)
+        error = np.abs(c - (op_a @ op_b + beta * c_before))
+        assert (error <= 1e-5 * (np.abs(op_a) @ np.abs(op_b) + beta * np.abs(c_before))).all()
