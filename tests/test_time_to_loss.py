@@ -36,10 +36,10 @@ def test_a_curve_that_goes_back_up_keeps_its_first_crossing_and_its_best():
 def test_a_run_stops_at_the_last_target_or_when_it_has_stalled():
     assert ttl.stop_reason([]) is None
     assert ttl.stop_reason([(10, 1.0, 1.6, 1.0), (20, 2.0, 1.45, 2.0)]).startswith("reached")
-    assert ttl.stop_reason([(10, 3.9, 2.5, 1.0)]) is None
-    assert ttl.stop_reason([(10, 4.0, 2.5, 1.0)]).startswith("stalled")
-    assert ttl.stop_reason([(10, 4.0, 1.8, 1.0)]) is None
-    assert ttl.stop_reason([(10, 6.0, 1.8, 1.0)]).startswith("stalled")
+    assert ttl.stop_reason([(10, 2.9, 2.5, 1.0)]) is None
+    assert ttl.stop_reason([(10, 3.0, 2.5, 1.0)]).startswith("stalled")
+    assert ttl.stop_reason([(10, 3.0, 1.8, 1.0)]) is None
+    assert ttl.stop_reason([(10, 5.0, 1.8, 1.0)]).startswith("stalled")
 
 
 def _result(batch, lr, iterations_to_150, epochs_to_150, seed=123, warmup=0):
