@@ -50,6 +50,7 @@ EVALS_PER_EPOCH = 10
 CORES = (1, 2, 16, 64, 68, 128)
 MEASURED_THREADS = (1, 2)
 # A run this far behind cannot be among the fast ones; it stops and reports where it was.
+EXIT_DIVERGED = 3  # phi_rnn.train's status for a loss that went NaN or exploded
 STALLED = ((3.0, 2.0), (5.0, 1.70))  # (epoch, best val loss above which the run stops)
 SEED_REFERENCE = {"server CPU (9 h)": 9 * 3600, "laptop CPU (2.5 h)": 2.5 * 3600,
                   "GTX 920M (33 min)": 33 * 60}
@@ -196,11 +197,14 @@ def run_one(spec, chars, out, work, stopping, log=print):
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
     evals = read_evals(metrics_log)
-    if reason is None and proc.returncode in (129, 130, 143, -signal.SIGTERM, -signal.SIGKILL):
-        log(f"{spec.run_id} interrupted (exit status {proc.returncode}); it resumes next time")
+    if reason is None and proc.returncode not in (0, EXIT_DIVERGED):
+        # a signal, or a failure that is not the run's (a refused option, a broken tree): the
+        # run is not recorded and continues from its checkpoint next time
+        log(f"{spec.run_id} ended with exit status {proc.returncode} (see {directory / 'stdout.txt'}); "
+            f"not recorded, it resumes next time")
         return None
     if reason is None:
-        reason = f"{MAX_EPOCHS} epochs" if proc.returncode == 0 else f"trainer exit status {proc.returncode}"
+        reason = f"{MAX_EPOCHS} epochs" if proc.returncode == 0 else "diverged (trainer exit status 3)"
     result = {**asdict(spec), "run_id": spec.run_id,
               "iterations_per_epoch": iterations_per_epoch(spec.batch, chars),
               "eval_val_every": eval_every(spec.batch, chars), "max_epochs": MAX_EPOCHS,
@@ -283,7 +287,7 @@ def run_study(out, work, jobs, log=print):
     and stops (it continues from there next time), then the study ends."""
     chars = corpus_chars()
     lock = threading.Lock()
-    running = set()
+    running, failed = set(), set()  # a failed run is tried again by the next invocation
     results = load_results(out)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -296,7 +300,7 @@ def run_study(out, work, jobs, log=print):
         warmup = trainer_has("--lr_warmup")
         with lock:
             for spec in plan(results, chars, warmup):
-                if spec.run_id not in results and spec.run_id not in running:
+                if spec.run_id not in results and spec.run_id not in running | failed:
                     running.add(spec.run_id)
                     return spec
             return None
@@ -316,6 +320,8 @@ def run_study(out, work, jobs, log=print):
                 running.discard(spec.run_id)
                 if result:
                     results[spec.run_id] = result
+                elif not stopping.is_set():
+                    failed.add(spec.run_id)
 
     threads = [threading.Thread(target=worker) for _ in range(jobs)]
     for t in threads:
