@@ -2,7 +2,7 @@
 #   make train [THREADS=N] [POLICY=compact|scatter|balanced|none] [ARGS="--max_epochs 1 ..."]
 #   make sample [CKPT=cv/<file>.npz] [ARGS="--length 500 --temperature 0.8"]
 #   make test | bench | scale | submit ARGS="..." | topo | native | data | clean
-#   make manycore-bundle   MKL + native/build packed for bench/manycore.sh on a bare machine
+#   make manycore-bundle   MKL + native/build packed for bench/scale/manycore.sh on a bare machine
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -48,10 +48,10 @@ bench: $(STAMP)
 	$(PY) bench/speed.py $(if $(THREADS),--threads $(THREADS)) $(ARGS)
 
 scale: $(STAMP)
-	$(PY) bench/scale.py $(ARGS)
+	$(PY) -m bench.scale $(ARGS)
 
 manycore-bundle: $(STAMP)
-	bash bench/manycore.sh bundle
+	bash bench/scale/manycore.sh bundle
 
 submit: $(STAMP)
 	$(PY) -m phi_rnn submit $(ARGS)

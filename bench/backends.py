@@ -14,11 +14,9 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import speed  # noqa: E402
-from speed import run_torch_reference, run_worker  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import speed  # noqa: E402
+from bench.side_by_side import run_torch_reference, run_worker  # noqa: E402
 from phi_rnn.errors import UsageError  # noqa: E402
 from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 
@@ -141,7 +139,7 @@ def main(argv=None):
     for r in range(args.rounds):
         for b in list(medians):
             try:
-                out = run_worker("phi_rnn", speed_argv + ["--blas", b], args.threads)
+                out = run_worker("phi_rnn", speed_argv + ["--blas", b], args.threads, speed.__file__)
             except UsageError as e:  # the library is not present here
                 print(f"{b}: left out ({e})", file=sys.stderr)
                 del medians[b]
@@ -152,7 +150,7 @@ def main(argv=None):
             header["vector"] = out["vector"]
             header["versions"] = out["versions"]
         if args.torch:
-            theirs = run_torch_reference(speed_argv, args.threads)
+            theirs = run_torch_reference(speed_argv, args.threads, speed.__file__)
             if theirs:
                 torch_ms.append(statistics.median(theirs["times"]) * 1e3)
                 header["versions"]["torch"] = theirs["version"]

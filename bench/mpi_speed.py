@@ -5,7 +5,7 @@ the same global batch, rounds alternating in one run; plus the allreduce's share
     python bench/mpi_speed.py --rnn_size 512 --num_layers 3 --batch_size 128 --seq_length 100
     python bench/mpi_speed.py --ranks 2 --threads 2 --rounds 5 --json
     python bench/mpi_speed.py --overlap                         # + per-layer allreduces overlapping backward
-    python bench/mpi_speed.py --scale-point --ranks 2 --threads 1   # one arm, speed.py's JSON (bench/scale.py)
+    python bench/mpi_speed.py --scale-point --ranks 2 --threads 1   # one arm, speed.py's JSON (bench/scale)
 
 Each round runs a fresh `mpiexec -n K` and a fresh single process (order rotating), each
 timing --iters training iterations after --warmup (forward + backward + the gradient's
@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity, distributed  # noqa: E402  (light: start no runtime)
 from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 from phi_rnn.errors import UsageError  # noqa: E402
-from speed import machine_record, peak_rss_mb, summary, versions  # noqa: E402  (light too; the numbers as speed.py reports them)
+from bench.side_by_side import finish, machine_record, peak_rss_mb, versions  # noqa: E402  (light too)
+from bench.speed import summary  # noqa: E402  (the numbers as speed.py reports them)
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
@@ -254,7 +255,7 @@ def summarize(rounds, key):
 
 
 def scale_point(args):
-    """One arm, K ranks x T threads, as speed.py's --json report (what bench/scale.py reads),
+    """One arm, K ranks x T threads, as speed.py's --json report (what the scaling study reads),
     with the allreduce's share of the iteration under "mpi"."""
     from phi_rnn.model import gemm_flops
     arm = run_arm(args, args.ranks, args.threads)
@@ -354,14 +355,7 @@ def main(argv=None):
     except (UsageError, RuntimeError) as e:
         print(f"mpi_speed.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
-    if args.scale_point:
-        print(json.dumps(report))
-        return 0
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_report(report)
-    return 0
+    return finish(report, args.json or args.scale_point, print_report)
 
 
 if __name__ == "__main__":

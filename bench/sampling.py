@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
 from phi_rnn.errors import UsageError  # noqa: E402
 from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
-from speed import print_machine, run_torch_reference, run_worker, versions  # noqa: E402
+from bench.side_by_side import TorchSide, finish, print_machine, print_sides, run_worker, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -157,7 +157,7 @@ def main(argv=None):
         return 2
     worker_argv = [a for a in argv if a != "--json"]
     try:
-        mine = run_worker("phi_rnn", worker_argv, plan.threads, script=__file__)
+        mine = run_worker("phi_rnn", worker_argv, plan.threads, __file__)
     except (RuntimeError, UsageError) as e:
         print(f"sampling.py: error: {e}", file=sys.stderr)
         return 2
@@ -168,16 +168,9 @@ def main(argv=None):
               "weight_kb_per_char": mine["weight_bytes"] / 1024, "huge_page_kb": mine["huge_page_kb"],
               "phi_rnn": rates(mine), "torch": None, "ratio": None}
     report["weight_gb_per_s"] = mine["weight_bytes"] * report["phi_rnn"]["median_chars_per_s"] / 1e9
-    theirs = run_torch_reference(worker_argv, plan.threads, script=__file__) if args.torch else None
-    if theirs:
-        report["torch"] = rates(theirs)
-        report["versions"]["torch"] = theirs["version"]
-        report["ratio"] = report["phi_rnn"]["median_chars_per_s"] / report["torch"]["median_chars_per_s"]
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_report(report)
-    return 0
+    torch_side = TorchSide(worker_argv, plan.threads, __file__, summarize=rates,
+                           ratios=lambda ours, theirs: {"ratio": ours["median_chars_per_s"] / theirs["median_chars_per_s"]})
+    return finish(report, args.json, print_report, torch_side if args.torch else None)
 
 
 def print_report(r):
@@ -187,11 +180,8 @@ def print_report(r):
     print(f"config: {c['model']} {c['num_layers']} x {c['rnn_size']}, vocab {c['vocab']}, temperature "
           f"{r['temperature']}; {r['weight_kb_per_char']:.0f} KB of weights read per character; "
           f"huge pages granted: {huge}")
-    for name in ("phi_rnn", "torch"):
-        s = r[name]
-        if s:
-            print(f"{name:8s} median {s['median_chars_per_s']:9.0f} chars/s  (min {s['min_chars_per_s']:.0f}, "
-                  f"max {s['max_chars_per_s']:.0f}, n={s['repeats']})  {s['us_per_char']:7.2f} us/char")
+    print_sides(r, lambda s: f"median {s['median_chars_per_s']:9.0f} chars/s  (min {s['min_chars_per_s']:.0f}, "
+                             f"max {s['max_chars_per_s']:.0f}, n={s['repeats']})  {s['us_per_char']:7.2f} us/char")
     line = f"phi_rnn weights stream at {r['weight_gb_per_s']:.0f} GB/s"
     if r["ratio"] is not None:
         line += f"; phi_rnn / torch = {r['ratio']:.1f}x the characters per second"

@@ -5,22 +5,23 @@ machine's sgemm peak measured in the same run.
     python bench/speed.py                       # char-rnn config, all cores
     python bench/speed.py --threads 1 --iters 50
     python bench/speed.py --rnn_size 512 --num_layers 3 --batch_size 128 --seq_length 100
-    python bench/speed.py --json                # one JSON object (bench/scale.py reads it)
+    python bench/speed.py --json                # one JSON object (the scaling study reads it)
     python bench/speed.py --no-torch --profile  # where phi_rnn's iteration spends its time
 
 Prints median / min / max ms per iteration (forward + backward + RMSprop, as in training),
 chars/s, GEMM GFLOP/s, % of the sgemm peak, peak RSS, and the ratio phi_rnn / PyTorch.
+It is also the scaling study's worker (bench/scale): every point is one run of it with
+`--json --profile --parts`.
 """
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.side_by_side import (TorchSide, finish, machine_record, peak_rss_mb, print_machine,  # noqa: E402
+                                print_sides, run_worker, versions)
 from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
 from phi_rnn.cells import MODELS  # noqa: E402  (light too)
 from phi_rnn.errors import UsageError  # noqa: E402
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="also time each kernel call of phi_rnn's iteration (mean ms per iteration)")
     p.add_argument("--parts", action="store_true",
-                   help="also measure the scaling model's parts at this thread count (bench/scale_parts.py)")
+                   help="also measure the scaling model's parts at this thread count (bench/scale/parts.py)")
     p.add_argument("--worker", choices=("phi_rnn", "torch"), help=argparse.SUPPRESS)
     affinity.add_thread_arguments(p)
     args = p.parse_args(argv)
@@ -56,10 +57,6 @@ def parse_args(argv=None):
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     return args
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def summary(seconds, args, gflop, peak, rss_mb, cpu_seconds):
@@ -153,13 +150,13 @@ def phi_rnn_worker(args):
 
 def measured_parts(args):
     """The scaling model's parts at this thread count on this config's shapes
-    (bench/scale_parts.py): the gemm strategy's GEMMs threaded by MKL; the batch strategy's
+    (bench/scale/parts.py): the gemm strategy's GEMMs threaded by MKL; the batch strategy's
     blocks slowing each other down (none at one thread)."""
-    import scale_parts
+    from bench.scale import parts
     shape = (args.model, args.vocab, args.rnn_size, args.num_layers, args.batch_size, args.seq_length)
     if args.strategy == "gemm":
-        return {"gemm": scale_parts.gemm_speedup(*shape)}
-    return {"contention": scale_parts.block_contention(*shape)} if args.threads > 1 else {}
+        return {"gemm": parts.gemm_speedup(*shape)}
+    return {"contention": parts.block_contention(*shape)} if args.threads > 1 else {}
 
 
 def training_iteration(config):
@@ -247,44 +244,6 @@ def torch_worker(args):
     return _timed_iterations(iteration, args.iters)
 
 
-RUNTIME_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "NUMBA_", "OPENBLAS_")
-
-
-def machine_record(topology):
-    """The machine as a report names it (bench/scale.py tells machines apart by it)."""
-    return {"cpu": topology.model_name, "sockets": len(topology.sockets), "cores": len(topology.cores),
-            "logical_cpus": len(topology.cpus), "numa_nodes": len(topology.nodes), "hostname": platform.node()}
-
-
-def run_worker(kind, argv, threads, script=__file__):
-    """`script --worker kind` in a fresh process per implementation (this one loads no runtime: once libgomp loads it
-    pins the main thread, and children would inherit that). phi_rnn's worker applies the plan;
-    PyTorch's runs as users run it, with only the thread count set (our spinning OpenMP
-    settings would make its autograd thread fight its own workers)."""
-    cmd = [sys.executable, os.path.abspath(script), *argv, "--threads", str(threads), "--worker", kind]
-    env = dict(os.environ)
-    if kind == "torch":
-        env = {k: v for k, v in env.items() if not k.startswith(RUNTIME_PREFIXES)}
-        env["OMP_NUM_THREADS"] = str(threads)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if result.returncode == 2:  # bad input, said in one line
-        line = result.stderr.strip().splitlines()[-1]
-        raise UsageError(line.removeprefix(f"{os.path.basename(script)}: error: "))
-    if result.returncode != 0:
-        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{kind} worker failed: {tail}")
-    return json.loads(result.stdout)
-
-
-def versions():
-    import numba
-    import numpy
-    from phi_rnn import __version__
-    from phi_rnn.blas import mkl_version
-    return {"python": platform.python_version(), "numpy": numpy.__version__, "numba": numba.__version__,
-            "mkl": mkl_version(), "phi_rnn": __version__}
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -308,7 +267,7 @@ def main(argv=None):
                               "profile": profile, "parts": parts}))
             return 0
         worker_argv = [a for a in argv if a not in ("--json",)]
-        mine = run_worker("phi_rnn", worker_argv, plan.threads)
+        mine = run_worker("phi_rnn", worker_argv, plan.threads, __file__)
     except UsageError as e:
         print(f"speed.py: error: {e}", file=sys.stderr)
         return 2
@@ -324,44 +283,13 @@ def main(argv=None):
         "torch": None, "ratio": None, "cpu_ratio": None, "profile": mine["profile"] or None,
         "parts": mine["parts"],
     }
-    theirs = run_torch_reference(worker_argv, plan.threads) if args.torch else None
-    if theirs:
-        report["torch"] = summary(theirs["times"], args, mine["gflop"], mine["peak"], theirs["rss_mb"],
-                                  theirs["cpu_times"])
-        report["versions"]["torch"] = theirs["version"]
-        report["ratio"] = report["phi_rnn"]["median_ms"] / report["torch"]["median_ms"]
-        report["cpu_ratio"] = report["phi_rnn"]["cpu_median_ms"] / report["torch"]["cpu_median_ms"]
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_report(report)
-    return 0
-
-
-def run_torch_reference(argv, threads, script=__file__):
-    """The PyTorch worker's JSON with its torch version added; None when torch is not
-    importable or the worker fails (then with a warning)."""
-    import importlib.util
-    if importlib.util.find_spec("torch") is None:
-        return None
-    try:
-        result = run_worker("torch", argv, threads, script)
-    except RuntimeError as e:
-        print(f"{os.path.basename(script)}: warning: {e}", file=sys.stderr)
-        return None
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
-                         capture_output=True, text=True)
-    result["version"] = out.stdout.strip()
-    return result
-
-
-def print_machine(r):
-    """The first lines of a report: machine, versions, thread placement."""
-    print(f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['logical_cpus']} CPUs; "
-          + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
-    print(r["placement"])
-    if "gemm" in r:
-        print(f"gemm: {r['gemm']}" + (f"; vectors {r['vector']}" if r.get("vector") else ""))
+    torch_side = TorchSide(
+        worker_argv, plan.threads, __file__,
+        summarize=lambda theirs: summary(theirs["times"], args, mine["gflop"], mine["peak"], theirs["rss_mb"],
+                                         theirs["cpu_times"]),
+        ratios=lambda ours, theirs: {"ratio": ours["median_ms"] / theirs["median_ms"],
+                                     "cpu_ratio": ours["cpu_median_ms"] / theirs["cpu_median_ms"]})
+    return finish(report, args.json, print_report, torch_side if args.torch else None)
 
 
 def best_rate(r):
@@ -378,12 +306,10 @@ def print_report(r):
           f"-> GEMM floor {r['gflop_per_iter'] / r['peak_gflops'] * 1e3:.1f} ms; per-thread 25 x 512 x 128 "
           f"products {r['small_gemm_peak_gflops']:.1f} GFLOP/s -> "
           f"{r['gflop_per_iter'] / best_rate(r) * 1e3:.1f} ms at the better rate")
-    for name in ("phi_rnn", "torch"):
-        s = r[name]
-        if s:
-            print(f"{name:8s} median {s['median_ms']:8.2f} ms  (min {s['min_ms']:.2f}, max {s['max_ms']:.2f}, "
-                  f"n={len(s['ms'])})  {s['chars_per_s']:9.0f} chars/s  {s['gflops']:6.1f} GFLOP/s  "
-                  f"{s['pct_peak']:5.1f}% of peak  RSS {s['peak_rss_mb']:.0f} MB  CPU median {s['cpu_median_ms']:.2f} ms")
+    print_sides(r, lambda s: f"median {s['median_ms']:8.2f} ms  (min {s['min_ms']:.2f}, max {s['max_ms']:.2f}, "
+                             f"n={len(s['ms'])})  {s['chars_per_s']:9.0f} chars/s  {s['gflops']:6.1f} GFLOP/s  "
+                             f"{s['pct_peak']:5.1f}% of peak  RSS {s['peak_rss_mb']:.0f} MB  "
+                             f"CPU median {s['cpu_median_ms']:.2f} ms")
     if r["profile"]:
         mean = sum(r["phi_rnn"]["ms"]) / len(r["phi_rnn"]["ms"])
         print(f"profile (mean ms per iteration; iteration mean {mean:.2f} ms):")

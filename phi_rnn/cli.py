@@ -39,7 +39,7 @@ def _parser():
     _add_topo_arguments(sub.add_parser("topo", help="show topology, thread placement and verify it"))
 
     from phi_rnn import submit
-    submit.add_submit_arguments(sub.add_parser("submit", help="submit a PBS job (train or scale)"))
+    submit.add_submit_arguments(sub.add_parser("submit", help="submit a Slurm or PBS job (train or scale)"))
 
     d = sub.add_parser("data", help="fetch tiny-shakespeare into --data_dir (sha256-verified)")
     d.add_argument("--data_dir", "--data-dir", default="data/tinyshakespeare")

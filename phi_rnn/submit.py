@@ -1,47 +1,62 @@
-"""`python -m phi_rnn submit`: render a PBS job script for a phi_rnn run and qsub it.
+"""`python -m phi_rnn submit`: render a Slurm or PBS job script for a phi_rnn run and submit it.
 
 Usage (options before `--`, the phi_rnn command to run in the job after it):
 
-    python -m phi_rnn submit --ppn 64 --walltime 2:00:00 -- train --data_dir data/tinyshakespeare
-    python -m phi_rnn submit --flavor pbspro --ncpus 68 --walltime 30:00 --resume -- train ...
+    python -m phi_rnn submit --scheduler slurm --ppn 64 --walltime 2:00:00 -- train --data_dir data/tinyshakespeare
+    python -m phi_rnn submit --ppn 64 --walltime 2:00:00 -- train ...             # Torque (the default)
+    python -m phi_rnn submit --scheduler pbspro --ncpus 68 --walltime 30:00 --resume -- train ...
+    python -m phi_rnn submit --scheduler slurm --ppn 64 --walltime 24:00:00 --chain 20 -- train ...
     python -m phi_rnn submit --ppn 64 --array 0-7 -- scale --out results/scale64
     python -m phi_rnn submit --nodes 4 --ppn 64 --ranks-per-node 4 --walltime 4:00:00 -- train ...
-    python -m phi_rnn submit --dry-run ...          # print the script and the qsub command
+    python -m phi_rnn submit --dry-run ...          # print the script and the submit command
 
-The job script carries #PBS directives (name, queue, nodes=X:ppn=Y for Torque or
-select=X:ncpus=Y:mpiprocs=K:ompthreads=T for PBS Pro, walltime, account, mail, output
-paths, array range), changes to the submit directory, activates the environment (by
-default the one running `submit`: its venv, its conda environment, or its interpreter's
-directory put first on PATH; --venv PATH or --conda-env NAME otherwise), logs the node (host,
-CPU model, job id, array index, date, directory) and then `exec`s the phi_rnn command, so
-that the scheduler's signals reach Python itself rather than a waiting shell. Every value
-from the command line or the submit directory reaches the script as one single-quoted
-shell word (or a checked #PBS directive): nothing in it is ever expanded or run.
+The job script carries the scheduler's directives: `#SBATCH` for Slurm (--job-name,
+--partition, --nodes, --ntasks-per-node, --cpus-per-task, --time, --account, --mail-user,
+--mail-type, --output, --error, --array) or `#PBS` (name, queue, nodes=X:ppn=Y for Torque or
+select=X:ncpus=Y:mpiprocs=K:ompthreads=T for PBS Pro, walltime, account, mail, output paths,
+array range). It changes to the submit directory, activates the environment (by default
+the one running `submit`: its venv, its conda environment, or its interpreter's directory
+put first on PATH; --venv PATH or --conda-env NAME otherwise), logs the node (host, CPU
+model, job id, array index, date, directory) and then `exec`s the phi_rnn command, so that
+the scheduler's signals reach Python itself rather than a waiting shell. Every value from
+the command line or the submit directory reaches the script as one single-quoted shell
+word (or a checked directive: one word without spaces, quotes, backslashes or `#`):
+nothing in it is ever expanded or run.
 
 - `train`: `python -m phi_rnn train --threads T [--policy P] ARGS`; T defaults to the
   cores requested (--ppn / --ncpus) over the ranks per node.  With --nodes N > 1 or
-  --ranks-per-node K > 1 it runs as N x K MPI ranks (data-parallel, phi_rnn.distributed):
-  `mpiexec -n NK -ppn K -genv OMP_NUM_THREADS T ...` (--mpi hydra: MPICH, Intel MPI) or
-  `mpiexec -n NK --map-by ppr:K:node:pe=T -x OMP_NUM_THREADS=T ...` (--mpi openmpi); both
-  read the nodes from $PBS_NODEFILE, and mpiexec forwards the walltime SIGTERM to the ranks.
-- `scale` with --array: `python bench/scale.py --point "$IDX" ARGS` (ARGS must hold
-  --out DIR; merge the points afterwards with `python bench/scale.py --collect DIR`);
+  --ranks-per-node K > 1 it runs as N x K MPI ranks (data-parallel, phi_rnn.distributed),
+  started by `mpiexec -n NK -ppn K -genv OMP_NUM_THREADS T ...` (--mpi hydra: MPICH,
+  Intel MPI), `mpiexec -n NK --map-by ppr:K:node:pe=T -x OMP_NUM_THREADS=T ...` (--mpi
+  openmpi), both reading the job's nodes from the scheduler, or on Slurm `srun
+  --mpi=pmi2 ...` (--mpi srun-pmi2, Slurm's default here: MPICH, the mpich wheel) or
+  `srun --mpi=pmix` (--mpi srun-pmix: Open MPI, most site MPIs built for Slurm). The
+  launcher forwards a SIGTERM to the ranks.
+- `scale` with --array: `python bench/scale --point "$IDX" ARGS` (ARGS must hold
+  --out DIR; merge the points afterwards with `python -m bench.scale --collect DIR`);
   without --array the whole study runs in one job.
 
-Walltime and resubmission: at the walltime limit the scheduler sends SIGTERM (then
-SIGKILL after a grace period: Torque kill_delay, PBS Pro kill_delay, Slurm KillWait).
-Training answers SIGTERM by writing a checkpoint and exiting 143.  Submitting with
-`--resume` adds `--resume latest` to the train command, which continues from the
-checkpoint directory's `latest` pointer, so resubmitting after a walltime kill is:
+Walltime: at the limit the scheduler sends SIGTERM (then SIGKILL after a grace period:
+Slurm KillWait, Torque and PBS Pro kill_delay). Training answers SIGTERM by writing a
+checkpoint and exiting 143.  `--resume` adds `--resume latest` to the train command, which
+continues from the checkpoint directory's `latest` pointer (checked before submitting: a
+job with nothing to resume would fail).
 
-    python -m phi_rnn submit --resume <same options> -- train <same train args>
+A run longer than any walltime: `--chain N` submits N jobs at once, each starting when the
+previous one has ended (Slurm `--dependency=afterany:JOB`, PBS `-W depend=afterany:JOB`),
+each running phi_rnn.chain in place of train: it resumes from `latest` when there is one,
+stops training with SIGTERM --stop-before seconds (default 300) before the walltime so that
+the checkpoint is written before the kill rather than during its grace period (on Slurm
+also asked of the scheduler, `--signal=B:TERM@SECONDS`), and writes what happened to the
+chain's record, `<checkpoint_dir>/chain-<date>-<time>.log`. Training that stops there
+(exit 143, a new checkpoint) is continued by the next job; training that finishes (exit 0)
+or fails (any other exit) ends the chain, and the remaining jobs are cancelled (or exit at
+once, finding the end in the record). Resume is exact, so the chain's final checkpoint is
+the one a single job of unlimited walltime would have written.
 
-(`--resume latest` can also be written among the train args by hand.  --resume checks
-that the checkpoint directory, as seen from the submit directory, has a `latest` pointer,
-because a job with nothing to resume would fail; scale points need no flag: an
-interrupted study skips its finished points.)  Output goes to the scheduler's default
-`<name>.o<job number>` in the submit directory, stdout and stderr joined, unless
---output / --error say otherwise; their directories are created before submitting.
+Output goes to `<name>.o<job number>` in the submit directory (arrays: one per index),
+stdout and stderr joined, unless --output / --error say otherwise; their directories are
+created before submitting.
 
 Real PBS and Slurm's PBS wrappers (qsub from slurm-wlm-torque) differ; handled here:
 - the wrappers let sbatch read #PBS lines but always put their own -o/-e on the sbatch
@@ -69,6 +84,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,31 +92,43 @@ from phi_rnn.affinity import POLICIES
 from phi_rnn.errors import UsageError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SCALE_SCRIPT = PROJECT_ROOT / "bench" / "scale.py"
-MAX_NAME_LENGTH = {"torque": 15, "pbspro": 236}
+SCALE_SCRIPT = PROJECT_ROOT / "bench" / "scale"  # the package, run by path from the job's directory
+SCHEDULERS = ("torque", "pbspro", "slurm")
+MAX_NAME_LENGTH = {"torque": 15, "pbspro": 236, "slurm": 200}
 ARRAY_PATTERN = {
     "torque": re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?"),
     "pbspro": re.compile(r"\d+-\d+(:\d+)?(%\d+)?"),
+    "slurm": re.compile(r"\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?"),
 }
-ARRAY_INDEX = "${PBS_ARRAYID:-${PBS_ARRAY_INDEX:-$SLURM_ARRAY_TASK_ID}}"
+ARRAY_INDEX = {"slurm": "$SLURM_ARRAY_TASK_ID",
+               "pbs": "${PBS_ARRAYID:-${PBS_ARRAY_INDEX:-$SLURM_ARRAY_TASK_ID}}"}
 JOB_ID_PATTERN = re.compile(r"(\d+)(\[\d*\])?(\.\S+)?")
-MPI_LAUNCHERS = ("hydra", "openmpi")
+MPI_LAUNCHERS = ("hydra", "openmpi", "srun-pmi2", "srun-pmix")
+SLURM_MAIL_TYPES = {"a": "FAIL", "b": "BEGIN", "e": "END", "n": "NONE"}
+DEFAULT_STOP_BEFORE_S = 300
 
 
 def add_submit_arguments(parser):
-    parser.add_argument("--flavor", choices=("torque", "pbspro"), default="torque",
-                        help="PBS dialect of the directives (default: torque)")
-    parser.add_argument("--queue", "-q", default="manycore", help="queue (default: manycore)")
+    parser.add_argument("--scheduler", "--flavor", dest="scheduler", choices=SCHEDULERS,
+                        default="torque", help="slurm, or the PBS dialect: torque (default) or pbspro")
+    parser.add_argument("--queue", "-q", "--partition", "-p", dest="queue", default="manycore",
+                        help="queue / Slurm partition (default: manycore)")
     parser.add_argument("--nodes", "--select", dest="nodes", type=int, default=1,
-                        help="nodes (Torque nodes=, PBS Pro select=); more than one: train over MPI")
+                        help="nodes (Slurm --nodes, Torque nodes=, PBS Pro select=); "
+                             "more than one: train over MPI")
     parser.add_argument("--ranks-per-node", "--ranks_per_node", dest="ranks_per_node", type=int, default=1,
-                        help="MPI ranks of train per node, each on its own cores (PBS Pro mpiprocs=; "
-                             "default 1; one per socket or NUMA domain is the usual choice)")
-    parser.add_argument("--mpi", choices=MPI_LAUNCHERS, default="hydra",
-                        help="mpiexec dialect: hydra (MPICH, Intel MPI; default) or openmpi")
+                        help="MPI ranks of train per node, each on its own cores (Slurm "
+                             "--ntasks-per-node, PBS Pro mpiprocs=; default 1; one per socket or "
+                             "NUMA domain is the usual choice)")
+    parser.add_argument("--mpi", choices=MPI_LAUNCHERS,
+                        help="how MPI ranks start: mpiexec of hydra (MPICH, Intel MPI; the PBS "
+                             "default) or openmpi, or on Slurm srun with PMI-2 (MPICH, the mpich "
+                             "wheel; the Slurm default) or PMIx")
     parser.add_argument("--ppn", "--ncpus", dest="ppn", type=int,
-                        help="cores per node (Torque ppn=, PBS Pro ncpus=); required")
-    parser.add_argument("--walltime", help="limit as H:MM:SS, MM:SS or seconds")
+                        help="cores per node (Torque ppn=, PBS Pro ncpus=, Slurm ranks per node x "
+                             "--cpus-per-task); required")
+    parser.add_argument("--walltime", "--time", dest="walltime",
+                        help="limit as H:MM:SS, MM:SS or seconds")
     parser.add_argument("--name", "-N", help="job name (default: phi-train / phi-scale)")
     parser.add_argument("--account", "-A", help="account to charge")
     parser.add_argument("--mail", "-M", help="address for job mail")
@@ -114,23 +142,42 @@ def add_submit_arguments(parser):
     parser.add_argument("--venv", type=Path, help="virtual environment to activate "
                         "(default: the environment running submit)")
     parser.add_argument("--conda-env", help="conda environment to activate instead")
-    parser.add_argument("--pbs-line", action="append", default=[], metavar="DIRECTIVE",
-                        help="extra '#PBS DIRECTIVE' line (repeatable)")
+    parser.add_argument("--directive", "--pbs-line", "--sbatch-line", dest="directives",
+                        action="append", default=[], metavar="DIRECTIVE",
+                        help="extra '#SBATCH' / '#PBS' directive line, e.g. '--exclusive' or "
+                             "'-l mem=8gb' (repeatable)")
     parser.add_argument("--array", metavar="RANGE", help="job array of scale points, "
-                        "e.g. 0-7 (Torque -t, PBS Pro -J)")
+                        "e.g. 0-7 (Slurm --array, Torque -t, PBS Pro -J)")
     parser.add_argument("--resume", action="store_true",
                         help="add '--resume latest' to the train command")
+    parser.add_argument("--chain", type=int, metavar="N",
+                        help="train past the walltime: N jobs, each after the previous, each "
+                             "resuming from 'latest', until training ends (needs --walltime)")
+    parser.add_argument("--stop-before", type=int, metavar="SECONDS",
+                        help="with --chain: stop training (SIGTERM: checkpoint, exit 143) this "
+                             f"long before the walltime (default {DEFAULT_STOP_BEFORE_S})")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the script and the qsub command; submit nothing")
-    parser.add_argument("--qsub", default="qsub", help="qsub program (default: qsub on PATH)")
+                        help="print the script and the submit command; submit nothing")
+    parser.add_argument("--qsub", "--sbatch", dest="submitter",
+                        help="submit program (default: sbatch or qsub on PATH)")
     # not "command": the CLI's subcommand already has that name
     parser.add_argument("job_command", nargs="*", metavar="-- train|scale ARGS",
                         help="the phi_rnn command to run in the job")
 
 
 @dataclass
+class Chain:
+    """--chain: the jobs that carry one training run past the walltime."""
+    links: int
+    stop_before: int
+    stop_after: int  # seconds from a job's start to its SIGTERM
+    record: Path
+    train_command: list
+
+
+@dataclass
 class Job:
-    flavor: str
+    scheduler: str
     name: str
     queue: str
     nodes: int
@@ -147,24 +194,49 @@ class Job:
     array: str | None
     activation: list
     run_line: str
+    chain: Chain | None
     submit_dir: Path
+
+    @property
+    def slurm(self):
+        return self.scheduler == "slurm"
+
+    @property
+    def submitter(self):
+        return "sbatch" if self.slurm else "qsub"
 
 
 def submit_command(args):
     job = job_from_arguments(args)
-    script = render_script(job)
     if args.dry_run:
-        qsub_line = shlex.join(["qsub", *qsub_options(job), job.name])
-        print(script + f"# submit: {qsub_line}  (with this script saved as {job.name})")
-        return 0
-    qsub = find_qsub(args.qsub)
+        return print_dry_run(job)
+    program = find_program(args.submitter or job.submitter, job)
     for path in (job.output, job.error):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-    job_id = run_qsub(qsub, job, script)
-    print(f"submitted {job.name} to queue {job.queue}: job {job_id}")
+    if job.chain:
+        return submit_chain(program, job)
+    job_id = submit_script(program, job, render_script(job))
+    print(f"submitted {job.name} to {queue_word(job)} {job.queue}: job {job_id}")
     print(f"output: {output_location(job, job_id)}")
     return 0
+
+
+def print_dry_run(job):
+    script = render_script(job, link=1)
+    command = shlex.join([job.submitter, *submit_options(job), job.name])
+    print(script + f"# submit: {command}  (with this script saved as {job.name})")
+    if job.chain:
+        later = shlex.join([job.submitter, *submit_options(job), *dependency_options(job, "JOB"),
+                            job.name])
+        print(f"# links 2-{job.chain.links}: {later}  (JOB: the previous link's job id; "
+              f"the script with its own --link)")
+        print(f"# record: {job.chain.record}")
+    return 0
+
+
+def queue_word(job):
+    return "partition" if job.slurm else "queue"
 
 
 def job_from_arguments(args):
@@ -181,33 +253,44 @@ def job_from_arguments(args):
     if program != "train" and ranks > 1:
         raise UsageError(f"--nodes {args.nodes} --ranks-per-node {args.ranks_per_node}: MPI ranks run train; "
                          "spread scale points over nodes with --array")
+    if args.scheduler == "slurm" and args.ppn % args.ranks_per_node:
+        raise UsageError(f"--ppn {args.ppn} is no multiple of --ranks-per-node {args.ranks_per_node}: "
+                         "Slurm gives each rank the same number of cores (--cpus-per-task)")
     submit_dir = Path.cwd()
+    walltime = unless_none(args.walltime, parse_walltime)
+    chain = None
     if program == "train":
         threads = args.threads if args.threads is not None else args.ppn // args.ranks_per_node
-        run_line = train_run_line(args, threads, program_args)
+        command = train_command(args, threads, program_args)
         if args.resume:
             check_resumable(program_args, submit_dir)
+        if args.chain is not None:
+            chain = chain_plan(args, walltime, program_args, command, submit_dir)
+        elif args.stop_before is not None:
+            raise UsageError("--stop-before applies to the jobs of a --chain")
+        run_line = "exec " + shlex.join(command)
     else:
         threads = None
         run_line = scale_run_line(args, program_args)
     return Job(
-        flavor=args.flavor,
-        name=checked_name(f"phi-{program}" if args.name is None else args.name, args.flavor),
+        scheduler=args.scheduler,
+        name=checked_name(f"phi-{program}" if args.name is None else args.name, args.scheduler),
         queue=checked_word(args.queue, "--queue"),
         nodes=args.nodes,
         ppn=args.ppn,
         ranks_per_node=args.ranks_per_node,
         threads=threads,
-        walltime=unless_none(args.walltime, lambda text: format_walltime(parse_walltime(text))),
+        walltime=unless_none(walltime, format_walltime),
         account=unless_none(args.account, checked_word, "--account"),
         mail=unless_none(args.mail, checked_word, "--mail"),
         mail_events=checked_mail_events(args.mail_events, args.mail),
-        output=unless_none(args.output, absolute, submit_dir),
-        error=unless_none(args.error, absolute, submit_dir),
-        extra_lines=[checked_pbs_line(line) for line in args.pbs_line],
-        array=unless_none(args.array, checked_array, args.flavor),
+        output=unless_none(args.output, absolute, submit_dir, "--output"),
+        error=unless_none(args.error, absolute, submit_dir, "--error"),
+        extra_lines=[checked_directive(line, args.scheduler) for line in args.directives],
+        array=unless_none(args.array, checked_array, args.scheduler),
         activation=activation_lines(args.venv, args.conda_env),
         run_line=run_line,
+        chain=chain,
         submit_dir=submit_dir,
     )
 
@@ -216,7 +299,8 @@ def unless_none(value, check, *more):
     return None if value is None else check(value, *more)
 
 
-def train_run_line(args, threads, train_args):
+def train_command(args, threads, train_args):
+    """The job's train command as words, its MPI launcher in front when it has ranks."""
     if args.array is not None:
         raise UsageError("--array runs scale points; a train job is a single job")
     for flag in ("--threads", "--policy"):
@@ -231,25 +315,53 @@ def train_run_line(args, threads, train_args):
     command += train_args
     if args.resume:
         command += ["--resume", "latest"]
+    launcher = args.mpi or ("srun-pmi2" if args.scheduler == "slurm" else "hydra")
+    if launcher.startswith("srun") and args.scheduler != "slurm":
+        raise UsageError(f"--mpi {launcher} starts ranks with Slurm's srun: use it with --scheduler slurm")
     ranks = args.nodes * args.ranks_per_node
     if ranks > 1:
         if args.venv is None and args.conda_env is None and importlib.util.find_spec("mpi4py") is None:
             raise UsageError(f"{ranks} MPI ranks need mpi4py in the job's environment: "
                              f"pip install 'phi_rnn[mpi]' (mpi4py + mpich) or mpi4py built against the site's MPI")
-        command = mpiexec_command(args.mpi, ranks, args.ranks_per_node, threads) + command
-    return "exec " + shlex.join(command)
+        command = launcher_command(launcher, args.nodes, args.ranks_per_node, threads,
+                                   args.ppn // args.ranks_per_node) + command
+    return command
 
 
-def mpiexec_command(launcher, ranks, per_node, threads):
-    """mpiexec for `ranks` ranks, `per_node` on each node, with the thread count exported to
-    every rank (phi_rnn then places each rank's threads on its own cores, replacing any
-    binding the launcher made). Both launchers read the nodes from $PBS_NODEFILE themselves."""
+def launcher_command(launcher, nodes, per_node, threads, cores_per_rank):
+    """The MPI launcher for nodes x per_node ranks, with the thread count exported to every
+    rank (phi_rnn then places each rank's threads on its own cores, replacing any binding
+    the launcher made). mpiexec reads the job's nodes from the scheduler itself."""
+    ranks = nodes * per_node
+    if launcher.startswith("srun"):
+        # srun inside a batch job does not take --cpus-per-task from it on every Slurm version
+        return ["srun", f"--mpi={launcher.removeprefix('srun-')}", f"--nodes={nodes}",
+                f"--ntasks={ranks}", f"--ntasks-per-node={per_node}",
+                f"--cpus-per-task={cores_per_rank}", f"--export=ALL,OMP_NUM_THREADS={threads}"]
     if launcher == "openmpi":
         return ["mpiexec", "-n", str(ranks), "--map-by", f"ppr:{per_node}:node:pe={threads}",
                 "-x", f"OMP_NUM_THREADS={threads}"]
     # Hydra: MPICH's and Intel MPI's; I_MPI_PIN_DOMAIN=omp gives an Intel MPI rank OMP_NUM_THREADS cores
     return ["mpiexec", "-n", str(ranks), "-ppn", str(per_node), "-genv", "OMP_NUM_THREADS", str(threads),
             "-genv", "I_MPI_PIN_DOMAIN", "omp"]
+
+
+def chain_plan(args, walltime, train_args, command, submit_dir):
+    if args.chain < 1:
+        raise UsageError(f"--chain {args.chain}: at least one job")
+    if walltime is None:
+        raise UsageError("--chain needs --walltime: each job stops training --stop-before "
+                         "seconds before it")
+    if args.resume or any(arg == "--resume" or arg.startswith("--resume=") for arg in train_args):
+        raise UsageError("--chain resumes from 'latest' by itself: leave out --resume")
+    stop_before = DEFAULT_STOP_BEFORE_S if args.stop_before is None else args.stop_before
+    if not 0 < stop_before < walltime:
+        raise UsageError(f"--stop-before {stop_before}: give a number of seconds above "
+                         f"zero and below the walltime ({walltime} s)")
+    checkpoint_dir = option_value(train_args, ("--checkpoint_dir", "--checkpoint-dir"), "cv")
+    record = submit_dir / checkpoint_dir / f"chain-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return Chain(links=args.chain, stop_before=stop_before, stop_after=walltime - stop_before,
+                 record=record, train_command=command)
 
 
 def check_resumable(train_args, submit_dir):
@@ -274,14 +386,14 @@ def option_value(arguments, names, default):
 
 
 def scale_run_line(args, scale_args):
-    if args.threads is not None or args.policy or args.resume:
-        raise UsageError("--threads, --policy and --resume apply to train; "
+    if args.threads is not None or args.policy or args.resume or args.chain is not None:
+        raise UsageError("--threads, --policy, --resume and --chain apply to train; "
                          "scale points choose their own threads")
     if args.array is None:
         return "exec " + shlex.join(["python", str(SCALE_SCRIPT), *scale_args])
     if option_value(scale_args, ("--out",), None) is None:
         raise UsageError("a scale array needs '--out DIR' after '-- scale': every point "
-                         "writes its result there for 'bench/scale.py --collect DIR'")
+                         "writes its result there for 'python -m bench.scale --collect DIR'")
     return (f'exec python {shlex.quote(str(SCALE_SCRIPT))} --point "$IDX" '
             + shlex.join(scale_args))
 
@@ -303,17 +415,20 @@ def format_walltime(seconds):
     return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def checked_name(name, flavor):
-    limit = MAX_NAME_LENGTH[flavor]
+def checked_name(name, scheduler):
+    limit = MAX_NAME_LENGTH[scheduler]
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.+-]*", name) or len(name) > limit:
-        raise UsageError(f"invalid job name {name!r}: {flavor} needs at most {limit} "
+        raise UsageError(f"invalid job name {name!r}: {scheduler} needs at most {limit} "
                          "characters, a letter first, then letters, digits, _ . + -")
     return name
 
 
 def checked_word(value, option):
-    if not value or re.search(r"[\s#'\"]", value):
-        raise UsageError(f"invalid {option} {value!r}: one word without spaces or quotes")
+    """A directive's value: sbatch and qsub would split it at a space, end it at a `#`
+    and take quotes and backslashes as their own syntax."""
+    if not value or re.search(r"[\s#'\"\\]", value):
+        raise UsageError(f"invalid {option} {value!r}: one word without spaces, quotes, "
+                         "backslashes or '#'")
     return value
 
 
@@ -325,24 +440,25 @@ def checked_mail_events(events, mail):
     return events
 
 
-def checked_pbs_line(line):
-    directive = re.sub(r"^\s*#PBS\s*", "", line).strip()
+def checked_directive(line, scheduler):
+    prefix = "#SBATCH" if scheduler == "slurm" else "#PBS"
+    directive = re.sub(rf"^\s*{prefix}\s*", "", line).strip()
     if not directive.startswith("-") or "\n" in directive:
-        raise UsageError(f"invalid --pbs-line {line!r}: one directive such as '-l mem=8gb'")
+        example = "'--mem=8G'" if scheduler == "slurm" else "'-l mem=8gb'"
+        raise UsageError(f"invalid --directive {line!r}: one {prefix} directive such as {example}")
     return directive
 
 
-def checked_array(array, flavor):
-    if not ARRAY_PATTERN[flavor].fullmatch(array):
-        example = "0-7, 0,2,4 or 0-7%2" if flavor == "torque" else "0-7 or 0-14:2"
-        raise UsageError(f"invalid --array {array!r} for {flavor}: e.g. {example}")
+def checked_array(array, scheduler):
+    if not ARRAY_PATTERN[scheduler].fullmatch(array):
+        example = "0-7 or 0-14:2" if scheduler == "pbspro" else "0-7, 0,2,4 or 0-7%2"
+        raise UsageError(f"invalid --array {array!r} for {scheduler}: e.g. {example}")
     return array
 
 
-def absolute(path, submit_dir):
+def absolute(path, submit_dir, option):
     full = submit_dir / Path(path).expanduser()
-    if re.search(r"\s", str(full)):
-        raise UsageError(f"output path {str(full)!r} has a space: qsub cannot take it")
+    checked_word(str(full), option)
     return full
 
 
@@ -383,9 +499,9 @@ def current_environment_lines():
     return [f'PATH={shlex.quote(str(bindir))}:"$PATH"']
 
 
-def directives(job):
+def pbs_directives(job):
     lines = [f"-N {job.name}", f"-q {job.queue}"]
-    if job.flavor == "torque":
+    if job.scheduler == "torque":
         lines.append(f"-l nodes={job.nodes}:ppn={job.ppn}")
     else:
         lines.append(f"-l select={job.nodes}:ncpus={job.ppn}:mpiprocs={job.ranks_per_node}"
@@ -401,9 +517,33 @@ def directives(job):
     return lines + repeated_on_command_line(job) + job.extra_lines
 
 
+def slurm_directives(job):
+    lines = [f"--job-name={job.name}", f"--partition={job.queue}", f"--nodes={job.nodes}",
+             f"--ntasks-per-node={job.ranks_per_node}",
+             f"--cpus-per-task={job.ppn // job.ranks_per_node}"]
+    if job.walltime:
+        lines.append(f"--time={job.walltime}")
+    if job.account:
+        lines.append(f"--account={job.account}")
+    if job.mail:
+        lines.append(f"--mail-user={job.mail}")
+    if job.mail_events:
+        lines.append("--mail-type=" + ",".join(SLURM_MAIL_TYPES[event] for event in job.mail_events))
+    # relative to the job's working directory, the submit directory (%A.%a: array and index)
+    lines.append(f"--output={job.output or job.name + ('.o%A.%a' if job.array else '.o%j')}")
+    if job.error:
+        lines.append(f"--error={job.error}")
+    if job.array:
+        lines.append(f"--array={job.array}")
+    if job.chain:
+        # B: the batch shell alone, which exec made phi_rnn.chain; it passes it on to train
+        lines.append(f"--signal=B:TERM@{job.chain.stop_before}")
+    return lines + job.extra_lines
+
+
 def repeated_on_command_line(job):
-    """Directives that qsub also gets as options: Slurm's wrapper decides the output files
-    from its command line alone (-o/-e/-j, and the array range for per-index names)."""
+    """PBS directives that qsub also gets as options: Slurm's wrapper decides the output
+    files from its command line alone (-o/-e/-j, and the array range for per-index names)."""
     options = []
     if job.output:
         options.append(f"-o {job.output}")
@@ -412,63 +552,131 @@ def repeated_on_command_line(job):
     else:
         options.append("-j oe")
     if job.array:
-        options.append(("-t " if job.flavor == "torque" else "-J ") + job.array)
+        options.append(("-t " if job.scheduler == "torque" else "-J ") + job.array)
     return options
 
 
-def qsub_options(job):
+def submit_options(job):
+    if job.slurm:
+        return ["--parsable"]
     return [word for option in repeated_on_command_line(job) for word in option.split(" ", 1)]
 
 
-def render_script(job):
-    index_setup = [f'IDX="{ARRAY_INDEX}"'] if job.array else []
+def dependency_options(job, previous_job_id):
+    if job.slurm:
+        return [f"--dependency=afterany:{previous_job_id}"]
+    return ["-W", f"depend=afterany:{previous_job_id}"]
+
+
+def run_line(job, link):
+    if job.chain is None:
+        return job.run_line
+    chain = job.chain
+    return "exec " + shlex.join([
+        "python", "-m", "phi_rnn.chain", "--link", str(link), "--links", str(chain.links),
+        "--record", str(chain.record), "--stop-after", str(chain.stop_after),
+        "--cancel", "scancel" if job.slurm else "qdel", "--", *chain.train_command])
+
+
+def render_script(job, link=1):
+    if job.slurm:
+        directive_lines = [f"#SBATCH {line}" for line in slurm_directives(job)]
+        workdir, job_id, index = "${SLURM_SUBMIT_DIR:-$SUBMIT_DIR}", "SLURM_JOB_ID", ARRAY_INDEX["slurm"]
+    else:
+        directive_lines = [f"#PBS {line}" for line in pbs_directives(job)]
+        workdir, job_id, index = "${PBS_O_WORKDIR:-$SUBMIT_DIR}", "PBS_JOBID", ARRAY_INDEX["pbs"]
+    index_setup = [f'IDX="{index}"'] if job.array else []
     index_log = ', array index $IDX' if job.array else ""
+    chain_log = f", link {link} of a chain of {job.chain.links}" if job.chain else ""
+    line = run_line(job, link)
     lines = [
         "#!/bin/bash",
-        *(f"#PBS {line}" for line in directives(job)),
+        *directive_lines,
         "# Rendered by 'python -m phi_rnn submit'.",
         "set -e",
         # a value inside "${VAR:-...}" would still be expanded: the directory is its own word
         f"SUBMIT_DIR={shlex.quote(str(job.submit_dir))}",
-        'cd -- "${PBS_O_WORKDIR:-$SUBMIT_DIR}"',
+        f'cd -- "{workdir}"',
         *job.activation,
         *index_setup,
-        f'echo "phi_rnn job ${{PBS_JOBID:-?}}{index_log} on $(hostname) at $(date \'+%F %T %Z\')"',
+        f'echo "phi_rnn job ${{{job_id}:-?}}{index_log}{chain_log} on $(hostname) at $(date \'+%F %T %Z\')"',
         'echo "cpu: $(grep -m1 \'model name\' /proc/cpuinfo | cut -d: -f2- | sed \'s/^ *//\')'
         ', $(nproc) usable of $(grep -c ^processor /proc/cpuinfo)"',
         'echo "dir: $PWD"',
-        "echo " + shlex.quote("run: " + job.run_line.removeprefix("exec ")),
-        job.run_line,
+        "echo " + shlex.quote("run: " + line.removeprefix("exec ")),
+        line,
     ]
     return "\n".join(lines) + "\n"
 
 
-def find_qsub(qsub):
-    path = shutil.which(qsub)
+def find_program(program, job):
+    path = shutil.which(program)
     if path is None:
-        raise UsageError(f"qsub not found ({qsub!r}): submit from a PBS login node, "
-                         "point --qsub at it, or use --dry-run to see the script")
+        where = "a Slurm" if job.slurm else "a PBS"
+        option = "--sbatch" if job.slurm else "--qsub"
+        raise UsageError(f"{job.submitter} not found ({program!r}): submit from {where} login "
+                         f"node, point {option} at it, or use --dry-run to see the script")
     return path
 
 
-def run_qsub(qsub, job, script):
-    # qsub copies the script at submission, so a temporary file will do; it is named
-    # after the job because Slurm's qsub names default output files after the script.
+def submit_script(program, job, script, after=None):
+    """Submits the script (after job `after` has ended, when given); returns the job id."""
+    dependency = dependency_options(job, after) if after else []
+    # The scheduler copies the script at submission, so a temporary file will do; it is
+    # named after the job because Slurm's qsub names default output files after the script.
     with tempfile.TemporaryDirectory(prefix="phi_rnn-submit-") as directory:
         script_path = Path(directory, job.name)
         script_path.write_text(script)
-        result = subprocess.run([qsub, *qsub_options(job), str(script_path)],
+        result = subprocess.run([program, *submit_options(job), *dependency, str(script_path)],
                                 capture_output=True, text=True, cwd=job.submit_dir)
     if result.returncode != 0:
-        raise UsageError(f"qsub rejected the job: {qsub_error(result)}")
+        raise UsageError(f"{job.submitter} rejected the job: {scheduler_error(result)}")
     words = result.stdout.split()
     if not words:
-        raise UsageError(f"qsub printed no job id: {qsub_error(result)}")
-    return words[-1]
+        raise UsageError(f"{job.submitter} printed no job id: {scheduler_error(result)}")
+    # sbatch --parsable: "ID" or "ID;CLUSTER"; qsub: the id, last
+    return words[-1].split(";")[0]
 
 
-def qsub_error(result):
-    """The scheduler's own message, from stderr (PBS) or stdout (Slurm's wrapper)."""
+def submit_chain(program, job):
+    """Submits the chain's jobs, each after the previous one, and lists their ids in the
+    record, where a link that ends the chain finds the ones to cancel."""
+    chain = job.chain
+    chain.record.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(chain.record, "x") as record:
+            record.write(f"chain of at most {chain.links} jobs submitted from {job.submit_dir} "
+                         f"at {time.strftime('%F %T %Z')}: {shlex.join(chain.train_command)}\n")
+    except FileExistsError:
+        raise UsageError(f"{chain.record} exists: a chain was submitted this second; "
+                         "submit again") from None
+    job_ids = []
+    try:
+        for link in range(1, chain.links + 1):
+            after = job_ids[-1] if job_ids else None
+            job_ids.append(submit_script(program, job, render_script(job, link), after))
+    except UsageError:
+        cancel_jobs(job, job_ids)
+        raise
+    with open(chain.record, "a") as record:
+        record.write(f"jobs: {' '.join(job_ids)}\n")
+    cancel = "scancel" if job.slurm else "qdel"
+    print(f"submitted {job.name} as a chain of {chain.links} jobs to {queue_word(job)} "
+          f"{job.queue}: jobs {' '.join(job_ids)}, each after the previous")
+    print(f"output: {job.submit_dir / job.name}.o<job number> (one per job)")
+    print(f"record: {chain.record}")
+    print(f"stop the chain: {cancel} {' '.join(job_ids)}")
+    return 0
+
+
+def cancel_jobs(job, job_ids):
+    """Cancels the links already submitted when a later one is rejected."""
+    if job_ids:
+        subprocess.run(["scancel" if job.slurm else "qdel", *job_ids], capture_output=True)
+
+
+def scheduler_error(result):
+    """The scheduler's own message, from stderr (PBS, sbatch) or stdout (Slurm's qsub)."""
     text = (result.stderr + "\n" + result.stdout).strip()
     errors = [line.strip(" '") for line in text.splitlines() if re.search(r"error:", line)]
     if errors:
@@ -485,5 +693,5 @@ def output_location(job, job_id):
     path = job.submit_dir / f"{job.name}.o{number}"
     if not job.array:
         return str(path)
-    separator = "-" if job.flavor == "torque" and "." in job_id else "."
+    separator = "-" if job.scheduler == "torque" and "." in job_id else "."
     return f"{path}{separator}<index> (one per array index)"

@@ -1,4 +1,4 @@
-"""bench/scale.py: the model fit, point enumeration, --point/--collect, resume, failures.
+"""bench.scale, the scaling study: the model fit, point enumeration, --point/--collect, resume, failures.
 
 End-to-end tests run the real bench/speed.py on the `tiny` config with a few iterations.
 """
@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCALE = BENCH / "scale.py"
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--configs", "tiny", "--iters", "3", "--warmup", "1"]
 STUDY = ["--threads", "1,2", "--scaling", "strong,weak", "--strategies", "batch", *TINY]
 STUDY_KEYS = [f"{scaling}-tiny-lstm-batch-compact-t00{p}"
@@ -24,19 +23,19 @@ STUDY_KEYS = [f"{scaling}-tiny-lstm-batch-compact-t00{p}"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-sys.path.insert(0, str(BENCH))
-import scale_model  # noqa: E402
-import scale_machine  # noqa: E402
-import scale_points  # noqa: E402
-import scale_rounds  # noqa: E402
-import scale_run  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from bench.scale import machine as scale_machine  # noqa: E402
+from bench.scale import model as scale_model  # noqa: E402
+from bench.scale import points as scale_points  # noqa: E402
+from bench.scale import rounds as scale_rounds  # noqa: E402
+from bench.scale import run as scale_run  # noqa: E402
 
 
 def run_scale(*args, check=True):
-    proc = subprocess.run([sys.executable, str(SCALE), *map(str, args)],
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"scale.py {args} exited {proc.returncode}:\n{proc.stderr}")
+        raise AssertionError(f"bench.scale {args} exited {proc.returncode}:\n{proc.stderr}")
     return proc
 
 
@@ -153,7 +152,7 @@ def test_gemm_time_from_measured_threaded_speedups_then_amdahl():
 @pytest.mark.parametrize("model", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("layers", [1, 3])
 def test_parts_multiply_the_iterations_gemms(model, layers):
-    import scale_parts
+    from bench.scale import parts as scale_parts
     from phi_rnn.model import gemm_flops
     products = scale_parts.iteration_products(model, 65, 32, layers, 5, 7)
     flops = sum(2 * calls * m * n * k for calls, _, m, n, k, _ in products)
@@ -163,7 +162,7 @@ def test_parts_multiply_the_iterations_gemms(model, layers):
 def test_parts_blocks_each_compute_their_own_products():
     """Blocks 0 and 1 of 3 run every call of each product on their own operands (a per-step
     product's one hot A, and its C per step when it adds to it); block 2 is left alone."""
-    import scale_parts
+    from bench.scale import parts as scale_parts
     products = ((3, False, 4, 12, 8, 1.0), (3, False, 4, 8, 12, 0.0), (1, True, 8, 12, 20, 0.0))
     operands = scale_parts._operands(products, 3, np.random.default_rng(1))
     expected = [[c.copy() for _, _, c in block] for block in operands]
@@ -339,7 +338,7 @@ def tagged_env(tmp_path):
 def test_point_killed_midway_leaves_no_result_and_is_rerun(tmp_path):
     args = ["--threads", "1,2", "--strategies", "batch", *TINY]  # 2 points
     tag, env = tagged_env(tmp_path)
-    proc = subprocess.Popen([sys.executable, str(SCALE), *args, "--out", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "bench.scale", *args, "--out", str(tmp_path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 600  # topo, region costs and a point on a loaded machine
     while not point_files(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
@@ -359,8 +358,8 @@ def test_point_killed_midway_leaves_no_result_and_is_rerun(tmp_path):
 
 def test_timed_out_point_is_killed_with_its_worker(tmp_path):
     tag, env = tagged_env(tmp_path)
-    proc = subprocess.run([sys.executable, str(SCALE), "--threads", "1", "--strategies", "batch",
-                           *TINY, "--out", str(tmp_path), "--timeout", "1.5"],
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", "--threads", "1", "--strategies", "batch",
+                           *TINY, "--out", str(tmp_path), "--timeout", "1.5"], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 1 and "1 failed" in proc.stdout
     assert wait_until_gone(tag) == []
@@ -408,7 +407,7 @@ def test_default_output_is_this_machines_and_machine_json_describes_it(study):
 def test_committed_study_is_not_resumed_on_another_machine(tmp_path):
     """results/scale-amd-epyc-2c-avx512 was measured on the 2-core AVX-512 VM; a 2-core AVX2 VM with the same
     CPU name is another machine."""
-    recorded = json.loads((BENCH.parent / "results" / "scale-amd-epyc-2c-avx512" / "machine.json").read_text())
+    recorded = json.loads((ROOT / "results" / "scale-amd-epyc-2c-avx512" / "machine.json").read_text())
     avx2_vm = {**recorded["machine"], "isa": "avx2"}
     assert scale_machine.identity(avx2_vm) != scale_machine.identity(recorded["machine"])
     assert scale_machine.slug(avx2_vm) != scale_machine.slug(recorded["machine"])

@@ -75,7 +75,7 @@ def test_pbspro_array_script_for_scaling(tmp_path):
         "-l walltime=00:45:00", "-A proj7", "-M me@example.org", "-m ae",
         f"-o {tmp_path}/logs/scale.log", "-j oe", "-J 0-3", "-l place=excl"]
     assert 'IDX="${PBS_ARRAYID:-${PBS_ARRAY_INDEX:-$SLURM_ARRAY_TASK_ID}}"' in script
-    assert re.fullmatch(r'exec python \S+/bench/scale\.py --point "\$IDX" '
+    assert re.fullmatch(r'exec python \S+/bench/scale --point "\$IDX" '
                         r"--out results/s --configs tiny", exec_line(script))
     assert f"qsub -o {tmp_path}/logs/scale.log -j oe -J 0-3 phi-scale" in script
     assert_valid_bash(script, tmp_path)
@@ -341,7 +341,7 @@ def test_scaling_array_runs_and_collects(slurm_cluster, workdir, jobs):  # noqa:
     for index in (0, 1):
         log = (workdir / f"phi-array.o{job_id}.{index}").read_text()
         assert f"array index {index} on " in log
-    collect = subprocess.run([sys.executable, "bench/scale.py", "--collect",
+    collect = subprocess.run([sys.executable, "-m", "bench.scale", "--collect",
                               str(workdir / "scale-out")],
                              cwd=Path(__file__).resolve().parents[1], capture_output=True,
                              text=True, timeout=120)

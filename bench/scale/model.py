@@ -9,7 +9,7 @@ per thread; p - n threads idle.
   R(b)      the block kernels (every layer's recurrence, the decoder; forward and backward) on
             b rows, measured on one core: the 1-thread point at batch b (the block series)
   k(p), g   contention: a block's GEMMs run by all n blocks' threads at once take k(p) times
-            as long as run by one thread alone (scale_parts.py, measured in the p-thread
+            as long as run by one thread alone (parts.py, measured in the p-thread
             point's process); g is the GEMMs' share of R(b) there
   Red(n,p)  the per-block partial gradients summed: (n + 1) P floats streamed by p threads at
             the bandwidth one thread reached summing one part at 1 thread (2 P floats)
@@ -17,11 +17,11 @@ per thread; p - n threads idle.
   Rest(B)   serial: Python, the weight transposes, numpy (1-thread time outside the kernels;
             linear in B over the block series)
   N(p) c(p) parallel regions per iteration times the fork/join cost of one, measured at p
-            threads by scale_barrier.py (c(1) = 0: one thread takes the serial kernels)
+            threads by barrier.py (c(1) = 0: one thread takes the serial kernels)
 
 Gemm strategy: one block, serial kernels, MKL-threaded GEMMs. With W the series' GEMMs on one
 thread and S = t(1) - W the rest, both from its 1-thread point's process, G(p) the GEMMs
-threaded by MKL in the p-thread point's process at its batch (scale_parts.py; it holds MKL's
+threaded by MKL in the p-thread point's process at its batch (parts.py; it holds MKL's
 own fork/join per call), w = B(p) / B(1) the work (1 for strong scaling) and s(p) = w W / G(p)
 their speedup: t(p) = w (S + W / s(p)) = w S + G(p). (The one-thread run inside the p-thread
 process is not W: it shares the machine with p - 1 spinning OpenMP threads, which a
@@ -37,18 +37,26 @@ by columns: R(ceil(B/n)) / q plus a team barrier per step and layer, forward and
 backward (3 T L c(q)); the best n and q are taken (q = 1: batch).
 
 The parts come from speed.py's profile (mean ms per kernel, scaled to the median), its
-measured parts (speed.py --parts) and scale_barrier.py's region cost; points without a
+measured parts (speed.py --parts) and barrier.py's region cost; points without a
 profile (older studies) get no model.
+
+Other studies ask the model for an iteration's time with predict_iteration_seconds.
 """
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from scale_points import SERIES_FIELDS, series_of
+from .points import SERIES_FIELDS, series_of
+from .run import REPO_ROOT
 
 EXTRAPOLATE_TO = (16, 64, 68, 128)  # a 16-core node, Xeon Phi 7210 / 7250 cores, 2 x 64-core
 VALIDATION_BAR = 0.15
+# the study whose measured parts predict_iteration_seconds reads unless told another
+MEASURED_STUDY = REPO_ROOT / "results" / "scale-amd-epyc-2c-avx512"
 
 
 def regions_per_iteration(num_layers):
@@ -143,7 +151,7 @@ def block_series(rows):
 @dataclass
 class Contention:
     """k(p) and g of the batch strategy (module docstring): {threads: (k, g)} from the
-    series' points measured with scale_parts.py's block_contention."""
+    series' points measured with parts.py's block_contention."""
     measured: dict
 
     def __call__(self, p):
@@ -348,3 +356,39 @@ def extrapolate(series, model, base_row):
             entry["by_strategy"] = {s: model.time_ms(p, s) for s in ("batch", "gemm", "hybrid")}
         out.append(entry)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _study(out):
+    """(rows, {series: Model}) of the finished points of the study in directory `out`."""
+    from .collect import load_records, load_region_costs, record_to_row  # collect imports this module
+    done, _ = load_records(out)
+    rows = [record_to_row(record) for record in done.values()]
+    return rows, build_models(rows, load_region_costs(out))
+
+
+def predict_iteration_seconds(config, threads, model="lstm", study=MEASURED_STUDY):
+    """Seconds per training iteration (forward, backward, RMSprop) at `threads` threads under
+    the batch strategy, as the model puts it from the parts measured in `study` (a results
+    directory of this package).
+
+    config: anything with num_layers, rnn_size, batch_size and seq_length (a points.Config,
+    e.g. points.parse_config("char-rnn"), or train's options); any batch_size and threads.
+    The network's shape (model, num_layers, rnn_size, seq_length; the study's vocabulary, GEMM
+    backend and compact placement) must be one whose block series the study measured: its
+    strong-scaling batch series with the most thread counts gives R(b), Rest(B), k(p), g, the
+    reduction, optimizer and region costs. Raises ValueError for another shape."""
+    rows, models = _study(Path(study))
+    shape = (model, config.num_layers, config.rnn_size, config.seq_length)
+    counts = {}
+    for row in rows:
+        if ((row["model"], row["num_layers"], row["rnn_size"], row["seq_length"]) == shape
+                and row["scaling"] == "strong" and row["strategy"] == "batch" and row["policy"] == "compact"
+                and not row["blas"] and row["ranks"] == 1 and series_of(row) in models):
+            counts.setdefault(series_of(row), set()).add(row["threads"])
+    if not counts:
+        raise ValueError(f"{Path(study).name} measured no batch-strategy series of a {model} "
+                         f"{config.num_layers} x {config.rnn_size}, seq {config.seq_length}")
+    series = max(counts, key=lambda s: len(counts[s]))
+    at_batch = dataclasses.replace(models[series], base_batch=config.batch_size, weak=False)
+    return at_batch.time_ms(threads) / 1e3

@@ -1,8 +1,8 @@
 """The scaling study's plots: speedup, efficiency and GFLOP/s against cores (ranks x threads)."""
 import numpy as np
 
-from scale_model import EXTRAPOLATE_TO
-from scale_points import SERIES_FIELDS, series_name, series_of
+from .model import EXTRAPOLATE_TO
+from .points import SERIES_FIELDS, series_name, series_of
 
 
 def series_labels(series_list):
@@ -16,7 +16,7 @@ def series_labels(series_list):
 def write_plots(out, rows, models):
     """speedup.png, efficiency.png, gflops.png: one panel per scaling mode, measured points
     solid with markers against cores (ranks x threads; one line per ranks count), the model
-    (scale_model.py) dashed out to the extrapolation range. One-rank series measured at one
+    (model.py) dashed out to the extrapolation range. One-rank series measured at one
     thread count only (the block series) are left out; a ranks point alone is a marker."""
     import matplotlib  # imported here: --list/--point jobs should not pay for it
 

@@ -1,16 +1,16 @@
 """Collecting a scaling study: the point files of OUT merged into rows with speedups and
-the model of scale_model.py, written as results.csv/json, machine.json, results.md and PNG plots."""
+the model of model.py, written as results.csv/json, machine.json, results.md and PNG plots."""
 import csv
 import io
 import json
 
 import numpy as np
 
-from scale_model import EXTRAPOLATE_TO, build_models, extrapolate, validate
-from scale_plot import write_plots
-from scale_points import SERIES_FIELDS, Point, series_of
-from scale_report import write_markdown
-from scale_run import json_files, write_atomic, write_json_atomic
+from .model import EXTRAPOLATE_TO, build_models, extrapolate, validate
+from .plot import write_plots
+from .points import SERIES_FIELDS, Point, series_of
+from .report import write_markdown
+from .run import json_files, write_atomic, write_json_atomic
 
 CSV_FIELDS = ("index", "key", "status", "scaling", "config", "model", "num_layers", "rnn_size",
               "batch_size", "seq_length", "vocab", "ranks", "threads", "cores", "strategy", "blas", "policy",
@@ -54,7 +54,7 @@ def record_to_row(record):
     for field in ("median_ms", "min_ms", "max_ms", "chars_per_s", "gflops", "pct_peak"):
         row[field] = timing.get(field)
     row["spread_pct"] = 100.0 * (timing["max_ms"] - timing["min_ms"]) / timing["median_ms"]
-    parts = row["parts"] or {}  # measured with the point (bench/scale_parts.py)
+    parts = row["parts"] or {}  # measured with the point (bench/scale/parts.py)
     row["contention"] = parts["contention"]["contention"] if "contention" in parts else None
     row["gemm_threaded_ms"] = parts["gemm"]["threaded_ms"] if "gemm" in parts else None
     mpi = result.get("mpi")  # ranks > 1: the allreduce as rank 0 saw it (bench/mpi_speed.py)
@@ -90,7 +90,7 @@ NO_MODEL = ("no model: needs profiled 1-thread points (the series' and its shape
 
 
 def model_series(rows, region_ms):
-    """The model per series (scale_model.py): every measured row gets model_ms and
+    """The model per series (model.py): every measured row gets model_ms and
     model_error; returns one entry per series with its extrapolation."""
     models = build_models(rows, region_ms)
     validate(rows, models)
@@ -112,7 +112,7 @@ def model_series(rows, region_ms):
 
 
 def load_region_costs(out):
-    """{(policy, threads): ms} from OUT/regions/ (scale_barrier.py's measurements)."""
+    """{(policy, threads): ms} from OUT/regions/ (barrier.py's measurements)."""
     costs = {}
     for path in json_files(out / "regions"):
         record = json.loads(path.read_text())

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The scaling study on a bare many-core machine, in one command.
 #
-#   bash bench/manycore.sh bundle   here (after `make install`): MKL's libraries from the venv's
-#                                   mkl wheel, xz-compressed, and native/build's pieces into
-#                                   bench/manycore-bundle/ (git-ignored; carry it with the tree)
-#   bash bench/manycore.sh          there: unpack, warm numba's cache once, measure, collect
+#   bash bench/scale/manycore.sh bundle   here (after `make install`): MKL's libraries from the venv's
+#                                         mkl wheel, xz-compressed, and native/build's pieces into
+#                                         bench/manycore-bundle/ (git-ignored; carry it with the tree)
+#   bash bench/scale/manycore.sh          there: unpack, warm numba's cache once, measure, collect
 #
 # "There" is a machine with Python (numpy, numba, threadpoolctl, tqdm, matplotlib) and no MKL,
 # no libxsmm, no package index. The study writes results/scale-<cpu model>-<cores>c/. Its
@@ -14,10 +14,10 @@
 # Environment: PYTHON (default python3), THREADS (default 1,2,4,8,12,16, capped at the cores
 # this process may use), MANYCORE_BUDGET_S, MANYCORE_QUICK=1 (a few iterations: the proof run),
 # MANYCORE_PARTS=N (the first N parts only; 3: what the model needs), ROUNDS=N (every part N
-# times, merged point by point by bench/scale_rounds.py: on a shared machine whose speed drifts).
+# times, merged point by point by bench/scale/rounds.py: on a shared machine whose speed drifts).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BUNDLE_DIR=$ROOT/bench/manycore-bundle
 ARCHIVE=$BUNDLE_DIR/mkl.tar.xz
 UNPACKED=$ROOT/bench/manycore-unpacked  # not in the bundle: carry bench/manycore-bundle alone
@@ -68,7 +68,7 @@ build_bundle() {
 }
 
 unpack_bundle() {
-    [ -f "$ARCHIVE" ] || die "no $ARCHIVE: build it with 'bash bench/manycore.sh bundle' where make install works, and carry it"
+    [ -f "$ARCHIVE" ] || die "no $ARCHIVE: build it with 'bash bench/scale/manycore.sh bundle' where make install works, and carry it"
     if [ ! -f "$UNPACKED/.done" ] || [ "$ARCHIVE" -nt "$UNPACKED/.done" ]; then
         rm -rf "$UNPACKED"
         mkdir -p "$UNPACKED"
@@ -135,7 +135,7 @@ check_libxsmm() {
 }
 
 usable_cores() {
-    "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from scale_points import physical_cores; print(physical_cores())' "$ROOT/bench"
+    "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from bench.scale.points import physical_cores; print(physical_cores())' "$ROOT"
 }
 
 # THREADS with every count above the usable cores dropped
@@ -153,7 +153,7 @@ run_study() {
     check_mkl
     check_libxsmm
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-    local cores threads top scale=("$PYTHON" "$ROOT/bench/scale.py")
+    local cores threads top scale=("$PYTHON" -m bench.scale)
     cores=$(usable_cores)
     threads=$(thread_counts "$cores")
     top=${threads##*,}
@@ -163,7 +163,7 @@ run_study() {
     say "$cores usable cores; threads $threads; results in ${out#"$ROOT"/}"
 
     # numba compiles every kernel once (~15-25 s) into phi_rnn's cache, and the model's
-    # parts (scale_parts.py, measured at more than one thread); each point then starts from
+    # parts (bench/scale/parts.py, measured at more than one thread); each point then starts from
     # the cache
     say "warming numba's cache"
     local strategy
@@ -199,12 +199,12 @@ run_study() {
             left=$((budget - (SECONDS - start)))
             if [ "$left" -lt 10 ]; then say "budget spent, skipped: $label"; continue; fi
             say "round $round/$rounds: $label ($left s left; load $(cut -d' ' -f1-3 /proc/loadavg))"
-            # scale.py stops cleanly on SIGTERM: the running point leaves no file, the rest stay
+            # the study stops cleanly on SIGTERM: the running point leaves no file, the rest stay
             timeout -s TERM "$left" "${scale[@]}" "${args[@]}" "${quick[@]}" --timeout "$left" --no-report --out "$dest" \
                 || say "part ended with status $?: $label"
         done
     done
-    [ "$rounds" = 1 ] || "$PYTHON" "$ROOT/bench/scale_rounds.py" "$out"
+    [ "$rounds" = 1 ] || "$PYTHON" -m bench.scale.rounds "$out"
     "${scale[@]}" --collect "$out"
     say "done in $((SECONDS - start)) s: ${out#"$ROOT"/}"
 }
@@ -212,5 +212,5 @@ run_study() {
 case "${1:-run}" in
     bundle) build_bundle ;;
     run) run_study ;;
-    *) die "usage: bash bench/manycore.sh [bundle|run]" ;;
+    *) die "usage: bash bench/scale/manycore.sh [bundle|run]" ;;
 esac

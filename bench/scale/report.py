@@ -1,8 +1,8 @@
 """The scaling study's Markdown report: the machine, the measured points with the model's
 time and error for each, the model's extrapolation apart, the failed points."""
-from scale_model import VALIDATION_BAR
-from scale_points import SERIES_FIELDS, series_name, series_of
-from scale_run import write_atomic
+from .model import VALIDATION_BAR
+from .points import SERIES_FIELDS, series_name, series_of
+from .run import write_atomic
 
 
 def fmt(value, spec):
@@ -19,11 +19,11 @@ def write_markdown(path, rows, models, machine):
     lines = ["# Scaling study", ""] + machine_markdown(machine)
     lines += ["## Measured", "",
               "Speedup is throughput (chars/s) over the 1-rank 1-thread point of the same "
-              "series; efficiency = speedup / (ranks x threads). *model ms* is scale_model.py's "
+              "series; efficiency = speedup / (ranks x threads). *model ms* is bench/scale/model.py's "
               "time for the point, built from measured parts, and *error* its difference from "
               "the measured median. *allreduce* is the gradient's allreduce as rank 0 saw it "
               "(including any wait for a slower rank), as a share of the iteration. *part* is "
-              "the part measured in the point's own process (bench/scale_parts.py): *k* how "
+              "the part measured in the point's own process (bench/scale/parts.py): *k* how "
               "much slower a block's GEMMs run with every block at once (batch strategy), *G* "
               "the iteration's GEMMs threaded by MKL, in ms (gemm strategy).", "",
               f"| {series_cols} | threads | batch | median ms | min-max ms | chars/s | GFLOP/s "
@@ -47,7 +47,7 @@ def write_markdown(path, rows, models, machine):
         lines += [f"The model reproduces {within} of {len(errors)} measured points within "
                   f"{100 * VALIDATION_BAR:.0f}%; the largest error is {100 * max(errors):.1f}%.",
                   ""]
-    lines += ["Time per iteration from measured parts (bench/scale_model.py): the block "
+    lines += ["Time per iteration from measured parts (bench/scale/model.py): the block "
               "kernels' time for b batch rows on one core, slowed by the contention k measured "
               "with every block at once, the partial-gradient reduction and the optimizer "
               "against the bandwidth one thread reached, the serial rest, and the parallel "
@@ -82,7 +82,7 @@ def write_markdown(path, rows, models, machine):
 
 
 def measured_part(row):
-    """'k 1.05' or 'G 29.8': the part measured with the point (bench/scale_parts.py)."""
+    """'k 1.05' or 'G 29.8': the part measured with the point (bench/scale/parts.py)."""
     if row.get("contention") is not None:
         return f"k {row['contention']:.2f}"
     if row.get("gemm_threaded_ms") is not None and row["threads"] > 1:

@@ -1,4 +1,4 @@
-"""The parts of the model of time per iteration (scale_model.py) that only exist at p threads,
+"""The parts of the model of time per iteration (model.py) that only exist at p threads,
 measured inside a point's own process next to the point (`bench/speed.py --parts`), on the
 point's own shapes, as synthetic runs of the iteration's GEMMs (not the iteration itself):
 
@@ -14,6 +14,14 @@ point's own shapes, as synthetic runs of the iteration's GEMMs (not the iteratio
 
 The contention is a ratio of runs interleaved round by round in one process, so the
 machine's drift between points does not enter it.
+
+Both run on *hot-state operands* (_operands): a per-step product's A is one (m, k) slice that
+every call reuses, the state its step just computed, hot in cache; its C is the step's own
+slice of the gates when it adds to them (beta 1, the forward) and one slice that every call
+reuses when it overwrites it (beta 0, the backward); one B per product, the weights every
+block shares. The GEMM library choice (phi_rnn.blas) measures on *stepped operands* instead,
+each call on its own A and C; each way is the one its use was checked against
+(bench/README.md, "Levers tried and rejected").
 """
 import time
 
@@ -46,12 +54,11 @@ def iteration_products(model, vocab, rnn_size, num_layers, rows, seq_length):
 
 
 def _operands(products, blocks, rng):
-    """Each block's operands of `products` as an iteration holds them, for
-    blas.run_product_table: [[(A, B, C) per product] per block], one B per product (the weights
-    every block shares). A per-step product's A is the state its step just computed (one hot
-    (m, k) slice), its C the step's own gates when it adds to them (forward, beta 1) or one hot
-    gradient (backward, beta 0). All written here, so that no timed run pays the page faults
-    of their first touch."""
+    """Each block's hot-state operands of `products` (module docstring), for
+    blas.run_product_table: [[(A, B, C) per product] per block], one B per product shared by
+    the blocks; A of shape (1, m, k) (or (1, k, m) transposed), C of shape (calls, m, n) when
+    beta is 1, else (1, m, n). All written here, so that no timed run pays the page faults of
+    their first touch."""
     weights = [rng.standard_normal((k, n), dtype=np.float32) for _, _, _, n, k, _ in products]
     by_block = List()
     for _ in range(blocks):

@@ -1,32 +1,32 @@
 """The cost of one parallel region (fork, a near-empty body, join) at p threads, as phi_rnn's
 kernels pay it: numba's prange on the OpenMP runtime and placement of a training run.
 
-    python bench/scale_barrier.py --threads 16 [--policy compact]   # prints one JSON object
+    python -m bench.scale.barrier --threads 16 [--policy compact]   # prints one JSON object
 
-bench/scale.py runs it once per (threads, policy) of a study; the model of time per
-iteration (scale_model.py) charges it for every parallel region of an iteration.
+The study runs it once per (threads, policy) in a fresh process (bench/scale/run.py); the
+model of time per iteration (bench/scale/model.py) charges it for every parallel region of an
+iteration.
 """
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from phi_rnn import affinity  # noqa: E402  (starts no runtime)
-from phi_rnn.errors import UsageError  # noqa: E402
-from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
+from phi_rnn import affinity  # starts no runtime
+from phi_rnn.cli import OneLineErrorParser  # one-line errors, exit 2; starts no runtime
+from phi_rnn.errors import UsageError
 
 CALLS = 5000
+PROG = "bench.scale.barrier"
 
 
 def main(argv=None):
-    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.splitlines()[0])
     affinity.add_thread_arguments(parser)
     args = parser.parse_args(argv)
     try:
         plan = affinity.configure(args.threads, args.policy, args.threads_per_core, args.oversubscribe)
     except UsageError as e:
-        print(f"scale_barrier.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     import numba
     import numpy as np

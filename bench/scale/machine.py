@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from phi_rnn.affinity import read_topology
-from scale_run import json_files
+from .run import REPO_ROOT, json_files
 
 IDENTITY = ("cpu", "isa", "sockets", "cores", "logical_cpus", "numa_nodes")
 ISAS = ("avx512f", "avx2", "avx", "sse4_2")  # the best one present names the vector width
@@ -69,7 +69,7 @@ def topo_report():
     """`python -m phi_rnn topo`'s text: the placement phi_rnn plans and verifies here."""
     proc = subprocess.run([sys.executable, "-m", "phi_rnn", "topo"], capture_output=True,
                           text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     return (proc.stdout + proc.stderr).strip()
 
 

@@ -1,43 +1,19 @@
-"""Core-count scaling study: bench/speed.py once per point, each in a fresh process.
-
-A point is (scaling, config, model, strategy, blas, policy, ranks, threads); a point of more
-than one MPI rank runs under `mpiexec -n RANKS` (bench/mpi_speed.py, the [mpi] extra) and
-records the gradient allreduce's share of the iteration. Points are enumerated in a
-fixed order so that `--point K` names the same point in every job of a job array. Each
-finished point is one JSON file under OUT/points/ (written atomically), so an interrupted
-study resumes where it stopped and separate jobs can fill one directory; `--collect OUT`
-merges them into results.csv/json/md, machine.json and PNG plots, with a model of the time per
-iteration built from measured parts (scale_model.py), checked against every point and
-extrapolated to many-core counts.
-
-    python bench/scale.py                                  # default study (a few minutes on 2 cores)
-    python bench/scale.py --threads 1,2,4 --configs char-rnn,3x512 --scaling strong,weak
-    python bench/scale.py --ranks 1,2 --threads 1,2          # ranks x threads: MPI data parallelism
-    python bench/scale.py --list                           # the points, with their index
-    python bench/scale.py --point 3 --out results/run1     # one point (job array task)
-    python bench/scale.py --collect results/run1           # merge, no runs
-
-The jobs live next to this entry point: scale_points.py (what a point is, their order),
-scale_machine.py (whose points they are), scale_run.py (running them), scale_barrier.py
-(the fork/join cost), scale_model.py (the model), scale_collect.py (merging and the
-CSV/JSON), scale_report.py (Markdown), scale_plot.py (PNG).
-"""
+"""The scaling study's command line: options, the points they name, and what to do with them
+(list, count, run one, run all, collect). `python -m bench.scale --help`."""
 import argparse
 import signal
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from phi_rnn.cli import OneLineErrorParser  # one-line errors, exit 2; starts no runtime
 
-from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
-from scale_collect import collect  # noqa: E402
-from scale_machine import claim, slug, this_machine  # noqa: E402
-from scale_points import (BLAS, MODELS, POLICIES, PRESETS, SCALINGS, STRATEGIES,  # noqa: E402
-                          default_threads, enumerate_points, parse_config, physical_cores)
-from scale_run import (is_done, measure_regions, run_point, run_study,  # noqa: E402
-                       write_json_atomic)
+from . import __doc__ as STUDY_DOC
+from .collect import collect
+from .machine import claim, slug, this_machine
+from .points import (BLAS, MODELS, POLICIES, PRESETS, SCALINGS, STRATEGIES, default_threads,
+                     enumerate_points, parse_config, physical_cores)
+from .run import REPO_ROOT, is_done, measure_regions, run_point, run_study, write_json_atomic
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ITERS, DEFAULT_WARMUP = 20, 3
 QUICK_ITERS, QUICK_WARMUP = 5, 1
 
@@ -76,7 +52,7 @@ def config_list(text):
 
 def build_parser():
     parser = OneLineErrorParser(
-        prog="scale.py", description=__doc__.split("\n\n")[0],
+        prog="bench.scale", description=STUDY_DOC.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Configs: " + ", ".join(f"{k} = {v[0]}x{v[1]} batch {v[2]} seq {v[3]}"
                                        for k, v in PRESETS.items())
@@ -213,6 +189,3 @@ def run_single(args, point):
           f"in {args.out}")
     return 1 if error else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

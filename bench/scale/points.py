@@ -3,7 +3,7 @@
 A point is one combination of the study's dimensions. Points are enumerated in a fixed order,
 the last dimension fastest, so `--point K` names the same point in every job of a job array.
 A new dimension is a field of Point with a default (old point files keep loading, old keys
-stay), an entry of DIMENSIONS, and a list of values from scale.py's options.
+stay), an entry of DIMENSIONS, and a list of values from cli.py's options.
 
 MPI ranks: a point of R > 1 ranks runs `mpiexec -n R` with T threads per rank (bench/mpi_speed.py
 --scale-point), the global batch split over the ranks as training splits it; strong scaling

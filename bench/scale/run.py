@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from phi_rnn.files import atomic_write
 
-BARRIER_SCRIPT = Path(__file__).parent / "scale_barrier.py"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCH = REPO_ROOT / "bench"
 ENV_PREFIXES = ("OMP_", "KMP_", "MKL_", "NUMBA_")
 INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
@@ -43,7 +44,7 @@ def run_point(point, out, iters, warmup, timeout=None):
     """Run one point in a fresh process; write points/<key>.json and return None, or write
     failed/<key>.json and return the one-line reason."""
     script, arguments = point.command(iters, warmup)
-    command = [sys.executable, str(Path(__file__).parent / script)] + arguments
+    command = [sys.executable, str(BENCH / script)] + arguments
     # recorded as it would be typed in the project directory: results carry no local paths
     typed = ["python", f"bench/{script}"] + arguments
     record = {"point": asdict(point), "batch_size": point.batch_size, "command": typed,
@@ -76,7 +77,7 @@ def run_process_group(command, timeout):
     signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, preexec_fn=_unblock_interrupts)
+                                cwd=REPO_ROOT, start_new_session=True, preexec_fn=_unblock_interrupts)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
         raise
@@ -107,13 +108,13 @@ def parse_speed_output(returncode, stdout, stderr, script="speed.py"):
 
 
 def measure_regions(points, out, timeout=None):
-    """scale_barrier.py once per (policy, threads) of points without OUT/regions/ file: the
+    """bench.scale.barrier once per (policy, threads) of points without OUT/regions/ file: the
     fork/join cost the model charges per parallel region. A failure is reported, not fatal."""
     for policy, threads in dict.fromkeys((p.policy, p.threads) for p in points):
         path = out / "regions" / f"{policy}-t{threads:03d}.json"
         if path.exists():
             continue
-        command = [sys.executable, str(BARRIER_SCRIPT), "--threads", str(threads),
+        command = [sys.executable, "-m", "bench.scale.barrier", "--threads", str(threads),
                    "--policy", policy]
         returncode, stdout, stderr = run_process_group(command, timeout)
         try:

@@ -1,12 +1,12 @@
 """A study measured in rounds, merged into one: for every point (and every region cost) the
 round whose median is the median over the rounds.
 
-    python bench/scale_rounds.py OUT      # OUT/rounds/r1, r2, ... -> OUT/points, OUT/regions,
+    python -m bench.scale.rounds OUT      # OUT/rounds/r1, r2, ... -> OUT/points, OUT/regions,
                                           # and OUT/rounds/validation.md
 
 On a shared machine the speed of a core drifts over minutes (other tenants, the host), while
 the points of one round are measured seconds apart: the model compares points with parts
-measured minutes earlier, so one round's drift reads as model error. bench/manycore.sh
+measured minutes earlier, so one round's drift reads as model error. bench/scale/manycore.sh
 (ROUNDS=N) runs the same parts N times, one after another, and merges them here. The merged
 point is one real measurement (the median round's, not an average of rounds); its record
 keeps every round's median in `round_medians_ms`.
@@ -21,9 +21,17 @@ import statistics
 import sys
 from pathlib import Path
 
-from scale_collect import collect
-from scale_model import VALIDATION_BAR
-from scale_run import json_files, write_atomic, write_json_atomic
+from phi_rnn.cli import OneLineErrorParser  # one-line errors, exit 2; starts no runtime
+
+from .collect import collect
+from .model import VALIDATION_BAR
+from .run import json_files, write_atomic, write_json_atomic
+
+PROG = "bench.scale.rounds"
+
+
+def round_directories(out):
+    return sorted(p for p in (out / "rounds").glob("r*") if p.is_dir())
 
 
 def median_record(records, value):
@@ -35,9 +43,7 @@ def median_record(records, value):
 def merge(out):
     """Merge OUT/rounds/*/{points,regions} into OUT/{points,regions}; returns
     (points merged, rounds found)."""
-    rounds = sorted(p for p in (out / "rounds").glob("r*") if p.is_dir())
-    if not rounds:
-        raise SystemExit(f"scale_rounds.py: error: no {out / 'rounds'}/r* directories")
+    rounds = round_directories(out)
     merged = 0
     for sub, value in (("points", lambda r: r["result"]["phi_rnn"]["median_ms"]),
                        ("regions", lambda r: r["region_us"])):
@@ -60,7 +66,7 @@ def validate_rounds(out):
     """Collect every round on its own; write OUT/rounds/validation.{json,md} with each
     point's model error per round and the median; returns {key: [errors]}."""
     errors = {}
-    rounds = sorted(p for p in (out / "rounds").glob("r*") if p.is_dir())
+    rounds = round_directories(out)
     for directory in rounds:
         rows, _, _ = collect(directory)
         for row in rows:
@@ -86,11 +92,11 @@ def validate_rounds(out):
 
 
 def main(argv=None):
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python bench/scale_rounds.py OUT", file=sys.stderr)
-        return 2
-    out = Path(args[0])
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, metavar="OUT", help="the study's directory, holding rounds/r1, r2, ...")
+    out = parser.parse_args(argv).out
+    if not round_directories(out):
+        parser.error(f"no {out / 'rounds'}/r* directories")
     merged, rounds = merge(out)
     errors = validate_rounds(out)
     within = sum(abs(statistics.median(e)) <= VALIDATION_BAR for e in errors.values())

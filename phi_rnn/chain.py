@@ -1,0 +1,207 @@
+"""One link of a chain of train jobs (`python -m phi_rnn submit --chain N`).
+
+A run longer than the queue's walltime goes as N jobs submitted at once, each starting
+after the previous one has ended (Slurm `--dependency=afterany`, PBS `-W
+depend=afterany`). Every job runs this module in place of train (the job script `exec`s
+it, so the scheduler's signals reach it):
+
+    python -m phi_rnn.chain --link K --links N --record DIR/chain-STAMP.log
+        --stop-after SECONDS --cancel scancel|qdel -- [launcher] python -m phi_rnn train ARGS
+
+It reads the chain's record (a text file in the checkpoint directory DIR, one line per
+event): when an earlier link ended the chain, this job has nothing to do and exits 0.
+Otherwise it runs the train command, adding `--resume latest` when DIR has a `latest`
+checkpoint, and sends it SIGTERM --stop-after seconds after the job started, so that
+training checkpoints and exits 143 before the walltime kill rather than during its grace
+period. The scheduler's own warning signal (Slurm `--signal=B:TERM@SECONDS`) and any
+other stop signal are passed on to train the same way; the walltime warning only once,
+since a second SIGTERM would make train exit without its checkpoint.
+
+When training ends the link writes its outcome to the record and its output:
+- exit 143 with a new checkpoint: the next link continues from it;
+- exit 0 (training finished), any other exit (training failed), 143 without a new
+  checkpoint (the walltime leaves no time to train), or 143 on the last link: the chain
+  ends here; the links after this one are cancelled (their job ids are the record's
+  `jobs:` line) and, should a cancellation fail, find the end in the record and exit.
+The link exits with train's own status.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from phi_rnn.checkpoint import LATEST
+
+CONTINUE_STATUS = 143  # train after SIGTERM and its checkpoint
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+JOBS_PREFIX = "jobs:"
+END_PREFIX = "ended:"
+
+
+def link_arguments(parser):
+    parser.add_argument("--link", type=int, required=True, help="this job's place in the chain, from 1")
+    parser.add_argument("--links", type=int, required=True, help="jobs in the chain")
+    parser.add_argument("--record", type=Path, required=True,
+                        help="the chain's record, in the checkpoint directory")
+    parser.add_argument("--stop-after", type=float, required=True,
+                        help="seconds after the start at which train gets SIGTERM")
+    parser.add_argument("--cancel", required=True, help="the scheduler's job cancel program")
+    parser.add_argument("train_command", nargs="+", help="the train command, after '--'")
+
+
+class Record:
+    """The chain's record: appended to by submit and by every link, one line per event."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def lines(self):
+        try:
+            return self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def ending(self):
+        """The line that ended the chain, or None while it goes on."""
+        return next((line for line in self.lines() if line.startswith(END_PREFIX)), None)
+
+    def job_ids(self):
+        return next((line.split()[1:] for line in self.lines() if line.startswith(JOBS_PREFIX)), [])
+
+    def add(self, line):
+        """Appends the line and shows it in the job's output."""
+        with open(self.path, "a") as record:
+            record.write(line + "\n")
+        print(f"chain: {line}", flush=True)
+
+
+class SignalRelay:
+    """Passes stop signals on to the train process: the walltime warning (the timer's, or
+    the scheduler's SIGTERM) once, any other signal each time. A signal that comes before
+    train has started is passed on as soon as it has."""
+
+    def __init__(self):
+        self.process = None
+        self.pending = []
+        self.warned = False
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.receive)
+        signal.signal(signal.SIGALRM, self.receive)
+
+    def receive(self, signum, frame):
+        if signum in (signal.SIGALRM, signal.SIGTERM):
+            if self.warned:
+                return
+            self.warned = True
+            signum = signal.SIGTERM
+        if self.process is None:
+            self.pending.append(signum)
+        else:
+            self.process.send_signal(signum)
+
+    def start(self, command):
+        self.process = subprocess.Popen(command)
+        for signum in self.pending:
+            self.process.send_signal(signum)
+        return self.process
+
+
+def run_link(link, links, record_path, stop_after, cancel, train_command):
+    record = Record(record_path)
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID") or "?"
+    name = f"link {link} of {links} (job {job})"
+    ending = record.ending()
+    if ending is not None:
+        print(f"chain: {name}: nothing to do, the chain has ended: "
+              f"{ending[len(END_PREFIX):].strip()}", flush=True)
+        return 0
+    relay = SignalRelay()
+    signal.setitimer(signal.ITIMER_REAL, max(stop_after, 0.001))
+    checkpoint_dir = record_path.parent
+    latest = read_latest(checkpoint_dir)
+    command = list(train_command)
+    if latest is None:
+        record.add(f"{name} on {socket.gethostname()} at {now()}: starting training "
+                   f"(no {checkpoint_dir / LATEST} yet)")
+    else:
+        command += ["--resume", LATEST]
+        record.add(f"{name} on {socket.gethostname()} at {now()}: resuming from "
+                   f"{checkpoint_dir / latest}")
+    try:
+        status = exit_status(relay.start(command).wait())
+    except OSError as e:  # no such launcher or python on the node
+        print(f"phi_rnn: error: cannot run {command[0]}: {e.strerror}", file=sys.stderr, flush=True)
+        status = 127
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    continues = status == CONTINUE_STATUS and link < links and read_latest(checkpoint_dir) != latest
+    record.add(f"{name} at {now()}: {outcome(status, link, links, latest, checkpoint_dir)}")
+    if not continues:
+        end_chain(record, name, status, link, cancel)
+    return status
+
+
+def read_latest(checkpoint_dir):
+    try:
+        return (checkpoint_dir / LATEST).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def now():
+    return time.strftime("%F %T %Z")
+
+
+def exit_status(returncode):
+    """A shell's view: 128 + N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def outcome(status, link, links, latest_before, checkpoint_dir):
+    if status == 0:
+        return "training finished (exit 0)"
+    if status != CONTINUE_STATUS:
+        return f"training failed (exit {status}); see this job's output above"
+    if read_latest(checkpoint_dir) == latest_before:
+        return ("stopped by SIGTERM (exit 143) without a new checkpoint: the walltime leaves "
+                "no time to train; give a longer --walltime or a shorter --stop-before")
+    if link == links:
+        return ("stopped by SIGTERM after its checkpoint (exit 143), the last link: training "
+                "is not finished; submit a new chain with the same arguments to go on from "
+                f"{checkpoint_dir / LATEST}")
+    return f"stopped by SIGTERM after its checkpoint (exit 143); link {link + 1} continues"
+
+
+def end_chain(record, name, status, link, cancel):
+    record.add(f"{END_PREFIX} {name} exited {status}")
+    later = record.job_ids()[link:]
+    if not later:
+        return
+    try:
+        result = subprocess.run([cancel, *later], capture_output=True, text=True)
+        message = (result.stderr + result.stdout).strip().replace("\n", "; ")
+        cancelled = result.returncode == 0
+    except OSError as e:
+        message, cancelled = f"{cancel}: {e.strerror}", False
+    if cancelled:
+        record.add(f"cancelled the later links: jobs {' '.join(later)}")
+    else:
+        record.add(f"could not cancel jobs {' '.join(later)} ({message}); they will exit at "
+                   "once, seeing the end in this record")
+
+
+def main(argv=None):
+    from phi_rnn.cli import OneLineErrorParser
+    parser = OneLineErrorParser(prog="phi_rnn.chain", description=__doc__.splitlines()[0])
+    link_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_link(args.link, args.links, args.record, args.stop_after, args.cancel,
+                    args.train_command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
