@@ -25,13 +25,15 @@ from phi_rnn import affinity  # noqa: E402  (light: starts no runtime)
 from phi_rnn.cli import OneLineErrorParser  # noqa: E402
 from phi_rnn.errors import UsageError  # noqa: E402
 
-# (name, calls, trans_a, trans_b, m, n, k, beta)
+# (name, calls, trans_a, trans_b, m, n, k, beta); "one C": every call writes the same C (a
+# chunk's output consumed before the next is made, in cache), not a slice of its own.
 PRODUCTS = (
     ("step: h 25 x W_hh (block of 25)", 50, False, False, 25, 512, 128, 1.0),
     ("step: h 50 x W_hh (whole batch)", 50, False, False, 50, 512, 128, 1.0),
     ("step back: dG 25 x W_hh", 50, False, False, 25, 128, 512, 0.0),
     ("step back: dG 25 x W_hh_t^T", 50, False, True, 25, 128, 512, 0.0),
     ("sequence: x 2500 x W_ih", 1, False, False, 2500, 512, 128, 0.0),
+    ("sequence in chunks: x 250 x W_ih, one C", 10, False, False, 250, 512, 128, 0.0),
     ("sequence back: dG 2500 x W_ih", 1, False, False, 2500, 128, 512, 0.0),
     ("decoder: h 2500 x W_dec", 1, False, False, 2500, 65, 128, 1.0),
     ("weight grad: x^T dG, k 2500", 1, True, False, 128, 512, 2500, 0.0),
@@ -56,11 +58,12 @@ def parse_args(argv):
     return args
 
 
-def operands(rng, calls, trans_a, trans_b, m, n, k):
-    """(A slices, B, C slices) in float32 and A, B in bfloat16: a call i runs on A[i], C[i]."""
+def operands(rng, name, calls, trans_a, trans_b, m, n, k):
+    """(A slices, B, C slices) in float32 and A, B in bfloat16: a call i runs on A[i] and
+    C[i], or C[0] where C has one slice."""
     a = rng.standard_normal((calls, k, m) if trans_a else (calls, m, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
-    c = rng.standard_normal((calls, m, n)).astype(np.float32)
+    c = rng.standard_normal((1 if name.endswith("one C") else calls, m, n)).astype(np.float32)
     return a, b, c, bf16.to_bf16(a), bf16.to_bf16(b)
 
 
@@ -78,19 +81,19 @@ def make_runners():
         for _ in range(repeat):
             for i in range(a.shape[0]):
                 blas.sgemm(blas.ROW_MAJOR, ta, tb, m, n, k, np.float32(1.0), a[i].ctypes.data, a.shape[2],
-                           b.ctypes.data, b.shape[1], np.float32(beta), c[i].ctypes.data, n)
+                           b.ctypes.data, b.shape[1], np.float32(beta), c[i % c.shape[0]].ctypes.data, n)
 
     @njit(cache=True)
     def run_bf16(a, b, c, trans_a, trans_b, beta, repeat):
         for _ in range(repeat):
             for i in range(a.shape[0]):
-                bf16.gemm_arrays(trans_a, trans_b, 1.0, a[i], b, beta, c[i])
+                bf16.gemm_arrays(trans_a, trans_b, 1.0, a[i], b, beta, c[i % c.shape[0]])
 
     @njit(cache=True)
     def run_packed(a, packed, c, trans_a, trans_b, beta, repeat):
         for _ in range(repeat):
             for i in range(a.shape[0]):
-                bf16.gemm_packed_arrays(trans_a, 1.0, a[i], packed, beta, c[i])
+                bf16.gemm_packed_arrays(trans_a, 1.0, a[i], packed, beta, c[i % c.shape[0]])
 
     @njit(cache=True)
     def run_rounding(values, out, repeat):
@@ -123,7 +126,7 @@ def measure(args):
     rng = np.random.default_rng(0)
     cases = []  # (key, backend, run, arguments)
     for name, calls, trans_a, trans_b, m, n, k, beta in PRODUCTS:
-        a, b, c, a16, b16 = operands(rng, calls, trans_a, trans_b, m, n, k)
+        a, b, c, a16, b16 = operands(rng, name, calls, trans_a, trans_b, m, n, k)
         packed = None if trans_a else bf16.packed_operand(m, n, k)  # only B = weights is packed
         if packed is not None:
             bf16.pack_into(trans_b, b16, m, packed)

@@ -268,3 +268,25 @@ def test_products_on_weights_packed_once_match_the_unpacked_gemm(trans_b, m):
         bf16.gemm_packed_arrays(False, 1.0, a, packed, beta, c)
         error = np.abs(c - (op_a @ op_b + beta * c_before))
         assert (error <= 1e-5 * (np.abs(op_a) @ np.abs(op_b) + beta * np.abs(c_before))).all()
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bf16_gemm.py")
+
+
+def test_the_benchmark_times_every_product_on_every_library():
+    result = subprocess.run([sys.executable, BENCH, "--rounds", "1", "--min-ms", "1"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    sys.path.insert(0, os.path.dirname(BENCH))
+    import bf16_gemm
+    for name, calls, trans_a, *_ in bf16_gemm.PRODUCTS:
+        cells = rows[name].split()
+        assert cells.count("-") == (2 if trans_a else 0)  # packing (time, ratio) serves products on the weights
+    assert "CPU flags:" in result.stdout and "round gates" in result.stdout and "pack W_hh" in result.stdout
+
+
+def test_the_benchmark_refuses_bad_flags_in_one_line():
+    result = subprocess.run([sys.executable, BENCH, "--rounds", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("phi_rnn") and len(result.stderr.strip().splitlines()) == 1
