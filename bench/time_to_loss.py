@@ -253,15 +253,15 @@ def best_per_batch(results, seed=SEEDS[0]):
 
 
 def plan(results, chars, warmup=True):
-    """The runs to do, in order: the base recipes (char-rnn's rate at batch 50, linear and
-    square-root scaling from it), warm-up over one epoch with both rules, then x0.7 and x1.4
-    around each batch's best so far, then the second seed of each batch's best."""
+    """The runs to do, in order: char-rnn's rate at batch 50 and twice it, linear scaling from
+    char-rnn's rate with and without warm-up over one epoch, square-root scaling with and
+    without it, then x0.7 and x1.4 around each batch's best so far, then the second seed of
+    each batch's best."""
     specs = [Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn"),
              Spec(CHAR_RNN_BATCH, 2 * CHAR_RNN_LR, 0, SEEDS[0], "grid")]
     for rule in ("linear", "sqrt"):
         specs += [Spec(batch, scaled_lr(batch, rule), 0, SEEDS[0], rule) for batch in BATCHES[1:]]
-    if warmup:
-        for rule in ("linear", "sqrt"):
+        if warmup:
             specs += [Spec(batch, scaled_lr(batch, rule), iterations_per_epoch(batch, chars), SEEDS[0],
                            f"{rule}+warmup") for batch in BATCHES[2:]]
     done = set(results)
