@@ -1,7 +1,7 @@
 """The bfloat16 GEMMs against the float32 ones on char-rnn's products, one thread: oneDNN's
 dnnl_sgemm and MKL's sgemm beside oneDNN's dnnl_gemm_bf16bf16f32 and MKL's
-cblas_gemm_bf16bf16f32, each through the dispatcher the kernels call, with the cost of
-rounding float32 to bfloat16.
+cblas_gemm_bf16bf16f32, each through the dispatcher the kernels call, and MKL's on weights
+packed once; with the costs of rounding float32 to bfloat16 and of packing a weight matrix.
 
     python bench/bf16_gemm.py
     python bench/bf16_gemm.py --rounds 21
@@ -133,7 +133,8 @@ def measure(args):
         given = {"f32": (a, b), "bf16": (a16, b16), "packed": (a16, packed)}
         for library, precision, backend in LIBRARIES:
             if given[precision][1] is not None:
-                cases.append(((name, library), backend, runs[precision], (*given[precision], c, trans_a, trans_b, beta)))
+                arguments = (*given[precision], c, trans_a, trans_b, beta)
+                cases.append(((name, library), backend, runs[precision], arguments))
     for name, rows, cols in CONVERSIONS:
         values = rng.standard_normal((rows, cols)).astype(np.float32)
         cases.append(((name, "numba"), None, run_rounding, (values, np.empty((rows, cols), np.uint16))))
@@ -161,7 +162,6 @@ def summary(samples):
 
 
 def print_machine():
-    model = ""
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     flags = bf16.cpu_flags()
@@ -172,8 +172,9 @@ def print_machine():
           f"{blas._onednn.dnnl_get_effective_cpu_isa():#x}; native bfloat16 as oneDNN may use it: "
           f"{', '.join(bf16.native_features()) or 'none'}")
     caps = [f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(v)]
+    capped = f"; capped: {', '.join(caps)}" if caps else ""
     print(f"versions: oneDNN {blas.library_version('onednn')}, MKL {blas.mkl_version()}, numpy {np.__version__}, "
-          f"numba {numba.__version__}, Python {platform.python_version()}" + (f"; capped: {', '.join(caps)}" if caps else ""))
+          f"numba {numba.__version__}, Python {platform.python_version()}{capped}")
 
 
 def report(seconds, rounds):

@@ -14,7 +14,8 @@ set, AVX512_BF16 or AMX) or MKL's cblas_gemm_bf16bf16f32, per kind of product as
 tells them apart (per-step products: fewer than blas.STEP_ROWS rows, A not transposed). Both
 libraries are the ones blas.py loads. Threads: oneDNN runs on its caller's thread inside an
 OpenMP parallel region and on omp_get_max_threads() threads outside one; MKL on the calling
-thread's MKL thread count.
+thread's MKL thread count. MKL can also lay out a B operand once (pack_into: the weights,
+once per update) for gemm_packed_arrays, which then skips the per-call repacking.
 
 A CPU without avx512_bf16 or amx_bf16 would run these products in emulation, slower than
 float32: require_native() refuses it. ONEDNN_MAX_CPU_ISA capping oneDNN below
