@@ -12,6 +12,7 @@ count the table picks the batch and recipe that get there first.
     python bench/time_to_loss.py run [--jobs 2]      # the convergence runs (resumable)
     python bench/time_to_loss.py measure-speed       # t(batch, threads) at 1 and 2 threads
     python bench/time_to_loss.py table               # CSV, JSON, Markdown, plot, recipes.json
+    python bench/time_to_loss.py validate --threads 2   # the table against a real --target_val_loss run
 
 Each finished run is one JSON file under OUT/runs/ (written atomically): an interrupted study
 continues where it stopped; a run cut off mid-way continues from its checkpoint (--resume).
@@ -92,12 +93,14 @@ def scaled_lr(batch, rule, base_lr=CHAR_RNN_LR):
     return base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
-def train_command(spec, chars, checkpoint_dir, resume=False, max_epochs=MAX_EPOCHS):
+def train_command(spec, chars, checkpoint_dir, resume=False, threads=1):
+    """The trainer's command line for `spec`: one thread unbound (runs side by side), or more
+    threads placed compactly (a timed run)."""
     cmd = [sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR,
            "--batch_size", str(spec.batch), "--learning_rate", f"{spec.learning_rate:.6g}",
-           "--max_epochs", str(max_epochs), "--eval_val_every", str(eval_every(spec.batch, chars)),
-           "--seed", str(spec.seed), "--threads", "1", "--policy", "none", "--keep", "1",
-           "--print_every", "100", "--checkpoint_dir", str(checkpoint_dir), "--savefile", "run"]
+           "--max_epochs", str(MAX_EPOCHS), "--eval_val_every", str(eval_every(spec.batch, chars)),
+           "--seed", str(spec.seed), "--threads", str(threads), "--policy", "none" if threads == 1 else "compact",
+           "--keep", "1", "--print_every", "100", "--checkpoint_dir", str(checkpoint_dir), "--savefile", "run"]
     if spec.warmup:
         cmd += ["--lr_warmup", str(spec.warmup)]
     if resume:
@@ -579,18 +582,70 @@ def write_tables(out, log=print):
     log(f"wrote {out}/time-to-loss.csv, .json, .png, results.md, recipes.json ({len(results)} runs)")
 
 
+# ---- checking the table against a real run -----------------------------------------------
+
+def timed_run(spec, threads, target, chars, directory):
+    """One training at `threads` threads until val `target` (--target_val_loss): wall seconds
+    of the whole process, training seconds and iterations from its metrics log."""
+    stop = ["--target_val_loss", f"{target}"]
+    cmd = train_command(spec, chars, directory, threads=threads) + stop
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    evals = read_evals(Path(metrics.log_path(str(directory), "run")))
+    hit = crossing(evals, target)
+    return {"command": "python " + " ".join(train_command(spec, chars, "cv/validate", threads=threads)[1:] + stop),
+            "wall_seconds": wall, "train_seconds": hit["train_seconds"] if hit else None,
+            "iterations": hit["iterations"] if hit else None, "best_val_loss": min(e[2] for e in evals)}
+
+
+def validate(out, threads, target=1.50, log=print):
+    """The study's best recipe for `threads` threads and char-rnn's, each trained to `target`:
+    the best must get there >= 1.5x sooner in wall time, and its training time must land
+    within 15% of what the table predicts. Run it on a quiet machine."""
+    import tempfile
+    chars = corpus_chars()
+    results = load_results(out)
+    speed_path = out / "speed.json"
+    t = iteration_seconds(json.loads(speed_path.read_text()) if speed_path.exists() else None)
+    best = best_envelope(time_rows(results, t, cores=(threads,)), target)[threads]
+    specs = {"best": Spec(best["batch_size"], best["learning_rate"], best["lr_warmup"], SEEDS[0], best["recipe"]),
+             "char-rnn": Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn")}
+    record = {"threads": threads, "target": target, "machine": machine_name(), "runs": {}}
+    for name, spec in specs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            run = timed_run(spec, threads, target, chars, tmp)
+        predicted_s, _ = t(spec.batch, threads)
+        hit = results[spec.run_id]["targets"][f"{target:.2f}"]
+        run["predicted_train_seconds"] = hit["iterations"] * predicted_s if hit else None
+        run["train_vs_predicted"] = (run["train_seconds"] / run["predicted_train_seconds"] - 1
+                                     if run["train_seconds"] and run["predicted_train_seconds"] else None)
+        record["runs"][name] = run
+        log(f"{name} ({spec.run_id}) at {threads} thread(s): {run['wall_seconds']:.1f} s wall, "
+            f"{_fmt(run['train_seconds'], 1)} s training against {_fmt(run['predicted_train_seconds'], 1)} s predicted")
+    runs = record["runs"]
+    record["wall_speedup_over_char_rnn"] = runs["char-rnn"]["wall_seconds"] / runs["best"]["wall_seconds"]
+    record["load_average_after"] = os.getloadavg()[0]
+    write_json(out / f"validation-t{threads}.json", record)
+    log(f"best recipe {record['wall_speedup_over_char_rnn']:.2f}x sooner than char-rnn's in wall time")
+    return record
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("run", "measure-speed", "table"))
+    p.add_argument("action", choices=("run", "measure-speed", "table", "validate"))
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--work", type=Path, default=WORK, help="checkpoints and metrics logs of the runs")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each at 1 thread)")
+    p.add_argument("--threads", type=int, default=2, help="validate: the thread count to check")
     args = p.parse_args(argv)
     if args.action == "run":
         run_study(args.out, args.work, args.jobs, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
     elif args.action == "measure-speed":
         measure_speed(args.out)
+    elif args.action == "validate":
+        validate(args.out, args.threads)
     else:
         write_tables(args.out)
     return 0
