@@ -4,8 +4,9 @@ timesteps, B batch rows, H hidden units, V vocabulary, G = 4H / 3H / H gate unit
 layer's activations live in (T*B, G) gate buffers (LSTM blocks i, f, o, g; GRU z, r, c),
 stored as blocks of batch rows, time-major inside a block (one block: plain time-major).
 A layer's kernels take its weights, activations and gradients as named tuples
-(LayerWeights, LayerActivations, LayerGradients, WeightGradients; the decoder's likewise);
-training_passes picks the serial or the per-block versions once.
+(LayerWeights, LayerActivations, LayerGradients, WeightGradients; the decoder's likewise),
+generation the whole network's as TransposedWeights and GenerationState; training_passes
+picks the serial or the per-block versions once.
 
 Parallel strategy "batch": each thread runs a layer on its own block of batch rows (input
 projection, recurrence, weight-gradient partials) with MKL inside set to one thread (numba
@@ -811,7 +812,25 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
 
 # ---------------------------------------------------------------- generation (batch of one)
 # A character is one step of each layer's training step function with B = 1, all layers
-# and the decoder in one compiled call.
+# and the decoder in one compiled call. The weights and the state travel as namedtuples, as
+# a training layer's do; one weight set per precision, each with the fields of
+# TransposedWeights.
+
+TransposedWeights = namedtuple("TransposedWeights", ["w_ih0_t", "w_ih_t", "w_hh_t", "bias", "dec_w_t", "dec_b"])
+TransposedWeights.__doc__ = """The whole network's forward weights, stacked by layer and transposed
+so that every product is A @ B (the form libxsmm runs, blas.py): w_ih0_t (V, G) the first
+layer's one-hot table (gathered by token); w_ih_t (max(L-1, 1), H, G) of layers 1..;
+w_hh_t (L, H, G); bias (L, G) = b_ih + b_hh; dec_w_t (H, V); dec_b (V). generation_step
+reads them; training's LayerWeights and DecoderWeights are views of them
+(model.transposed_weights fills them)."""
+
+GenerationState = namedtuple("GenerationState", ["h", "c", "h_next", "c_next", "aux", "gates", "logits"])
+GenerationState.__doc__ = """A batch of one's state and scratch: h, c (L, 1, H) every layer's h
+and c (LSTM; unused otherwise), carried from character to character; h_next, c_next (1, H):
+a layer's step writes its new state there (the step reads h and c while it writes), then it
+is copied into h, c; aux (1, H), gates (1, G): a step's scratch as in training; logits
+(1, V): the prediction of the next character, carried between calls."""
+
 
 @njit(**_opts)
 def step_forward(kind, g, bias, w_hh_t, h_prev, c_prev, h, c, aux):
@@ -824,25 +843,22 @@ def step_forward(kind, g, bias, w_hh_t, h_prev, c_prev, h, c, aux):
 
 
 @njit(**_opts)
-def generation_step(kind, token, weights, state, aux, gates, logits):
-    """weights = (w_ih0_t (V, G), w_ih_t (max(L-1, 1), H, G), w_hh_t (L, H, G), bias (L, G),
-    dec_w_t (H, V), dec_b (V)): the weights transposed, as the training forward takes them;
-    state (L, 2, 2, 1, H): per layer h and c at [0] (in) and [1] (out); aux (1, H), gates
-    (1, G) scratch; logits (1, V) out."""
-    w_ih0_t, w_ih_t, w_hh_t, bias, dec_w_t, dec_b = weights
-    L = w_hh_t.shape[0]
+def generation_step(kind, token, w, s):
+    """Feeds `token` through every layer of w (TransposedWeights) and the decoder: s
+    (GenerationState) moves on one character, s.logits gets the prediction of the next."""
+    L = w.w_hh_t.shape[0]
     for layer in range(L):
-        hs = state[layer, 0]
-        cs = state[layer, 1]
+        h = s.h[layer]
+        c = s.c[layer]
         if layer == 0:
-            gates[0, :] = w_ih0_t[token]  # the one-hot input projection
+            s.gates[0, :] = w.w_ih0_t[token]  # the one-hot input projection
         else:
-            gemm(False, False, ONE, state[layer - 1, 0, 0], w_ih_t[layer - 1], ZERO, gates)
-        step_forward(kind, gates, bias[layer], w_hh_t[layer], hs[0], cs[0], hs[1], cs[1], aux)
-        hs[0] = hs[1]
-        cs[0] = cs[1]
-    logits[0, :] = dec_b
-    gemm(False, False, ONE, state[L - 1, 0, 0], dec_w_t, ONE, logits)
+            gemm(False, False, ONE, s.h[layer - 1], w.w_ih_t[layer - 1], ZERO, s.gates)
+        step_forward(kind, s.gates, w.bias[layer], w.w_hh_t[layer], h, c, s.h_next, s.c_next, s.aux)
+        h[:] = s.h_next
+        c[:] = s.c_next
+    s.logits[0, :] = w.dec_b
+    gemm(False, False, ONE, s.h[L - 1], w.dec_w_t, ONE, s.logits)
 
 
 @njit(**_opts)
@@ -870,17 +886,18 @@ def choose(logits, temperature, argmax, u, probs):
 
 
 @njit(**_opts)
-def prime(kind, text, weights, state, aux, gates, logits):
+def prime(kind, text, w, s):
+    """Feeds the tokens of `text` through generation_step."""
     for k in range(text.shape[0]):
-        generation_step(kind, text[k], weights, state, aux, gates, logits)
+        generation_step(kind, text[k], w, s)
 
 
 @njit(**_opts)
-def generate(kind, uniforms, temperature, argmax, weights, state, aux, gates, logits, out):
-    """out[k] = the k-th sampled token, each fed back in; `logits` carries the prediction
-    between calls."""
-    probs = np.empty(logits.shape[1], np.float32)
+def generate(kind, uniforms, temperature, argmax, w, s, out):
+    """out[k] = the k-th sampled token (choose with uniforms[k]), each fed back in through
+    generation_step; s.logits carries the prediction between calls."""
+    probs = np.empty(s.logits.shape[1], np.float32)
     for k in range(out.shape[0]):
-        token = choose(logits[0], temperature, argmax, uniforms[k], probs)
+        token = choose(s.logits[0], temperature, argmax, uniforms[k], probs)
         out[k] = token
-        generation_step(kind, token, weights, state, aux, gates, logits)
+        generation_step(kind, token, w, s)

@@ -51,26 +51,23 @@ class FlatBuffer:
 
 
 def transposed_weights(params, num_layers, out=None):
-    """The forward's weights, transposed so that every product is A @ B (the form libxsmm
-    runs, blas.py), as kernels.generation_step takes them: (w_ih0_t (V, G) the one-hot table,
-    w_ih_t (max(L-1, 1), H, G) of layers 1.., w_hh_t (L, H, G), bias (L, G) = b_ih + b_hh,
-    dec_w_t (H, V), dec_b (V)). `params` maps the checkpoint's names to arrays; `out`, a
-    previous result, is refilled in place."""
+    """The forward's weights as kernels.TransposedWeights, from `params` (the checkpoint's
+    names to arrays); `out`, a previous result, is refilled in place."""
     L, p = num_layers, params
     if out is None:
         G, H = p["layers.0.w_hh"].shape
         V, dt = p["decoder.bias"].shape[0], p["decoder.bias"].dtype
-        out = (np.zeros((V, G), dt), np.zeros((max(L - 1, 1), H, G), dt), np.zeros((L, H, G), dt),
-               np.zeros((L, G), dt), np.zeros((H, V), dt), np.zeros(V, dt))
-    w_ih0_t, w_ih_t, w_hh_t, bias, dec_w_t, dec_b = out
-    w_ih0_t[:] = p["layers.0.w_ih"].T
+        out = K.TransposedWeights(np.zeros((V, G), dt), np.zeros((max(L - 1, 1), H, G), dt),
+                                  np.zeros((L, H, G), dt), np.zeros((L, G), dt), np.zeros((H, V), dt),
+                                  np.zeros(V, dt))
+    out.w_ih0_t[:] = p["layers.0.w_ih"].T
     for layer in range(L):
         if layer > 0:
-            w_ih_t[layer - 1] = p[f"layers.{layer}.w_ih"].T
-        w_hh_t[layer] = p[f"layers.{layer}.w_hh"].T
-        np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=bias[layer])
-    dec_w_t[:] = p["decoder.weight"].T
-    dec_b[:] = p["decoder.bias"]
+            out.w_ih_t[layer - 1] = p[f"layers.{layer}.w_ih"].T
+        out.w_hh_t[layer] = p[f"layers.{layer}.w_hh"].T
+        np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=out.bias[layer])
+    out.dec_w_t[:] = p["decoder.weight"].T
+    out.dec_b[:] = p["decoder.bias"]
     return out
 
 
@@ -103,13 +100,12 @@ class Network:
         self.params = FlatBuffer(shapes, dtype)
         self.grads = FlatBuffer(shapes, dtype, spare=CARRIED_SLOTS)
         self.rms = np.zeros_like(self.params.data)  # RMSprop's running mean of squared gradients
-        self.transposed = transposed_weights(self.params, num_layers)  # refilled by every forward
-        w_ih0_t, w_ih_t, w_hh_t, bias, dec_w_t, dec_b = self.transposed
+        t = self.transposed = transposed_weights(self.params, num_layers)  # refilled by every forward
         p = self.params
-        self.weights = [K.LayerWeights(w_ih0_t if layer == 0 else w_ih_t[layer - 1], w_hh_t[layer], bias[layer],
-                                       p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"])
+        self.weights = [K.LayerWeights(t.w_ih0_t if layer == 0 else t.w_ih_t[layer - 1], t.w_hh_t[layer],
+                                       t.bias[layer], p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"])
                         for layer in range(num_layers)]
-        self.decoder_weights = K.DecoderWeights(dec_w_t, dec_b, p["decoder.weight"])
+        self.decoder_weights = K.DecoderWeights(t.dec_w_t, t.dec_b, p["decoder.weight"])
         # (start, total): the batch's rows are streams start.. of a global batch of `total` (an MPI
         # rank's share). Dropout masks are drawn for the whole global batch in (T, stream, H)
         # order, so they depend neither on the thread count nor on the ranks. None: (0, B).

@@ -10,53 +10,59 @@ import numpy as np
 from phi_rnn import checkpoint, data, files
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
-from phi_rnn.model import GATES, KINDS, transposed_weights
+from phi_rnn.model import KINDS, FlatBuffer, transposed_weights
 
 BLOCK = 4096  # characters generated per compiled call, then written out
 FIRST_BLOCK = 64  # the first blocks are smaller: a big model's text shows at once
 _HUGE_PAGE = 2 << 20
 
 
-def _one_huge_page_region(arrays):
-    """float32 copies of `arrays` packed (64-byte aligned) into one 2 MB-aligned region advised
-    for transparent huge pages. Generation streams every weight once per character from L2;
-    on scattered 4 KB pages the ~0.8 MB of a 2 x 128 model evict each other in L2's sets
-    (three 512 x 128 products: 11.2 us scattered, 10.1 us in one huge page)."""
-    sizes = [-(-a.size // 16) * 16 for a in arrays]
-    nbytes = 4 * sum(sizes)
+def _in_one_huge_page(weights, dtype=np.float32):
+    """`weights`, a namedtuple of arrays, copied as `dtype` into one 2 MB-aligned region advised
+    for transparent huge pages, each array 64-byte aligned; the same namedtuple of the copies.
+    Generation streams every weight once per character from L2; on scattered 4 KB pages the
+    ~0.8 MB of a 2 x 128 model evict each other in L2's sets (three 512 x 128 products:
+    11.2 us scattered, 10.1 us in one huge page)."""
+    itemsize = np.dtype(dtype).itemsize
+    sizes = [-(-a.size * itemsize // 64) * 64 for a in weights]
+    nbytes = sum(sizes)
     length = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE
     region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
     raw = np.frombuffer(region, np.uint8)  # keeps the mapping alive
     start = -raw.ctypes.data % _HUGE_PAGE
     if hasattr(region, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE, start, length - _HUGE_PAGE)
-    flat = raw[start:start + nbytes].view(np.float32)
-    copies, offset = [], 0
-    for a, size in zip(arrays, sizes):
-        view = flat[offset:offset + a.size].reshape(a.shape)
+    copies, offset = [], start
+    for a, size in zip(weights, sizes):
+        view = raw[offset:offset + a.size * itemsize].view(dtype).reshape(a.shape)
         view[...] = a
         copies.append(view)
         offset += size
-    return tuple(copies)
+    return type(weights)(*copies)
+
+
+def generation_state(num_layers, hidden, gate_units, vocab_size):
+    """A zero kernels.GenerationState: named views of one flat float32 buffer."""
+    L, H = num_layers, hidden
+    shapes = [("h", (L, 1, H)), ("c", (L, 1, H)), ("h_next", (1, H)), ("c_next", (1, H)), ("aux", (1, H)),
+              ("gates", (1, gate_units)), ("logits", (1, vocab_size))]
+    return K.GenerationState(**FlatBuffer(shapes).views)
 
 
 class Generator:
-    """A batch-of-one copy of a checkpoint's network, laid out for kernels.generation_step."""
+    """A batch-of-one copy of a checkpoint's network, laid out for kernels.generation_step:
+    `weights` (kernels.TransposedWeights, float32, in one huge page) and `state`
+    (kernels.GenerationState)."""
 
     def __init__(self, ck):
         p, L = ck.params, int(ck.meta["num_layers"])
-        hidden = int(ck.meta["rnn_size"])
         self.kind = KINDS[ck.meta["model"]]
-        gh = GATES[ck.meta["model"]] * hidden
         self.encoding = ck.meta.get("encoding", "utf-8")
         self.vocab = ck.vocab
         self.index = {s: i for i, s in enumerate(self.vocab)}
-        self.weights = _one_huge_page_region(transposed_weights(p, L))
-        self.state = np.zeros((L, 2, 2, 1, hidden), np.float32)
-        self.aux = np.zeros((1, hidden), np.float32)
-        self.gates = np.zeros((1, gh), np.float32)
+        self.weights = _in_one_huge_page(transposed_weights(p, L))
         # logits start equal: with no primetext the first character is uniform, as in char-rnn
-        self.logits = np.zeros((1, len(self.vocab)), np.float32)
+        self.state = generation_state(L, int(ck.meta["rnn_size"]), self.weights.bias.shape[1], len(self.vocab))
 
     def encode(self, text):
         symbols = data.text_to_symbols(text, self.encoding)
@@ -67,7 +73,7 @@ class Generator:
         return np.array([self.index[s] for s in symbols], dtype=np.int32)
 
     def prime(self, text):
-        K.prime(self.kind, self.encode(text), self.weights, self.state, self.aux, self.gates, self.logits)
+        K.prime(self.kind, self.encode(text), self.weights, self.state)
 
     def generate(self, length, temperature, argmax, rng):
         """Yields the text in blocks (growing from FIRST_BLOCK to BLOCK characters)."""
@@ -77,8 +83,7 @@ class Generator:
             n = min(block, length - start)
             start, block = start + n, min(2 * block, BLOCK)
             out = np.empty(n, np.int32)
-            K.generate(self.kind, rng.random(n), temperature, argmax, self.weights, self.state, self.aux,
-                       self.gates, self.logits, out)
+            K.generate(self.kind, rng.random(n), temperature, argmax, self.weights, self.state, out)
             yield decode([self.vocab[t] for t in out])
 
 

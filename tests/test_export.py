@@ -48,7 +48,7 @@ def generator_log_probs(path):
     expected = []
     for character in text[:-1]:
         gen.prime(character)
-        expected.append(_log_softmax(gen.logits[0]))
+        expected.append(_log_softmax(gen.state.logits[0]))
     return ck, gen.encode(text)[:-1], np.array(expected)
 
 
