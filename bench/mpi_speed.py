@@ -139,7 +139,7 @@ def worker(args):
     world = distributed.connect()
     try:
         plan = affinity.configure_rank(world.local_rank, world.local_size, args.threads, args.policy)
-        start, stop = world.streams(args.batch_size)
+        start, stop = world.stream_range(args.batch_size)
     except UsageError as e:
         if world.root:
             print(f"mpi_speed.py: error: {e}", file=sys.stderr, flush=True)

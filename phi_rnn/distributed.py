@@ -114,7 +114,7 @@ class Single:
     """One process: the whole batch, nothing to exchange."""
     rank, size, local_rank, local_size, root = 0, 1, 0, 1, True
 
-    def streams(self, batch_size):
+    def stream_range(self, batch_size):
         return 0, batch_size
 
     def allreduce_gradient(self, grads, loss, flags):
@@ -156,12 +156,13 @@ class MpiWorld:
         node.Free()
         # a separate communicator for finish(): its nonblocking barrier never meets training's collectives
         self.exit_comm = self.comm.Dup()
-        self.share = None  # this rank's fraction of the global batch, set by streams()
+        self.share = None  # this rank's fraction of the global batch, set by stream_range()
         self.library = library_version(MPI.Get_library_version())
         self.host = MPI.Get_processor_name() or socket.gethostname()
         self._carrier = None
 
-    def streams(self, batch_size):
+    def stream_range(self, batch_size):
+        """This rank's [start, stop) of the global batch's streams."""
         start, stop = stream_range(batch_size, self.rank, self.size)
         self.share = (stop - start) / batch_size
         return start, stop

@@ -76,7 +76,7 @@ def evaluate(net, loader, max_batches=None, split="val", world=distributed.Singl
     and the losses are combined. Returns (loss, batches)."""
     loader.reset(split)
     batches = min(max_batches or loader.size[split], loader.size[split])
-    start, stop = world.streams(loader.batch_size)
+    start, stop = world.stream_range(loader.batch_size)
     state = net.zero_state(stop - start)
     total = 0.0
     for _ in range(batches):
@@ -156,6 +156,12 @@ class Run:
         self.val_losses = dict(meta["val_losses"])
         self.loss0 = meta["loss0"]
 
+    def record(self, iteration, loss):
+        """Iteration `iteration` is done with training loss `loss`."""
+        self.loss0 = loss if self.loss0 is None else self.loss0
+        self.iteration = iteration
+        self.train_losses.append(loss)
+
     def evaluations_since_best(self):
         """(lowest validation loss so far or None, evaluations after it)."""
         losses = [loss for _, loss in sorted((int(i), loss) for i, loss in self.val_losses.items())]
@@ -178,7 +184,7 @@ def _take_directory(directory, log):
 def idle_threads_note(threads, batch_size, strategy, cpus=()):
     """The batch strategy gives thread i the i-th block of batch rows (numba hands prange
     iteration i to thread i), so with more threads than rows threads batch_size.. get none and
-    wait. Returns the line naming them and what to do, or None. bench/scale_model.py costs
+    wait. Returns the line naming them and what to do, or None. bench/scale/model.py costs
     the ways out from measured parts: more rows per thread, or fewer threads at the same
     speed. It finds the gemm strategy (each step's products shared by MKL's threads) slower
     than idle threads, and teams of threads sharing a block's products (a hybrid, not built)
@@ -207,15 +213,12 @@ def thread_cpus():
         return []
 
 
-def train(o, given=frozenset(), log=print, corpus=None, world=distributed.Single()):
-    """Train with options `o` (see phi_rnn.config); `given`: the options the command line
-    gave; `corpus`: data.load_corpus of o.data_dir's input.txt (loaded here when None). In one
-    process, or as one rank of `world` on its share of the batch's streams. Returns the exit
-    status."""
-    o = copy.copy(o)  # --resume / --init_from replace options: the caller's stay as given
+def _open_sources(o, given, log):
+    """--resume's or --init_from's checkpoint, loaded, with the options it decides taken into
+    o (a resumed run keeps its training options, --init_from takes the architecture).
+    Returns (resume, init), at most one of them a checkpoint, the other None."""
     resume = checkpoint.load(o.resume, o.checkpoint_dir) if o.resume else None
     init = checkpoint.load(o.init_from, o.checkpoint_dir) if o.init_from else None
-    source = resume or init
     if resume:
         _take_options(o, resume.meta["options"], config.RUN_OPTIONS, given,
                       "a resumed run keeps the checkpoint's", log)
@@ -227,136 +230,235 @@ def train(o, given=frozenset(), log=print, corpus=None, world=distributed.Single
     elif init:
         _take_options(o, init.meta, config.ARCH_OPTIONS, given, "--init_from takes the checkpoint's", log)
         log(f"initializing from {init.path} (model {o.model}, {o.num_layers} x {o.rnn_size})")
+    return resume, init
 
+
+def _open_data(o, corpus, resume, init, world, log):
+    """The corpus (loaded here when None) checked against the checkpoint's, and its loader at
+    the resumed position. Returns (corpus, loader)."""
     corpus_path = os.path.join(o.data_dir, "input.txt")
     corpus = corpus or world.root_first(lambda: data.load_corpus(corpus_path, o.encoding, log))
-    vocab = corpus.vocab
     if resume:
         _check_corpus(resume, corpus, corpus_path)
-    if source:
-        _check_vocab(source, vocab, o.encoding)
-    streams = world.streams(o.batch_size)
-    loader = data.CharLoader(corpus.ids, o.batch_size, o.seq_length, o.train_frac, o.val_frac, len(vocab))
+    if resume or init:
+        _check_vocab(resume or init, corpus.vocab, o.encoding)
+    loader = data.CharLoader(corpus.ids, o.batch_size, o.seq_length, o.train_frac, o.val_frac, len(corpus.vocab))
     if resume:
         loader.restore(resume.meta["data_position"])
-    _check_writable(o.checkpoint_dir)
-    # rank 0 writes the checkpoints and the corpus cache's stat: it alone holds the directory
-    if world.root:
-        lock = _take_directory(o.checkpoint_dir, log)  # noqa: F841  (held until the process ends)
-        corpus.keep_stat()
-    log(f"vocab size: {len(vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
-        f"{loader.ntest} test batches of {o.batch_size} x {o.seq_length}")
+    return corpus, loader
 
-    note = idle_threads_note(numba.get_num_threads(), streams[1] - streams[0], o.strategy, thread_cpus())
-    if note:
-        log(note)
-    compile_kernels(o.model, o.strategy, log)
-    net = Network(o.model, len(vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy)
-    net.streams = (streams[0], o.batch_size)
-    rng = np.random.default_rng(o.seed)
-    run = Run(o, vocab, corpus.sha256)
-    state = net.zero_state(streams[1] - streams[0])
-    if source:
-        for name, value in source.params.items():
-            net.params[name][...] = value
-    else:
-        net.init_params(rng)
-    if resume:
-        run.restore(resume)
-        net.rms[:] = resume.arrays["optim.rms"]
-        state[:] = resume.arrays["state"][:, :, streams[0]:streams[1]]
-        rng.bit_generator.state = resume.meta["rng_state"]
-    log(f"number of parameters in the model: {net.params.data.size}")
 
-    iterations = int(o.max_epochs * loader.ntrain)
-    last = min(iterations, o.max_iters) if o.max_iters else iterations
-    interrupt = Interrupt(repeat_grace_s=2.0 if world.size > 1 else 0.0)
-    last_saved = resume.path if resume else None
-    metrics_log = metrics.MetricsLog(metrics.log_path(o.checkpoint_dir, o.savefile), o.batch_size * o.seq_length,
-                                     (run.iteration, run.train_losses, run.val_losses, loader.ntrain)
-                                     if resume else None, log) if world.root else None  # rank 0 writes it
-    progress = Progress(run.iteration, last, iterations, o.print_every, log)
-    log = progress.log
+def divergence(loss, loss0):
+    """What is wrong with an iteration's loss (NaN, infinite, or exploding: above 3 x the first
+    loss, char-rnn's test), or None."""
+    if np.isnan(loss):
+        return "NaN"
+    if not np.isfinite(loss):
+        return "infinite"
+    if loss0 is not None and loss > 3 * loss0:
+        return f"exploding ({loss:.4f} > 3 x first loss {loss0:.4f})"
+    return None
 
-    def save(name_loss):
-        epoch = run.iteration / loader.ntrain
-        path = os.path.join(o.checkpoint_dir, checkpoint.checkpoint_name(o.savefile, epoch, name_loss))
-        every_stream = world.gather_streams(state)
-        world.check_identical(net.params.data)
+
+class SlowEvaluationNote:
+    """Once per run, a note when an evaluation took longer than the training since the
+    previous one, naming the --val_max_batches that makes it about a tenth of that."""
+
+    def __init__(self):
+        self.trained = 0.0  # seconds of training since the last evaluation
+        self.given = False
+
+    def after_evaluation(self, eval_seconds, batches):
+        """The note (once) or None; starts counting the training towards the next evaluation."""
+        trained, self.trained = self.trained, 0.0
+        if eval_seconds <= trained or self.given:
+            return None
+        self.given = True
+        fits = max(1, int(batches * 0.1 * trained / eval_seconds))
+        return (f"note: this evaluation took longer ({eval_seconds:.1f} s) than the training since the "
+                f"previous one ({trained:.1f} s); --val_max_batches {fits} evaluates only the "
+                f"first {fits} of its {batches} batches (the same ones each time), about a tenth of that")
+
+
+class Training:
+    """This process's part of a run: the network on its rows of the batch (`rows`, (first,
+    stop) of the global batch's streams; all of them in one process), the state carried across
+    batches, the data, the random generator and the run's record; the loop in train() drives
+    it."""
+
+    def __init__(self, o, world, corpus, loader, resume, init, log):
+        self.o, self.world, self.loader = o, world, loader
+        self.rows = world.stream_range(o.batch_size)
+        first, stop = self.rows
+        note = idle_threads_note(numba.get_num_threads(), stop - first, o.strategy, thread_cpus())
+        if note:
+            log(note)
+        compile_kernels(o.model, o.strategy, log)
+        self.net = Network(o.model, len(corpus.vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy)
+        self.net.streams = (first, o.batch_size)
+        self.rng = np.random.default_rng(o.seed)
+        self.run = Run(o, corpus.vocab, corpus.sha256)
+        self.state = self.net.zero_state(stop - first)
+        self._restore(resume, init)
+        self.last_saved = resume.path if resume else None
+        log(f"number of parameters in the model: {self.net.params.data.size}")
+
+    def _restore(self, resume, init):
+        """Weights from the checkpoint (or char-rnn's init); a resumed run's optimizer, carried
+        state, random generator and record too."""
+        source = resume or init
+        if source:
+            for name, value in source.params.items():
+                self.net.params[name][...] = value
+        else:
+            self.net.init_params(self.rng)
+        if resume:
+            self.run.restore(resume)
+            self.net.rms[:] = resume.arrays["optim.rms"]
+            self.state[:] = resume.arrays["state"][:, :, self.rows[0]:self.rows[1]]
+            self.rng.bit_generator.state = resume.meta["rng_state"]
+
+    def step(self, flags):
+        """One iteration's forward, backward, exchange of the gradient (with this process's stop
+        `flags`) and update. Returns (loss, the flags summed over ranks, the learning rate it
+        used, grad/param norm, seconds of compute)."""
+        o, net = self.o, self.net
+        x, y = self.loader.next_batch("train", *self.rows)
+        t0 = time.perf_counter()
+        loss = net.forward(x, y, self.state, self.rng if o.dropout > 0 else None)
+        net.backward(x, o.dropout > 0)
+        loss, stop_flags = self.world.allreduce_gradient(net.grads, loss, flags)
+        learning_rate = self.run.learning_rate
+        norm_ratio = net.update(learning_rate, o.decay_rate, o.grad_clip)
+        return loss, stop_flags, learning_rate, norm_ratio, time.perf_counter() - t0
+
+    def save(self, val_loss):
+        """A checkpoint of the run now (every rank takes part, rank 0 writes): named by its
+        validation loss (None: an interrupted run's); the best so far becomes `best`. Returns
+        its path."""
+        o, run, world = self.o, self.run, self.world
+        epoch = run.iteration / self.loader.ntrain
+        path = os.path.join(o.checkpoint_dir, checkpoint.checkpoint_name(o.savefile, epoch, val_loss))
+        every_stream = world.gather_streams(self.state)
+        world.check_identical(self.net.params.data)
         error = None
         if world.root:
             try:
-                checkpoint.save(path, net.params.views, run.meta(net, loader, rng, epoch), net.rms,
-                                every_stream, run.train_losses)
+                checkpoint.save(path, self.net.params.views, run.meta(self.net, self.loader, self.rng, epoch),
+                                self.net.rms, every_stream, run.train_losses)
             except OSError as e:
-                previous = f"the previous checkpoint {last_saved} is intact" if last_saved else "none was written before"
+                previous = (f"the previous checkpoint {self.last_saved} is intact" if self.last_saved
+                            else "none was written before")
                 error = UsageError(f"cannot write checkpoint {path} ({e.strerror}); {previous}")
             else:
-                if name_loss is not None and run.evaluations_since_best() == (name_loss, 0):
+                if val_loss is not None and run.evaluations_since_best() == (val_loss, 0):
                     checkpoint.point(o.checkpoint_dir, checkpoint.BEST, path)
                 checkpoint.prune(o.checkpoint_dir, o.savefile, o.keep, path)
         world.agree(error)
+        self.last_saved = path
         return path
 
-    trained_since_eval = 0.0  # seconds of training since the last evaluation
-    warned_slow_eval = False
+    def decay_learning_rate(self, log):
+        """char-rnn's schedule: at the end of every epoch from learning_rate_decay_after on."""
+        o, run, ntrain = self.o, self.run, self.loader.ntrain
+        epoch_ends = run.iteration % ntrain == 0
+        if epoch_ends and o.learning_rate_decay < 1 and run.iteration / ntrain >= o.learning_rate_decay_after:
+            run.learning_rate *= o.learning_rate_decay
+            log(f"decayed learning rate by a factor {o.learning_rate_decay} to {run.learning_rate}")
+
+    def validate(self, loss):
+        """The validation loss now, recorded (the training loss `loss` without a validation
+        split). Returns (loss, batches evaluated, seconds)."""
+        t0 = time.perf_counter()
+        val_loss, batches = (evaluate(self.net, self.loader, self.o.val_max_batches, world=self.world)
+                             if self.loader.nval else (loss, 0))
+        self.run.val_losses[str(self.run.iteration)] = val_loss
+        return val_loss, batches, time.perf_counter() - t0
+
+    def metrics_log(self, resumed, log):
+        """Rank 0's metrics log (None on the others), continuing a resumed run's."""
+        if not self.world.root:
+            return None
+        run, o = self.run, self.o
+        history = (run.iteration, run.train_losses, run.val_losses, self.loader.ntrain) if resumed else None
+        return metrics.MetricsLog(metrics.log_path(o.checkpoint_dir, o.savefile), o.batch_size * o.seq_length,
+                                  history, log)
+
+
+def patience_ran_out(o, run):
+    """The line that stops a run with --patience whose validation loss has not gone lower
+    in that many evaluations, or None."""
+    best, stale = run.evaluations_since_best()
+    if not o.patience or stale < o.patience:
+        return None
+    return (f"no lower validation loss in {stale} evaluations (--patience {o.patience}): stopped; "
+            f"the best, {best:.4f}, is {checkpoint.resolve(checkpoint.BEST, o.checkpoint_dir)}")
+
+
+def _open_directory(o, corpus, world, log):
+    """Rank 0 writes the checkpoints and the corpus cache's stat: it alone holds the directory.
+    Returns its lock (None on the other ranks), held until the process ends."""
+    _check_writable(o.checkpoint_dir)
+    if not world.root:
+        return None
+    lock = _take_directory(o.checkpoint_dir, log)
+    corpus.keep_stat()
+    return lock
+
+
+def train(o, given=frozenset(), log=print, corpus=None, world=distributed.Single()):
+    """Train with options `o` (see phi_rnn.config); `given`: the options the command line
+    gave; `corpus`: data.load_corpus of o.data_dir's input.txt (loaded here when None). In one
+    process, or as one rank of `world` on its share of the batch's streams. Returns the exit
+    status."""
+    o = copy.copy(o)  # --resume / --init_from replace options: the caller's stay as given
+    resume, init = _open_sources(o, given, log)
+    corpus, loader = _open_data(o, corpus, resume, init, world, log)
+    lock = _open_directory(o, corpus, world, log)  # noqa: F841  (held until the process ends)
+    log(f"vocab size: {len(corpus.vocab)}, data: {loader.ntrain} train / {loader.nval} val / "
+        f"{loader.ntest} test batches of {o.batch_size} x {o.seq_length}")
+    t = Training(o, world, corpus, loader, resume, init, log)
+    run = t.run
+    iterations = int(o.max_epochs * loader.ntrain)
+    last = min(iterations, o.max_iters) if o.max_iters else iterations
+    interrupt = Interrupt(repeat_grace_s=2.0 if world.size > 1 else 0.0)
+    metrics_log = t.metrics_log(resume is not None, log)
+    progress = Progress(run.iteration, last, iterations, o.print_every, log)
+    log = progress.log
+    slow_evaluation = SlowEvaluationNote()
     while run.iteration < last:
         t_iteration = time.perf_counter()
         i = run.iteration + 1
-        x, y = loader.next_batch("train", *streams)
-        t0 = time.perf_counter()
-        loss = net.forward(x, y, state, rng if o.dropout > 0 else None)
-        net.backward(x, o.dropout > 0)
-        loss, stop_flags = world.allreduce_gradient(net.grads, loss, interrupt.flags())
-        learning_rate = run.learning_rate
-        norm_ratio = net.update(learning_rate, o.decay_rate, o.grad_clip)
-        elapsed = time.perf_counter() - t0
+        loss, stop_flags, learning_rate, norm_ratio, elapsed = t.step(interrupt.flags())
         epoch = i / loader.ntrain
-
-        if not np.isfinite(loss) or (run.loss0 is not None and loss > 3 * run.loss0):
-            what = "NaN" if np.isnan(loss) else ("infinite" if not np.isfinite(loss) else
-                                                 f"exploding ({loss:.4f} > 3 x first loss {run.loss0:.4f})")
+        wrong = divergence(loss, run.loss0)
+        if wrong:
             if world.root:
-                print(f"phi_rnn: error: loss is {what} at iteration {i}: stopped. The last good checkpoint is "
-                      f"{last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip", file=sys.stderr)
+                print(f"phi_rnn: error: loss is {wrong} at iteration {i}: stopped. The last good checkpoint is "
+                      f"{t.last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip", file=sys.stderr)
             return EXIT_DIVERGED
-        run.loss0 = loss if run.loss0 is None else run.loss0
-        run.iteration = i
-        run.train_losses.append(loss)
-        if i % loader.ntrain == 0 and o.learning_rate_decay < 1 and epoch >= o.learning_rate_decay_after:
-            run.learning_rate *= o.learning_rate_decay
-            log(f"decayed learning rate by a factor {o.learning_rate_decay} to {run.learning_rate}")
-        trained_since_eval += time.perf_counter() - t_iteration
-        val_loss = None
-        if i % o.eval_val_every == 0 or i == last:
-            t_eval = time.perf_counter()
-            val_loss, batches = evaluate(net, loader, o.val_max_batches, world=world) if loader.nval else (loss, 0)
-            eval_seconds = time.perf_counter() - t_eval
-            run.val_losses[str(i)] = val_loss
+        run.record(i, loss)
+        t.decay_learning_rate(log)
+        slow_evaluation.trained += time.perf_counter() - t_iteration
+        evaluating = i % o.eval_val_every == 0 or i == last
+        val_loss, batches, eval_seconds = t.validate(loss) if evaluating else (None, 0, 0.0)
         # the row before the checkpoint: a run resumed from it drops rows past it
         if metrics_log:
             metrics_log.append(i, epoch, loss, val_loss, learning_rate, norm_ratio, elapsed)
-        if val_loss is not None:
-            last_saved = save(val_loss)
+        if evaluating:
             log(f"validation loss {val_loss:.4f} ({batches} batches in {eval_seconds:.1f} s); "
-                f"saved checkpoint {last_saved}")
-            if eval_seconds > trained_since_eval and not warned_slow_eval:
-                warned_slow_eval = True
-                fits = max(1, int(batches * 0.1 * trained_since_eval / eval_seconds))
-                log(f"note: this evaluation took longer ({eval_seconds:.1f} s) than the training since the "
-                    f"previous one ({trained_since_eval:.1f} s); --val_max_batches {fits} evaluates only the "
-                    f"first {fits} of its {batches} batches (the same ones each time), about a tenth of that")
-            trained_since_eval = 0.0
+                f"saved checkpoint {t.save(val_loss)}")
+            note = slow_evaluation.after_evaluation(eval_seconds, batches)
+            if note:
+                log(note)
         progress.iteration(i, epoch, loss, norm_ratio, elapsed)
-        best, stale = run.evaluations_since_best() if val_loss is not None else (None, 0)
-        if o.patience and stale >= o.patience:
-            log(f"no lower validation loss in {stale} evaluations (--patience {o.patience}): stopped; "
-                f"the best, {best:.4f}, is {checkpoint.resolve(checkpoint.BEST, o.checkpoint_dir)}")
+        patience = patience_ran_out(o, run) if evaluating else None
+        if patience:
+            log(patience)
             break
         stop = interrupt.agreed(stop_flags)
         if stop is not None:
-            path = save(None)
-            log(f"{signal.Signals(stop).name} received: saved checkpoint {path}; continue with "
+            log(f"{signal.Signals(stop).name} received: saved checkpoint {t.save(None)}; continue with "
                 f"--resume latest", flush=True)
             return EXIT_SIGNAL[stop]
     progress.close()

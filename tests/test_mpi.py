@@ -150,7 +150,7 @@ import json, sys, types
 import numpy as np
 from phi_rnn import data, distributed
 world = distributed.connect()
-start, stop = world.streams(6)
+start, stop = world.stream_range(6)
 rank = world.rank
 grads = types.SimpleNamespace(storage=np.zeros(5 + 8, np.float32))
 grads.data = grads.storage[:5]
