@@ -3,7 +3,7 @@
 A run longer than the queue's walltime goes as N jobs submitted at once, each starting
 after the previous one has ended (Slurm `--dependency=afterany`, PBS `-W
 depend=afterany`). Every job runs this module in place of train (the job script `exec`s
-it, so the scheduler's signals reach it):
+it; the scheduler's own stop signals reach train directly, as every process of the job):
 
     python -m phi_rnn.chain --link K --links N --record DIR/chain-STAMP.log
         --stop-after SECONDS --cancel scancel|qdel -- [launcher] python -m phi_rnn train ARGS
@@ -13,9 +13,8 @@ event): when an earlier link ended the chain, this job has nothing to do and exi
 Otherwise it runs the train command, adding `--resume latest` when DIR has a `latest`
 checkpoint, and sends it SIGTERM --stop-after seconds after the job started, so that
 training checkpoints and exits 143 before the walltime kill rather than during its grace
-period. The scheduler's own warning signal (Slurm `--signal=B:TERM@SECONDS`) and any
-other stop signal are passed on to train the same way; the walltime warning only once,
-since a second SIGTERM would make train exit without its checkpoint.
+period. The job times this itself because the schedulers' own warnings are too coarse
+(Slurm's `--signal` checks every 30 s and may come up to a minute early) or missing (PBS).
 
 When training ends the link writes its outcome to the record and its output:
 - exit 143 with a new checkpoint: the next link continues from it;
@@ -26,7 +25,6 @@ When training ends the link writes its outcome to the record and its output:
 The link exits with train's own status.
 """
 
-import argparse
 import os
 import signal
 import socket
@@ -80,35 +78,43 @@ class Record:
         print(f"chain: {line}", flush=True)
 
 
-class SignalRelay:
-    """Passes stop signals on to the train process: the walltime warning (the timer's, or
-    the scheduler's SIGTERM) once, any other signal each time. A signal that comes before
-    train has started is passed on as soon as it has."""
+class Train:
+    """The train process, and the SIGTERM that stops it before the walltime.
 
-    def __init__(self):
+    The link does not pass on the stop signals it receives itself: the scheduler signals
+    every process of a job (a walltime kill, a cancellation) and train has its own, so a
+    second copy from here would make train exit at once, without its checkpoint. It only
+    notes them, to say what stopped training."""
+
+    def __init__(self, stop_after):
         self.process = None
-        self.pending = []
         self.warned = False
+        self.received = []
         for signum in STOP_SIGNALS:
-            signal.signal(signum, self.receive)
-        signal.signal(signal.SIGALRM, self.receive)
+            signal.signal(signum, lambda signum, frame: self.received.append(signum))
+        signal.signal(signal.SIGALRM, self.warn)
+        signal.setitimer(signal.ITIMER_REAL, max(stop_after, 0.001))
 
-    def receive(self, signum, frame):
-        if signum in (signal.SIGALRM, signal.SIGTERM):
-            if self.warned:
-                return
-            self.warned = True
-            signum = signal.SIGTERM
-        if self.process is None:
-            self.pending.append(signum)
-        else:
-            self.process.send_signal(signum)
+    def warn(self, signum, frame):
+        self.warned = True
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
 
-    def start(self, command):
+    def run(self, command):
+        """Runs the command to its end; returns its exit status as a shell reports it."""
         self.process = subprocess.Popen(command)
-        for signum in self.pending:
-            self.process.send_signal(signum)
-        return self.process
+        if self.warned:  # the timer went off while train was starting
+            self.process.send_signal(signal.SIGTERM)
+        status = exit_status(self.process.wait())
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return status
+
+    def stopped_by(self):
+        if self.warned:
+            return "stopped by the chain's SIGTERM before the walltime"
+        if self.received:
+            return f"stopped by {signal.Signals(self.received[0]).name} from the scheduler"
+        return "stopped by SIGTERM"
 
 
 def run_link(link, links, record_path, stop_after, cancel, train_command):
@@ -120,8 +126,7 @@ def run_link(link, links, record_path, stop_after, cancel, train_command):
         print(f"chain: {name}: nothing to do, the chain has ended: "
               f"{ending[len(END_PREFIX):].strip()}", flush=True)
         return 0
-    relay = SignalRelay()
-    signal.setitimer(signal.ITIMER_REAL, max(stop_after, 0.001))
+    train = Train(stop_after)
     checkpoint_dir = record_path.parent
     latest = read_latest(checkpoint_dir)
     command = list(train_command)
@@ -133,13 +138,12 @@ def run_link(link, links, record_path, stop_after, cancel, train_command):
         record.add(f"{name} on {socket.gethostname()} at {now()}: resuming from "
                    f"{checkpoint_dir / latest}")
     try:
-        status = exit_status(relay.start(command).wait())
+        status = train.run(command)
     except OSError as e:  # no such launcher or python on the node
         print(f"phi_rnn: error: cannot run {command[0]}: {e.strerror}", file=sys.stderr, flush=True)
         status = 127
-    signal.setitimer(signal.ITIMER_REAL, 0)
     continues = status == CONTINUE_STATUS and link < links and read_latest(checkpoint_dir) != latest
-    record.add(f"{name} at {now()}: {outcome(status, link, links, latest, checkpoint_dir)}")
+    record.add(f"{name} at {now()}: {outcome(status, train, link, links, latest, checkpoint_dir)}")
     if not continues:
         end_chain(record, name, status, link, cancel)
     return status
@@ -161,19 +165,20 @@ def exit_status(returncode):
     return 128 - returncode if returncode < 0 else returncode
 
 
-def outcome(status, link, links, latest_before, checkpoint_dir):
+def outcome(status, train, link, links, latest_before, checkpoint_dir):
     if status == 0:
         return "training finished (exit 0)"
     if status != CONTINUE_STATUS:
         return f"training failed (exit {status}); see this job's output above"
+    stopped = train.stopped_by()
     if read_latest(checkpoint_dir) == latest_before:
-        return ("stopped by SIGTERM (exit 143) without a new checkpoint: the walltime leaves "
-                "no time to train; give a longer --walltime or a shorter --stop-before")
+        return (f"{stopped}, without a new checkpoint (exit 143): the job leaves no time to "
+                "train; give a longer --walltime or a shorter --stop-before")
     if link == links:
-        return ("stopped by SIGTERM after its checkpoint (exit 143), the last link: training "
-                "is not finished; submit a new chain with the same arguments to go on from "
+        return (f"{stopped}, after its checkpoint (exit 143), the last link: training is not "
+                "finished; submit a new chain with the same arguments to go on from "
                 f"{checkpoint_dir / LATEST}")
-    return f"stopped by SIGTERM after its checkpoint (exit 143); link {link + 1} continues"
+    return f"{stopped}, after its checkpoint (exit 143); link {link + 1} continues"
 
 
 def end_chain(record, name, status, link, cancel):

@@ -45,10 +45,11 @@ job with nothing to resume would fail).
 A run longer than any walltime: `--chain N` submits N jobs at once, each starting when the
 previous one has ended (Slurm `--dependency=afterany:JOB`, PBS `-W depend=afterany:JOB`),
 each running phi_rnn.chain in place of train: it resumes from `latest` when there is one,
-stops training with SIGTERM --stop-before seconds (default 300) before the walltime so that
-the checkpoint is written before the kill rather than during its grace period (on Slurm
-also asked of the scheduler, `--signal=B:TERM@SECONDS`), and writes what happened to the
-chain's record, `<checkpoint_dir>/chain-<date>-<time>.log`. Training that stops there
+stops training with SIGTERM --stop-before seconds (default 300) before the walltime, timed
+from the job's start, so that the checkpoint is written before the kill rather than during
+its grace period (Slurm's `--signal` is checked only every 30 s and may come a minute early;
+PBS has none), and writes what happened to the chain's record,
+`<checkpoint_dir>/chain-<date>-<time>.log`. Training that stops there
 (exit 143, a new checkpoint) is continued by the next job; training that finishes (exit 0)
 or fails (any other exit) ends the chain, and the remaining jobs are cancelled (or exit at
 once, finding the end in the record). Resume is exact, so the chain's final checkpoint is
@@ -169,7 +170,6 @@ def add_submit_arguments(parser):
 class Chain:
     """--chain: the jobs that carry one training run past the walltime."""
     links: int
-    stop_before: int
     stop_after: int  # seconds from a job's start to its SIGTERM
     record: Path
     train_command: list
@@ -360,7 +360,7 @@ def chain_plan(args, walltime, train_args, command, submit_dir):
                          f"zero and below the walltime ({walltime} s)")
     checkpoint_dir = option_value(train_args, ("--checkpoint_dir", "--checkpoint-dir"), "cv")
     record = submit_dir / checkpoint_dir / f"chain-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    return Chain(links=args.chain, stop_before=stop_before, stop_after=walltime - stop_before,
+    return Chain(links=args.chain, stop_after=walltime - stop_before,
                  record=record, train_command=command)
 
 
@@ -535,9 +535,6 @@ def slurm_directives(job):
         lines.append(f"--error={job.error}")
     if job.array:
         lines.append(f"--array={job.array}")
-    if job.chain:
-        # B: the batch shell alone, which exec made phi_rnn.chain; it passes it on to train
-        lines.append(f"--signal=B:TERM@{job.chain.stop_before}")
     return lines + job.extra_lines
 
 
