@@ -69,7 +69,8 @@ def shape_rates(args, speed_argv):
                 ("decoder weight gradient", (1, True, V, H, rows, 0.0))]
     names = [b for b in args.backends if set(b.split("+")) <= set(blas.available())]
     groups = {label: (i, i + 1) for i, (label, _) in enumerate(products)}
-    rates = blas.product_rates(names, [p for _, p in products], groups, rounds=args.rounds)
+    from phi_rnn import gemm_choice
+    rates = gemm_choice.product_rates(names, [p for _, p in products], groups, rounds=args.rounds)
     print(f"{blas.vector_width()}; 1 thread, GFLOP/s in CPU time, median of {args.rounds} interleaved rounds; "
           + ", ".join(f"{n} {blas.library_version(n)}" for n in blas.available()))
     print(f"{'product':28s} {'M x N x K':>24s}  " + "  ".join(f"{n:>9s}" for n in names))

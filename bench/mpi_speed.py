@@ -148,8 +148,8 @@ def worker(args):
     from phi_rnn import blas
     from phi_rnn.model import Network
     from phi_rnn.train import compile_kernels
-    if args.blas:
-        blas.set_backend(args.blas, "chosen with --blas")
+    from phi_rnn.cli import select_blas
+    select_blas(args.blas)  # --blas, or the default (measured on the first run on a machine)
     compile_kernels(args.model, args.strategy, lambda *a, **k: None)
     rng = np.random.default_rng(0)
     net = Network(args.model, args.vocab, args.rnn_size, args.num_layers, strategy=args.strategy)

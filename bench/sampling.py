@@ -79,9 +79,10 @@ def huge_page_kb(address):
 
 def phi_rnn_worker(args):
     import numpy as np
-    from phi_rnn import checkpoint
+    from phi_rnn import checkpoint, gemm_choice
     from phi_rnn import kernels as K
     from phi_rnn.sample import Generator
+    gemm_choice.use_default()  # the backend `phi_rnn sample` runs
     ck = checkpoint.load(args.checkpoint) if args.checkpoint else random_checkpoint(args)
     gen = Generator(ck)
     rng = np.random.default_rng(0)

@@ -132,11 +132,8 @@ def _timed_iterations(iteration, n):
 
 def phi_rnn_worker(args):
     from phi_rnn import blas
-    if args.blas:
-        try:
-            blas.set_backend(args.blas, "chosen with --blas")
-        except ValueError as e:
-            raise UsageError(f"--blas {args.blas}: {e}") from None
+    from phi_rnn.cli import select_blas
+    select_blas(args.blas)  # --blas, or the default (measured on the first run on a machine)
     from phi_rnn.model import gemm_flops
     net, iteration = training_iteration(args)
     for k in range(args.warmup):

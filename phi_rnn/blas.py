@@ -26,18 +26,15 @@ runs on one thread) go to the chosen small-GEMM library; the ones MKL threads st
   whole-sequence ones (STEP_ROWS below).
 
 The choice lives in a word of memory the compiled code reads on every call (set_backend
-changes it at any time, also after the kernels compiled); default_backend() picks the
-fastest on this machine by measurement (MKL's generic code path on AMD CPUs loses to both
-others there; on Intel CPUs MKL is fast) and keeps the result per machine in a small cache
-file, so that every run on a machine uses the same library (the same rounding: --resume
-stays bit-exact).
+changes it at any time, also after the kernels compiled). Until a backend is set it is
+"mkl"; the default, the fastest library on this machine, is measured and kept by
+gemm_choice.py when training, sampling or a benchmark first needs it (gemm_choice.use_default):
+importing this module measures nothing.
 """
 import contextlib
 import ctypes
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -285,7 +282,7 @@ sgemm = types.ExternalFunction("phi_rnn_sgemm", types.void(*_SGEMM_ARGS))
 
 # ---------------------------------------------------------------- choosing
 
-_backend = "mkl"
+_backend = "mkl"  # the products run on MKL until a backend is set (_choice 0)
 _reason = ""
 
 
@@ -368,32 +365,7 @@ def describe_backend():
     return f"{text}; {_reason}" if _reason else text
 
 
-# The per-thread products of a char-rnn iteration (2 x 128 LSTM, 65 symbols, 25 of its 50
-# batch rows per thread, 50 steps), each with the number of calls that gives it its share of
-# the iteration's work and the beta the kernels call it with: (calls, trans_a, m, n, k, beta).
-# Each layer's recurrent products forward (onto the gates, which hold the input projection)
-# and backward, input projection, input gradient and weight gradient (x^T dG), the decoder.
-MEASURED_PRODUCTS = ((50, False, 25, 512, 128, 1.0), (50, False, 25, 128, 512, 0.0),
-                     (1, False, 1250, 512, 128, 0.0), (1, False, 1250, 128, 512, 0.0),
-                     (1, True, 128, 512, 1250, 0.0), (1, False, 1250, 65, 128, 1.0),
-                     (1, True, 65, 128, 1250, 0.0))
-
-
-def measurement_operands(products, rng):
-    """The operands of `products` as an iteration sees them: a product of `calls` calls runs
-    call i on A[i] and C[i], slices of one (calls, ...) array each (a recurrence's steps:
-    the step's state and gates, together in L2/L3 rather than one set hot in L1), all on one
-    B (the weights, shared by the steps): [(A, B, C), ...]. Reusing one A and C call after
-    call favours libraries whose per-call kernels gain most from hot operands (libxsmm's
-    AVX2 ones): their lead there was not the iteration's (bench/README.md)."""
-    from numba.typed import List
-    operands = List()
-    for calls, trans_a, m, n, k, _ in products:
-        a = rng.standard_normal((calls, k, m) if trans_a else (calls, m, k)).astype(np.float32)
-        operands.append((a, rng.standard_normal((k, n)).astype(np.float32),
-                         rng.standard_normal((calls, m, n)).astype(np.float32)))
-    return operands
-
+# ---------------------------------------------------------------- tables of products (gemm_choice, bench)
 
 def product_table(products):
     """(products as an int64 table of (calls, trans_a, m, n, k), their betas as float32):
@@ -418,12 +390,6 @@ def run_product_table(operands, products, betas, first, stop):
                   b.shape[1], betas[p], c.ctypes.data, c.shape[1])
 
 
-def run_products(products, operands):
-    """Every call of `products` on `operands` (measurement_operands) through the kernels' GEMM."""
-    table, betas = product_table(products)
-    run_product_table(operands, table, betas, 0, len(products))
-
-
 @contextlib.contextmanager
 def one_thread():
     """The calling thread's MKL and OpenMP thread counts set to one inside the block (as in a
@@ -439,56 +405,6 @@ def one_thread():
         _mkl.MKL_Set_Num_Threads_Local(previous)
         if _gomp:
             _gomp.omp_set_num_threads(omp_threads)
-
-
-def measure_rates(names, rounds=7):
-    """Single-thread GFLOP/s {library: {"step": ..., "sequence": ...}} of each library in
-    `names` on MEASURED_PRODUCTS' per-step and whole-sequence products."""
-    step = [not t and m < STEP_ROWS for _, t, m, _, _, _ in MEASURED_PRODUCTS]
-    split = step.index(False)
-    assert not any(step[split:])  # the per-step products first
-    rates = product_rates(names, MEASURED_PRODUCTS, {"step": (0, split), "sequence": (split, len(step))}, rounds)
-    return {name: {kind: rates[name, kind] for kind in KINDS} for name in names}
-
-
-def product_rates(names, products, groups, rounds=7):
-    """{(library, group): GFLOP/s} for each library in `names` (or backend) and each group
-    {name: (first, stop)} of `products` ((calls, trans_a, m, n, k, beta), ...) on operands as
-    an iteration sees them (measurement_operands), on one thread: the libraries interleaved
-    round by round, the median round each, timed in this thread's CPU time (time other
-    processes take the core from it does not count)."""
-    operands = measurement_operands(products, np.random.default_rng(0))
-    table, betas = product_table(products)
-    flop = {group: sum(2 * c * m * n * k for c, _, m, n, k, _ in products[lo:hi]) for group, (lo, hi) in groups.items()}
-    seconds = {(name, group): [] for name in names for group in groups}
-    with one_thread():
-        for r in range(rounds + 1):
-            for name in names:
-                with using(name):
-                    for group, (lo, hi) in groups.items():
-                        t0 = time.thread_time()
-                        run_product_table(operands, table, betas, lo, hi)
-                        if r:  # round 0 warms up (libxsmm generates its kernels there)
-                            seconds[name, group].append(time.thread_time() - t0)
-    return {key: flop[key[1]] / float(np.median(s)) / 1e9 for key, s in seconds.items()}
-
-
-# MKL is kept unless another library is faster by this much: a tie is noise.
-MARGIN = 1.05
-
-
-def choose(rates):
-    """The backend to run given measured rates {library: {"step": GFLOP/s, "sequence": ...}}:
-    per kind of product the fastest library, MKL unless another beats it by MARGIN; one name
-    when both kinds go to the same library, else "step-library+sequence-library"."""
-    chosen = []
-    for kind in KINDS:
-        of_kind = {name: r[kind] for name, r in rates.items()}
-        best = max(of_kind, key=of_kind.get)
-        if "mkl" in of_kind and of_kind[best] < MARGIN * of_kind["mkl"]:
-            best = "mkl"
-        chosen.append(best)
-    return chosen[0] if chosen[0] == chosen[1] else "+".join(chosen)
 
 
 def vector_width():
@@ -512,104 +428,6 @@ def vector_width():
 # Settings that make the libraries generate code for an older CPU (an AVX2 one emulated).
 _EMULATION_VARS = ("NUMBA_CPU_NAME", "MKL_ENABLE_INSTRUCTIONS", "LIBXSMM_TARGET", "OPENBLAS_CORETYPE",
                    "ONEDNN_MAX_CPU_ISA")
-
-
-# The measurement's version, first in the cache key: a measurement made another way (v1: one
-# hot operand set per product, beta 0) is measured again, not trusted.
-MEASUREMENT = "rates v2"
-
-
-def _machine_key():
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    libraries = ", ".join(f"{name} {library_version(name)}" for name in available())
-    return f"{MEASUREMENT}; {model}; {vector_width()}; {libraries}"
-
-
-def cache_path():
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "phi_rnn" / "gemm_backend.json"
-
-
-_default = None
-
-
-def default_backend():
-    """The backend phi_rnn runs when none is asked for (the one set at import)."""
-    return _default_choice()[0]
-
-
-def _default_choice():
-    """(backend, reason): the one library present, or the fastest here by measure_rates,
-    measured once per machine (CPU, vector width, libraries) and kept in cache_path()."""
-    global _default
-    if _default is None:
-        _default = _measured_choice()
-    return _default
-
-
-def _measured_choice():
-    names = available()
-    if len(names) == 1:
-        return names[0], "the only library present"
-    key = _machine_key()
-    path = cache_path()
-    with _cache_lock(path):  # processes starting together (MPI ranks) measure once, not each
-        entry = _kept_rates(path, key, names)
-        if entry is None:
-            entry = {"rates": measure_rates(names), "measured": time.strftime("%Y-%m-%d %H:%M")}
-            _remember(path, key, entry)
-    rates = entry["rates"]
-    listed = ", ".join(f"{name} {r['step']:.1f}/{r['sequence']:.1f}" for name, r in rates.items())
-    return choose(rates), (f"fastest here (1-thread GFLOP/s on a char-rnn iteration's per-step/whole-sequence "
-                           f"products: {listed}; measured {entry['measured']})")
-
-
-def _kept_rates(path, key, names):
-    try:
-        entry = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if (isinstance(entry, dict) and isinstance(entry.get("rates"), dict) and set(entry["rates"]) == set(names)
-            and all(isinstance(r, dict) and set(r) == set(KINDS) for r in entry["rates"].values())):
-        return entry
-    return None
-
-
-@contextlib.contextmanager
-def _cache_lock(path):
-    """An exclusive lock on path + ".lock" for the block; none where it cannot be made."""
-    import fcntl
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(str(path) + ".lock", "a")
-    except OSError:
-        yield
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _remember(path, key, entry):
-    """Add `entry` to the cache file; a cache that cannot be written is only not kept."""
-    from phi_rnn.files import atomic_write
-    try:
-        known = json.loads(path.read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    known[key] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(str(path), lambda f: f.write(json.dumps(known, indent=1).encode()))
-    except OSError:
-        pass
 
 
 def count_calls(on):
@@ -637,6 +455,3 @@ def mkl_version():
     _mkl.MKL_Get_Version_String(buf, 256)
     text = buf.value.decode(errors="replace").strip()
     return text.split("Version ")[1].split()[0].split("-")[0] if "Version " in text else text
-
-
-set_backend(*_default_choice())

@@ -175,9 +175,11 @@ def _train(args, given):
 
 
 def select_blas(name):
-    """--blas: the given GEMM backend, or the default (the fastest here, set by blas)."""
-    from phi_rnn import blas
+    """--blas: the given GEMM backend, or the default (the fastest here, measured on the
+    first run on a machine: gemm_choice)."""
+    from phi_rnn import blas, gemm_choice
     if not name:
+        gemm_choice.use_default()
         return
     try:
         blas.set_backend(name, "chosen with --blas")

@@ -11,7 +11,9 @@ affinity.configure(threads=min(2, len(os.sched_getaffinity(0))), policy="none")
 
 import pytest  # noqa: E402
 
-from phi_rnn import blas  # noqa: E402
+from phi_rnn import blas, gemm_choice  # noqa: E402
+
+gemm_choice.use_default()  # the backend training and sampling run when none is asked for
 
 # Set in CI (.ci/run): the libxsmm backend must then be built and tested, never skipped.
 REQUIRE_LIBXSMM = "PHI_RNN_REQUIRE_LIBXSMM"

@@ -1,7 +1,7 @@
-"""The float32 GEMM backends and the choice between them (phi_rnn/blas.py): OpenBLAS or oneDNN
-on the products MKL would run on one thread, MKL keeping the threaded ones; oneDNN never
-starting threads of its own; the choice measured once per machine and kept; a missing library
-a one-line usage error."""
+"""The float32 GEMM backends (phi_rnn/blas.py) and the choice between them (gemm_choice.py):
+OpenBLAS or oneDNN on the products MKL would run on one thread, MKL keeping the threaded
+ones; oneDNN never starting threads of its own; the choice measured on first use, not on
+import, once per machine and kept; a missing library a one-line usage error."""
 import json
 import os
 import subprocess
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from phi_rnn import blas
+from phi_rnn import blas, gemm_choice
 from phi_rnn import kernels as K
 
 rng = np.random.default_rng(7)
@@ -33,7 +33,7 @@ def _products_on_this_thread():
     """Each product of MEASURED_PRODUCTS through the kernels' GEMM, checked against numpy;
     the (small-GEMM, MKL) calls of each."""
     counted = []
-    for _, trans_a, m, n, k, _ in blas.MEASURED_PRODUCTS:
+    for _, trans_a, m, n, k, _ in gemm_choice.MEASURED_PRODUCTS:
         a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
         b = rng.standard_normal((k, n)).astype(np.float32)
         c = np.full((m, n), np.nan, np.float32)  # beta 0: c is not read
@@ -49,7 +49,7 @@ def test_the_one_thread_products_go_to_the_library_and_match_numpy(on_dependency
     """The per-thread products of a char-rnn step, with MKL and OpenMP set to one thread (as
     in a one-thread run), go to the chosen library."""
     with blas.one_thread():
-        assert _products_on_this_thread() == [(1, 0)] * len(blas.MEASURED_PRODUCTS)
+        assert _products_on_this_thread() == [(1, 0)] * len(gemm_choice.MEASURED_PRODUCTS)
 
 
 def test_mkl_keeps_the_products_it_would_thread(on_dependency):
@@ -58,7 +58,7 @@ def test_mkl_keeps_the_products_it_would_thread(on_dependency):
         pytest.skip("one CPU: MKL runs every product on one thread")
     previous = blas._mkl.MKL_Set_Num_Threads_Local(2)
     try:
-        assert _products_on_this_thread() == [(0, 1)] * len(blas.MEASURED_PRODUCTS)
+        assert _products_on_this_thread() == [(0, 1)] * len(gemm_choice.MEASURED_PRODUCTS)
     finally:
         blas._mkl.MKL_Set_Num_Threads_Local(previous)
 
@@ -73,7 +73,7 @@ def test_onednn_outside_a_parallel_region_with_openmp_threads_to_spare_is_left_t
     previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
     try:
         with blas.using("onednn"):
-            assert _products_on_this_thread() == [(0, 1)] * len(blas.MEASURED_PRODUCTS)
+            assert _products_on_this_thread() == [(0, 1)] * len(gemm_choice.MEASURED_PRODUCTS)
     finally:
         blas._mkl.MKL_Set_Num_Threads_Local(previous)
         blas.count_calls(False)
@@ -144,16 +144,16 @@ def _rates(**per_library):
 
 
 def test_choose_takes_the_fastest_per_kind_of_product_and_keeps_mkl_on_a_tie():
-    assert blas.choose(_rates(mkl=(80, 80), openblas=(95, 95), libxsmm=(110, 100))) == "libxsmm"
-    assert blas.choose(_rates(mkl=(80, 80), openblas=(95, 90))) == "openblas"
-    assert blas.choose(_rates(mkl=(100, 100), openblas=(103, 104), libxsmm=(90, 90))) == "mkl"  # within MARGIN
-    assert blas.choose(_rates(mkl=(100, 100), openblas=(60, 60))) == "mkl"
+    assert gemm_choice.choose(_rates(mkl=(80, 80), openblas=(95, 95), libxsmm=(110, 100))) == "libxsmm"
+    assert gemm_choice.choose(_rates(mkl=(80, 80), openblas=(95, 90))) == "openblas"
+    assert gemm_choice.choose(_rates(mkl=(100, 100), openblas=(103, 104), libxsmm=(90, 90))) == "mkl"  # within MARGIN
+    assert gemm_choice.choose(_rates(mkl=(100, 100), openblas=(60, 60))) == "mkl"
     # libxsmm's AVX2 kernels: fastest per step, half OpenBLAS's rate on the weight gradients
-    assert blas.choose(_rates(mkl=(69, 74), openblas=(70, 81), libxsmm=(76, 61))) == "libxsmm+openblas"
-    assert blas.choose(_rates(mkl=(80, 90), libxsmm=(110, 60))) == "libxsmm+mkl"
+    assert gemm_choice.choose(_rates(mkl=(69, 74), openblas=(70, 81), libxsmm=(76, 61))) == "libxsmm+openblas"
+    assert gemm_choice.choose(_rates(mkl=(80, 90), libxsmm=(110, 60))) == "libxsmm+mkl"
     # without libxsmm on an AMD CPU: oneDNN's JIT kernels ahead of OpenBLAS and MKL on both kinds
-    assert blas.choose(_rates(mkl=(63, 64), openblas=(69, 76), onednn=(89, 90))) == "onednn"
-    assert blas.choose(_rates(mkl=(63, 64), openblas=(69, 96), onednn=(89, 90))) == "onednn+openblas"
+    assert gemm_choice.choose(_rates(mkl=(63, 64), openblas=(69, 76), onednn=(89, 90))) == "onednn"
+    assert gemm_choice.choose(_rates(mkl=(63, 64), openblas=(69, 96), onednn=(89, 90))) == "onednn+openblas"
 
 
 def test_a_pair_runs_the_per_step_products_on_the_first_library_and_the_rest_on_the_second():
@@ -162,7 +162,7 @@ def test_a_pair_runs_the_per_step_products_on_the_first_library_and_the_rest_on_
     previous = blas._mkl.MKL_Set_Num_Threads_Local(1)
     try:
         with blas.using("libxsmm+openblas"):
-            for _, trans_a, m, n, k, _ in blas.MEASURED_PRODUCTS:
+            for _, trans_a, m, n, k, _ in gemm_choice.MEASURED_PRODUCTS:
                 a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
                 b = rng.standard_normal((k, n)).astype(np.float32)
                 c = np.empty((m, n), np.float32)
@@ -186,7 +186,7 @@ def test_a_backend_that_is_not_one_is_refused():
 
 def test_measured_rates_are_positive_and_leave_the_backend_and_thread_counts_as_they_were(on_dependency):
     counts = blas._mkl.MKL_Get_Max_Threads(), blas._gomp.omp_get_max_threads()
-    rates = blas.measure_rates((on_dependency, "mkl"), rounds=1)
+    rates = gemm_choice.measure_rates((on_dependency, "mkl"), rounds=1)
     assert set(rates) == {on_dependency, "mkl"}
     assert all(set(r) == {"step", "sequence"} and min(r.values()) > 0 for r in rates.values())
     assert blas.backend() == on_dependency
@@ -198,48 +198,70 @@ def test_the_measurement_runs_each_step_on_its_own_operands_with_the_weights_sha
     and C (slices of one array, so they come from L2/L3, not hot from the call before) with
     one B, and with the kernels' beta. Each call's C must come out as its own A[i] B + beta
     C0[i]: a measurement back on a single hot operand set leaves the other steps' C as they were."""
-    operands = blas.measurement_operands(blas.MEASURED_PRODUCTS, np.random.default_rng(3))
+    operands = gemm_choice.measurement_operands(gemm_choice.MEASURED_PRODUCTS, np.random.default_rng(3))
     before = [c.copy() for _, _, c in operands]
     with blas.one_thread():
         blas.count_calls(True)
-        blas.run_products(blas.MEASURED_PRODUCTS, operands)
+        gemm_choice.run_products(gemm_choice.MEASURED_PRODUCTS, operands)
         blas.count_calls(False)
-    assert blas.calls_per_library()[on_dependency] == sum(p[0] for p in blas.MEASURED_PRODUCTS)
-    for (calls, trans_a, m, n, k, beta), (a, b, c), c0 in zip(blas.MEASURED_PRODUCTS, operands, before):
+    assert blas.calls_per_library()[on_dependency] == sum(p[0] for p in gemm_choice.MEASURED_PRODUCTS)
+    for (calls, trans_a, m, n, k, beta), (a, b, c), c0 in zip(gemm_choice.MEASURED_PRODUCTS, operands, before):
         assert a.shape == ((calls, k, m) if trans_a else (calls, m, k)) and b.shape == (k, n)
         assert c.shape == (calls, m, n) and len({a[i].ctypes.data for i in range(calls)}) == calls
         product = np.einsum("skm,kn->smn" if trans_a else "smk,kn->smn", a.astype(np.float64), b)
         np.testing.assert_allclose(c, product + beta * c0, rtol=1e-4, atol=1e-4 * np.sqrt(k))
-    recurrent = [p for p in blas.MEASURED_PRODUCTS if p[0] > 1]
+    recurrent = [p for p in gemm_choice.MEASURED_PRODUCTS if p[0] > 1]
     assert recurrent and all(not t and m < blas.STEP_ROWS for _, t, m, _, _, _ in recurrent)
 
 
-def _default_in_a_fresh_process(cache_home):
-    code = ("from phi_rnn import blas; import json; "
-            "print(json.dumps([blas.backend(), blas.default_backend(), blas.describe_backend(), "
-            "str(blas.cache_path())]))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, XDG_CACHE_HOME=str(cache_home)))
+DEFAULT_REPORT = ("from phi_rnn import blas, gemm_choice; import json; gemm_choice.use_default(); "
+                  "print(json.dumps([blas.backend(), gemm_choice.default_backend(), blas.describe_backend(), "
+                  "str(gemm_choice.cache_path())]))")
+
+
+def _default_in_a_fresh_process(cache_home, **env):
+    """[backend, default, description, cache file] of a process that sets the default; its stderr."""
+    result = subprocess.run([sys.executable, "-c", DEFAULT_REPORT], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(cache_home), **env))
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return json.loads(result.stdout), result.stderr
+
+
+def _files_under(*directories):
+    return sorted(str(path) for directory in directories for path in directory.rglob("*") if path.is_file())
+
+
+def test_importing_blas_measures_nothing(tmp_path):
+    """Loading the libraries is one job, measuring them another: a process that only imports
+    blas (export, plot, a script) runs the products on MKL and writes no choice."""
+    cache, temp = tmp_path / "cache", tmp_path / "tmp"
+    cache.mkdir()
+    temp.mkdir()
+    code = "from phi_rnn import blas; print(blas.backend(), blas._choice.value)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(cache), TMPDIR=str(temp)))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.split() == ["mkl", "0"]
+    assert _files_under(cache, temp) == []
 
 
 def test_the_default_is_measured_once_per_machine_and_kept(tmp_path):
     """The first process measures and keeps the rates per machine (CPU, vector width,
     libraries); the next takes the choice from the file (here edited to make MKL the
     fastest), so every run on a machine uses the same library."""
-    backend, default, described, path = _default_in_a_fresh_process(tmp_path)
+    (backend, default, described, path), _ = _default_in_a_fresh_process(tmp_path)
+    assert path == str(tmp_path / "phi_rnn" / "gemm_backend.json")
     kept = json.loads(open(path).read())
     (key, entry), = kept.items()
     assert set(entry["rates"]) == set(blas.available()) and key.endswith(
         ", ".join(f"{n} {blas.library_version(n)}" for n in blas.available()))
-    assert backend == default == blas.choose(entry["rates"])
+    assert backend == default == gemm_choice.choose(entry["rates"])
     assert described.startswith(default) and "fastest here" in described
     entry["rates"] = {name: {"step": 1.0, "sequence": 1.0} for name in entry["rates"]}
     entry["rates"]["mkl"] = {"step": 2.0, "sequence": 3.0}
     with open(path, "w") as f:
         json.dump(kept, f)
-    backend, _, described, _ = _default_in_a_fresh_process(tmp_path)
+    (backend, _, described, _), _ = _default_in_a_fresh_process(tmp_path)
     assert backend == "mkl" and "mkl 2.0/3.0" in described
 
 
@@ -247,26 +269,46 @@ def test_a_choice_kept_by_an_older_measurement_is_measured_again(tmp_path):
     """An entry under a key without this measurement's version (one hot operand set per
     product, as before rates v2) is not trusted: the rates are measured again and kept
     beside it."""
-    _, _, _, path = _default_in_a_fresh_process(tmp_path)
+    (_, _, _, path), _ = _default_in_a_fresh_process(tmp_path)
     (key, entry), = json.loads(open(path).read()).items()
-    assert key.startswith(blas.MEASUREMENT + "; ")
-    older = key[len(blas.MEASUREMENT) + 2:]
+    assert key.startswith(gemm_choice.MEASUREMENT + "; ")
+    older = key[len(gemm_choice.MEASUREMENT) + 2:]
     entry["rates"] = {name: {"step": 1.0, "sequence": 1.0} for name in entry["rates"]}
     entry["rates"]["mkl"] = {"step": 2.0, "sequence": 3.0}
     with open(path, "w") as f:
         json.dump({older: entry}, f)
-    backend, _, described, _ = _default_in_a_fresh_process(tmp_path)
+    (backend, _, described, _), _ = _default_in_a_fresh_process(tmp_path)
     kept = json.loads(open(path).read())
     assert set(kept) == {older, key} and kept[older] == entry
-    assert "mkl 2.0/3.0" not in described and backend == blas.choose(kept[key]["rates"])
+    assert "mkl 2.0/3.0" not in described and backend == gemm_choice.choose(kept[key]["rates"])
 
 
-def test_an_unwritable_cache_only_is_not_kept(tmp_path):
+def test_an_unwritable_cache_home_falls_back_to_a_private_temporary_directory(tmp_path):
+    """XDG_CACHE_HOME that cannot be written (here a file): the choice is kept in
+    $TMPDIR/phi_rnn-<uid>, made 0700, without a word."""
     blocked = tmp_path / "a_file"
     blocked.write_text("")
-    backend, default, _, _ = _default_in_a_fresh_process(blocked)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    (backend, default, _, path), stderr = _default_in_a_fresh_process(blocked, TMPDIR=str(temp))
+    private = temp / f"phi_rnn-{os.getuid()}"
+    assert path == str(private / "gemm_backend.json") and os.path.exists(path) and stderr == ""
+    assert os.stat(private).st_mode & 0o777 == 0o700
+    assert backend == default and set(default.split("+")) <= set(blas.available())
+
+
+def test_with_no_cache_directory_the_choice_is_measured_used_and_not_kept_in_one_line(tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    (temp / f"phi_rnn-{os.getuid()}").write_text("")  # not a directory: refused
+    (backend, default, _, path), stderr = _default_in_a_fresh_process(blocked, TMPDIR=str(temp))
+    assert path == "None" and _files_under(temp) == [str(temp / f"phi_rnn-{os.getuid()}")]
     # the measured default may be a pair (per-step + whole-sequence libraries)
     assert backend == default and set(default.split("+")) <= set(blas.available())
+    assert stderr.startswith("phi_rnn: warning: no writable cache directory") and stderr.count("\n") == 1
+    assert stderr.rstrip().endswith("the GEMM backend is measured for this run only")
 
 
 def test_vector_width_names_an_emulated_cpu(monkeypatch):
@@ -325,7 +367,8 @@ def test_backends_bench_runs_each_backend_and_rejects_an_unknown_one():
 def test_processes_starting_together_measure_once(tmp_path):
     """Two processes on a machine with no kept choice (as MPI ranks starting together): one
     measures while the other waits for its answer, so both run the same library."""
-    code = ("from phi_rnn import blas; import json; print(json.dumps([blas.backend(), blas.describe_backend()]))")
+    code = ("from phi_rnn import blas, gemm_choice; import json; gemm_choice.use_default(); "
+            "print(json.dumps([blas.backend(), blas.describe_backend()]))")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
             for _ in range(2)]

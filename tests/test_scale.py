@@ -230,11 +230,11 @@ def test_full_tiny_study_writes_every_output(study):
     for name in ("speedup.png", "efficiency.png", "gflops.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
-    from phi_rnn import blas
-    assert all(r["gemm"].startswith(blas.default_backend()) for r in rows)  # each point names its GEMMs
+    from phi_rnn import gemm_choice
+    assert all(r["gemm"].startswith(gemm_choice.default_backend()) for r in rows)  # each point names its GEMMs
     machine = json.loads((out / "machine.json").read_text())
     assert machine["machine"]["cores"] >= 1 and "numba" in machine["versions"]
-    assert machine["gemm"].startswith(blas.default_backend())
+    assert machine["gemm"].startswith(gemm_choice.default_backend())
     md = (out / "results.md").read_text()
     assert "## Machine" in md and "## Model" in md
     assert "The model reproduces" in md and "of 4 measured points within 15%" in md

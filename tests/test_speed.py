@@ -23,8 +23,8 @@ def test_profile_names_each_kernel_and_fits_in_the_iteration():
     iteration = report["phi_rnn"]["ms"]
     assert sum(profile.values()) <= sum(iteration) / len(iteration)
     assert 0 < report["phi_rnn"]["cpu_median_ms"] <= 2 * max(iteration)  # two threads at most
-    from phi_rnn import blas
-    assert report["gemm"].startswith(blas.default_backend())  # the run names its GEMM backend
+    from phi_rnn import gemm_choice
+    assert report["gemm"].startswith(gemm_choice.default_backend())  # the run names its GEMM backend
 
 
 def test_parts_are_measured_with_the_point_at_its_thread_count():

@@ -40,7 +40,7 @@ ROUNDS = (1, 7)  # at least, at most
 
 def iteration_products(model, vocab, rnn_size, num_layers, rows, seq_length):
     """Every GEMM of a training iteration on `rows` batch rows as (calls, trans_a, m, n, k,
-    beta), the form blas.product_rates takes: per layer the recurrent product forward (onto
+    beta), the form gemm_choice.product_rates takes: per layer the recurrent product forward (onto
     the gates) and backward per step and the recurrent weight gradient; per layer above the
     first (whose input is a gather) the input projection, its weight and input gradients; the
     decoder forward and its two gradients. Their work is model.gemm_flops."""
