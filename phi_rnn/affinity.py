@@ -3,7 +3,10 @@
 phi_rnn's parallel work runs on ONE OpenMP runtime.  numba's `omp` threading layer (pip's numba
 links GNU libgomp) and MKL's `GNU` threading layer (libmkl_gnu_thread, which calls libgomp) share
 libgomp's thread pool, so numba kernels and MKL GEMMs never oversubscribe each other, and MKL called
-inside a numba prange runs sequentially (nested parallelism is off).
+inside a numba prange runs sequentially (nested parallelism is off).  phi_rnn's float32 GEMMs that
+run on one thread (inside a prange block, or all of them in a one-thread run) go to the measured
+backend (blas.py: oneDNN's GNU OpenMP build, libxsmm, OpenBLAS set to one thread, or MKL); the
+ones MKL would thread stay on MKL.
 
 Both runtimes read their settings from the environment exactly once, when they are loaded, so
 configure() must run before numpy, numba or MKL are imported.  If one of them is already loaded it
@@ -14,7 +17,8 @@ What configure() sets (plan.env) and why:
   NUMBA_THREADING_LAYER=omp, MKL_THREADING_LAYER=GNU   one runtime: libgomp
   OMP_NUM_THREADS, MKL_NUM_THREADS, NUMBA_NUM_THREADS  the same N everywhere
   OPENBLAS_NUM_THREADS=1      numpy's own BLAS (OpenBLAS in pip wheels) starts unbound pthreads that
-                              would fight the spinning OpenMP workers; phi_rnn's GEMMs go to MKL
+                              would fight the spinning OpenMP workers; phi_rnn's GEMMs do not go
+                              through numpy (the OpenBLAS backend is its own copy, set to one thread)
   MKL_DYNAMIC=FALSE           MKL uses the N asked for; by default it silently caps itself at one thread
                               per physical core (measured: 4 threads on 2 cores ran as 2), which would
                               falsify --threads-per-core > 1 and the scaling study's thread counts
