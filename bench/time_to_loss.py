@@ -458,13 +458,16 @@ def _by_batch(results, seed):
 
 
 def recipes_per_thread_count(rows, target=1.50):
-    """{threads: the recipe of the shortest time to `target`} (the start-up note's advice)."""
+    """The shortest time to `target` per thread count, in the form phi_rnn.train's
+    measured_recipe reads (the start-up note's advice): the batch, the learning rate as run
+    (lr_scaling none), the warm-up, and what the study found it takes."""
     key = f"{target:.2f}"
-    return {"target_val_loss": target, "threads": {
-        str(p): {"batch_size": row["batch_size"], "learning_rate": row["learning_rate"],
-                 "lr_warmup": row["lr_warmup"], f"iterations_to_{key}": row[f"iterations_to_{key}"],
-                 f"seconds_to_{key}": round(row[f"seconds_to_{key}"], 1), "source": row["source"]}
-        for p, row in sorted(best_envelope(rows, target).items())}}
+    return {"recipes": [
+        {"threads": p, "batch_size": row["batch_size"], "lr_scaling": "none",
+         "learning_rate": row["learning_rate"], "lr_warmup": row["lr_warmup"], "target_val_loss": target,
+         "iterations": row[f"iterations_to_{key}"], "epochs": round(row[f"epochs_to_{key}"], 3),
+         "train_seconds": round(row[f"seconds_to_{key}"], 1), "seconds_are": row["source"]}
+        for p, row in sorted(best_envelope(rows, target).items())]}
 
 
 def _fmt(value, digits=2):
