@@ -73,6 +73,7 @@ class Record:
 
     def add(self, line):
         """Appends the line and shows it in the job's output."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # train makes it later
         with open(self.path, "a") as record:
             record.write(line + "\n")
         print(f"chain: {line}", flush=True)
@@ -128,7 +129,7 @@ def run_link(link, links, record_path, stop_after, cancel, train_command):
         return 0
     train = Train(stop_after)
     checkpoint_dir = record_path.parent
-    latest = read_latest(checkpoint_dir)
+    latest = latest_checkpoint(checkpoint_dir)
     command = list(train_command)
     if latest is None:
         record.add(f"{name} on {socket.gethostname()} at {now()}: starting training "
@@ -136,23 +137,26 @@ def run_link(link, links, record_path, stop_after, cancel, train_command):
     else:
         command += ["--resume", LATEST]
         record.add(f"{name} on {socket.gethostname()} at {now()}: resuming from "
-                   f"{checkpoint_dir / latest}")
+                   f"{checkpoint_dir / latest[0]}")
     try:
         status = train.run(command)
     except OSError as e:  # no such launcher or python on the node
         print(f"phi_rnn: error: cannot run {command[0]}: {e.strerror}", file=sys.stderr, flush=True)
         status = 127
-    continues = status == CONTINUE_STATUS and link < links and read_latest(checkpoint_dir) != latest
+    continues = status == CONTINUE_STATUS and link < links and latest_checkpoint(checkpoint_dir) != latest
     record.add(f"{name} at {now()}: {outcome(status, train, link, links, latest, checkpoint_dir)}")
     if not continues:
         end_chain(record, name, status, link, cancel)
     return status
 
 
-def read_latest(checkpoint_dir):
+def latest_checkpoint(checkpoint_dir):
+    """(name, mtime) of the checkpoint `latest` names, or None: a new checkpoint may have the
+    old one's name (an interrupted one's names the epoch to 1/100) but is a new file."""
     try:
-        return (checkpoint_dir / LATEST).read_text().strip() or None
-    except FileNotFoundError:
+        name = (checkpoint_dir / LATEST).read_text().strip()
+        return name, (checkpoint_dir / name).stat().st_mtime_ns
+    except (FileNotFoundError, IsADirectoryError):
         return None
 
 
@@ -171,7 +175,7 @@ def outcome(status, train, link, links, latest_before, checkpoint_dir):
     if status != CONTINUE_STATUS:
         return f"training failed (exit {status}); see this job's output above"
     stopped = train.stopped_by()
-    if read_latest(checkpoint_dir) == latest_before:
+    if latest_checkpoint(checkpoint_dir) == latest_before:
         return (f"{stopped}, without a new checkpoint (exit 143): the job leaves no time to "
                 "train; give a longer --walltime or a shorter --stop-before")
     if link == links:

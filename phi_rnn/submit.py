@@ -145,8 +145,8 @@ def add_submit_arguments(parser):
     parser.add_argument("--conda-env", help="conda environment to activate instead")
     parser.add_argument("--directive", "--pbs-line", "--sbatch-line", dest="directives",
                         action="append", default=[], metavar="DIRECTIVE",
-                        help="extra '#SBATCH' / '#PBS' directive line, e.g. '--exclusive' or "
-                             "'-l mem=8gb' (repeatable)")
+                        help="extra '#SBATCH' / '#PBS' directive line, e.g. --directive=--exclusive "
+                             "or --directive '-l mem=8gb' (repeatable)")
     parser.add_argument("--array", metavar="RANGE", help="job array of scale points, "
                         "e.g. 0-7 (Slurm --array, Torque -t, PBS Pro -J)")
     parser.add_argument("--resume", action="store_true",

@@ -28,8 +28,12 @@ def submit(*argv, cwd, env=None):
                           env=env, capture_output=True, text=True, timeout=60)
 
 
-def directives(script):
-    return [line[len("#PBS "):] for line in script.splitlines() if line.startswith("#PBS ")]
+def directives(script, prefix="#PBS "):
+    return [line[len(prefix):] for line in script.splitlines() if line.startswith(prefix)]
+
+
+def sbatch_directives(script):
+    return directives(script, "#SBATCH ")
 
 
 def exec_line(script):
@@ -81,11 +85,22 @@ def test_pbspro_array_script_for_scaling(tmp_path):
     assert_valid_bash(script, tmp_path)
 
 
+SLURM_RESOURCES = "--nodes=4 --ntasks-per-node=4 --cpus-per-task=16"
+
+
 @pytest.mark.parametrize("flavor, launcher, resources, mpiexec", [
     ("torque", "hydra", "-l nodes=4:ppn=64",
      "mpiexec -n 16 -ppn 4 -genv OMP_NUM_THREADS 16 -genv I_MPI_PIN_DOMAIN omp"),
     ("pbspro", "openmpi", "-l select=4:ncpus=64:mpiprocs=4:ompthreads=16",
      "mpiexec -n 16 --map-by ppr:4:node:pe=16 -x OMP_NUM_THREADS=16"),
+    ("slurm", "srun-pmi2", SLURM_RESOURCES,
+     "srun --mpi=pmi2 --nodes=4 --ntasks=16 --ntasks-per-node=4 --cpus-per-task=16 "
+     "--export=ALL,OMP_NUM_THREADS=16"),
+    ("slurm", "srun-pmix", SLURM_RESOURCES,
+     "srun --mpi=pmix --nodes=4 --ntasks=16 --ntasks-per-node=4 --cpus-per-task=16 "
+     "--export=ALL,OMP_NUM_THREADS=16"),
+    ("slurm", "hydra", SLURM_RESOURCES,
+     "mpiexec -n 16 -ppn 4 -genv OMP_NUM_THREADS 16 -genv I_MPI_PIN_DOMAIN omp"),
 ])
 def test_mpi_training_script(tmp_path, flavor, launcher, resources, mpiexec):
     """4 nodes x 4 ranks x 16 threads: the resources in the scheduler's dialect, the launcher
@@ -94,8 +109,73 @@ def test_mpi_training_script(tmp_path, flavor, launcher, resources, mpiexec):
                     launcher, "--walltime", "4:00:00", "--dry-run", "--", "train", "--rnn_size", "512",
                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert directives(result.stdout)[2] == resources
+    if flavor == "slurm":
+        assert " ".join(sbatch_directives(result.stdout)[2:5]) == resources
+    else:
+        assert directives(result.stdout)[2] == resources
     assert exec_line(result.stdout) == f"exec {mpiexec} python -m phi_rnn train --threads 16 --rnn_size 512"
+    assert_valid_bash(result.stdout, tmp_path)
+
+
+def test_slurm_script_for_training(tmp_path):
+    result = submit("--scheduler", "slurm", "--ppn", "64", "--walltime", "2:00:00", "--dry-run",
+                    "--", "train", "--data_dir", "data/my text", "--max_iters", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert script.startswith("#!/bin/bash\n")
+    assert sbatch_directives(script) == [
+        "--job-name=phi-train", "--partition=manycore", "--nodes=1", "--ntasks-per-node=1",
+        "--cpus-per-task=64", "--time=02:00:00", "--output=phi-train.o%j"]
+    assert directives(script) == []
+    assert f"SUBMIT_DIR={tmp_path}\n" in script and 'cd -- "${SLURM_SUBMIT_DIR:-$SUBMIT_DIR}"' in script
+    assert "${SLURM_JOB_ID:-?}" in script and "PBS_" not in script
+    assert exec_line(script) == ("exec python -m phi_rnn train --threads 64 "
+                                 "--data_dir 'data/my text' --max_iters 5")
+    assert "# submit: sbatch --parsable phi-train" in script
+    assert_valid_bash(script, tmp_path)
+
+
+def test_slurm_array_script_with_every_option(tmp_path):
+    result = submit("--scheduler", "slurm", "--partition", "long", "--ppn", "68", "--time", "45:00",
+                    "--array", "0-14:2%4", "--account", "proj7", "--mail", "me@example.org",
+                    "--mail-events", "abe", "--error", "logs/scale.err", "--name", "sweep",
+                    "--sbatch-line", "#SBATCH --exclusive", "--directive=--mem=8G", "--dry-run",
+                    "--", "scale", "--out", "results/s", "--configs", "tiny", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert sbatch_directives(script) == [
+        "--job-name=sweep", "--partition=long", "--nodes=1", "--ntasks-per-node=1",
+        "--cpus-per-task=68", "--time=00:45:00", "--account=proj7", "--mail-user=me@example.org",
+        "--mail-type=FAIL,BEGIN,END", "--output=sweep.o%A.%a", f"--error={tmp_path}/logs/scale.err",
+        "--array=0-14:2%4", "--exclusive", "--mem=8G"]
+    assert 'IDX="$SLURM_ARRAY_TASK_ID"' in script
+    assert re.fullmatch(r'exec python \S+/bench/scale --point "\$IDX" '
+                        r"--out results/s --configs tiny", exec_line(script))
+    assert "# submit: sbatch --parsable sweep" in script
+    assert_valid_bash(script, tmp_path)
+
+
+@pytest.mark.parametrize("scheduler, dependency", [
+    ("slurm", "sbatch --parsable --dependency=afterany:JOB phi-train"),
+    ("torque", "qsub -j oe -W depend=afterany:JOB phi-train"),
+])
+def test_chain_script(tmp_path, scheduler, dependency):
+    """--chain: every job runs phi_rnn.chain with its link number, the record in the
+    checkpoint directory and the SIGTERM --stop-before seconds ahead of the walltime."""
+    result = submit("--scheduler", scheduler, "--ppn", "8", "--walltime", "1:00:00", "--chain", "5",
+                    "--stop-before", "600", "--dry-run", "--", "train", "--checkpoint_dir", "runs/a b",
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(r"exec python -m phi_rnn\.chain --link 1 --links 5 --record "
+                         r"'(\S+/runs/a b/chain-\d{8}-\d{6}\.log)' --stop-after 3000 --cancel (\w+) -- "
+                         r"python -m phi_rnn train --threads 8 --checkpoint_dir 'runs/a b'",
+                         exec_line(result.stdout))
+    assert match, exec_line(result.stdout)
+    assert Path(match.group(1)).parent == tmp_path / "runs" / "a b"
+    assert match.group(2) == ("scancel" if scheduler == "slurm" else "qdel")
+    assert ", link 1 of a chain of 5 on " in result.stdout
+    assert f"# links 2-5: {dependency}" in result.stdout
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     assert_valid_bash(result.stdout, tmp_path)
 
 
@@ -141,12 +221,27 @@ def run_rendered(script, tmp_path, env):
                           timeout=60, env=env)
 
 
+# Values that pass the directive checks (one word: no spaces, quotes, backslashes or '#')
+# but are shell syntax: inert in a directive, which bash reads as a comment and sbatch and
+# qsub parse without a shell.
+HOSTILE_OPTIONS = {
+    "torque": ["--account", "acct;touch>pwned9", "--mail", "m`touch>pwned10`@x",
+               "--pbs-line", "-l x=$(touch>pwned11)"],
+    "slurm": ["--account", "acct;touch>pwned9", "--mail", "m`touch>pwned10`@x",
+              "--directive=--comment=$(touch>pwned11)", "--chain", "3", "--stop-before", "60"],
+}
+
+
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
-@pytest.mark.parametrize("scheduler_sets_workdir", [False, True])
-def test_rendered_script_is_inert_to_hostile_directory_and_argument_values(tmp_path, name, scheduler_sets_workdir):
-    """A submit directory, a venv path and job arguments holding shell syntax: the rendered
-    script, run by bash with and without PBS_O_WORKDIR, changes into the directory,
-    activates the venv, passes the arguments on verbatim and executes nothing of them."""
+@pytest.mark.parametrize("scheduler, scheduler_sets_workdir",  # Slurm always sets it
+                         [("torque", False), ("torque", True), ("slurm", True)])
+def test_rendered_script_is_inert_to_hostile_directory_and_argument_values(
+        tmp_path, name, scheduler_sets_workdir, scheduler):
+    """A submit directory, a venv path, option values and job arguments holding shell
+    syntax: the rendered script, run by bash with and without the scheduler's submit
+    directory variable, changes into the directory, activates the venv, passes the
+    arguments on verbatim and executes nothing of them. The Slurm case is a --chain job:
+    its record lies in the hostile directory and the chain module starts train."""
     here = tmp_path / "outside"
     here.mkdir()
     hostile = tmp_path / name
@@ -154,17 +249,24 @@ def test_rendered_script_is_inert_to_hostile_directory_and_argument_values(tmp_p
     venv = tmp_path / ("venv " + name)
     venv.mkdir()
     (venv / "bin").symlink_to(Path(sys.prefix) / "bin")  # the real venv behind a hostile path
-    result = submit("--ppn", "1", "--venv", str(venv), "--output", str(here / "o;touch>pwned7`touch>pwned8`.log"), "--dry-run",
+    result = submit("--scheduler", scheduler, "--ppn", "1", "--walltime", "10:00", "--venv", str(venv),
+                    "--output", str(here / "o;touch>pwned7`touch>pwned8`.log"),
+                    *HOSTILE_OPTIONS[scheduler], "--dry-run",
                     "--", "train", "--savefile", name, "--help", cwd=hostile)
     assert result.returncode == 0, result.stderr
-    env = {k: v for k, v in os.environ.items() if k not in ("PBS_O_WORKDIR", "VIRTUAL_ENV")}
+    workdir_variable = "SLURM_SUBMIT_DIR" if scheduler == "slurm" else "PBS_O_WORKDIR"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PBS_O_WORKDIR", "SLURM_SUBMIT_DIR", "VIRTUAL_ENV")}
     if scheduler_sets_workdir:
-        env["PBS_O_WORKDIR"] = str(hostile)
+        env[workdir_variable] = str(hostile)
     job = run_rendered(result.stdout, here, env)
     assert job.returncode == 0, job.stdout + job.stderr
     assert f"dir: {hostile}\n" in job.stdout
     assert "usage: phi_rnn train" in job.stdout  # python ran, from the venv
-    assert "run: python -m phi_rnn train --threads 1 --savefile " in job.stdout
+    assert "python -m phi_rnn train --threads 1 --savefile " in job.stdout
+    if scheduler == "slurm":
+        (record,) = (hostile / "cv").glob("chain-*.log")
+        assert "training finished (exit 0)" in record.read_text()
     created = list(tmp_path.rglob("pwned*"))
     assert created == [], created
 
@@ -193,6 +295,20 @@ def test_default_environment_is_the_one_running_submit(tmp_path):
     (["--nodes", "2", "--mpi", "lam", "--", "train"], "invalid choice: 'lam'"),
     (["--resume", "--", "train", "--checkpoint_dir", "fresh"], "no checkpoint to resume"),
     (["--qsub", "/nonexistent/qsub", "--", "train"], "qsub not found"),
+    (["--scheduler", "slurm", "--sbatch", "/nonexistent/sbatch", "--", "train"], "sbatch not found"),
+    (["--scheduler", "slurm", "--ranks-per-node", "3", "--", "train"], "no multiple of --ranks-per-node 3"),
+    (["--scheduler", "slurm", "--array", "0-3,x", "--", "scale", "--out", "r"], "invalid --array"),
+    (["--scheduler", "slurm", "--account", "a b", "--", "train"], "invalid --account 'a b'"),
+    (["--scheduler", "slurm", "--output", "o'x", "--", "train"], "invalid --output"),
+    (["--scheduler", "slurm", "--directive=exclusive", "--", "train"], "invalid --directive"),
+    (["--nodes", "2", "--mpi", "srun-pmi2", "--", "train"], "use it with --scheduler slurm"),
+    (["--chain", "3", "--", "train"], "--chain needs --walltime"),
+    (["--chain", "0", "--walltime", "10:00", "--", "train"], "at least one job"),
+    (["--chain", "3", "--walltime", "5:00", "--", "train"], "--stop-before 300: give a number"),
+    (["--chain", "3", "--walltime", "10:00", "--stop-before", "0", "--", "train"], "--stop-before 0"),
+    (["--chain", "3", "--walltime", "10:00", "--", "train", "--resume", "latest"], "leave out --resume"),
+    (["--stop-before", "60", "--", "train"], "applies to the jobs of a --chain"),
+    (["--chain", "3", "--walltime", "10:00", "--", "scale"], "apply to train"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
     result = submit("--ppn", "2", *argv, cwd=tmp_path)
@@ -205,6 +321,99 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
 def test_missing_qsub_suggests_dry_run(tmp_path):
     result = submit("--ppn", "2", "--qsub", "no-such-qsub", "--", "train", cwd=tmp_path)
     assert result.returncode == 2 and "--dry-run" in result.stderr
+
+
+# --- a link of a chain (phi_rnn.chain), without a scheduler ---------------------------
+
+# Stands in for train where the chain's decisions are tested (the real one runs in the
+# chained Slurm test below): on SIGTERM it writes a checkpoint, points `latest` at it and
+# exits 143 ("checkpoint"), or exits 143 without one ("no-checkpoint"); a number: it
+# exits with that status at once.
+STAND_IN_TRAIN = """
+import pathlib, signal, sys, time
+mode, directory = sys.argv[1], pathlib.Path(sys.argv[2])
+print("train arguments:", *sys.argv[3:], flush=True)
+if mode.isdigit():
+    sys.exit(int(mode))
+def stop(signum, frame):
+    if mode == "checkpoint":
+        name = f"ck{time.time_ns()}.npz"
+        (directory / name).write_text("weights")
+        (directory / "latest").write_text(name + "\\n")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(60)
+"""
+
+
+def run_link(tmp_path, mode, link, links, cancel=None):
+    """Runs link `link` of a chain of `links` jobs 12, 13, ... with the stand-in train and a
+    SIGTERM 1 s after the start; the cancel program writes the ids it gets to cancelled."""
+    checkpoint_dir = tmp_path / "cv"
+    record = checkpoint_dir / "chain-20260101-000000.log"
+    if not record.exists():
+        checkpoint_dir.mkdir(exist_ok=True)
+        record.write_text("chain of at most 3 jobs\njobs: " + " ".join(str(11 + k) for k in range(1, links + 1)) + "\n")
+    (tmp_path / "train.py").write_text(STAND_IN_TRAIN)
+    if cancel is None:
+        cancel = tmp_path / "cancel"
+        cancel.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/cancelled\n')
+        cancel.chmod(0o755)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "phi_rnn.chain", "--link", str(link), "--links", str(links),
+                             "--record", str(record), "--stop-after", "1", "--cancel", str(cancel), "--",
+                             sys.executable, str(tmp_path / "train.py"), mode, str(checkpoint_dir)],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, SLURM_JOB_ID=str(11 + link)))
+    return result, record.read_text(), time.monotonic() - started
+
+
+def test_chain_link_stops_training_before_the_walltime_and_hands_on(tmp_path):
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "ck0.npz").write_text("weights")
+    (tmp_path / "cv" / "latest").write_text("ck0.npz\n")
+    result, record, seconds = run_link(tmp_path, "checkpoint", 2, 3)
+    assert result.returncode == 143, result.stdout + result.stderr
+    assert seconds < 30
+    assert "train arguments: --resume latest" in result.stdout
+    assert f"link 2 of 3 (job 13) on {os.uname().nodename} at " in record
+    assert f"resuming from {tmp_path}/cv/ck0.npz" in record
+    assert ("stopped by the chain's SIGTERM before the walltime, after its checkpoint (exit 143); "
+            "link 3 continues") in record
+    assert "ended:" not in record and not (tmp_path / "cancelled").exists()
+    assert "chain: link 2 of 3 (job 13) at " in result.stdout  # the record, in the job's output
+
+
+@pytest.mark.parametrize("mode, link, status, says, cancelled", [
+    ("0", 1, 0, "training finished (exit 0)", "13 14"),
+    ("3", 1, 3, "training failed (exit 3)", "13 14"),
+    ("no-checkpoint", 2, 143, "without a new checkpoint (exit 143): the job leaves no time to train", "14"),
+    ("checkpoint", 3, 143, "after its checkpoint (exit 143), the last link: training is not finished", None),
+])
+def test_chain_link_ends_the_chain_and_cancels_the_later_links(tmp_path, mode, link, status, says, cancelled):
+    """Training done, failed, stopped without progress, or stopped on the last link: the
+    chain ends, the later links are cancelled, and a later link that runs all the same
+    finds the end in the record and does nothing."""
+    result, record, _ = run_link(tmp_path, mode, link, 3)
+    assert result.returncode == status, result.stdout + result.stderr
+    assert "train arguments:\n" in result.stdout  # no checkpoint yet: no --resume
+    assert says in record
+    assert f"ended: link {link} of 3 (job {11 + link}) exited {status}" in record
+    if cancelled:
+        assert (tmp_path / "cancelled").read_text() == cancelled + "\n"
+        assert f"cancelled the later links: jobs {cancelled}" in record
+        later, _, _ = run_link(tmp_path, "0", link + 1, 3)
+        assert later.returncode == 0
+        assert "nothing to do, the chain has ended" in later.stdout
+        assert "train arguments" not in later.stdout
+    else:
+        assert not (tmp_path / "cancelled").exists()
+
+
+def test_chain_link_that_cannot_cancel_says_so(tmp_path):
+    result, record, _ = run_link(tmp_path, "3", 1, 3, cancel="/nonexistent/scancel")
+    assert result.returncode == 3
+    assert "could not cancel jobs 13 14" in record and "they will exit at once" in record
 
 
 # --- against the scheduler ----------------------------------------------------------
