@@ -197,6 +197,8 @@ def _check_meta(path, meta):
     options = meta["options"]
     if not isinstance(options, dict):
         raise _bad(path, "meta options is not a table of options")
+    for name, value in config.RUN_OPTION_DEFAULTS.items():
+        options.setdefault(name, value)
     for name in config.RUN_OPTIONS:
         if name not in options:
             raise _bad(path, f"meta options lack {name}")
@@ -215,6 +217,9 @@ def _check_meta(path, meta):
         raise _bad(path, f"epoch {meta['epoch']!r} is not a finite number >= 0")
     if not _is_number(meta["learning_rate"]) or meta["learning_rate"] <= 0:
         raise _bad(path, f"learning_rate {meta['learning_rate']!r} is not a positive finite number")
+    for name in ("training_seconds", "wall_seconds"):  # absent: a checkpoint that did not count them
+        if name in meta and not (_is_number(meta[name]) and meta[name] >= 0):
+            raise _bad(path, f"{name} {meta[name]!r} is not a finite number >= 0")
     if meta["loss0"] is not None and not _is_number(meta["loss0"]):
         raise _bad(path, f"loss0 {meta['loss0']!r} is not a finite number")
     val_losses = meta["val_losses"]

@@ -18,7 +18,11 @@ MIN_TEMPERATURE = 1e-30  # its inverse must stay finite in float32
 # options that define the model and its training math: a checkpoint's, kept on --resume
 RUN_OPTIONS = ("model", "rnn_size", "num_layers", "learning_rate", "learning_rate_decay",
                "learning_rate_decay_after", "decay_rate", "dropout", "seq_length", "batch_size",
-               "grad_clip", "train_frac", "val_frac", "seed", "encoding")
+               "grad_clip", "train_frac", "val_frac", "seed", "encoding", "lr_warmup", "lr_scaling")
+# run options a checkpoint may lack: it then trained with these values (char-rnn's schedule)
+RUN_OPTION_DEFAULTS = {"lr_warmup": 0, "lr_scaling": "none"}
+LR_SCALINGS = ("none", "linear", "sqrt")
+REFERENCE_BATCH = 50  # char-rnn's batch_size: --learning_rate is the rate for it under --lr_scaling
 ARCH_OPTIONS = ("model", "rnn_size", "num_layers")  # a checkpoint's, kept on --init_from
 GIVEN = "given_flags"  # namespace attribute: the options given on the command line
 
@@ -62,6 +66,14 @@ def add_train_arguments(p):
     _add(g, "dropout", type=float, default=0.0, help="dropout on layer inputs above the first and before the decoder")
     _add(g, "seq_length", type=int, default=50, help="timesteps to unroll")
     _add(g, "batch_size", type=int, default=50)
+    _add(g, "lr_warmup", type=int, default=0, metavar="N",
+         help="raise the learning rate linearly over the first N iterations: iteration i <= N uses "
+              "rate * i / N (rate / N at iteration 1, the full rate at N), then char-rnn's schedule; "
+              "0 = off (char-rnn). Kept on --resume")
+    _add(g, "lr_scaling", default="none", choices=LR_SCALINGS,
+         help=f"scale --learning_rate, the rate for char-rnn's batch of {REFERENCE_BATCH}, to --batch_size: "
+              f"linear = rate * batch_size / {REFERENCE_BATCH}, sqrt = rate * sqrt(batch_size / "
+              f"{REFERENCE_BATCH}); none = as given (char-rnn). Kept on --resume")
     _add(g, "max_epochs", type=float, default=50)
     _add(g, "max_iters", type=int, default=None, help="stop after this many iterations (phi_rnn)")
     _add(g, "grad_clip", type=float, default=5, help="clamp gradients elementwise to [-clip, clip]")
@@ -80,6 +92,11 @@ def add_train_arguments(p):
     _add(g, "keep", type=int, default=0, help="keep the last K checkpoints and the best (0 = all)")
     _add(g, "patience", type=int, default=0,
          help="stop after this many evaluations without a lower validation loss (0 = never, as char-rnn)")
+    _add(g, "target_val_loss", type=float, default=None, metavar="X",
+         help="stop at the first evaluation whose validation loss is at or below X, with its checkpoint, "
+              "and record the iterations, epochs, training and wall seconds it took (the checkpoint's "
+              "meta `target_reached`); seconds add up across --resume. On --resume this command's value "
+              "counts, not the checkpoint's")
     g = p.add_argument_group("speed")
     _add(g, "strategy", default="batch", choices=STRATEGIES,
          help="batch: threads split the batch; gemm: MKL-threaded GEMM per step")
@@ -150,6 +167,9 @@ TRAIN_RANGES = {
     "val_max_batches": lambda v: None if v is None else _int(1)(v),
     "keep": _int(0, text="must be 0 (keep all) or positive"),
     "patience": _int(0, text="must be 0 (off) or positive"),
+    "target_val_loss": lambda v: None if v is None else POSITIVE(v),
+    "lr_warmup": _int(0, text="must be 0 (off) or positive"),
+    "lr_scaling": _choice(LR_SCALINGS),
     "strategy": _choice(STRATEGIES),
 }
 SAMPLE_RANGES = {

@@ -1,6 +1,9 @@
 """The metrics log: one CSV row per training iteration in <checkpoint_dir>/<savefile>.metrics.csv,
 for plots and other tools (`python -m phi_rnn plot`).
 
+The last two columns, training_seconds and wall_seconds, are the run's time so far (train.py
+defines them), adding up across resumed runs: the time to reach any row's loss.
+
 A resumed run continues the same file: rows past the checkpoint it resumes from (written
 before a kill, after that checkpoint) are dropped, so every iteration has exactly one row.
 Rows the file lacks before that point (a log deleted or never written) are filled in from
@@ -13,7 +16,9 @@ import os
 from phi_rnn import files
 
 COLUMNS = ("iteration", "epoch", "train_loss", "val_loss", "learning_rate", "grad_param_norm",
-           "ms_per_iteration", "chars_per_s")
+           "ms_per_iteration", "chars_per_s", "training_seconds", "wall_seconds")
+# a log without the seconds columns reads with them empty
+UNTIMED_COLUMNS = COLUMNS[:-2]
 SUFFIX = ".metrics.csv"
 
 
@@ -31,13 +36,15 @@ def read_rows(path):
         lines.pop()
     reader = csv.reader(lines)
     header = next(reader, None)
-    if header is None or tuple(header) != COLUMNS:
+    if header is None or tuple(header) not in (COLUMNS, UNTIMED_COLUMNS):
         raise ValueError(f"{path} is not a phi_rnn metrics log (its header is {header})")
     rows = []
     for fields in reader:
-        if len(fields) != len(COLUMNS):
-            raise ValueError(f"{path} line {reader.line_num} has {len(fields)} fields, not {len(COLUMNS)}")
-        rows.append({name: float(value) if value else None for name, value in zip(COLUMNS, fields)})
+        if len(fields) != len(header):
+            raise ValueError(f"{path} line {reader.line_num} has {len(fields)} fields, not {len(header)}")
+        row = dict.fromkeys(COLUMNS)
+        row.update({name: float(value) if value else None for name, value in zip(header, fields)})
+        rows.append(row)
     return rows
 
 
@@ -91,11 +98,16 @@ class MetricsLog:
             lines.append(_row_line([i] + [_text(row.get(name)) for name in COLUMNS[1:]]))
         return lines
 
-    def append(self, iteration, epoch, train_loss, val_loss, learning_rate, grad_param_norm, seconds):
-        """val_loss None where not evaluated; seconds: the iteration's compute time."""
+    def append(self, iteration, epoch, losses, learning_rate, grad_param_norm, seconds):
+        """losses: (train_loss, val_loss), val_loss None where not evaluated; seconds: (the
+        iteration's compute time, the run's training seconds and wall seconds so far,
+        cumulative over resumed runs: train.Run's clock)."""
+        train_loss, val_loss = losses
+        compute, training, wall = seconds
         self._file.write(_row_line([iteration, _text(epoch), _text(train_loss), _text(val_loss),
-                                    _text(learning_rate), _text(grad_param_norm), _text(seconds * 1e3),
-                                    _text(self.chars / seconds if seconds > 0 else None)]))
+                                    _text(learning_rate), _text(grad_param_norm), _text(compute * 1e3),
+                                    _text(self.chars / compute if compute > 0 else None),
+                                    _text(training), _text(wall)]))
         self._file.flush()
 
     def close(self):

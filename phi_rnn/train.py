@@ -1,10 +1,19 @@
 """The training loop: char-rnn's train.lua, plus exact resume and safe interruption.
 
-Exit statuses: 0 done; 2 bad input; 3 training diverged (NaN or exploding loss; the last
-good checkpoint is kept); 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM after
+Time is counted two ways, both adding up across resumed runs (kept in every checkpoint's
+meta and the metrics log): training seconds, the iterations themselves (batch, forward,
+backward, gradient exchange, update); wall seconds, the training loop's whole time, its
+evaluations and checkpoint writes included (not the set-up: loading the corpus and the
+kernels). A resumed run adds to the totals of the checkpoint it resumes from.
+
+Exit statuses: 0 done (the last iteration, --patience, or --target_val_loss reached, or not:
+a line says so); 2 bad input; 3 training diverged (NaN or exploding loss; the last good
+checkpoint is kept); 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM after
 writing a checkpoint.
 """
 import copy
+import json
+import math
 import os
 import signal
 import sys
@@ -135,10 +144,21 @@ class Run:
         self.vocab = vocab
         self.corpus_sha256 = corpus_sha256
         self.iteration = 0
-        self.learning_rate = o.learning_rate
+        self.learning_rate = scaled_learning_rate(o)
         self.train_losses = []
         self.val_losses = {}
         self.loss0 = None
+        self.training_seconds = 0.0  # totals over the run and the runs it resumes (module docstring)
+        self.wall_seconds = 0.0  # up to start_clock()
+        self.clock_started = None
+        self.target_reached = None  # the record of the last --target_val_loss reached
+
+    def start_clock(self):
+        self.clock_started = time.monotonic()
+
+    def wall_now(self):
+        """The run's wall seconds so far."""
+        return self.wall_seconds + time.monotonic() - self.clock_started
 
     def meta(self, net, loader, rng, epoch):
         return {"model": net.model, "rnn_size": net.H, "num_layers": net.L, "vocab": self.vocab,
@@ -146,7 +166,9 @@ class Run:
                 "corpus_sha256": self.corpus_sha256,
                 "options": self.options, "iteration": self.iteration, "epoch": epoch,
                 "learning_rate": self.learning_rate, "val_losses": self.val_losses, "loss0": self.loss0,
-                "data_position": loader.position, "rng_state": rng.bit_generator.state}
+                "data_position": loader.position, "rng_state": rng.bit_generator.state,
+                "training_seconds": self.training_seconds, "wall_seconds": self.wall_now(),
+                **({"target_reached": self.target_reached} if self.target_reached else {})}
 
     def restore(self, ck):
         meta = ck.meta
@@ -155,6 +177,9 @@ class Run:
         self.train_losses = ck.arrays["train_losses"].tolist()
         self.val_losses = dict(meta["val_losses"])
         self.loss0 = meta["loss0"]
+        self.training_seconds = float(meta.get("training_seconds", 0.0))
+        self.wall_seconds = float(meta.get("wall_seconds", 0.0))
+        self.target_reached = meta.get("target_reached")
 
     def record(self, iteration, loss):
         """Iteration `iteration` is done with training loss `loss`."""
@@ -181,15 +206,51 @@ def _take_directory(directory, log):
     return lock
 
 
-def idle_threads_note(threads, batch_size, strategy, cpus=()):
+# the time-to-loss study's result (bench/time_to_loss.py writes it): measured_recipe() reads it
+RECIPES = os.path.join("results", "time-to-loss", "recipes.json")
+RECIPE_FLAGS = ("batch_size", "lr_scaling", "lr_warmup", "learning_rate")  # learning_rate optional
+
+
+def measured_recipe(threads, path=None):
+    """The fastest recipe the time-to-loss study measured at `threads` threads, as the flags
+    {name: value} it gives, or None: no study result (the file is absent in an installed
+    package), none for this thread count, or an entry that is not valid flags.
+
+    `path` (default RECIPES in the source tree) is JSON of this form:
+        {"recipes": [{"threads": 4, "batch_size": 64, "lr_scaling": "linear", "lr_warmup": 100,
+                      "learning_rate": 0.002, "target_val_loss": 1.6, "wall_seconds": 812.5}, ...]}
+    one entry per thread count; batch_size, lr_scaling and lr_warmup required, learning_rate
+    optional (absent: char-rnn's default); other keys (what it reached, how fast) are the
+    study's and are not read."""
+    path = path or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), RECIPES)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipes = json.load(f)["recipes"]
+        entry = next(r for r in recipes if r.get("threads") == threads)
+        flags = {name: entry[name] for name in RECIPE_FLAGS if name in entry}
+        valid = all(config.option_problem(name, value) is None for name, value in flags.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return None
+    return flags if valid and set(RECIPE_FLAGS[:3]) <= set(flags) else None
+
+
+def _larger_batch_advice(threads, recipe):
+    if recipe:
+        flags = " ".join(f"--{name} {value}" for name, value in recipe.items())
+        return f"the time-to-loss study's fastest recipe at {threads} threads is {flags} ({RECIPES})"
+    return (f"a batch larger than char-rnn's {config.REFERENCE_BATCH} may need its learning rate scaled "
+            f"(--lr_scaling linear or sqrt) and eased in (--lr_warmup N)")
+
+
+def idle_threads_note(threads, batch_size, strategy, cpus=(), recipe=None):
     """The batch strategy gives thread i the i-th block of batch rows (numba hands prange
     iteration i to thread i), so with more threads than rows threads batch_size.. get none and
-    wait. Returns the line naming them and what to do, or None. bench/scale/model.py costs
-    the ways out from measured parts: more rows per thread, or fewer threads at the same
-    speed. It finds the gemm strategy (each step's products shared by MKL's threads) slower
-    than idle threads, and teams of threads sharing a block's products (a hybrid, not built)
-    no faster than the batch strategy at char-rnn's sizes (bench/README.md, "The hybrid,
-    decided")."""
+    wait. Returns the line naming them and what to do (with `recipe`, measured_recipe's flags
+    for this thread count, when there is one), or None. bench/scale/model.py costs the ways
+    out from measured parts: more rows per thread, or fewer threads at the same speed. It
+    finds the gemm strategy (each step's products shared by MKL's threads) slower than idle
+    threads, and teams of threads sharing a block's products (a hybrid, not built) no faster
+    than the batch strategy at char-rnn's sizes (bench/README.md, "The hybrid, decided")."""
     if strategy != "batch" or threads <= batch_size:
         return None
     idle = threads - batch_size
@@ -199,8 +260,41 @@ def idle_threads_note(threads, batch_size, strategy, cpus=()):
     get = "gets" if idle == 1 else "get"
     return (f"note: {threads} threads for a batch of {batch_size} {rows}: {which}{where} {get} no "
             f"rows and wait, {idle} of {threads} idle. Give every thread rows with --batch_size "
-            f"{threads} (or a multiple of it), or run --threads {batch_size}: the same speed with "
-            f"{idle} {cores} free (the batch strategy runs; --strategy gemm is slower)")
+            f"{threads} (or a multiple of it; {_larger_batch_advice(threads, recipe)}), or run --threads "
+            f"{batch_size}: the same speed with {idle} {cores} free (the batch strategy runs; --strategy gemm "
+            f"is slower)")
+
+
+def scaled_learning_rate(o):
+    """--learning_rate, char-rnn's rate for its batch of 50, scaled to --batch_size as
+    --lr_scaling says (none: as given, not even multiplied by 1)."""
+    ratio = o.batch_size / config.REFERENCE_BATCH
+    if o.lr_scaling == "linear":
+        return o.learning_rate * ratio
+    if o.lr_scaling == "sqrt":
+        return o.learning_rate * math.sqrt(ratio)
+    return o.learning_rate
+
+
+def warmed_up(learning_rate, iteration, warmup):
+    """The rate iteration `iteration` (from 1) uses under --lr_warmup `warmup`:
+    learning_rate * iteration / warmup before iteration `warmup`, learning_rate itself from it
+    on (and always with warmup 0)."""
+    return learning_rate * iteration / warmup if iteration < warmup else learning_rate
+
+
+def learning_rate_line(o, rate):
+    """The start-up line on the effective learning rate `rate` under --lr_scaling and
+    --lr_warmup, or None when neither is given (char-rnn's rate, as given)."""
+    parts = []
+    if o.lr_scaling != "none":
+        ratio = f"{o.batch_size}/{config.REFERENCE_BATCH}"
+        factor = ratio if o.lr_scaling == "linear" else f"sqrt({ratio})"
+        parts.append(f"--learning_rate {o.learning_rate:g} x {factor} (--lr_scaling {o.lr_scaling})")
+    if o.lr_warmup:
+        parts.append(f"rising linearly from {warmed_up(rate, 1, o.lr_warmup):g} at iteration 1 to it at "
+                     f"iteration {o.lr_warmup} (--lr_warmup {o.lr_warmup})")
+    return f"learning rate {rate:g}: {', '.join(parts)}" if parts else None
 
 
 def thread_cpus():
@@ -264,13 +358,14 @@ class SlowEvaluationNote:
     """Once per run, a note when an evaluation took longer than the training since the
     previous one, naming the --val_max_batches that makes it about a tenth of that."""
 
-    def __init__(self):
-        self.trained = 0.0  # seconds of training since the last evaluation
+    def __init__(self, run):
+        self.run = run
+        self.trained_before = run.training_seconds  # the run's training seconds at the last evaluation
         self.given = False
 
     def after_evaluation(self, eval_seconds, batches):
         """The note (once) or None; starts counting the training towards the next evaluation."""
-        trained, self.trained = self.trained, 0.0
+        trained, self.trained_before = self.run.training_seconds - self.trained_before, self.run.training_seconds
         if eval_seconds <= trained or self.given:
             return None
         self.given = True
@@ -290,7 +385,8 @@ class Training:
         self.o, self.world, self.loader = o, world, loader
         self.rows = world.stream_range(o.batch_size)
         first, stop = self.rows
-        note = idle_threads_note(numba.get_num_threads(), stop - first, o.strategy, thread_cpus())
+        threads = numba.get_num_threads()
+        note = idle_threads_note(threads, stop - first, o.strategy, thread_cpus(), measured_recipe(threads))
         if note:
             log(note)
         compile_kernels(o.model, o.strategy, log)
@@ -302,6 +398,9 @@ class Training:
         self._restore(resume, init)
         self.last_saved = resume.path if resume else None
         log(f"number of parameters in the model: {self.net.params.data.size}")
+        rate = None if resume else learning_rate_line(o, self.run.learning_rate)
+        if rate:
+            log(rate)
 
     def _restore(self, resume, init):
         """Weights from the checkpoint (or char-rnn's init); a resumed run's optimizer, carried
@@ -323,14 +422,17 @@ class Training:
         `flags`) and update. Returns (loss, the flags summed over ranks, the learning rate it
         used, grad/param norm, seconds of compute)."""
         o, net = self.o, self.net
+        t_batch = time.perf_counter()
         x, y = self.loader.next_batch("train", *self.rows)
         t0 = time.perf_counter()
         loss = net.forward(x, y, self.state, self.rng if o.dropout > 0 else None)
         net.backward(x, o.dropout > 0)
         loss, stop_flags = self.world.allreduce_gradient(net.grads, loss, flags)
-        learning_rate = self.run.learning_rate
+        learning_rate = warmed_up(self.run.learning_rate, self.run.iteration + 1, o.lr_warmup)
         norm_ratio = net.update(learning_rate, o.decay_rate, o.grad_clip)
-        return loss, stop_flags, learning_rate, norm_ratio, time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.run.training_seconds += t1 - t_batch
+        return loss, stop_flags, learning_rate, norm_ratio, t1 - t0
 
     def save(self, val_loss):
         """A checkpoint of the run now (every rank takes part, rank 0 writes): named by its
@@ -375,6 +477,34 @@ class Training:
         self.run.val_losses[str(self.run.iteration)] = val_loss
         return val_loss, batches, time.perf_counter() - t0
 
+    def reach_target(self, val_loss, wall_seconds):
+        """Whether validation loss `val_loss` reaches --target_val_loss; if so the run records
+        when (for the checkpoint's meta)."""
+        o, run = self.o, self.run
+        if o.target_val_loss is None or val_loss > o.target_val_loss:
+            return False
+        run.target_reached = {"target_val_loss": o.target_val_loss, "val_loss": val_loss,
+                              "iteration": run.iteration, "epoch": run.iteration / self.loader.ntrain,
+                              "training_seconds": run.training_seconds, "wall_seconds": wall_seconds}
+        return True
+
+    def target_line(self):
+        r = self.run.target_reached
+        return (f"validation loss {r['val_loss']:.4f} reached --target_val_loss {r['target_val_loss']:g} at "
+                f"iteration {r['iteration']} (epoch {r['epoch']:.3f}) after {r['training_seconds']:.1f} s of "
+                f"training, {r['wall_seconds']:.1f} s wall: stopped; the checkpoint is {self.last_saved}")
+
+    def target_missed(self):
+        """At the end of a run with --target_val_loss that did not reach it: the line that says so."""
+        o, run = self.o, self.run
+        reached = run.target_reached and run.target_reached["iteration"] == run.iteration
+        if o.target_val_loss is None or reached:
+            return None
+        best, _ = run.evaluations_since_best()
+        lowest = "no evaluation" if best is None else f"the lowest validation loss is {best:.4f}"
+        return (f"--target_val_loss {o.target_val_loss:g} not reached in {run.iteration} iterations "
+                f"({run.training_seconds:.1f} s of training, {run.wall_now():.1f} s wall): {lowest}")
+
     def metrics_log(self, resumed, log):
         """Rank 0's metrics log (None on the others), continuing a resumed run's."""
         if not self.world.root:
@@ -383,6 +513,15 @@ class Training:
         history = (run.iteration, run.train_losses, run.val_losses, self.loader.ntrain) if resumed else None
         return metrics.MetricsLog(metrics.log_path(o.checkpoint_dir, o.savefile), o.batch_size * o.seq_length,
                                   history, log)
+
+
+def diverged(world, wrong, iteration, last_saved):
+    """Rank 0 says the loss went `wrong` (divergence()) and where the last good checkpoint is.
+    Returns the exit status."""
+    if world.root:
+        print(f"phi_rnn: error: loss is {wrong} at iteration {iteration}: stopped. The last good checkpoint is "
+              f"{last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip", file=sys.stderr)
+    return EXIT_DIVERGED
 
 
 def patience_ran_out(o, run):
@@ -425,26 +564,25 @@ def train(o, given=frozenset(), log=print, corpus=None, world=distributed.Single
     metrics_log = t.metrics_log(resume is not None, log)
     progress = Progress(run.iteration, last, iterations, o.print_every, log)
     log = progress.log
-    slow_evaluation = SlowEvaluationNote()
+    slow_evaluation = SlowEvaluationNote(run)
+    run.start_clock()
     while run.iteration < last:
-        t_iteration = time.perf_counter()
         i = run.iteration + 1
         loss, stop_flags, learning_rate, norm_ratio, elapsed = t.step(interrupt.flags())
         epoch = i / loader.ntrain
         wrong = divergence(loss, run.loss0)
         if wrong:
-            if world.root:
-                print(f"phi_rnn: error: loss is {wrong} at iteration {i}: stopped. The last good checkpoint is "
-                      f"{t.last_saved or '(none yet)'}; try a lower --learning_rate or --grad_clip", file=sys.stderr)
-            return EXIT_DIVERGED
+            return diverged(world, wrong, i, t.last_saved)
         run.record(i, loss)
         t.decay_learning_rate(log)
-        slow_evaluation.trained += time.perf_counter() - t_iteration
         evaluating = i % o.eval_val_every == 0 or i == last
         val_loss, batches, eval_seconds = t.validate(loss) if evaluating else (None, 0, 0.0)
+        wall = run.wall_now()
+        reached = evaluating and t.reach_target(val_loss, wall)
         # the row before the checkpoint: a run resumed from it drops rows past it
         if metrics_log:
-            metrics_log.append(i, epoch, loss, val_loss, learning_rate, norm_ratio, elapsed)
+            metrics_log.append(i, epoch, (loss, val_loss), learning_rate, norm_ratio,
+                               (elapsed, run.training_seconds, wall))
         if evaluating:
             log(f"validation loss {val_loss:.4f} ({batches} batches in {eval_seconds:.1f} s); "
                 f"saved checkpoint {t.save(val_loss)}")
@@ -452,14 +590,17 @@ def train(o, given=frozenset(), log=print, corpus=None, world=distributed.Single
             if note:
                 log(note)
         progress.iteration(i, epoch, loss, norm_ratio, elapsed)
-        patience = patience_ran_out(o, run) if evaluating else None
-        if patience:
-            log(patience)
+        end = t.target_line() if reached else patience_ran_out(o, run) if evaluating else None
+        if end:
+            log(end)
             break
         stop = interrupt.agreed(stop_flags)
         if stop is not None:
             log(f"{signal.Signals(stop).name} received: saved checkpoint {t.save(None)}; continue with "
                 f"--resume latest", flush=True)
             return EXIT_SIGNAL[stop]
+    missed = t.target_missed()
+    if missed:
+        log(missed)
     progress.close()
     return 0

@@ -20,7 +20,7 @@ from cli_helpers import ROOT, TINY_MODEL, run_cli, small_corpus
 from phi_rnn import checkpoint, metrics
 from phi_rnn.sample import BLOCK, FIRST_BLOCK, Generator
 
-TIMINGS = ("ms_per_iteration", "chars_per_s")
+TIMINGS = ("ms_per_iteration", "chars_per_s", "training_seconds", "wall_seconds")
 
 
 def _rows(cv, savefile="lstm"):
@@ -81,11 +81,24 @@ def test_killed_and_resumed_run_has_the_rows_of_a_straight_run(corpus, tmp_path)
 def test_a_resumed_run_without_its_log_fills_it_from_the_checkpoint(tmp_path):
     path = str(tmp_path / "lstm.metrics.csv")
     history = (4, [4.1, 3.9, 3.7, 3.6], {"2": 3.8, "4": 3.5}, 100)
-    metrics.MetricsLog(path, 128, history, log=lambda *a, **k: None).append(5, 0.05, 3.4, None, 2e-3, 0.5, 0.01)
+    metrics.MetricsLog(path, 128, history, log=lambda *a, **k: None).append(5, 0.05, (3.4, None), 2e-3, 0.5,
+                                                                        (0.01, 2.5, 3.0))
     rows = metrics.read_rows(path)
     assert [(r["iteration"], r["train_loss"], r["val_loss"]) for r in rows] == [
         (1, 4.1, None), (2, 3.9, 3.8), (3, 3.7, None), (4, 3.6, 3.5), (5, 3.4, None)]
     assert rows[3]["learning_rate"] is None and rows[4]["chars_per_s"] == pytest.approx(12800)
+    assert rows[3]["training_seconds"] is None and (rows[4]["training_seconds"], rows[4]["wall_seconds"]) == (2.5, 3.0)
+
+
+def test_a_log_without_the_seconds_columns_is_read_and_continued(tmp_path):
+    path = str(tmp_path / "lstm.metrics.csv")
+    with open(path, "w") as f:
+        f.write(",".join(metrics.UNTIMED_COLUMNS) + "\n1,0.01,4.1,,0.002,0.5,10.0,12800.0\n")
+    assert metrics.read_rows(path)[0]["train_loss"] == 4.1 and metrics.read_rows(path)[0]["wall_seconds"] is None
+    metrics.MetricsLog(path, 128, (1, [4.1], {}, 100), log=print).append(2, 0.02, (3.9, None), 2e-3, 0.4,
+                                                                        (0.01, 1.0, 1.5))
+    rows = metrics.read_rows(path)
+    assert [(r["iteration"], r["ms_per_iteration"], r["wall_seconds"]) for r in rows] == [(1, 10.0, None), (2, 10.0, 1.5)]
 
 
 def test_a_new_run_moves_the_previous_log_aside(tmp_path):
@@ -93,7 +106,7 @@ def test_a_new_run_moves_the_previous_log_aside(tmp_path):
     messages = []
     for loss in (4.0, 3.0):
         m = metrics.MetricsLog(path, 1, None, log=messages.append)
-        m.append(1, 0.1, loss, None, 1e-3, 0.1, 0.01)
+        m.append(1, 0.1, (loss, None), 1e-3, 0.1, (0.01, 0.01, 0.01))
         m.close()
     assert [r["train_loss"] for r in metrics.read_rows(path)] == [3.0]
     assert [r["train_loss"] for r in metrics.read_rows(path + ".1")] == [4.0]

@@ -291,6 +291,19 @@ def test_bit_identical_run_to_run_and_across_a_resume(tmp_path):
     same_arrays(first, arrays(latest(tmp_path / "halves")))
 
 
+@needs_mpi
+def test_two_ranks_stop_together_at_the_target_val_loss(tmp_path):
+    """Every rank sees the same validation loss: all stop at the evaluation that reaches the
+    target (a rank left training would make finish() abort the job), rank 0 records it."""
+    result = checked(run_mpi(2, *train_args(tmp_path, 1000, "--threads", 1, "--eval_val_every", 10,
+                                            "--target_val_loss", 3.45)))
+    meta = json.loads(str(np.load(latest(tmp_path / "cv"))["meta"]))
+    reached = meta["target_reached"]
+    assert reached["iteration"] == meta["iteration"] < 1000 and reached["val_loss"] <= 3.45
+    assert 0 < reached["training_seconds"] < reached["wall_seconds"]
+    assert result.stdout.count("reached --target_val_loss 3.45 at iteration") == 1  # rank 0 alone says it
+
+
 def run_ranks(ranks, *args):
     """`ranks` MPI ranks of one thread each (4 on this 2-core machine share cores), or one
     process of two threads for ranks == 1."""

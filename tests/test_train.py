@@ -1,8 +1,11 @@
 """Training through the real CLI: it learns, writes char-rnn-named checkpoints in the
 documented format whose recorded validation loss an independent implementation reproduces,
-resumes exactly, and survives SIGTERM."""
+resumes exactly, and survives SIGTERM; --target_val_loss stops at the target and records the
+time it took (adding up across resumes); --lr_warmup and --lr_scaling set each iteration's rate."""
+import argparse
 import glob
 import json
+import math
 import os
 import random
 import signal
@@ -15,7 +18,8 @@ import pytest
 
 import reference as R
 from cli_helpers import ROOT, SHAKESPEARE, TINY_MODEL, run_cli, small_corpus, trained_checkpoint, train_losses
-from phi_rnn import checkpoint, data
+from phi_rnn import checkpoint, data, metrics
+from phi_rnn.train import idle_threads_note, measured_recipe, scaled_learning_rate
 
 
 def test_short_run_on_tinyshakespeare_lowers_the_loss(tmp_path):
@@ -153,3 +157,133 @@ def test_bytes_encoding_trains_on_non_utf8_text_and_samples(tmp_path):
     assert ck.meta["encoding"] == "bytes" and 0xe9 in ck.vocab and max(ck.vocab) < 256
     sample = run_cli("sample", ck.path, "--length", 50, "--primetext", "Fi", check=True)
     assert sample.stdout.startswith("Fi")
+
+
+# ------------------------------------------------------------------ time to a target loss
+
+TARGET = 3.45  # the tiny LSTM on the first 30000 characters passes it within a few hundred iterations
+
+
+def _rows(cv):
+    return metrics.read_rows(metrics.log_path(str(cv), "lstm"))
+
+
+def _target_run(corpus, cv, *extra, max_iters=1000, target=TARGET):
+    return run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", max_iters, "--eval_val_every", 10,
+                   "--print_every", 1000, "--target_val_loss", target, "--checkpoint_dir", cv, *extra, check=True)
+
+
+def test_target_val_loss_stops_at_the_first_evaluation_reaching_it_and_records_the_time(tmp_path):
+    corpus, cv = small_corpus(tmp_path / "data", 30000), tmp_path / "cv"
+    result = _target_run(corpus, cv)
+    ck = _final(cv)
+    reached = ck.meta["target_reached"]
+    val = {int(i): loss for i, loss in ck.meta["val_losses"].items()}
+    assert reached["iteration"] == ck.meta["iteration"] == max(val) < 1000
+    assert val[max(val)] == reached["val_loss"] <= TARGET < min(loss for i, loss in val.items() if i < max(val))
+    assert reached["target_val_loss"] == TARGET and reached["epoch"] == ck.meta["epoch"]
+    assert checkpoint.resolve("best", str(cv)) == ck.path  # the lowest so far, pointed to as usual
+    assert 0 < reached["training_seconds"] < reached["wall_seconds"] <= ck.meta["wall_seconds"]
+    assert ck.meta["training_seconds"] == reached["training_seconds"]
+    rows = _rows(cv)
+    assert rows[-1]["iteration"] == reached["iteration"] and rows[-1]["val_loss"] == reached["val_loss"]
+    assert (rows[-1]["training_seconds"], rows[-1]["wall_seconds"]) == (reached["training_seconds"],
+                                                                        reached["wall_seconds"])
+    for column in ("training_seconds", "wall_seconds"):
+        assert [r[column] for r in rows] == sorted(r[column] for r in rows)
+    assert (f"validation loss {reached['val_loss']:.4f} reached --target_val_loss {TARGET:g} at iteration "
+            f"{reached['iteration']} (epoch ") in result.stdout
+    assert f"the checkpoint is {ck.path}" in result.stdout and "not reached" not in result.stdout
+
+
+def test_target_time_adds_up_across_a_resume(tmp_path):
+    corpus, cv = small_corpus(tmp_path / "data", 30000), tmp_path / "cv"
+    first = _target_run(corpus, cv, max_iters=20, target=0.5)
+    assert "--target_val_loss 0.5 not reached in 20 iterations (" in first.stdout
+    before = _final(cv).meta
+    assert "target_reached" not in before and 0 < before["training_seconds"] < before["wall_seconds"]
+    _target_run(corpus, cv, "--resume", "latest")
+    reached = _final(cv).meta["target_reached"]
+    assert reached["training_seconds"] > before["training_seconds"] and reached["wall_seconds"] > before["wall_seconds"]
+    rows = _rows(cv)
+    assert [int(r["iteration"]) for r in rows] == list(range(1, reached["iteration"] + 1))
+    assert rows[19]["training_seconds"] == before["training_seconds"]  # the first run's row 20, kept
+    assert rows[20]["training_seconds"] > before["training_seconds"] and rows[20]["wall_seconds"] > before["wall_seconds"]
+    for column in ("training_seconds", "wall_seconds"):
+        assert [r[column] for r in rows] == sorted(r[column] for r in rows)
+
+
+# ------------------------------------------------------------------ the learning rate's schedule
+
+def _rate_run(corpus, cv, iters, *extra):
+    return run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--max_iters", iters, "--eval_val_every", 6,
+                   "--print_every", 1, "--checkpoint_dir", cv, *extra, check=True)
+
+
+def test_warmup_and_scaling_give_each_iteration_its_rate_and_resume_keeps_them(tmp_path):
+    corpus = small_corpus(tmp_path / "data", 12000)
+    schedule = ("--lr_warmup", 10, "--lr_scaling", "sqrt")
+    first = _rate_run(corpus, tmp_path / "halves", 6, *schedule)
+    rate = 2e-3 * math.sqrt(8 / 50)
+    assert (f"learning rate {rate:g}: --learning_rate 0.002 x sqrt(8/50) (--lr_scaling sqrt), rising linearly "
+            f"from {rate / 10:g} at iteration 1 to it at iteration 10 (--lr_warmup 10)") in first.stdout
+    resumed = _rate_run(corpus, tmp_path / "halves", 15, "--resume", "latest", "--lr_warmup", 0)
+    assert "warning: --lr_warmup 0 ignored: a resumed run keeps the checkpoint's 10" in resumed.stdout
+    rows = _rows(tmp_path / "halves")
+    assert [r["learning_rate"] for r in rows] == [rate * i / 10 if i < 10 else rate for i in range(1, 16)]
+    straight = _rate_run(corpus, tmp_path / "straight", 15, *schedule)
+    assert train_losses(first.stdout) + train_losses(resumed.stdout) == train_losses(straight.stdout)
+    a, b = _final(tmp_path / "halves"), _final(tmp_path / "straight")
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+
+
+def test_warmup_0_and_no_scaling_are_char_rnn_to_the_bit(tmp_path):
+    corpus = small_corpus(tmp_path / "data", 12000)
+    plain = _rate_run(corpus, tmp_path / "plain", 8)
+    given = _rate_run(corpus, tmp_path / "given", 8, "--lr_warmup", 0, "--lr_scaling", "none")
+    assert "learning rate" not in plain.stdout and train_losses(plain.stdout) == train_losses(given.stdout)
+    a, b = _final(tmp_path / "plain"), _final(tmp_path / "given")
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+    assert all(r["learning_rate"] == 2e-3 for r in _rows(tmp_path / "plain"))
+
+
+def test_scaling_is_from_char_rnns_batch_of_50():
+    o = lambda scaling, batch: argparse.Namespace(learning_rate=2e-3, batch_size=batch, lr_scaling=scaling)
+    assert scaled_learning_rate(o("none", 200)) == 2e-3
+    assert scaled_learning_rate(o("linear", 200)) == pytest.approx(8e-3)
+    assert scaled_learning_rate(o("sqrt", 200)) == pytest.approx(4e-3)
+    assert scaled_learning_rate(o("linear", 50)) == scaled_learning_rate(o("sqrt", 50)) == 2e-3
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--target_val_loss", "nan", "--target_val_loss must be positive and finite, got nan"),
+    ("--target_val_loss", "inf", "--target_val_loss must be positive and finite, got inf"),
+    ("--target_val_loss", "0", "--target_val_loss must be positive and finite, got 0.0"),
+    ("--lr_warmup", "-1", "--lr_warmup must be 0 (off) or positive, got -1"),
+    ("--lr_warmup", "1.5", "argument --lr_warmup/--lr-warmup: invalid int value: '1.5'"),
+    ("--lr_scaling", "cube", "argument --lr_scaling/--lr-scaling: invalid choice: 'cube'")])
+def test_bad_schedule_and_target_values_are_one_line_exit_2(tmp_path, flag, value, message):
+    result = run_cli("train", "--data_dir", tmp_path, flag, value, "--checkpoint_dir", tmp_path / "cv")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("phi_rnn"), result.stderr
+    assert message in lines[0]
+
+
+# ------------------------------------------------------------------ the idle-thread note's recipe
+
+def test_idle_thread_note_gives_the_measured_recipe_or_the_rule(tmp_path):
+    path = tmp_path / "recipes.json"
+    assert measured_recipe(4, str(path)) is None  # no study result
+    path.write_text(json.dumps({"recipes": [
+        {"threads": 4, "batch_size": 64, "lr_scaling": "linear", "lr_warmup": 100, "wall_seconds": 812.5},
+        {"threads": 8, "batch_size": 0, "lr_scaling": "linear", "lr_warmup": 100}]}))
+    recipe = measured_recipe(4, str(path))
+    assert recipe == {"batch_size": 64, "lr_scaling": "linear", "lr_warmup": 100}
+    assert measured_recipe(8, str(path)) is None and measured_recipe(2, str(path)) is None  # invalid; none
+    note = idle_threads_note(4, 2, "batch", recipe=recipe)
+    assert "fastest recipe at 4 threads is --batch_size 64 --lr_scaling linear --lr_warmup 100" in note
+    rule = idle_threads_note(4, 2, "batch")
+    assert "--batch_size 4 (or a multiple of it;" in rule and "--lr_scaling linear or sqrt" in rule
+    assert "--lr_warmup N" in rule and "\n" not in rule and "\n" not in note
