@@ -264,10 +264,11 @@ read); gates (T*B, G): activations (LSTM i, f, o, g; GRU z, r, c); hs, cs, aux (
 c (LSTM) and tanh(c) (LSTM) / r*h (GRU) after each step; h0, c0 (B, H): the state before
 the first step; h_last, c_last (B, H): after the last (c_last = c0 for GRU and RNN)."""
 
-LayerGradients = namedtuple("LayerGradients", ["d_out", "dh", "dc"])
+LayerGradients = namedtuple("LayerGradients", ["d_out", "dh", "dc", "d_rh"])
 LayerGradients.__doc__ = """d_out (T*B, H): the gradient of the layer's outputs in; of its input x
 out (above the first layer; the same rows, each read before it is written); dh, dc (B, H):
-scratch for the recurrent gradients."""
+scratch for the recurrent gradients of h and c (LSTM); d_rh (B, H): scratch for the
+gradient of r*h (GRU)."""
 
 WeightGradients = namedtuple("WeightGradients", ["d_bias", "d_w_ih_t", "d_w_hh_t"])
 WeightGradients.__doc__ = """One block's partial weight gradients (the *_blocks kernels take them
@@ -565,7 +566,7 @@ def layer_backward(kind, first, tokens, b0, w, a, d, dw):
     if kind == LSTM:
         lstm_recurrence_backward(first, block_tokens, w, s, d_out, d.dh, d.dc, dw)
     elif kind == GRU:
-        gru_recurrence_backward(first, block_tokens, w, s, d_out, d.dh, d.dc, dw)
+        gru_recurrence_backward(first, block_tokens, w, s, d_out, d.dh, d.d_rh, dw)
     else:
         rnn_recurrence_backward(first, block_tokens, w, s, d_out, d.dh, dw)
     # weight gradients over all steps: the recurrent input is h0 at step 0, then hs[0:T-1]
@@ -594,7 +595,7 @@ def _block_activations(a, T, b0, b1):
 
 @njit(**_opts)
 def _block_gradients(d, T, b0, b1):
-    return LayerGradients(d.d_out[T * b0:T * b1], d.dh[b0:b1], d.dc[b0:b1])
+    return LayerGradients(d.d_out[T * b0:T * b1], d.dh[b0:b1], d.dc[b0:b1], d.d_rh[b0:b1])
 
 
 @njit(**_opts)

@@ -144,13 +144,18 @@ class Network:
         self.decoder = K.DecoderActivations(None, np.zeros(T * B, np.int32), rows(V), np.zeros(T * B, self.dtype))
         self.dropped = np.zeros((L, T * B, H), self.dtype)  # [l - 1]: input of layer l (l = L: the decoder's)
         self.masks = np.zeros((L, T * B, H), self.dtype)  # after dropout, and the masks that made it
-        # gradients: d_out of each layer in turn (the decoder's input's, then each layer's input's)
-        self.layer_grads = K.LayerGradients(rows(H), state(), state())
-        # per-block partial weight gradients, summed in a fixed order by kernels.reduce_parts(_transposed)
-        d_bias, d_w_hh_t = np.zeros((P, G), self.dtype), np.zeros((P, H, G), self.dtype)
-        self.weight_grads = [K.WeightGradients(d_bias, np.zeros((P, V, G), self.dtype), d_w_hh_t)]
-        if L > 1:
-            self.weight_grads += [K.WeightGradients(d_bias, np.zeros((P, H, G), self.dtype), d_w_hh_t)] * (L - 1)
+        # Gradient scratch shared by all layers: backward runs one layer at a time, top down, and
+        # sums its partial weight gradients into self.grads before the next layer starts.
+        # layer_grads: d_out holds the gradient of each layer's outputs in turn (the decoder's
+        # input's, then each layer's input's); dh, dc, d_rh are zeroed or overwritten by each layer.
+        self.layer_grads = K.LayerGradients(rows(H), state(), state(), state())
+        # per-block partial weight gradients, summed in a fixed order by kernels.reduce_parts(_transposed);
+        # only d_w_ih_t differs in shape: the first layer's is the (V, G) one-hot table's
+        shared_d_bias, shared_d_w_hh_t = np.zeros((P, G), self.dtype), np.zeros((P, H, G), self.dtype)
+        d_table = np.zeros((P, V, G), self.dtype)
+        shared_d_w_ih_t_above = np.zeros((P, H, G), self.dtype) if L > 1 else None
+        self.weight_grads = [K.WeightGradients(shared_d_bias, d_table if layer == 0 else shared_d_w_ih_t_above,
+                                               shared_d_w_hh_t) for layer in range(L)]
         self.decoder_grads = K.DecoderGradients(np.zeros((P, V, H), self.dtype), np.zeros((P, V), self.dtype))
 
     def time_major(self, rows):
