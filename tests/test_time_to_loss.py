@@ -1,4 +1,5 @@
 """bench/time_to_loss.py's table logic on small synthetic curves (no training)."""
+import json
 import math
 
 import pytest
@@ -94,3 +95,15 @@ def test_modelled_times_take_the_models_speedup_from_the_measured_one_thread_tim
     assert t(200, 2) == (0.16, "measured")
     assert t(200, 16) == (pytest.approx(0.3 / 8), "modelled")
     assert t(400, 16) == (pytest.approx(0.2 / 8), "modelled")  # nothing measured at 400: the model's own
+
+
+def test_the_recipes_file_is_what_the_trainers_start_up_note_reads(tmp_path):
+    from phi_rnn import train
+    results = dict([_result(50, 2e-3, 1000, 2.4), _result(800, 1.6e-2, 70, 3.2, warmup=25)])
+    rows = ttl.time_rows(results, _per_row_time, cores=(1, 64))
+    path = tmp_path / "recipes.json"
+    path.write_text(json.dumps(ttl.recipes_per_thread_count(rows)))
+    assert train.measured_recipe(64, str(path)) == {"batch_size": 800, "lr_scaling": "none", "lr_warmup": 25,
+                                                    "learning_rate": 1.6e-2}
+    assert train.measured_recipe(1, str(path))["batch_size"] == 50
+    assert train.measured_recipe(16, str(path)) is None  # no row for 16 cores
