@@ -213,6 +213,25 @@ def test_target_time_adds_up_across_a_resume(tmp_path):
         assert [r[column] for r in rows] == sorted(r[column] for r in rows)
 
 
+def test_a_checkpoint_without_the_schedule_options_and_seconds_resumes_as_char_rnn(tmp_path):
+    """A checkpoint whose meta lacks lr_warmup, lr_scaling and the seconds trained with
+    char-rnn's schedule: it resumes with it, its seconds counted from 0."""
+    corpus, path = trained_checkpoint(str(tmp_path), 12000, 3)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    for name in ("lr_warmup", "lr_scaling"):
+        del meta["options"][name]
+    del meta["training_seconds"], meta["wall_seconds"]
+    np.savez(path, **dict(arrays, meta=np.array(json.dumps(meta))))
+    run_cli("train", "--data_dir", corpus, *TINY_MODEL, "--resume", path, "--max_iters", 5, "--eval_val_every", 5,
+            "--checkpoint_dir", tmp_path / "cv", check=True)
+    ck = _final(tmp_path / "cv")
+    assert ck.meta["options"]["lr_warmup"] == 0 and ck.meta["options"]["lr_scaling"] == "none"
+    assert [r["learning_rate"] for r in _rows(tmp_path / "cv")][3:] == [2e-3, 2e-3]
+    assert 0 < ck.meta["training_seconds"] < ck.meta["wall_seconds"]
+
+
 # ------------------------------------------------------------------ the learning rate's schedule
 
 def _rate_run(corpus, cv, iters, *extra):
