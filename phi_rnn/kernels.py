@@ -103,25 +103,6 @@ def _fast_tanh_impl(x):
     return lambda x: _TWO / (ONE + _exp32(-_TWO * x)) - ONE
 
 
-@njit(**_opts)
-def vexp(x, out):
-    """out = exp(x) elementwise (1-d): the tested entry to fast_exp."""
-    for i in range(x.shape[0]):
-        out[i] = fast_exp(x[i])
-
-
-@njit(**_opts)
-def vsigmoid(x, out):
-    for i in range(x.shape[0]):
-        out[i] = fast_sigmoid(x[i])
-
-
-@njit(**_opts)
-def vtanh(x, out):
-    for i in range(x.shape[0]):
-        out[i] = fast_tanh(x[i])
-
-
 # ---------------------------------------------------------------- GEMM helpers
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})

@@ -158,13 +158,6 @@ class Network:
                                                shared_d_w_hh_t) for layer in range(L)]
         self.decoder_grads = K.DecoderGradients(np.zeros((P, V, H), self.dtype), np.zeros((P, V), self.dtype))
 
-    def time_major(self, rows):
-        """A (T*B, ...) workspace buffer of the last pass in (T, B, ...) order."""
-        T, B, _ = self._shape
-        out = np.empty_like(rows)
-        out[self.perm] = rows
-        return out.reshape(T, B, *rows.shape[1:])
-
     # ------------------------------------------------------------ passes
     def forward(self, x, y, state, rng=None):
         """x, y (T, B) int32 token ids; state (L, 2, B, H) is read and replaced by the final
