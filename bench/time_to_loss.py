@@ -21,8 +21,11 @@ The plan grows from the results: the base recipes first, warm-up where the train
 
 A target is reached at the first evaluation at or below it (what `--target_val_loss` stops
 at); the crossing interpolated between that evaluation and the one before is kept beside it.
-Each batch size's epoch is char-rnn's split of the corpus for that batch, and so is its
-validation set: the last tenth-or-so of each of the batch's streams.
+Each batch size's epoch and validation set are char-rnn's split of the corpus for that batch:
+the corpus cut to whole batches, the last 5% of the batches (at least one) held out. The
+batches are column blocks of B streams, so the held-out text is the end of each stream: other
+passages at each batch size, 5.2% of the corpus at batch 50, 7.2% at 1600 (one batch), and an
+epoch 1.06 M characters at 50, 0.96 M at 1600.
 """
 import argparse
 import json
