@@ -18,9 +18,11 @@ period. The job times this itself because the schedulers' own warnings are too c
 
 When training ends the link writes its outcome to the record and its output:
 - exit 143 with a new checkpoint: the next link continues from it;
+- exit 143 without one (training had not started: a slow start, a busy node): the next
+  link tries again, unless the link before this one had none either;
 - exit 0 (training finished), any other exit (training failed), 143 without a new
-  checkpoint (the walltime leaves no time to train), or 143 on the last link: the chain
-  ends here; the links after this one are cancelled (their job ids are the record's
+  checkpoint twice in a row (the walltime leaves no time to train), or 143 on the last
+  link: the chain ends here; the links after this one are cancelled (their job ids are the record's
   `jobs:` line) and, should a cancellation fail, find the end in the record and exit.
 The link exits with train's own status.
 """
@@ -36,6 +38,7 @@ from pathlib import Path
 from phi_rnn.checkpoint import LATEST
 
 CONTINUE_STATUS = 143  # train after SIGTERM and its checkpoint
+NO_CHECKPOINT = "without a new checkpoint"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 JOBS_PREFIX = "jobs:"
 END_PREFIX = "ended:"
@@ -67,6 +70,10 @@ class Record:
     def ending(self):
         """The line that ended the chain, or None while it goes on."""
         return next((line for line in self.lines() if line.startswith(END_PREFIX)), None)
+
+    def ended_without_checkpoint(self, link):
+        """Whether link `link` stopped without a new checkpoint."""
+        return any(line.startswith(f"link {link} of ") and NO_CHECKPOINT in line for line in self.lines())
 
     def job_ids(self):
         return next((line.split()[1:] for line in self.lines() if line.startswith(JOBS_PREFIX)), [])
@@ -143,8 +150,10 @@ def run_link(link, links, record_path, stop_after, cancel, train_command):
     except OSError as e:  # no such launcher or python on the node
         print(f"phi_rnn: error: cannot run {command[0]}: {e.strerror}", file=sys.stderr, flush=True)
         status = 127
-    continues = status == CONTINUE_STATUS and link < links and latest_checkpoint(checkpoint_dir) != latest
-    record.add(f"{name} at {now()}: {outcome(status, train, link, links, latest, checkpoint_dir)}")
+    progressed = latest_checkpoint(checkpoint_dir) != latest
+    retry = not progressed and not record.ended_without_checkpoint(link - 1)
+    continues = status == CONTINUE_STATUS and link < links and (progressed or retry)
+    record.add(f"{name} at {now()}: {outcome(status, train, link, links, progressed, retry, checkpoint_dir)}")
     if not continues:
         end_chain(record, name, status, link, cancel)
     return status
@@ -169,19 +178,22 @@ def exit_status(returncode):
     return 128 - returncode if returncode < 0 else returncode
 
 
-def outcome(status, train, link, links, latest_before, checkpoint_dir):
+def outcome(status, train, link, links, progressed, retry, checkpoint_dir):
     if status == 0:
         return "training finished (exit 0)"
     if status != CONTINUE_STATUS:
         return f"training failed (exit {status}); see this job's output above"
     stopped = train.stopped_by()
-    if latest_checkpoint(checkpoint_dir) == latest_before:
-        return (f"{stopped}, without a new checkpoint (exit 143): the job leaves no time to "
-                "train; give a longer --walltime or a shorter --stop-before")
+    if not progressed and not retry:
+        return (f"{stopped}, {NO_CHECKPOINT} (exit 143), as the link before: the job leaves "
+                "no time to train; give a longer --walltime or a shorter --stop-before")
     if link == links:
-        return (f"{stopped}, after its checkpoint (exit 143), the last link: training is not "
+        how = "after its checkpoint" if progressed else NO_CHECKPOINT
+        return (f"{stopped}, {how} (exit 143), the last link: training is not "
                 "finished; submit a new chain with the same arguments to go on from "
                 f"{checkpoint_dir / LATEST}")
+    if not progressed:
+        return f"{stopped}, {NO_CHECKPOINT} (exit 143); link {link + 1} tries again"
     return f"{stopped}, after its checkpoint (exit 143); link {link + 1} continues"
 
 

@@ -346,14 +346,16 @@ time.sleep(60)
 """
 
 
-def run_link(tmp_path, mode, link, links, cancel=None):
+def run_link(tmp_path, mode, link, links, cancel=None, earlier=""):
     """Runs link `link` of a chain of `links` jobs 12, 13, ... with the stand-in train and a
-    SIGTERM 1 s after the start; the cancel program writes the ids it gets to cancelled."""
+    SIGTERM 1 s after the start; the cancel program writes the ids it gets to cancelled.
+    `earlier`: record lines of the links before."""
     checkpoint_dir = tmp_path / "cv"
     record = checkpoint_dir / "chain-20260101-000000.log"
     if not record.exists():
         checkpoint_dir.mkdir(exist_ok=True)
-        record.write_text("chain of at most 3 jobs\njobs: " + " ".join(str(11 + k) for k in range(1, links + 1)) + "\n")
+        record.write_text("chain of at most 3 jobs\njobs: " + " ".join(str(11 + k) for k in range(1, links + 1))
+                          + "\n" + earlier)
     (tmp_path / "train.py").write_text(STAND_IN_TRAIN)
     if cancel is None:
         cancel = tmp_path / "cancel"
@@ -384,17 +386,31 @@ def test_chain_link_stops_training_before_the_walltime_and_hands_on(tmp_path):
     assert "chain: link 2 of 3 (job 13) at " in result.stdout  # the record, in the job's output
 
 
-@pytest.mark.parametrize("mode, link, status, says, cancelled", [
-    ("0", 1, 0, "training finished (exit 0)", "13 14"),
-    ("3", 1, 3, "training failed (exit 3)", "13 14"),
-    ("no-checkpoint", 2, 143, "without a new checkpoint (exit 143): the job leaves no time to train", "14"),
-    ("checkpoint", 3, 143, "after its checkpoint (exit 143), the last link: training is not finished", None),
+NO_CHECKPOINT_BEFORE = "link 1 of 3 (job 12) at 2026-01-01: stopped by SIGTERM, without a new checkpoint (exit 143)\n"
+
+
+def test_chain_link_without_a_checkpoint_lets_the_next_one_try_again(tmp_path):
+    """Training stopped before it had started (a slow start): one more try."""
+    result, record, _ = run_link(tmp_path, "no-checkpoint", 1, 3)
+    assert result.returncode == 143, result.stdout + result.stderr
+    assert ("stopped by the chain's SIGTERM before the walltime, without a new checkpoint (exit 143); "
+            "link 2 tries again") in record
+    assert "ended:" not in record and not (tmp_path / "cancelled").exists()
+
+
+@pytest.mark.parametrize("mode, link, status, says, cancelled, earlier", [
+    ("0", 1, 0, "training finished (exit 0)", "13 14", ""),
+    ("3", 1, 3, "training failed (exit 3)", "13 14", ""),
+    ("no-checkpoint", 2, 143, "without a new checkpoint (exit 143), as the link before: the job leaves no "
+     "time to train", "14", NO_CHECKPOINT_BEFORE),
+    ("checkpoint", 3, 143, "after its checkpoint (exit 143), the last link: training is not finished", None, ""),
 ])
-def test_chain_link_ends_the_chain_and_cancels_the_later_links(tmp_path, mode, link, status, says, cancelled):
-    """Training done, failed, stopped without progress, or stopped on the last link: the
-    chain ends, the later links are cancelled, and a later link that runs all the same
-    finds the end in the record and does nothing."""
-    result, record, _ = run_link(tmp_path, mode, link, 3)
+def test_chain_link_ends_the_chain_and_cancels_the_later_links(tmp_path, mode, link, status, says, cancelled,
+                                                              earlier):
+    """Training done, failed, stopped twice in a row without progress, or stopped on the
+    last link: the chain ends, the later links are cancelled, and a later link that runs
+    all the same finds the end in the record and does nothing."""
+    result, record, _ = run_link(tmp_path, mode, link, 3, earlier=earlier)
     assert result.returncode == status, result.stdout + result.stderr
     assert "train arguments:\n" in result.stdout  # no checkpoint yet: no --resume
     assert says in record
@@ -444,10 +460,39 @@ def train_args(checkpoint_dir, max_iters, *more):
             "--checkpoint_dir", checkpoint_dir, "--max_iters", str(max_iters), *TINY_MODEL, *more]
 
 
+CHAIN_MODEL = ["--threads", "1", "--policy", "none"], [
+    "--data_dir", "data", "--rnn_size", "64", "--num_layers", "2", "--batch_size", "10",
+    "--seq_length", "50", "--max_epochs", "1000000", "--eval_val_every", "500"]
+CHAIN_LINK_S = 20  # --walltime 1:00 --stop-before 40: Slurm's shortest walltime is a minute
+HOSTILE_DIRECTORY = "x $(touch pwned1) `touch pwned2` q'\"; touch pwned3; #"
+
+
+def chain_iterations(workdir, seconds):
+    """How many iterations of the chain's model take `seconds` here and now, from the
+    time/batch that training prints."""
+    threads, model = CHAIN_MODEL
+    result = subprocess.run([sys.executable, "-m", "phi_rnn", "train", *threads, *model,
+                             "--checkpoint_dir", "cv-calibrate", "--max_iters", "120", "--print_every", "10"],
+                            cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    per_iteration = sorted(float(t) for t in re.findall(r"time/batch = ([0-9.]+)s", result.stdout))
+    return int(seconds / per_iteration[len(per_iteration) // 2])
+
+
+def submit_chain(cluster, workdir, *argv):
+    """Submits a chain; returns its job ids and its record."""
+    result = submit(*argv, cwd=workdir, env=cluster.env)
+    assert result.returncode == 0, result.stderr
+    job_ids = re.search(r"jobs ([\d ]+), each after the previous", result.stdout).group(1).split()
+    return job_ids, Path(re.search(r"record: (.+)", result.stdout).group(1))
+
+
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, workdir):  # noqa: F811
     """Submits the independent jobs at once so that they run side by side."""
-    return {
+    hostile = workdir / HOSTILE_DIRECTORY
+    hostile.mkdir()
+    submitted = {
         "train": submit_for_real(slurm_cluster, workdir, "--ppn", "2", "--walltime", "5:00",
                                  "--name", "phi-ok", *train_args("cv-ok", 30,
                                                                  "--eval_val_every", "10")),
@@ -463,7 +508,44 @@ def jobs(slurm_cluster, workdir):  # noqa: F811
                                  "--array", "0-1", "--name", "phi-array", "--", "scale",
                                  "--out", "scale-out", "--threads", "1,2", "--configs",
                                  "tiny", "--strategies", "batch", "--quick"),
+        "slurm-train": submit_for_real(slurm_cluster, workdir, "--scheduler", "slurm", "--ppn", "2",
+                                       "--walltime", "5:00", "--name", "phi-slurm",
+                                       *train_args("cv-slurm", 30, "--eval_val_every", "10")),
+        "slurm-mpi": submit_for_real(slurm_cluster, workdir, "--scheduler", "slurm", "--ppn", "2",
+                                     "--ranks-per-node", "2", "--walltime", "5:00", "--name", "phi-srun",
+                                     *train_args("cv-srun", 20, "--eval_val_every", "10")),
+        "slurm-array": submit_for_real(slurm_cluster, workdir, "--scheduler", "slurm", "--ppn", "1",
+                                       "--walltime", "5:00", "--array", "0-1", "--name", "phi-sarray",
+                                       "--", "scale", "--out", "scale-slurm", "--threads", "1",
+                                       "--configs", "tiny", "--strategies", "batch,gemm", "--quick"),
+        "hostile": submit_for_real(slurm_cluster, hostile, "--scheduler", "slurm", "--ppn", "1",
+                                   "--walltime", "5:00", "--name", "phi-hostile",
+                                   *HOSTILE_OPTIONS["slurm"][:5], "--", "train", "--savefile", HOSTILE_DIRECTORY, "--help"),
+        # A PBS chain (Torque through Slurm's qsub): training ends in link 1, link 2 is cancelled.
+        "pbs-chain": submit_chain(slurm_cluster, workdir, "--ppn", "1", "--walltime", "10:00", "--chain", "2",
+                                  "--name", "phi-pchain", *train_args("cv-pchain", 20)),
+        # Link 1 diverges (exit 3): the chain ends there.
+        "failing-chain": submit_chain(slurm_cluster, workdir, "--scheduler", "slurm", "--ppn", "1",
+                                      "--walltime", "10:00", "--chain", "3",
+                                      "--name", "phi-fail", *train_args("cv-fail", 1000, "--learning_rate", "1e6")),
     }
+    # A chain of 1-minute jobs, each stopped 40 s before its walltime, training for about
+    # 2.5 links' time: at least 3 links. The reference trains as long in one go, meanwhile.
+    iterations = chain_iterations(workdir, 2.5 * CHAIN_LINK_S)
+    threads, model = CHAIN_MODEL
+    submitted["chain"] = submit_chain(
+        slurm_cluster, workdir, "--scheduler", "slurm", "--ppn", "1", *threads, "--walltime", "1:00",
+        "--stop-before", str(60 - CHAIN_LINK_S), "--chain", "10", "--name", "phi-chain", "--", "train", *model,
+        "--checkpoint_dir", "cv-chain", "--max_iters", str(iterations), "--print_every", "100")
+    with open(workdir / "reference.log", "w") as log:
+        submitted["reference"] = subprocess.Popen(
+            [sys.executable, "-m", "phi_rnn", "train", *threads, *model, "--checkpoint_dir", "cv-reference",
+             "--max_iters", str(iterations), "--print_every", "100"],
+            cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    yield submitted
+    if submitted["reference"].poll() is None:
+        submitted["reference"].kill()
+        submitted["reference"].wait()
 
 
 def job_states(cluster, name):
@@ -559,10 +641,130 @@ def test_scaling_array_runs_and_collects(slurm_cluster, workdir, jobs):  # noqa:
     assert (workdir / "scale-out" / "results.csv").exists()
 
 
-def test_unknown_queue_shows_the_scheduler_message(slurm_cluster, workdir):  # noqa: F811
-    result = submit("--ppn", "2", "--queue", "nosuchqueue", "--", "train", cwd=workdir,
-                    env=slurm_cluster.env)
+@pytest.mark.parametrize("scheduler", ["torque", "slurm"])
+def test_unknown_queue_shows_the_scheduler_message(slurm_cluster, workdir, scheduler):  # noqa: F811
+    result = submit("--scheduler", scheduler, "--ppn", "2", "--queue", "nosuchqueue", "--", "train",
+                    cwd=workdir, env=slurm_cluster.env)
     assert result.returncode == 2
-    assert "qsub rejected the job" in result.stderr
+    assert ("sbatch" if scheduler == "slurm" else "qsub") + " rejected the job" in result.stderr
     assert "invalid partition" in result.stderr.lower()
     assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_slurm_training_job_leaves_checkpoint_and_log(slurm_cluster, workdir, jobs):  # noqa: F811
+    job_id, output = jobs["slurm-train"]
+    assert output == workdir / f"phi-slurm.o{job_id}"
+    wait_until_done(slurm_cluster, "phi-slurm")
+    log = output.read_text()
+    assert f"phi_rnn job {job_id} on " in log and "cpu: " in log
+    assert "Traceback" not in log, log
+    assert [checkpoint_iteration(path) for path in checkpoints(workdir / "cv-slurm")] == [10, 20, 30], log
+
+
+def test_slurm_mpi_training_job_starts_ranks_with_srun(slurm_cluster, workdir, jobs):  # noqa: F811
+    """2 ranks through srun --mpi=pmi2 and the mpich wheel: rank 0 prints and checkpoints."""
+    _, output = jobs["slurm-mpi"]
+    wait_until_done(slurm_cluster, "phi-srun")
+    log = output.read_text()
+    assert "run: srun --mpi=pmi2 " in log, log
+    assert "Traceback" not in log, log
+    assert "MPI: MPICH" in log and "rank 1: " in log, log
+    assert [checkpoint_iteration(path) for path in checkpoints(workdir / "cv-srun")] == [10, 20], log
+
+
+def test_slurm_scaling_array_runs_and_collects(slurm_cluster, workdir, jobs):  # noqa: F811
+    job_id, output = jobs["slurm-array"]
+    assert str(output) == f"{workdir}/phi-sarray.o{job_id}.<index> (one per array index)"
+    wait_until_done(slurm_cluster, "phi-sarray")
+    for index in (0, 1):
+        log = (workdir / f"phi-sarray.o{job_id}.{index}").read_text()
+        assert f"array index {index} on " in log and "Traceback" not in log, log
+    collect = subprocess.run([sys.executable, "-m", "bench.scale", "--collect", str(workdir / "scale-slurm")],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, timeout=120)
+    assert collect.returncode == 0, collect.stderr
+    assert "collected 2 finished" in collect.stdout, collect.stdout
+
+
+def test_slurm_job_is_inert_to_hostile_values(slurm_cluster, workdir, jobs):  # noqa: F811
+    """Submitted for real from a directory named with shell syntax, with such values in
+    the options and the arguments: the job runs there and nothing of them is executed."""
+    _, output = jobs["hostile"]
+    wait_until_done(slurm_cluster, "phi-hostile")
+    log = output.read_text()
+    assert f"dir: {workdir / HOSTILE_DIRECTORY}\n" in log, log
+    assert "usage: phi_rnn train" in log, log
+    assert list(workdir.rglob("pwned*")) == []
+
+
+def chain_outputs(workdir, name, job_ids):
+    """The outputs of the chain's jobs that ran, in link order."""
+    return [(workdir / f"{name}.o{job_id}").read_text() for job_id in job_ids
+            if (workdir / f"{name}.o{job_id}").exists()]
+
+
+def slurm_states(cluster, job_ids):
+    listing = subprocess.run(["squeue", "--noheader", "--states", "all", "--jobs", ",".join(job_ids),
+                              "--format", "%i %T"], env=cluster.env, capture_output=True, text=True,
+                             check=True).stdout
+    return dict(line.split() for line in listing.splitlines())
+
+
+def test_chained_run_ends_with_the_weights_of_one_uninterrupted_run(slurm_cluster, workdir, jobs):  # noqa: F811
+    """Jobs of a minute, each stopped 20 s after its start: the chain resumes link after link
+    until training ends, cancels the links it did not need, and its final checkpoint holds
+    the same bits as one run of the same iterations."""
+    job_ids, record = jobs["chain"]
+    wait_until_done(slurm_cluster, "phi-chain", timeout=600)
+    outputs = chain_outputs(workdir, "phi-chain", job_ids)
+    text = record.read_text()
+    assert "training finished (exit 0)" in text, text + "\n".join(outputs)
+    links = len(outputs)
+    # a link may also find the machine so busy that train had not started: the next tries again
+    progressed = text.count("after its checkpoint (exit 143); link")
+    assert progressed + text.count("without a new checkpoint (exit 143); link") == links - 1, text
+    assert progressed >= 2, text
+    for link, output in enumerate(outputs, 1):
+        assert f"link {link} of a chain of 10 on " in output and "Traceback" not in output, output
+        if link > 1:
+            assert re.search(rf"chain: link {link} of 10 \(job {job_ids[link - 1]}\) on .*: resuming from "
+                             rf"{workdir}/cv-chain/lm_lstm_epoch[\d.]+_interrupted\.npz", output), output
+    states = slurm_states(slurm_cluster, job_ids)
+    assert [states[job_id] for job_id in job_ids[links:]] == ["CANCELLED"] * (10 - links), states
+
+    reference = jobs["reference"]
+    assert reference.wait(timeout=600) == 0, (workdir / "reference.log").read_text()
+    chained = np.load(workdir / "cv-chain" / (workdir / "cv-chain" / "latest").read_text().strip())
+    single = np.load(workdir / "cv-reference" / (workdir / "cv-reference" / "latest").read_text().strip())
+    assert sorted(chained.files) == sorted(single.files)
+    for name in chained.files:
+        if name != "meta":
+            assert np.array_equal(chained[name], single[name]), name
+    assert json.loads(str(chained["meta"]))["iteration"] == json.loads(str(single["meta"]))["iteration"]
+
+
+def test_chain_ends_on_a_training_error(slurm_cluster, workdir, jobs):  # noqa: F811
+    job_ids, record = jobs["failing-chain"]
+    wait_until_done(slurm_cluster, "phi-fail")
+    text = record.read_text()
+    assert "link 1 of 3" in text and "training failed (exit 3)" in text, text
+    assert f"ended: link 1 of 3 (job {job_ids[0]}) exited 3" in text
+    assert f"cancelled the later links: jobs {job_ids[1]} {job_ids[2]}" in text, text
+    output = (workdir / f"phi-fail.o{job_ids[0]}").read_text()
+    assert "loss is exploding" in output and "chain: ended: link 1" in output, output
+    assert slurm_states(slurm_cluster, job_ids) == {
+        job_ids[0]: "FAILED", job_ids[1]: "CANCELLED", job_ids[2]: "CANCELLED"}
+
+
+def test_pbs_chain_ends_when_training_does(slurm_cluster, workdir, jobs):  # noqa: F811
+    """qsub -W depend=afterany:JOB holds link 2 back; link 1 finishes training and qdel
+    cancels link 2 before it starts."""
+    job_ids, record = jobs["pbs-chain"]
+    wait_until_done(slurm_cluster, "phi-pchain")
+    text = record.read_text()
+    assert "link 1 of 2" in text and "training finished (exit 0)" in text, text
+    assert f"cancelled the later links: jobs {job_ids[1]}" in text, text
+    assert "link 1 of a chain of 2 on " in (workdir / f"phi-pchain.o{job_ids[0]}").read_text()
+    assert slurm_states(slurm_cluster, job_ids) == {job_ids[0]: "COMPLETED", job_ids[1]: "CANCELLED"}
+    assert not (workdir / f"phi-pchain.o{job_ids[1]}").exists()
+
