@@ -259,19 +259,25 @@ def best_per_batch(results, seed=SEEDS[0]):
 
 
 def plan(results, chars, warmup=True):
-    """The runs to do, in order: char-rnn's rate at batch 50 and twice it, linear scaling from
-    char-rnn's rate with and without warm-up over one epoch, square-root scaling with and
-    without it, then x0.7 and x1.4 around each batch's best so far, then the second seed of
-    each batch's best."""
+    """The runs to do, in order of priority: char-rnn's rate at batch 50 and twice it; linear
+    scaling from char-rnn's rate, then with warm-up over one epoch (where the trainer has
+    --lr_warmup); square-root scaling; once those with linear scaling are done, the second
+    seed of the fastest rows; square-root scaling with warm-up; once all of that is done,
+    x0.7 and x1.4 around each batch's best."""
+    def spec(batch, rule, warm=False):
+        return Spec(batch, scaled_lr(batch, rule), iterations_per_epoch(batch, chars) if warm else 0,
+                    SEEDS[0], rule + ("+warmup" if warm else ""))
+
     specs = [Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn"),
              Spec(CHAR_RNN_BATCH, 2 * CHAR_RNN_LR, 0, SEEDS[0], "grid")]
-    for rule in ("linear", "sqrt"):
-        specs += [Spec(batch, scaled_lr(batch, rule), 0, SEEDS[0], rule) for batch in BATCHES[1:]]
-        if warmup:
-            specs += [Spec(batch, scaled_lr(batch, rule), iterations_per_epoch(batch, chars), SEEDS[0],
-                           f"{rule}+warmup") for batch in BATCHES[2:]]
-    done = set(results)
-    if not all(s.run_id in done for s in specs):
+    specs += [spec(batch, "linear") for batch in BATCHES[1:]]
+    specs += [spec(batch, "linear", warm=True) for batch in BATCHES[2:] if warmup]
+    linear = list(specs)
+    specs += [spec(batch, "sqrt") for batch in BATCHES[1:]]
+    if all(s.run_id in results for s in linear):
+        specs += second_seeds(results)
+    specs += [spec(batch, "sqrt", warm=True) for batch in BATCHES[2:] if warmup]
+    if not all(s.run_id in results for s in specs):
         return specs
     for batch, best in sorted(best_per_batch(results).items()):
         for factor in (0.7, 1.4):
@@ -280,12 +286,18 @@ def plan(results, chars, warmup=True):
                      if r["batch"] == batch and r["warmup"] == best["warmup"] and r["seed"] == SEEDS[0]]
             if all(abs(lr / t - 1) > 0.15 for t in tried):
                 specs.append(Spec(batch, lr, best["warmup"], SEEDS[0], "grid"))
-    if not all(s.run_id in done for s in specs):
-        return specs
-    for batch, best in sorted(best_per_batch(results).items()):
-        specs.append(Spec(batch, best["learning_rate"], best["warmup"], SEEDS[1], best["recipe"]))
-    specs.append(Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[1], "char-rnn"))
     return specs
+
+
+def second_seeds(results):
+    """The second seed of char-rnn's recipe, of batch 50's best and of the larger batch that
+    needs the fewest epochs to 1.50."""
+    first = [r for r in results.values() if r["seed"] == SEEDS[0]]
+    batch_50 = min((r for r in first if r["batch"] == CHAR_RNN_BATCH), key=rank_key)
+    larger = min((r for r in first if r["batch"] > CHAR_RNN_BATCH), key=lambda r: (epochs_to(r), r["batch"]))
+    rows = [Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn"), batch_50, larger]
+    return [Spec(r["batch"], r["learning_rate"], r["warmup"], SEEDS[1], r["recipe"]) if isinstance(r, dict)
+            else Spec(r.batch, r.learning_rate, r.warmup, SEEDS[1], r.recipe) for r in rows]
 
 
 def run_study(out, work, jobs, log=print):
