@@ -15,6 +15,7 @@ A directory is usable when this process can create it (if need be) and write a f
   directory removed at exit (the kernels are compiled on every run).
 - The GEMM backend: <user cache>/gemm_backend.json; with no user cache it is measured and
   used, not kept.
+- matplotlib's font cache (plot): its own directory when writable, else <user cache>/matplotlib.
 
 Without a user cache phi_rnn says so in one line on stderr. Imports nothing heavy:
 phi_rnn/__init__.py sets the kernels' directory before numba can be imported, since numba
@@ -111,13 +112,35 @@ def configure_kernel_cache():
     if base is not None:
         _use_kernel_dir(base / "numba")
         return
-    try:
-        scratch = tempfile.mkdtemp(prefix="phi_rnn-kernels-")
-    except OSError:
+    scratch = _scratch_dir("phi_rnn-kernels-")
+    if scratch is None:
         return  # nowhere to write at all: numba says so when it compiles
-    atexit.register(shutil.rmtree, scratch, True)
     _use_kernel_dir(scratch)
     say_not_kept("kernels are compiled and the GEMM backend measured for this run only")
+
+
+def configure_matplotlib():
+    """Give matplotlib a writable directory for its font cache (MPLCONFIGDIR) where its own
+    ($XDG_CONFIG_HOME/matplotlib, ~/.config/matplotlib) cannot be written: <user cache>/matplotlib,
+    else a scratch directory removed at exit (matplotlib would make one itself, in two lines
+    of warning). Before matplotlib is imported; a user's MPLCONFIGDIR is left as it is."""
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    if os.environ.get("MPLCONFIGDIR") or _usable(Path(config) / "matplotlib"):
+        return
+    base = user_cache_dir()
+    chosen = base / "matplotlib" if base is not None else _scratch_dir("phi_rnn-matplotlib-")
+    if chosen is not None:
+        os.environ["MPLCONFIGDIR"] = str(chosen)
+
+
+def _scratch_dir(prefix):
+    """A private temporary directory removed at exit, or None where none can be made."""
+    try:
+        scratch = tempfile.mkdtemp(prefix=prefix)
+    except OSError:
+        return None
+    atexit.register(shutil.rmtree, scratch, True)
+    return scratch
 
 
 def _use_kernel_dir(path):

@@ -5,7 +5,7 @@ import glob
 import io
 import os
 
-from phi_rnn import files, metrics
+from phi_rnn import caches, files, metrics
 from phi_rnn.errors import UsageError
 
 SMOOTHING = 0.02  # the smoothed training curve averages over ~2% of the run's iterations
@@ -96,6 +96,7 @@ def draw(runs):
 def plot(paths, out):
     """Draw the logs found in `paths` into the PNG `out` (written atomically). Returns the
     labels drawn."""
+    caches.configure_matplotlib()
     try:
         import matplotlib  # noqa: F401
     except ImportError:
