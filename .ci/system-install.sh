@@ -1,14 +1,15 @@
 #!/bin/sh
 # Installs what the tests need beyond Python, from Debian/Ubuntu packages, root only:
-#   - a single-node Slurm with its PBS wrappers (qsub/qstat/qdel), so that
-#     tests/test_submit.py can submit real jobs (tests/slurm_cluster.py configures and starts it);
+#   - a single-node Slurm (sbatch, srun, scancel) with its PBS wrappers (qsub/qstat/qdel), so
+#     that tests/test_submit.py can submit real jobs (tests/slurm_cluster.py configures and starts it);
 #   - libxsmm 1.17, which `make native` links into native/build/libsmall_gemm.so: the libxsmm
 #     GEMM backend (phi_rnn/blas.py).
 # Skips the download when everything is installed.
 set -eu
 PACKAGES=""
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
-   || ! command -v munged >/dev/null || ! command -v qsub >/dev/null; then
+   || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null \
+   || ! command -v qsub >/dev/null; then
     PACKAGES="munge slurmctld slurmd slurm-client slurm-wlm-torque"
 fi
 if [ ! -f /usr/include/libxsmm.h ]; then

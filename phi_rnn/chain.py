@@ -182,7 +182,7 @@ def outcome(status, train, link, links, progressed, retry, checkpoint_dir):
     if status == 0:
         return "training finished (exit 0)"
     if status != CONTINUE_STATUS:
-        return f"training failed (exit {status}); see this job's output above"
+        return f"training failed (exit {status}): the job's output says why"
     stopped = train.stopped_by()
     if not progressed and not retry:
         return (f"{stopped}, {NO_CHECKPOINT} (exit 143), as the link before: the job leaves "

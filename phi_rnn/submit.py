@@ -159,7 +159,7 @@ def add_submit_arguments(parser):
                              f"long before the walltime (default {DEFAULT_STOP_BEFORE_S})")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the script and the submit command; submit nothing")
-    parser.add_argument("--qsub", "--sbatch", dest="submitter",
+    parser.add_argument("--qsub", "--sbatch", dest="submitter", metavar="PROGRAM",
                         help="submit program (default: sbatch or qsub on PATH)")
     # not "command": the CLI's subcommand already has that name
     parser.add_argument("job_command", nargs="*", metavar="-- train|scale ARGS",

@@ -1,7 +1,7 @@
 """A private single-node Slurm scheduler with its PBS wrappers, for testing `phi_rnn submit`.
 
-Debian has no PBS server, but Slurm's PBS wrappers (qsub, qstat, qdel from
-slurm-wlm-torque) run real jobs on one machine.  `.ci/system-install.sh` installs the
+Slurm scripts go to it natively (sbatch, srun, scancel); PBS scripts through Slurm's PBS
+wrappers (qsub, qstat, qdel from slurm-wlm-torque), since Debian has no PBS server.  `.ci/system-install.sh` installs the
 packages; this module installs nothing.  It writes a private slurm.conf, munge key and
 spool/state/log dirs under one temp dir, starts munged (as user munge), slurmctld and
 slurmd in the foreground so that their pids are ours, waits until the node is idle, and
@@ -34,8 +34,8 @@ NODE_NAME = "phinode"
 PARTITION = "manycore"
 NODE_CPUS = 64
 KILL_WAIT_S = 10
-REQUIRED_PROGRAMS = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "scancel", "qsub",
-                     "qstat")
+REQUIRED_PROGRAMS = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "scancel", "sbatch",
+                     "srun", "qsub", "qstat", "qdel")
 PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib/aarch64-linux-gnu/slurm-wlm",
                "/usr/lib64/slurm", "/usr/lib/slurm")
 STARTUP_TIMEOUT_S = 60

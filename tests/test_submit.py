@@ -1,4 +1,5 @@
-"""`python -m phi_rnn submit`: rendered scripts, bad input, real jobs on Slurm's PBS wrappers.
+"""`python -m phi_rnn submit`: rendered scripts, bad input, chain links, real jobs on Slurm,
+native and through its PBS wrappers.
 
 The scheduler tests need the private Slurm of tests/slurm_cluster.py (packages from
 .ci/system-install.sh, root); they skip loudly without it.  Their jobs are submitted
