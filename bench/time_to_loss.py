@@ -261,9 +261,10 @@ def best_per_batch(results, seed=SEEDS[0]):
 def plan(results, chars, warmup=True):
     """The runs to do, in order of priority: char-rnn's rate at batch 50 and twice it; linear
     scaling from char-rnn's rate, then with warm-up over one epoch (where the trainer has
-    --lr_warmup); square-root scaling; once those with linear scaling are done, the second
-    seed of the fastest rows; square-root scaling with warm-up; once all of that is done,
-    x0.7 and x1.4 around each batch's best."""
+    --lr_warmup); square-root scaling; once those with linear scaling are done, linear scaling
+    from batch 50's best rate at batch 100 and 200, and the second seed of the fastest rows;
+    square-root scaling with warm-up; once all of that is done, x0.7 and x1.4 around each
+    batch's best."""
     def spec(batch, rule, warm=False):
         return Spec(batch, scaled_lr(batch, rule), iterations_per_epoch(batch, chars) if warm else 0,
                     SEEDS[0], rule + ("+warmup" if warm else ""))
@@ -275,6 +276,12 @@ def plan(results, chars, warmup=True):
     linear = list(specs)
     specs += [spec(batch, "sqrt") for batch in BATCHES[1:]]
     if all(s.run_id in results for s in linear):
+        base_lr = best_per_batch(results)[CHAR_RNN_BATCH]["learning_rate"]
+        if base_lr != CHAR_RNN_LR:  # linear from batch 50's best rate, warmed up from batch 200
+            specs += [Spec(batch, scaled_lr(batch, "linear", base_lr),
+                           iterations_per_epoch(batch, chars) if warmup and batch >= 200 else 0,
+                           SEEDS[0], f"linear from {base_lr:g}" + ("+warmup" if warmup and batch >= 200 else ""))
+                      for batch in BATCHES[1:3]]
         specs += second_seeds(results)
     specs += [spec(batch, "sqrt", warm=True) for batch in BATCHES[2:] if warmup]
     if not all(s.run_id in results for s in specs):
