@@ -8,12 +8,10 @@ the loader only the map (page cache, shared and evictable) and the batch it retu
 import codecs
 import concurrent.futures
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -40,7 +38,6 @@ SYMBOL_LIMIT = {"utf-8": 0x110000, "bytes": 0x100}
 # same timestamp tick without its ctime moving (coarse filesystem clocks): such a cache is
 # always verified by its content hash instead of trusted by its stat.
 RACY_NS = 2_000_000_000
-STALE_SECONDS = 60
 
 
 def _sha256_of(f):
@@ -54,65 +51,61 @@ def _sha256_of(f):
         digest.update(memoryview(block)[:got])
 
 
-def _remove_stale_temps(target):
-    """Delete the temp files of target (files.atomic_write's) that a killed run left: those
-    no process holds a lock on (the encoder locks its own) and untouched for a minute (a
-    run that has just created one has not locked it yet). Other runs may be encoding the
-    same corpus at the same time: theirs are locked."""
-    directory = os.path.dirname(target) or "."
-    suffix = "-" + os.path.basename(target)
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(files.TEMP_PREFIX) and n.endswith(suffix)]
-    except OSError:
-        return
-    for name in names:
-        temp = os.path.join(directory, name)
-        try:
-            with open(temp, "rb") as f:
-                if time.time() - os.fstat(f.fileno()).st_mtime < STALE_SECONDS:
-                    continue
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.unlink(temp)
-        except OSError:
-            pass  # locked (in use), gone, or not ours to remove
-
-
 def ensure_tinyshakespeare(data_dir, mirror=None):
     """data_dir/input.txt, copied from a local mirror directory (tinyshakespeare.txt or
     input.txt in it; also $PHI_RNN_DATA_MIRROR) or downloaded from char-rnn's URL, verified
-    by sha256. An existing input.txt is left alone."""
+    by sha256. An existing input.txt is left alone (one that is not a regular file is
+    refused)."""
     target = os.path.join(data_dir, "input.txt")
-    if os.path.isfile(target):
-        return target
-    os.makedirs(data_dir, exist_ok=True)
+    if os.path.lexists(target):
+        try:
+            files.open_regular(target, "corpus").close()
+            return target
+        except FileNotFoundError:
+            pass  # a symlink to nothing: replaced
+        except OSError:
+            return target  # there but unreadable: train says so
     mirror = mirror or os.environ.get(MIRROR_ENV)
-    if mirror:
-        source = next((os.path.join(mirror, name) for name in ("tinyshakespeare.txt", "input.txt")
-                       if os.path.isfile(os.path.join(mirror, name))), None)
-        if source is None:
-            raise UsageError(f"data mirror {mirror} has no tinyshakespeare.txt or input.txt")
-    else:
-        source = TINYSHAKESPEARE_URL
-
-    def fetch(out):
-        if mirror:
-            with open(source, "rb") as f:
-                shutil.copyfileobj(f, out)
-        else:
-            try:
-                with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=60) as r:
-                    shutil.copyfileobj(r, out)
-            except OSError as e:
-                raise UsageError(f"cannot download {TINYSHAKESPEARE_URL} ({e}); offline? give a "
-                                 f"mirror directory with {MIRROR_ENV}=DIR or --mirror DIR") from None
-        out.flush()
-        with open(out.fileno(), "rb", closefd=False) as f:
-            f.seek(0)
-            if _sha256_of(f) != TINYSHAKESPEARE_SHA256:
-                raise UsageError(f"{source} does not have tiny-shakespeare's sha256 {TINYSHAKESPEARE_SHA256}")
-
-    files.atomic_write(target, fetch)
+    source = _mirror_file(mirror) if mirror else None
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        files.atomic_write(target, lambda out: _fetch(source, out))
+    finally:
+        if source is not None:
+            source.close()
     return target
+
+
+def _mirror_file(mirror):
+    """The mirror's copy of tiny-shakespeare (tinyshakespeare.txt, else input.txt), open."""
+    path = next((os.path.join(mirror, name) for name in ("tinyshakespeare.txt", "input.txt")
+                 if os.path.lexists(os.path.join(mirror, name))), None)
+    if path is None:
+        raise UsageError(f"data mirror {mirror} has no tinyshakespeare.txt or input.txt")
+    try:
+        return files.open_regular(path, "data mirror file")
+    except OSError as e:
+        raise UsageError(f"cannot read data mirror file {path} ({e.strerror})") from None
+
+
+def _fetch(source, out):
+    """Copy tiny-shakespeare from the open mirror file `source` (None: from char-rnn's URL)
+    into the file `out`, and verify its sha256."""
+    if source is not None:
+        shutil.copyfileobj(source, out)
+    else:
+        try:
+            with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=60) as r:
+                shutil.copyfileobj(r, out)
+        except OSError as e:
+            raise UsageError(f"cannot download {TINYSHAKESPEARE_URL} ({e}); offline? give a "
+                             f"mirror directory with {MIRROR_ENV}=DIR or --mirror DIR") from None
+    out.flush()
+    with open(out.fileno(), "rb", closefd=False) as f:
+        f.seek(0)
+        if _sha256_of(f) != TINYSHAKESPEARE_SHA256:
+            name = TINYSHAKESPEARE_URL if source is None else source.name
+            raise UsageError(f"{name} does not have tiny-shakespeare's sha256 {TINYSHAKESPEARE_SHA256}")
 
 
 # ---------------------------------------------------------------- symbols
@@ -237,22 +230,14 @@ def _stat_key(st):
 
 
 def _open_input(path):
-    """(file, stat) of the corpus, refusing anything but a regular file. O_NONBLOCK: a FIFO
-    opens at once (instead of waiting for a writer) and is then refused by its stat."""
+    """(file, stat) of the corpus, refusing anything but a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        f = files.open_regular(path, "corpus", buffering=0)
     except FileNotFoundError:
         raise UsageError(f"corpus {path} does not exist") from None
     except OSError as e:
         raise UsageError(f"cannot read corpus {path}: {e.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
-                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
-                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise UsageError(f"corpus {path} is {kind}, not a text file")
-    return os.fdopen(fd, "rb", buffering=0), st
+    return f, os.fstat(f.fileno())
 
 
 def _progress(path, total, log):
@@ -266,7 +251,7 @@ def _progress(path, total, log):
 
 
 def _line_of(path, offset):
-    with open(path, "rb") as f:
+    with files.open_regular(path, "corpus") as f:
         lines, left = 1, offset
         while left > 0:
             block = f.read(min(left, CHUNK_BYTES))
@@ -409,9 +394,11 @@ def _write_header(fd, header):
 
 def _read_cache(cache, encoding):
     """(header, ids memory map, vocab) of a well-formed token cache, else None: a missing,
-    truncated, zero-length, foreign or otherwise broken cache is simply rebuilt."""
+    truncated, zero-length, foreign or otherwise broken cache is simply rebuilt. One that is
+    not a regular file (a FIFO, a device, a directory) is a files.NotRegularFile: it is not
+    phi_rnn's to replace."""
     try:
-        with open(cache, "rb") as f:
+        with files.open_regular(cache, "token cache") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(HEADER_BYTES)
             if len(head) != HEADER_BYTES or not head.startswith(CACHE_MAGIC):
@@ -424,11 +411,11 @@ def _read_cache(cache, encoding):
                 return None
             f.seek(HEADER_BYTES + count * dtype.itemsize)
             vocab = np.frombuffer(f.read(4 * nvocab), "<u4").astype(np.int64)
-        if (len(vocab) != nvocab or np.any(np.diff(vocab) <= 0) or vocab[-1] >= SYMBOL_LIMIT[encoding]
-                or not isinstance(header["input_size"], int) or not _is_sha256(header["sha256"])
-                or not (header["stat"] is None or (isinstance(header["stat"], list) and len(header["stat"]) == 5))):
-            return None
-        ids = np.memmap(cache, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+            if (len(vocab) != nvocab or np.any(np.diff(vocab) <= 0) or vocab[-1] >= SYMBOL_LIMIT[encoding]
+                    or not isinstance(header["input_size"], int) or not _is_sha256(header["sha256"])
+                    or not (header["stat"] is None or (isinstance(header["stat"], list) and len(header["stat"]) == 5))):
+                return None
+            ids = np.memmap(f, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))  # the file checked
         return header, ids, [int(s) for s in vocab]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -480,12 +467,12 @@ def _refresh_stat(cache, header, st):
     if key is None:
         return
     try:
-        fd = os.open(cache, os.O_WRONLY)
+        fd = files.regular_fd(cache, os.O_WRONLY, "token cache")
         try:
             _write_header(fd, dict(header, stat=key))
         finally:
             os.close(fd)
-    except OSError:
+    except (OSError, files.NotRegularFile):
         pass
 
 
@@ -498,7 +485,6 @@ def _build(f, st, path, cache, encoding, log, chunk_bytes):
 
     def write(out):
         result["started"] = True
-        fcntl.flock(out.fileno(), fcntl.LOCK_EX)  # in use: not stale (_remove_stale_temps)
         first_seen, dtype, sha, chunks = _encode(f, st, path, encoding, out.fileno(), log, chunk_bytes)
         if _stat_key(os.fstat(f.fileno())) != _stat_key(st):
             raise UsageError(f"corpus {path} changed while it was being read; run again once it is complete")
@@ -506,7 +492,7 @@ def _build(f, st, path, cache, encoding, log, chunk_bytes):
         vocab = _finish(out.fileno(), first_seen, dtype, chunks, header)
         result.update(vocab=vocab, dtype=dtype, count=sum(n for _, n, _ in chunks))
 
-    _remove_stale_temps(cache)
+    files.remove_stale_temp_files(os.path.dirname(cache) or ".", cache)
     try:
         files.atomic_write(cache, write)
         kept = cache
@@ -578,10 +564,26 @@ class CharLoader:
         after = (np.arange(s0, s1) * self.nbatches + k + 1) * self.seq_length  # the next id of each stream
         after[after == self.length] = 0  # the last target of the cut corpus wraps to its first id
         y[-1] = self.ids[after]
-        if self.vocab_size is not None and max(x.max(), y.max()) >= self.vocab_size:
-            raise UsageError(f"the token cache holds an id >= the vocabulary size {self.vocab_size}: it is "
-                             f"corrupt; delete {getattr(self.ids, 'filename', 'it')} and run again")
+        # the cache's header and the corpus's stat cannot show ids damaged after the cache was
+        # written; such an id would index outside the kernels' arrays. y[:-1] is x[1:].
+        if self.vocab_size is not None and max(x.max(), y[-1].max()) >= self.vocab_size:
+            raise self._corrupt(k, s0, s1)
         return x, y
+
+    def _corrupt(self, k, s0, s1):
+        """The error for batch k (streams [s0, s1)) holding an id >= the vocabulary size: it
+        names the first such id, and removes the token cache it came from, so that the next
+        run encodes the corpus again."""
+        starts = (np.arange(s0, s1) * self.nbatches + k) * self.seq_length
+        span = (starts[:, None] + np.arange(self.seq_length + 1)).ravel() % self.length  # x and y's ids
+        at = int(span[np.argmax(np.asarray(self.ids[span]) >= self.vocab_size)])
+        value = int(self.ids[at])
+        what = f"id {value} at position {at} is not below the vocabulary size {self.vocab_size}"
+        cache = getattr(self.ids, "filename", None)
+        if cache is None:
+            return UsageError(f"the encoded corpus is corrupt: {what}; run again")
+        return UsageError(f"token cache {cache} is corrupt: {what}; "
+                          f"{_remove_corrupt(cache, at, value, self.ids.dtype)}")
 
     def next_batch(self, split, s0=0, s1=None):
         """(x, y) of the split's next batch, each (seq_length, s1-s0) int32 (streams [s0, s1),
@@ -602,3 +604,20 @@ class CharLoader:
                 raise UsageError(f"the checkpoint's data position {split} = {value!r} does not fit this "
                                  f"corpus ({self.size.get(split, 0)} {split} batches)")
             self.position[split] = value
+
+
+def _remove_corrupt(cache, at, value, dtype):
+    """Remove the token cache `cache` if it still holds the bad id `value` at position `at`
+    (another run may have replaced it meanwhile). Returns what the user is to do."""
+    try:
+        with files.open_regular(cache, "token cache") as f:
+            f.seek(HEADER_BYTES + at * dtype.itemsize)
+            still = f.read(dtype.itemsize) == np.array(value, dtype).tobytes()
+        if not still:
+            return "it has been replaced since: run again"
+        os.unlink(cache)
+    except FileNotFoundError:
+        return "it has been removed since: run again, it is encoded again"
+    except (OSError, files.NotRegularFile) as e:
+        return f"delete it and run again, it is encoded again (not removed: {getattr(e, 'strerror', None) or e})"
+    return "removed it: the next run encodes the corpus again"

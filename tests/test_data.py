@@ -2,6 +2,7 @@
 tiny-shakespeare), the streaming encoder against Python's own UTF-8 decoder, and the token
 cache (reused, rebuilt when the input changes or the cache is broken, umask respected)."""
 import os
+import re
 import stat
 import threading
 
@@ -244,16 +245,52 @@ def test_broken_cache_is_rebuilt_without_a_traceback(tmp_path, damage):
     assert corpus.vocab == vocab and np.array_equal(corpus.ids, ids)
 
 
-def test_a_corrupt_id_in_the_map_is_one_clear_error(tmp_path):
-    path = _corpus(tmp_path, "abcdefgh" * 40)
+@pytest.mark.parametrize("position", [1, 159, 160])  # in x; the wrapped-around target y[-1] of stream 0; stream 1
+def test_a_corrupt_id_in_the_map_is_one_clear_error_and_the_cache_is_encoded_again(tmp_path, position):
+    """Ids damaged after the cache was written (its header and the corpus's stat intact):
+    the batch that holds one is refused before it reaches the kernels, naming the id, and
+    the cache is removed, so that the next load encodes the corpus again."""
+    path = _corpus(tmp_path, "abcdefgh" * 40)  # 320 ids, batch 2 x 4: 40 batches, streams of 160
     corpus, _ = _load(path)
     with open(corpus.cache, "r+b") as f:
-        f.seek(data.HEADER_BYTES + 1)
+        f.seek(data.HEADER_BYTES + position)
         f.write(b"\x63")
-    corpus, _ = _load(path)
+    corpus, lines = _load(path)
+    assert not any("encoded" in line for line in lines)  # its header and the corpus match: it is used
     loader = data.CharLoader(corpus.ids, 2, 4, 0.5, 0.5, len(corpus.vocab))
-    with pytest.raises(UsageError, match="token cache holds an id >= the vocabulary size 8: it is corrupt; delete"):
-        loader.next_batch("train")
+    batch = 39 if position == 159 else position % 160 // 4  # the batch whose x, or y[-1], holds it
+    with pytest.raises(UsageError, match=rf"token cache \S*input.txt.utf-8.tokens is corrupt: id 99 at position "
+                                         rf"{position} is not below the vocabulary size 8; removed it: the next "
+                                         rf"run encodes the corpus again"):
+        loader.batch(batch)
+    assert not os.path.exists(corpus.cache)
+    corpus, lines = _load(path)
+    assert any("encoded" in line for line in lines)
+    assert corpus.ids.max() == 7 and np.array_equal(corpus.ids, _expected(open(path, "rb").read(), "utf-8")[1])
+
+
+def test_a_corrupt_id_stops_training_or_validation_with_one_line_and_the_next_run_is_clean(tmp_path):
+    corpus_dir = small_corpus(tmp_path / "data", 20000)
+    text = open(os.path.join(corpus_dir, "input.txt"), "rb").read()
+    train = ["train", "--data_dir", corpus_dir, *TINY_MODEL, "--max_iters", 6, "--eval_val_every", 3]
+    run_cli(*train, "--checkpoint_dir", tmp_path / "first", check=True)
+    cache = os.path.join(corpus_dir, "input.txt.utf-8.tokens")
+    # batch_size 8 x seq_length 16: 156 batches, of which 148 train and 8 validate; stream 0
+    # holds batch k's ids from k * 16: damage one in batch 150 (validated at iteration 3),
+    # then one in batch 2 (trained on at iteration 3)
+    for batch, stopped in ((150, "validation"), (2, "training")):
+        with open(cache, "r+b") as f:
+            f.seek(data.HEADER_BYTES + batch * 16 + 5)
+            f.write(b"\xff")
+        result = run_cli(*train, "--checkpoint_dir", tmp_path / stopped)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert re.fullmatch(rf"phi_rnn: error: token cache \S*input.txt.utf-8.tokens is corrupt: id 255 at position "
+                            rf"{batch * 16 + 5} is not below the vocabulary size \d+; removed it: the next run "
+                            rf"encodes the corpus again", lines[0]), lines[0]
+        assert os.listdir(corpus_dir) == ["input.txt"] and open(os.path.join(corpus_dir, "input.txt"), "rb").read() == text
+        clean = run_cli(*train, "--checkpoint_dir", tmp_path / f"{stopped}-again", check=True)
+        assert "encoded" in clean.stdout and os.path.exists(cache)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
@@ -291,15 +328,19 @@ def test_unwritable_data_directory_encodes_into_a_temporary_file(tmp_path):
 def test_stale_temp_files_of_killed_runs_are_removed_and_others_kept(tmp_path):
     import fcntl
     path = _corpus(tmp_path, "stale\n" * 30)
-    temps = {kind: tmp_path / f".tmp-{kind}-input.txt.utf-8.tokens" for kind in ("stale", "locked", "new")}
+    temps = {kind: tmp_path / f".tmp-{kind}-input.txt.utf-8.tokens" for kind in ("stale", "locked", "other")}
+    temps["other"] = tmp_path / ".tmp-other-model.onnx"  # another file's, written by another command
     for temp in temps.values():
         temp.write_bytes(b"half an encode")
-    for kind in ("stale", "locked"):
-        os.utime(temps[kind], (1e9, 1e9))
+    os.mkfifo(tmp_path / ".tmp-fifo-input.txt.utf-8.tokens")  # never opened (it would block)
     with open(temps["locked"], "rb") as held:  # another run encoding the same corpus right now
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-        _load(path)
-    assert not temps["stale"].exists() and temps["locked"].exists() and temps["new"].exists()
+        loading = threading.Thread(target=_load, args=(path,), daemon=True)
+        loading.start()
+        loading.join(60)
+        assert not loading.is_alive(), "blocked"
+    assert not temps["stale"].exists() and temps["locked"].exists() and temps["other"].exists()
+    assert stat.S_ISFIFO(os.lstat(tmp_path / ".tmp-fifo-input.txt.utf-8.tokens").st_mode)
 
 
 def test_a_full_disk_while_encoding_is_one_line_and_leaves_nothing(tmp_path):
@@ -323,7 +364,7 @@ def test_corpus_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
     devzero = tmp_path / "zero"
     devzero.mkdir()
     os.symlink("/dev/zero", devzero / "input.txt")
-    with pytest.raises(UsageError, match=r"input.txt is a device, not a text file"):
+    with pytest.raises(UsageError, match=r"input.txt is a device, not a regular file"):
         _load(str(devzero / "input.txt"))
     fifo = tmp_path / "fifo"
     fifo.mkdir()
@@ -333,7 +374,7 @@ def test_corpus_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
                               daemon=True)
     reader.start()
     reader.join(10)
-    assert outcome and "input.txt is a FIFO, not a text file" in outcome[0]  # no hang in open()
+    assert outcome and "input.txt is a FIFO, not a regular file" in outcome[0]  # no hang in open()
     os.symlink(SHAKESPEARE, tmp_path / "link.txt")  # a symlink to a regular file is fine
     corpus, _ = _load(str(tmp_path / "link.txt"))
     assert len(corpus.vocab) == 65
