@@ -72,7 +72,7 @@ def summary(seconds, args, gflop, peak, rss_mb, cpu_seconds):
 
 
 def sgemm_peak_gflops(n=2048, reps=5):
-    """Best of `reps` MKL sgemm n x n x n at the configured thread count: the issue's GEMM
+    """Best of `reps` MKL sgemm n x n x n at the configured thread count: the GEMM
     floor is the iteration's GEMM work at this rate."""
     import numpy as np
     from phi_rnn import blas
