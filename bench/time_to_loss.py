@@ -261,28 +261,32 @@ def best_per_batch(results, seed=SEEDS[0]):
 def plan(results, chars, warmup=True):
     """The runs to do, in order of priority: char-rnn's rate at batch 50 and twice it; linear
     scaling from char-rnn's rate, then with warm-up over one epoch (where the trainer has
-    --lr_warmup); square-root scaling; once those with linear scaling are done, linear scaling
-    from batch 50's best rate at batch 100 and 200, and the second seed of the fastest rows;
-    square-root scaling with warm-up; once all of that is done, x0.7 and x1.4 around each
-    batch's best."""
-    def spec(batch, rule, warm=False):
-        return Spec(batch, scaled_lr(batch, rule), iterations_per_epoch(batch, chars) if warm else 0,
-                    SEEDS[0], rule + ("+warmup" if warm else ""))
+    --lr_warmup); linear scaling from batch 50's best rate at batch 100 and 200 (warm-up from
+    200); the second seed of batch 50's best; square-root scaling; the second seed of
+    char-rnn's recipe and of the larger batch that needs the fewest epochs to 1.50 (once the
+    linear recipes are done); square-root scaling with warm-up; once all of that is done, x0.7
+    and x1.4 around each batch's best."""
+    def spec(batch, rule, warm=False, base_lr=CHAR_RNN_LR, name=None):
+        return Spec(batch, scaled_lr(batch, rule, base_lr), iterations_per_epoch(batch, chars) if warm else 0,
+                    SEEDS[0], (name or rule) + ("+warmup" if warm else ""))
 
-    specs = [Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn"),
-             Spec(CHAR_RNN_BATCH, 2 * CHAR_RNN_LR, 0, SEEDS[0], "grid")]
-    specs += [spec(batch, "linear") for batch in BATCHES[1:]]
+    batch_50 = [Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn"),
+                Spec(CHAR_RNN_BATCH, 2 * CHAR_RNN_LR, 0, SEEDS[0], "grid")]
+    specs = batch_50 + [spec(batch, "linear") for batch in BATCHES[1:]]
     specs += [spec(batch, "linear", warm=True) for batch in BATCHES[2:] if warmup]
     linear = list(specs)
+    if all(s.run_id in results for s in batch_50):
+        best_50 = best_per_batch(results)[CHAR_RNN_BATCH]
+        if best_50["learning_rate"] != CHAR_RNN_LR:
+            base = best_50["learning_rate"]
+            specs += [spec(batch, "linear", warmup and batch >= 200, base, f"linear from {base:g}")
+                      for batch in BATCHES[1:3]]
+        specs.append(second_seed(best_50))
     specs += [spec(batch, "sqrt") for batch in BATCHES[1:]]
     if all(s.run_id in results for s in linear):
-        base_lr = best_per_batch(results)[CHAR_RNN_BATCH]["learning_rate"]
-        if base_lr != CHAR_RNN_LR:  # linear from batch 50's best rate, warmed up from batch 200
-            specs += [Spec(batch, scaled_lr(batch, "linear", base_lr),
-                           iterations_per_epoch(batch, chars) if warmup and batch >= 200 else 0,
-                           SEEDS[0], f"linear from {base_lr:g}" + ("+warmup" if warmup and batch >= 200 else ""))
-                      for batch in BATCHES[1:3]]
-        specs += second_seeds(results)
+        first = [r for r in results.values() if r["seed"] == SEEDS[0]]
+        larger = min((r for r in first if r["batch"] > CHAR_RNN_BATCH), key=lambda r: (epochs_to(r), r["batch"]))
+        specs += [second_seed(results[batch_50[0].run_id]), second_seed(larger)]
     specs += [spec(batch, "sqrt", warm=True) for batch in BATCHES[2:] if warmup]
     if not all(s.run_id in results for s in specs):
         return specs
@@ -296,15 +300,8 @@ def plan(results, chars, warmup=True):
     return specs
 
 
-def second_seeds(results):
-    """The second seed of char-rnn's recipe, of batch 50's best and of the larger batch that
-    needs the fewest epochs to 1.50."""
-    first = [r for r in results.values() if r["seed"] == SEEDS[0]]
-    batch_50 = min((r for r in first if r["batch"] == CHAR_RNN_BATCH), key=rank_key)
-    larger = min((r for r in first if r["batch"] > CHAR_RNN_BATCH), key=lambda r: (epochs_to(r), r["batch"]))
-    rows = [Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn"), batch_50, larger]
-    return [Spec(r["batch"], r["learning_rate"], r["warmup"], SEEDS[1], r["recipe"]) if isinstance(r, dict)
-            else Spec(r.batch, r.learning_rate, r.warmup, SEEDS[1], r.recipe) for r in rows]
+def second_seed(result):
+    return Spec(result["batch"], result["learning_rate"], result["warmup"], SEEDS[1], result["recipe"])
 
 
 def run_study(out, work, jobs, log=print):
