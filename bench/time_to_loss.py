@@ -525,13 +525,19 @@ def time_markdown(rows, targets=(1.50, 1.45)):
             source = source or (row and row["source"])
             cells.append(f"{row['batch_size']}, {row['learning_rate']:.3g}, {row['lr_warmup']} -> "
                          f"{_duration(row[f'seconds_to_{t:.2f}'])}" if row else "not reached")
-        ref = charrnn.get(p)
-        ref_cell = _duration(ref["seconds_to_1.50"]) if ref and ref["seconds_to_1.50"] else "-"
+        ref, best = charrnn.get(p), envelopes[targets[0]].get(p)
+        ref_cell = "-"
+        if ref and ref["seconds_to_1.50"]:
+            ref_cell = _duration(ref["seconds_to_1.50"])
+            if best and targets[0] == 1.50:
+                ref_cell += f" ({ref['seconds_to_1.50'] / best['seconds_to_1.50']:.2f}x the best's)"
         lines.append(f"| {p} | {source or '-'} | " + " | ".join(cells) + f" | {ref_cell} |")
     return "\n".join(lines)
 
 
 def _duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.1f} s"
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
 
 
