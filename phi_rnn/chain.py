@@ -94,8 +94,10 @@ class Train:
     second copy from here would make train exit at once, without its checkpoint. It only
     notes them, to say what stopped training."""
 
-    def __init__(self, stop_after):
+    def __init__(self, stop_after, stop_through=None):
+        """stop_through: a command that delivers the SIGTERM instead (for srun's ranks)."""
         self.process = None
+        self.stop_through = stop_through
         self.warned = False
         self.received = []
         for signum in STOP_SIGNALS:
@@ -106,13 +108,19 @@ class Train:
     def warn(self, signum, frame):
         self.warned = True
         if self.process is not None:
+            self.stop()
+
+    def stop(self):
+        if self.stop_through:
+            subprocess.run(self.stop_through)
+        else:
             self.process.send_signal(signal.SIGTERM)
 
     def run(self, command):
         """Runs the command to its end; returns its exit status as a shell reports it."""
         self.process = subprocess.Popen(command)
         if self.warned:  # the timer went off while train was starting
-            self.process.send_signal(signal.SIGTERM)
+            self.stop()
         status = exit_status(self.process.wait())
         signal.setitimer(signal.ITIMER_REAL, 0)
         return status
@@ -134,7 +142,10 @@ def run_link(link, links, record_path, stop_after, cancel, train_command):
         print(f"chain: {name}: nothing to do, the chain has ended: "
               f"{ending[len(END_PREFIX):].strip()}", flush=True)
         return 0
-    train = Train(stop_after)
+    # srun ends its job step on SIGTERM (SIGKILL for the ranks after a moment) instead of
+    # passing it on: its ranks get the SIGTERM from Slurm, which signals the job's steps
+    srun = train_command[0] == "srun"
+    train = Train(stop_after, [cancel, "--signal=TERM", job] if srun else None)
     checkpoint_dir = record_path.parent
     latest = latest_checkpoint(checkpoint_dir)
     command = list(train_command)
