@@ -262,7 +262,7 @@ def plan(results, chars, warmup=True):
     """The runs to do, in order of priority: char-rnn's rate at batch 50 and twice it; linear
     scaling from char-rnn's rate, then with warm-up over one epoch (where the trainer has
     --lr_warmup); linear scaling from batch 50's best rate at batch 100 and 200 (warm-up from
-    200); the second seed of batch 50's best; square-root scaling; the second seed of
+    200); 1.4 x batch 50's best rate; the second seed of batch 50's best; square-root scaling; the second seed of
     char-rnn's recipe and of the larger batch that needs the fewest epochs to 1.50 (once the
     linear recipes are done); square-root scaling with warm-up; once all of that is done, x0.7
     and x1.4 around each batch's best."""
@@ -281,6 +281,7 @@ def plan(results, chars, warmup=True):
             base = best_50["learning_rate"]
             specs += [spec(batch, "linear", warmup and batch >= 200, base, f"linear from {base:g}")
                       for batch in BATCHES[1:3]]
+        specs.append(Spec(CHAR_RNN_BATCH, float(f"{best_50['learning_rate'] * 1.4:.3g}"), 0, SEEDS[0], "grid"))
         specs.append(second_seed(best_50))
     specs += [spec(batch, "sqrt") for batch in BATCHES[1:]]
     if all(s.run_id in results for s in linear):
