@@ -514,7 +514,7 @@ def jobs(slurm_cluster, workdir):  # noqa: F811
                                        *train_args("cv-slurm", 30, "--eval_val_every", "10")),
         "slurm-array": submit_for_real(slurm_cluster, workdir, "--scheduler", "slurm", "--ppn", "1",
                                        "--walltime", "5:00", "--array", "0-1", "--name", "phi-sarray",
-                                       "--", "scale", "--out", "scale-slurm", "--threads", "1",
+                                       "--", "scale", "--out", "scale-slurm", "--threads", "1,2",
                                        "--configs", "tiny", "--strategies", "batch", "--quick"),
         "hostile": submit_for_real(slurm_cluster, hostile, "--scheduler", "slurm", "--ppn", "1",
                                    "--walltime", "5:00", "--name", "phi-hostile",
