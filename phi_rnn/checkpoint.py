@@ -17,7 +17,7 @@ import numpy as np
 
 from phi_rnn import config
 from phi_rnn.errors import UsageError
-from phi_rnn.files import atomic_write
+from phi_rnn.files import atomic_write, open_regular, regular_fd
 from phi_rnn.model import param_shapes
 
 FORMAT_VERSION = 1
@@ -52,7 +52,7 @@ def lock_directory(directory):
     UsageError naming the holder."""
     path = os.path.join(directory, LOCK)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = regular_fd(path, os.O_RDWR | os.O_CREAT, "lock file", 0o666)
     except OSError as e:
         raise UsageError(f"cannot create the lock file {path} ({e.strerror})") from None
     try:
@@ -102,7 +102,7 @@ def resolve(path, checkpoint_dir="cv"):
         return path
     pointer = os.path.join(directory, which)
     try:
-        with open(pointer, "rb") as f:
+        with open_regular(pointer, "checkpoint pointer") as f:
             raw = f.read(4096)
     except OSError:
         raise UsageError(f"no checkpoint in {directory}: {pointer} is missing") from None
@@ -128,14 +128,14 @@ def load(path, checkpoint_dir="cv"):
     """Read and validate a checkpoint: every array's dtype, shape and values, every meta
     field's type and range. Any problem is a UsageError naming the file."""
     path = resolve(path, checkpoint_dir)
-    if not os.path.exists(path):
-        raise UsageError(f"checkpoint {path} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"checkpoint {path} is a directory")
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} is not a regular file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        f = open_regular(path, "checkpoint")
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot read checkpoint {path} ({e.strerror})") from None
+    try:
+        with f, np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from None

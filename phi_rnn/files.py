@@ -41,7 +41,7 @@ def _kind(mode):
             "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
 
 
-def regular_fd(path, flags, what, mode=0o777):
+def regular_fd(path, flags, what, mode=0o666):
     """os.open(path, flags, mode) of a file that must be a regular file (or a symlink to
     one); anything else is a NotRegularFile naming `what` and path. Opened with O_NONBLOCK,
     so that a FIFO does not wait for a writer (nor a device for its line), and checked by

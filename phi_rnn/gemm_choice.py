@@ -20,11 +20,12 @@ its own C), and the kernels' cell arithmetic between two steps' products is not 
 """
 import contextlib
 import json
+import sys
 import time
 
 import numpy as np
 
-from phi_rnn import blas, caches
+from phi_rnn import blas, caches, files
 from phi_rnn.blas import KINDS, STEP_ROWS, one_thread, product_table, run_product_table, using
 
 # The per-thread products of a char-rnn iteration (2 x 128 LSTM, 65 symbols, 25 of its 50
@@ -181,7 +182,11 @@ def _measured_entry(names):
 
 def _kept_rates(path, key, names):
     try:
-        entry = json.loads(path.read_text()).get(key)
+        with files.open_regular(path, "GEMM backend cache", "r") as f:
+            entry = json.loads(f.read()).get(key)
+    except files.NotRegularFile as e:  # a FIFO would block, /dev/zero never end
+        print(f"phi_rnn: warning: {e}: the GEMM backend is measured for this run only", file=sys.stderr, flush=True)
+        return None
     except (OSError, ValueError, AttributeError):
         return None
     if (isinstance(entry, dict) and isinstance(entry.get("rates"), dict) and set(entry["rates"]) == set(names)
@@ -196,8 +201,8 @@ def _cache_lock(path):
     import fcntl
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(str(path) + ".lock", "a")
-    except OSError:
+        lock = files.open_regular(str(path) + ".lock", "GEMM backend cache lock", "a")
+    except (OSError, files.NotRegularFile):
         yield
         return
     with lock:
@@ -207,16 +212,18 @@ def _cache_lock(path):
 
 def _remember(path, key, entry):
     """Add `entry` to the cache file; a cache that cannot be written is only not kept."""
-    from phi_rnn.files import atomic_write
     try:
-        known = json.loads(path.read_text())
+        with files.open_regular(path, "GEMM backend cache", "r") as f:
+            known = json.loads(f.read())
         if not isinstance(known, dict):
             known = {}
+    except files.NotRegularFile:
+        return  # not phi_rnn's to replace (_kept_rates said so)
     except (OSError, ValueError):
         known = {}
     known[key] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(str(path), lambda f: f.write(json.dumps(known, indent=1).encode()))
+        files.atomic_write(str(path), lambda f: f.write(json.dumps(known, indent=1).encode()))
     except OSError:  # a full disk or quota since the cache was found usable
         caches.say_not_kept("the GEMM backend is measured for this run only")

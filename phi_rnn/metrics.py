@@ -29,8 +29,9 @@ def log_path(checkpoint_dir, savefile):
 def read_rows(path):
     """The rows of a metrics log as dicts of floats (None where empty), in file order; a last
     line without its newline (a run killed while writing it) is left out. Raises ValueError
-    for a file that is not a metrics log."""
-    with open(path, newline="", encoding="utf-8") as f:
+    for a file that is not a metrics log, files.NotRegularFile for a FIFO, a device or a
+    directory."""
+    with files.open_regular(path, "metrics log", "r", newline="", encoding="utf-8") as f:
         lines = f.readlines()
     if lines and not lines[-1].endswith("\n"):
         lines.pop()

@@ -19,8 +19,8 @@ def find_logs(paths):
             found = sorted(glob.glob(os.path.join(glob.escape(path), "*" + metrics.SUFFIX)))
             if not found:
                 raise UsageError(f"no metrics log (*{metrics.SUFFIX}) in {path}: training writes one there")
-        elif os.path.isfile(path):
-            found = [path]
+        elif os.path.exists(path):
+            found = [path]  # read only if it is a regular file (metrics.read_rows)
         else:
             raise UsageError(f"{path} does not exist")
         logs += [(os.path.join(os.path.basename(os.path.dirname(os.path.abspath(f))),

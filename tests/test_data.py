@@ -288,7 +288,8 @@ def test_a_corrupt_id_stops_training_or_validation_with_one_line_and_the_next_ru
         assert re.fullmatch(rf"phi_rnn: error: token cache \S*input.txt.utf-8.tokens is corrupt: id 255 at position "
                             rf"{batch * 16 + 5} is not below the vocabulary size \d+; removed it: the next run "
                             rf"encodes the corpus again", lines[0]), lines[0]
-        assert os.listdir(corpus_dir) == ["input.txt"] and open(os.path.join(corpus_dir, "input.txt"), "rb").read() == text
+        assert os.listdir(corpus_dir) == ["input.txt"]
+        assert open(os.path.join(corpus_dir, "input.txt"), "rb").read() == text
         clean = run_cli(*train, "--checkpoint_dir", tmp_path / f"{stopped}-again", check=True)
         assert "encoded" in clean.stdout and os.path.exists(cache)
 

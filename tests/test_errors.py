@@ -4,11 +4,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 
-from cli_helpers import TINY_MODEL, run_cli, trained_checkpoint
+from cli_helpers import (NOT_FILES, SHAKESPEARE, TINY_MODEL, make_not_a_file, one_line_error, run_cli, snapshot,
+                         trained_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ CASES = [
     # (id, argv, message regex)
     ("missing corpus", ["train", "--data_dir", "{root}/nowhere"], r"corpus .*nowhere/input.txt does not exist"),
     ("empty corpus", ["train", "--data_dir", "{root}/empty"], r"corpus .*empty/input.txt is empty"),
-    ("directory corpus", ["train", "--data_dir", "{root}/dirinput"], r"is a directory, not a text file"),
+    ("directory corpus", ["train", "--data_dir", "{root}/dirinput"], r"is a directory, not a regular file"),
     ("corpus too short", ["train", "--data_dir", "{root}/short"], r"corpus too short: 120 characters .*try --seq_length"),
     ("invalid utf-8", ["train", "--data_dir", "{root}/latin1"], r"invalid UTF-8 at byte 3 .*--encoding bytes"),
     ("rnn_size 0", T + ["--rnn_size", "0"], r"--rnn_size must be positive, got 0"),
@@ -247,3 +249,83 @@ def test_the_one_line_error_parser_for_scripts(capsys):
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("speed.py: error: argument --iters: invalid int value: 'many'")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A corpus and a checkpoint directory with `latest`, `best` and a metrics log."""
+    from phi_rnn import data
+    root = tmp_path_factory.mktemp("not_files")
+    corpus, latest = trained_checkpoint(root, 20000, 2)
+    # the token cache records the corpus's stat, as a run but the first finds it: a resume
+    # refused once under way (holding the directory) then has no stat to record
+    data.load_corpus(os.path.join(corpus, "input.txt"), log=lambda *a, **k: None).keep_stat()
+    return {"corpus": corpus, "cv": os.path.dirname(latest), "checkpoint": latest}
+
+
+# Where phi_rnn reads a file: (id, the path made not a file, argv, the line's pattern). {tmp}: this
+# test's directory, holding copies of the checkpoint directory (cv, its checkpoint {checkpoint}) and
+# of the corpus (data), and a mirror of tiny-shakespeare.
+READ_PATHS = [
+    ("checkpoint", "{tmp}/cv/{checkpoint}", ["sample", "{tmp}/cv"], r"checkpoint \S*cv/lm_\S*.npz is {kind}, not a"),
+    ("latest pointer", "{tmp}/cv/latest", ["sample", "{tmp}/cv"], r"checkpoint pointer \S*cv/latest is {kind}"),
+    ("best pointer", "{tmp}/cv/best",
+     ["train", "--data_dir", "{corpus}", *TINY_MODEL, "--max_iters", "2", "--checkpoint_dir", "{tmp}/cv", "--init_from",
+      "best"], r"checkpoint pointer \S*cv/best is {kind}"),
+    ("metrics log on resume", "{tmp}/cv/lstm.metrics.csv",
+     ["train", "--data_dir", "{corpus}", *TINY_MODEL, "--max_iters", "3", "--checkpoint_dir", "{tmp}/cv", "--resume",
+      "latest"],
+     r"metrics log \S*cv/lstm.metrics.csv is {kind}, not a regular file"),
+    ("token cache", "{tmp}/data/input.txt.utf-8.tokens",
+     ["train", "--data_dir", "{tmp}/data", *TINY_MODEL, "--max_iters", "2", "--checkpoint_dir", "{tmp}/cv"],
+     r"token cache \S*input.txt.utf-8.tokens is {kind}, not a regular file"),
+    ("data mirror", "{tmp}/mirror/tinyshakespeare.txt", ["data", "--data_dir", "{tmp}/new", "--mirror", "{tmp}/mirror"],
+     r"data mirror file \S*mirror/tinyshakespeare.txt is {kind}, not a regular file"),
+    ("data's corpus", "{tmp}/data/input.txt", ["data", "--data_dir", "{tmp}/data", "--mirror", "{tmp}/mirror"],
+     r"corpus \S*data/input.txt is {kind}, not a regular file"),
+    ("lock file", "{tmp}/cv/.lock",
+     ["train", "--data_dir", "{corpus}", *TINY_MODEL, "--max_iters", "2", "--checkpoint_dir", "{tmp}/cv"],
+     r"lock file \S*cv/.lock (is {kind}, not a regular file|\(Is a directory\))"),
+]
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FILES))
+@pytest.mark.parametrize("place, argv, message", [c[1:] for c in READ_PATHS], ids=[c[0] for c in READ_PATHS])
+def test_a_fifo_device_or_directory_where_a_file_is_read_is_one_line_exit_2_at_once(trained, tmp_path, place,
+                                                                                     argv, message, kind):
+    """Each path phi_rnn reads, a FIFO (which would block open()), /dev/zero (whose reading
+    never ends) or a directory: refused before anything is read, and nothing changed. A
+    hang fails by the timeout."""
+    shutil.copytree(trained["cv"], tmp_path / "cv")
+    (tmp_path / "data").mkdir()
+    shutil.copy(os.path.join(trained["corpus"], "input.txt"), tmp_path / "data" / "input.txt")
+    (tmp_path / "mirror").mkdir()
+    os.symlink(SHAKESPEARE, tmp_path / "mirror" / "tinyshakespeare.txt")
+    fill = dict(tmp=str(tmp_path), corpus=trained["corpus"], checkpoint=os.path.basename(trained["checkpoint"]))
+    make_not_a_file(place.format(**fill), kind)
+    before = snapshot(tmp_path) | snapshot(trained["corpus"])
+    line = one_line_error(run_cli(*[a.format(**fill) for a in argv], timeout=120))
+    assert re.search(message.format(kind=NOT_FILES[kind]), line), line
+    after = snapshot(tmp_path) | snapshot(trained["corpus"])
+    # the one file a refused resume writes: the lock records the pid of the run that took it
+    changed = [path for path in set(before) | set(after) if before.get(path) != after.get(path)]
+    assert changed in ([], [str(tmp_path / "cv" / ".lock")]), changed
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FILES))
+def test_a_gemm_backend_cache_that_is_not_a_file_is_measured_around_and_left_alone(trained, tmp_path, kind):
+    """The kept GEMM backend choice has a fallback, measuring again: a FIFO, /dev/zero or a
+    directory in its place is said in one line and left as it is, and the run goes on."""
+    from phi_rnn import blas
+    if len(blas.available()) == 1:
+        pytest.skip("one GEMM library here: nothing is measured or kept")
+    cache = tmp_path / "phi_rnn" / "gemm_backend.json"
+    cache.parent.mkdir()
+    make_not_a_file(cache, kind)
+    before = snapshot(tmp_path)
+    result = run_cli("sample", trained["cv"], "--length", "50", timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 0 and len(result.stdout) > 50, result.stderr
+    assert result.stderr.splitlines() == [f"phi_rnn: warning: GEMM backend cache {cache} is {NOT_FILES[kind]}, not a "
+                                          f"regular file: the GEMM backend is measured for this run only"]
+    after = snapshot(tmp_path)
+    assert [path for path in before if after.get(path) != before[path]] == []

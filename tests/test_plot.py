@@ -1,11 +1,13 @@
 """`plot`: the loss curves of real training runs' metrics logs in one PNG, and bad input as
 one line with exit status 2."""
+import os
+import re
 import sys
 
 import numpy as np
 import pytest
 
-from cli_helpers import TINY_MODEL, run_cli, small_corpus
+from cli_helpers import NOT_FILES, TINY_MODEL, make_not_a_file, one_line_error, run_cli, small_corpus
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,18 @@ def test_bad_input_is_one_line_exit_2(runs, tmp_path):
     assert "is a directory" in bad(runs[0], "-o", tmp_path)
     assert "plot needs matplotlib" in bad(code=f"import sys; sys.modules['matplotlib'] = None; "
                                                f"from phi_rnn.cli import main; sys.exit(main(['plot', {str(runs[0])!r}]))")
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FILES))
+def test_a_log_that_is_not_a_file_is_one_line_exit_2_at_once(tmp_path, kind):
+    """A FIFO (which would block open()), /dev/zero (whose reading never ends) or a directory
+    named as a metrics log, found in a run's directory or given: refused before anything is
+    read. A hang fails by the timeout."""
+    run = tmp_path / "run"
+    run.mkdir()
+    make_not_a_file(run / "lstm.metrics.csv", kind)
+    given = [run] + ([run / "lstm.metrics.csv"] if kind != "directory" else [])  # a directory given is a run's
+    for path in given:
+        line = one_line_error(run_cli("plot", path, "-o", tmp_path / "loss.png", timeout=120))
+        assert re.search(rf"metrics log \S*run/lstm.metrics.csv is {NOT_FILES[kind]}, not a regular file", line), line
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(run) == ["lstm.metrics.csv"]

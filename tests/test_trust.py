@@ -191,3 +191,25 @@ def test_sample_into_a_pipe_closed_early_ends_quietly(tmp_path):
     assert result.stderr == ""
     text, status = result.stdout.rsplit("\n", 2)[0], result.stdout.splitlines()[-1]
     assert len(text) == 100 and status == "status 0", result.stdout
+
+
+def test_the_temp_file_cleaner_removes_only_what_no_write_holds(tmp_path):
+    """A write killed mid-way leaves an unlocked temporary file: removed. One being written
+    (locked by atomic_write until it has its name) is kept, whoever cleans; a FIFO with a
+    temporary file's name is neither opened (it would block) nor removed."""
+    import threading
+    from phi_rnn import files
+    (tmp_path / ".tmp-killed-latest").write_bytes(b"half a pointer")
+    os.mkfifo(tmp_path / ".tmp-fifo-latest")
+    seen = []
+
+    def write(f):
+        f.write(b"whole\n")
+        seen.append(files.remove_stale_temp_files(str(tmp_path)))  # a cleaner while this write is under way
+
+    writer = threading.Thread(target=files.atomic_write, args=(str(tmp_path / "latest"), write), daemon=True)
+    writer.start()
+    writer.join(60)
+    assert seen == [[".tmp-killed-latest"]]
+    assert (tmp_path / "latest").read_bytes() == b"whole\n"
+    assert sorted(os.listdir(tmp_path)) == [".tmp-fifo-latest", "latest"]
