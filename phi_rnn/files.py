@@ -38,7 +38,7 @@ def _kind(mode):
         return None
     return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+            "a socket" if stat.S_ISSOCK(mode) else "a special file")
 
 
 def regular_fd(path, flags, what, mode=0o666):
@@ -50,9 +50,9 @@ def regular_fd(path, flags, what, mode=0o666):
     try:
         fd = os.open(path, flags | os.O_NONBLOCK, mode)
     except OSError as e:
-        if e.errno != errno.ENXIO:  # a socket, or a device without its driver
+        if e.errno != errno.ENXIO:  # a socket, a FIFO opened to write with no reader, a device without its driver
             raise
-        kind = _kind(os.stat(path).st_mode) or "not openable"
+        kind = _kind(os.stat(path).st_mode) or "a special file"
         raise NotRegularFile(f"{what} {path} is {kind}, not a regular file") from None
     try:
         kind = _kind(os.fstat(fd).st_mode)
