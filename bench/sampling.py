@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--torch_chars", "--torch-chars", type=int, default=20_000,
                    help="characters per timed PyTorch run (a Python loop per character)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="phi_rnn's weights in float32 or bfloat16 (the products' weights; refused without native bfloat16)")
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch reference")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--worker", choices=("phi_rnn", "torch"), help=argparse.SUPPRESS)
@@ -83,8 +85,11 @@ def phi_rnn_worker(args):
     from phi_rnn import kernels as K
     from phi_rnn.sample import Generator
     gemm_choice.use_default()  # the backend `phi_rnn sample` runs
+    if args.precision == "bf16":
+        from phi_rnn import bf16
+        bf16.require_native()
     ck = checkpoint.load(args.checkpoint) if args.checkpoint else random_checkpoint(args)
-    gen = Generator(ck)
+    gen = Generator(ck, args.precision)
     rng = np.random.default_rng(0)
     out = np.empty(args.chars, np.int32)
 
@@ -101,7 +106,7 @@ def phi_rnn_worker(args):
     weight_bytes = sum(w.nbytes for w in gen.weights) - table.nbytes * (1 - 1 / len(ck.vocab))
     return {"times": times, "chars": args.chars, "weight_bytes": weight_bytes,
             "huge_page_kb": huge_page_kb(table.ctypes.data), "vocab": len(ck.vocab),
-            "config": dict(ck.meta, vocab=len(ck.vocab)), "versions": versions()}
+            "config": dict(ck.meta, vocab=len(ck.vocab), precision=args.precision), "versions": versions()}
 
 
 def torch_worker(args):
@@ -178,7 +183,7 @@ def print_report(r):
     c = r["config"]
     print_machine(r)
     huge = "unknown" if r["huge_page_kb"] is None else f"{r['huge_page_kb']} kB"
-    print(f"config: {c['model']} {c['num_layers']} x {c['rnn_size']}, vocab {c['vocab']}, temperature "
+    print(f"config: {c['model']} {c['num_layers']} x {c['rnn_size']}, vocab {c['vocab']}, {c['precision']}, temperature "
           f"{r['temperature']}; {r['weight_kb_per_char']:.0f} KB of weights read per character; "
           f"huge pages granted: {huge}")
     print_sides(r, lambda s: f"median {s['median_chars_per_s']:9.0f} chars/s  (min {s['min_chars_per_s']:.0f}, "

@@ -127,10 +127,16 @@ def _start_runtimes(args, log, announce=True, before=None, world=distributed.Sin
         before()
     from phi_rnn import blas, kernels  # noqa: F401  (loads MKL and numba under the plan)
     select_blas(args.blas)
+    bfloat16 = getattr(args, "precision", "fp32") == "bf16"
+    if bfloat16:
+        from phi_rnn import bf16
+        bf16.require_native()
     verification = affinity.verify(plan)
     if announce:
         log(verification.describe())
         log(f"gemm: {blas.describe_backend()}")
+        if bfloat16:
+            log(f"gemm bfloat16: {bf16.backend()} (--precision bf16, on {' and '.join(bf16.native_features())})")
     for problem in verification.mismatches:
         log(f"warning: {problem}")
     rank_line = (f"pid {os.getpid()}, {plan.threads} thread{'s' * (plan.threads != 1)} on CPUs "

@@ -11,6 +11,7 @@ from phi_rnn.errors import UsageError
 
 MAX_SIZE = {"rnn_size": 1 << 15, "num_layers": 64, "seq_length": 1 << 16, "batch_size": 1 << 16}
 STRATEGIES = ("batch", "gemm")
+PRECISIONS = ("fp32", "bf16")
 ENCODINGS = ("utf-8", "bytes")
 MAX_SEED = 2**64 - 1
 MAX_EPOCHS = 1e9
@@ -100,6 +101,14 @@ def add_train_arguments(p):
     g = p.add_argument_group("speed")
     _add(g, "strategy", default="batch", choices=STRATEGIES,
          help="batch: threads split the batch; gemm: MKL-threaded GEMM per step")
+    _add_precision(g)
+
+
+def _add_precision(g):
+    _add(g, "precision", default="fp32", choices=PRECISIONS,
+         help="fp32: float32 throughout; bf16: mixed precision, the GEMMs' operands in bfloat16 with float32 "
+              "accumulation, weights, gradients and cell arithmetic (needs a CPU with avx512_bf16 or "
+              "amx_bf16); checkpoints are float32 either way")
 
 
 def add_sample_arguments(p):
@@ -110,6 +119,7 @@ def add_sample_arguments(p):
     _add(p, "sample", type=int, default=1, choices=(0, 1), help="1 = sample, 0 = argmax")
     _add(p, "seed", type=int, default=123)
     _add(p, "out", default=None, help="write the text to this file (atomically) instead of stdout")
+    _add_precision(p)
 
 
 def _int(low, high=None, text=None):
@@ -171,12 +181,14 @@ TRAIN_RANGES = {
     "lr_warmup": _int(0, text="must be 0 (off) or positive"),
     "lr_scaling": _choice(LR_SCALINGS),
     "strategy": _choice(STRATEGIES),
+    "precision": _choice(PRECISIONS),
 }
 SAMPLE_RANGES = {
     "length": _int(1),
     "temperature": _float(MIN_TEMPERATURE, math.inf, high_open=True,
                           text=f"must be positive (at least {MIN_TEMPERATURE:g}) and finite"),
     "seed": SEED,
+    "precision": _choice(PRECISIONS),
 }
 # a savefile becomes part of file names: lm_<savefile>_epoch<e>_<loss>.npz
 SAVEFILE = re.compile(r"[\w+-][\w.+-]*")

@@ -16,6 +16,13 @@ activation changes core. Strategy "gemm": one block, a serial recurrence with
 MKL-threaded GEMMs, for when batch rows per thread get too few to keep a core busy
 (bench/README.md compares the two).
 
+Precision: every GEMM operand has a float32 array and an "operand" array (the *_op fields,
+weights given as operands). In float32 they are one array; in bfloat16 (mixed precision)
+the operand is a uint16 array of bfloat16 bits, written by to_operand right after the
+kernel that produced the float32 values, while they are in cache; gemm runs the bfloat16
+product (float32 accumulation and output) when its operands are uint16. Cell arithmetic,
+gradients and the loss stay float32. The kernels are compiled once per precision.
+
 Kernels are compiled with error_model='numpy' (Python's error model blocks the loop
 vectoriser on division) and never index at an offset inside a hot loop (slice views start
 at 0), which the vectoriser also needs.
@@ -26,6 +33,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from phi_rnn import bf16
 from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, dgemm, set_num_threads_local, sgemm
 from phi_rnn.cells import KINDS
 
@@ -130,10 +138,59 @@ def _row_times_matrix(a, b, beta, c):
             out[n] += xk * row[n]
 
 
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _row_times_bf16_matrix(a, b, beta, c):
+    """_row_times_matrix with b bfloat16 (uint16) and a float32 rounded to bfloat16 as it is
+    read: half the bytes of b streamed per product (generation in bfloat16)."""
+    x = a[0]
+    out = c[0]
+    if beta == 0:
+        out[:] = 0
+    else:
+        for n in range(out.shape[0]):
+            out[n] = beta * out[n]
+    k4 = b.shape[0] - b.shape[0] % 4
+    for k in range(0, k4, 4):
+        r0, r1, r2, r3 = b[k], b[k + 1], b[k + 2], b[k + 3]
+        x0, x1 = bf16.bf16_value(bf16.bf16_bits(x[k])), bf16.bf16_value(bf16.bf16_bits(x[k + 1]))
+        x2, x3 = bf16.bf16_value(bf16.bf16_bits(x[k + 2])), bf16.bf16_value(bf16.bf16_bits(x[k + 3]))
+        for n in range(out.shape[0]):
+            out[n] += (x0 * bf16.bf16_value(r0[n]) + x1 * bf16.bf16_value(r1[n])
+                       + x2 * bf16.bf16_value(r2[n]) + x3 * bf16.bf16_value(r3[n]))
+    for k in range(k4, b.shape[0]):
+        row = b[k]
+        xk = bf16.bf16_value(bf16.bf16_bits(x[k]))
+        for n in range(out.shape[0]):
+            out[n] += xk * bf16.bf16_value(row[n])
+
+
+def _product(trans_a, trans_b, alpha, a, b, beta, c):
+    """gemm's product, chosen by the operands' types (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_product, jit_options=_opts)
+def _product_impl(trans_a, trans_b, alpha, a, b, beta, c):
+    if b.dtype == types.uint16 and a.dtype == types.uint16:
+        return lambda trans_a, trans_b, alpha, a, b, beta, c: bf16.gemm_arrays(trans_a, trans_b, alpha, a, b,
+                                                                               beta, c)
+    if b.dtype == types.uint16:  # a batch of one (generation): a float32 row, rounded as read
+        def row_times_bf16(trans_a, trans_b, alpha, a, b, beta, c):
+            _row_times_bf16_matrix(a, b, np.float32(beta), c)
+        return row_times_bf16
+    return lambda trans_a, trans_b, alpha, a, b, beta, c: _float_gemm(trans_a, trans_b, alpha, a, b, beta, c)
+
+
 @njit(**_opts)
 def gemm(trans_a, trans_b, alpha, a, b, beta, c):
     """c (M, N) = alpha * op(a) @ op(b) + beta * c; 2-d arrays with contiguous rows, float32
-    (sgemm) or float64 (dgemm, for the gradient checks)."""
+    (sgemm), float64 (dgemm, for the gradient checks) or bfloat16 operands (uint16) with c
+    float32. A float32 a with a bfloat16 b is a batch of one, a (1, K) @ b (K, N)."""
+    _product(trans_a, trans_b, alpha, a, b, beta, c)
+
+
+@njit(**_opts)
+def _float_gemm(trans_a, trans_b, alpha, a, b, beta, c):
     m, n = c.shape
     k = a.shape[0] if trans_a else a.shape[1]
     ta = TRANS if trans_a else NO_TRANS
@@ -150,13 +207,52 @@ def gemm(trans_a, trans_b, alpha, a, b, beta, c):
 
 @njit(parallel=True, **_opts)
 def multiply(a, b, out):
-    """out = a * b elementwise over 2-d arrays (dropout masks)."""
+    """out = a * b elementwise over 2-d arrays (dropout masks); out may be a bfloat16 operand
+    (uint16: the products rounded)."""
     for r in prange(a.shape[0]):
         ar = a[r]
         br = b[r]
         o = out[r]
         for j in range(ar.shape[0]):
-            o[j] = ar[j] * br[j]
+            store(o, j, ar[j] * br[j])
+
+
+def to_operand(values, operand):
+    """operand = values as a GEMM operand, both 2-d of one shape: the bfloat16 bits of each
+    value (round to nearest even) when operand is uint16; in float32 operand is values
+    itself and nothing is done (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(to_operand, jit_options=_opts)
+def _to_operand_impl(values, operand):
+    if operand.dtype != types.uint16:
+        return lambda values, operand: None
+
+    def round_rows(values, operand):
+        for r in range(values.shape[0]):
+            src = values[r]
+            dst = operand[r]
+            for j in range(src.shape[0]):
+                dst[j] = bf16.bf16_bits(src[j])
+    return round_rows
+
+
+def store(row, j, value):
+    """row[j] = value, rounded to bfloat16 bits where row is uint16 (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(store, jit_options=_opts)
+def _store_impl(row, j, value):
+    if row.dtype == types.uint16:
+        def store_bits(row, j, value):
+            row[j] = bf16.bf16_bits(value)
+        return store_bits
+
+    def store_value(row, j, value):
+        row[j] = value
+    return store_value
 
 
 # ---------------------------------------------------------------- LSTM cell
@@ -238,12 +334,15 @@ the form libxsmm runs (blas.py); the first layer's w_ih_t is the one-hot table, 
 token. bias (G) = b_ih + b_hh. w_ih (G, H_in), w_hh (G, H): as stored, for the backward."""
 
 LayerActivations = namedtuple("LayerActivations", ["x", "gates", "hs", "cs", "aux", "h0", "c0", "h_last",
-                                                   "c_last"])
+                                                   "c_last", "gates_op", "hs_op", "aux_op", "h0_op"])
 LayerActivations.__doc__ = """One layer's activations. x (T*B, H_in): its input, the outputs of the
 layer below after dropout (the first layer reads tokens instead: its x is empty and never
 read); gates (T*B, G): activations (LSTM i, f, o, g; GRU z, r, c); hs, cs, aux (T*B, H): h,
 c (LSTM) and tanh(c) (LSTM) / r*h (GRU) after each step; h0, c0 (B, H): the state before
-the first step; h_last, c_last (B, H): after the last (c_last = c0 for GRU and RNN)."""
+the first step; h_last, c_last (B, H): after the last (c_last = c0 for GRU and RNN).
+x is a GEMM operand only (bfloat16 in bfloat16); gates_op, hs_op, aux_op, h0_op: the GEMM
+operands of gates (their gradients, in backward), hs, aux (GRU) and h0 (the same arrays in
+float32; aux_op is scratch for LSTM and RNN)."""
 
 LayerGradients = namedtuple("LayerGradients", ["d_out", "dh", "dc", "d_rh"])
 LayerGradients.__doc__ = """d_out (T*B, H): the gradient of the layer's outputs in; of its input x
@@ -257,9 +356,9 @@ with a leading block axis): d_bias (G), d_w_ih_t (H_in, G), d_w_hh_t (H, G). Tra
 x^T dG: MKL runs that form faster than dG^T x at these shapes (bench/README);
 reduce_parts_transposed sums the blocks and turns them."""
 
-Steps = namedtuple("Steps", ["gates", "hs", "cs", "aux", "h0", "c0"])
-Steps.__doc__ = """A block's activations viewed per step: gates (T, nb, G); hs, cs, aux
-(T, nb, H); h0, c0 (nb, H)."""
+Steps = namedtuple("Steps", ["gates", "hs", "cs", "aux", "h0", "c0", "gates_op", "hs_op", "aux_op", "h0_op"])
+Steps.__doc__ = """A block's activations viewed per step: gates, gates_op (T, nb, G); hs, cs, aux,
+hs_op, aux_op (T, nb, H); h0, c0, h0_op (nb, H)."""
 
 
 @njit(**_opts)
@@ -267,7 +366,8 @@ def _steps(a, T):
     nb, H = a.h0.shape
     G = a.gates.shape[1]
     return Steps(a.gates.reshape((T, nb, G)), a.hs.reshape((T, nb, H)), a.cs.reshape((T, nb, H)),
-                 a.aux.reshape((T, nb, H)), a.h0, a.c0)
+                 a.aux.reshape((T, nb, H)), a.h0, a.c0, a.gates_op.reshape((T, nb, G)),
+                 a.hs_op.reshape((T, nb, H)), a.aux_op.reshape((T, nb, H)), a.h0_op)
 
 
 # ---------------------------------------------------------------- recurrences
@@ -318,9 +418,10 @@ def lstm_recurrence_forward(first, tokens, w, s):
         if first:
             gather_step(g, w.w_ih_t, tokens[t])
         if t == 0:
-            lstm_step_forward(g, w.bias, w.w_hh_t, s.h0, s.c0, s.hs[0], s.cs[0], s.aux[0])
+            lstm_step_forward(g, w.bias, w.w_hh_t, s.h0_op, s.c0, s.hs[0], s.cs[0], s.aux[0])
         else:
-            lstm_step_forward(g, w.bias, w.w_hh_t, s.hs[t - 1], s.cs[t - 1], s.hs[t], s.cs[t], s.aux[t])
+            lstm_step_forward(g, w.bias, w.w_hh_t, s.hs_op[t - 1], s.cs[t - 1], s.hs[t], s.cs[t], s.aux[t])
+        to_operand(s.hs[t], s.hs_op[t])
 
 
 @njit(**_opts)
@@ -333,9 +434,10 @@ def lstm_recurrence_backward(first, tokens, w, s, d_out, dh, dc, dw):
         g = s.gates[t]
         c_prev = s.c0 if t == 0 else s.cs[t - 1]
         lstm_cell_backward(g, c_prev, s.aux[t], d_out[t], dh, dc)
+        to_operand(g, s.gates_op[t])
         accumulate_step(g, tokens[t], first, dw.d_bias, dw.d_w_ih_t)
         if t > 0:  # the initial state is a constant: no gradient flows into it
-            gemm(False, False, ONE, g, w.w_hh, ZERO, dh)
+            gemm(False, False, ONE, s.gates_op[t], w.w_hh, ZERO, dh)
 
 
 # ---------------------------------------------------------------- GRU (char-rnn's GRU.lua)
@@ -416,13 +518,15 @@ def gru_reset_backward(gates, h_prev, d_rh, dh):
 
 
 @njit(**_opts)
-def gru_step_forward(g, bias, w_hh_t, h_prev, h, rh):
+def gru_step_forward(g, bias, w_hh_t, h_prev, h_prev_op, h, rh, rh_op):
     """One step for rows nb: g (nb, 3H) input projection in, activations out; w_hh_t (H, 3H);
-    h_prev (nb, H) in; h, rh = r*h_prev (nb, H) out."""
+    h_prev (nb, H) and its GEMM operand h_prev_op in; h, rh = r*h_prev (nb, H) and rh's
+    operand rh_op out."""
     H = h_prev.shape[1]
-    gemm(False, False, ONE, h_prev, w_hh_t[:, 0:2 * H], ONE, g[:, 0:2 * H])
+    gemm(False, False, ONE, h_prev_op, w_hh_t[:, 0:2 * H], ONE, g[:, 0:2 * H])
     gru_gates_forward(g, bias, h_prev, rh)
-    gemm(False, False, ONE, rh, w_hh_t[:, 2 * H:3 * H], ONE, g[:, 2 * H:3 * H])
+    to_operand(rh, rh_op)
+    gemm(False, False, ONE, rh_op, w_hh_t[:, 2 * H:3 * H], ONE, g[:, 2 * H:3 * H])
     gru_output_forward(g, bias, h_prev, h)
 
 
@@ -434,9 +538,10 @@ def gru_recurrence_forward(first, tokens, w, s):
         if first:
             gather_step(g, w.w_ih_t, tokens[t])
         if t == 0:
-            gru_step_forward(g, w.bias, w.w_hh_t, s.h0, s.hs[0], s.aux[0])
+            gru_step_forward(g, w.bias, w.w_hh_t, s.h0, s.h0_op, s.hs[0], s.aux[0], s.aux_op[0])
         else:
-            gru_step_forward(g, w.bias, w.w_hh_t, s.hs[t - 1], s.hs[t], s.aux[t])
+            gru_step_forward(g, w.bias, w.w_hh_t, s.hs[t - 1], s.hs_op[t - 1], s.hs[t], s.aux[t], s.aux_op[t])
+        to_operand(s.hs[t], s.hs_op[t])
 
 
 @njit(**_opts)
@@ -446,12 +551,15 @@ def gru_recurrence_backward(first, tokens, w, s, d_out, dh, d_rh, dw):
     for t in range(s.gates.shape[0] - 1, -1, -1):
         g = s.gates[t]
         h_prev = s.h0 if t == 0 else s.hs[t - 1]
+        g_op = s.gates_op[t]
         gru_output_backward(g, h_prev, d_out[t], dh)
-        gemm(False, False, ONE, g[:, 2 * H:3 * H], w.w_hh[2 * H:3 * H], ZERO, d_rh)
+        to_operand(g[:, 2 * H:3 * H], g_op[:, 2 * H:3 * H])
+        gemm(False, False, ONE, g_op[:, 2 * H:3 * H], w.w_hh[2 * H:3 * H], ZERO, d_rh)
         gru_reset_backward(g, h_prev, d_rh, dh)
+        to_operand(g[:, 0:2 * H], g_op[:, 0:2 * H])
         accumulate_step(g, tokens[t], first, dw.d_bias, dw.d_w_ih_t)
         if t > 0:
-            gemm(False, False, ONE, g[:, 0:2 * H], w.w_hh[0:2 * H], ONE, dh)
+            gemm(False, False, ONE, g_op[:, 0:2 * H], w.w_hh[0:2 * H], ONE, dh)
 
 
 # ---------------------------------------------------------------- vanilla RNN: h' = tanh(x W + h U + b)
@@ -478,9 +586,10 @@ def rnn_recurrence_forward(first, tokens, w, s):
         if first:
             gather_step(g, w.w_ih_t, tokens[t])
         if t == 0:
-            rnn_step_forward(g, w.bias, w.w_hh_t, s.h0, s.hs[0])
+            rnn_step_forward(g, w.bias, w.w_hh_t, s.h0_op, s.hs[0])
         else:
-            rnn_step_forward(g, w.bias, w.w_hh_t, s.hs[t - 1], s.hs[t])
+            rnn_step_forward(g, w.bias, w.w_hh_t, s.hs_op[t - 1], s.hs[t])
+        to_operand(s.hs[t], s.hs_op[t])
 
 
 @njit(**_opts)
@@ -496,9 +605,10 @@ def rnn_recurrence_backward(first, tokens, w, s, d_out, dh, dw):
             for j in range(gb.shape[0]):
                 a = gb[j]
                 gb[j] = (ob[j] + hb[j]) * (ONE - a * a)
+        to_operand(g, s.gates_op[t])
         accumulate_step(g, tokens[t], first, dw.d_bias, dw.d_w_ih_t)
         if t > 0:
-            gemm(False, False, ONE, g, w.w_hh, ZERO, dh)
+            gemm(False, False, ONE, s.gates_op[t], w.w_hh, ZERO, dh)
 
 
 # ---------------------------------------------------------------- one layer, any cell
@@ -513,6 +623,7 @@ def layer_forward(kind, first, tokens, b0, w, a):
     recurrence; then the state after the last step."""
     T = tokens.shape[0]
     nb = a.h0.shape[0]
+    to_operand(a.h0, a.h0_op)
     if not first:
         gemm(False, False, ONE, a.x, w.w_ih_t, ZERO, a.gates)
     s = _steps(a, T)
@@ -552,13 +663,13 @@ def layer_backward(kind, first, tokens, b0, w, a, d, dw):
         rnn_recurrence_backward(first, block_tokens, w, s, d_out, d.dh, dw)
     # weight gradients over all steps: the recurrent input is h0 at step 0, then hs[0:T-1]
     hh = 2 * H if kind == GRU else G  # GRU: z, r act on h; the candidate's weights on r*h
-    gemm(True, False, ONE, a.h0, a.gates[:nb, :hh], ZERO, dw.d_w_hh_t[:, :hh])
-    gemm(True, False, ONE, a.hs[:(T - 1) * nb], a.gates[nb:, :hh], ONE, dw.d_w_hh_t[:, :hh])
+    gemm(True, False, ONE, a.h0_op, a.gates_op[:nb, :hh], ZERO, dw.d_w_hh_t[:, :hh])
+    gemm(True, False, ONE, a.hs_op[:(T - 1) * nb], a.gates_op[nb:, :hh], ONE, dw.d_w_hh_t[:, :hh])
     if kind == GRU:
-        gemm(True, False, ONE, a.aux, a.gates[:, hh:], ZERO, dw.d_w_hh_t[:, hh:])
+        gemm(True, False, ONE, a.aux_op, a.gates_op[:, hh:], ZERO, dw.d_w_hh_t[:, hh:])
     if not first:
-        gemm(True, False, ONE, a.x, a.gates, ZERO, dw.d_w_ih_t)
-        gemm(False, False, ONE, a.gates, w.w_ih, ZERO, d.d_out)
+        gemm(True, False, ONE, a.x, a.gates_op, ZERO, dw.d_w_ih_t)
+        gemm(False, False, ONE, a.gates_op, w.w_ih, ZERO, d.d_out)
 
 
 # Batch strategy: block p of nparts holds batch rows [p*B/nparts, (p+1)*B/nparts), and every
@@ -571,7 +682,8 @@ def layer_backward(kind, first, tokens, b0, w, a, d, dw):
 def _block_activations(a, T, b0, b1):
     r0, r1 = T * b0, T * b1
     return LayerActivations(a.x[r0:r1], a.gates[r0:r1], a.hs[r0:r1], a.cs[r0:r1], a.aux[r0:r1], a.h0[b0:b1],
-                            a.c0[b0:b1], a.h_last[b0:b1], a.c_last[b0:b1])
+                            a.c0[b0:b1], a.h_last[b0:b1], a.c_last[b0:b1], a.gates_op[r0:r1], a.hs_op[r0:r1],
+                            a.aux_op[r0:r1], a.h0_op[b0:b1])
 
 
 @njit(**_opts)
@@ -647,10 +759,11 @@ def reduce_parts_transposed(parts, out, nchunks):
 DecoderWeights = namedtuple("DecoderWeights", ["w_t", "b", "w"])
 DecoderWeights.__doc__ = "w_t (H, V) the weights transposed (forward), b (V), w (V, H) as stored (backward)."
 
-DecoderActivations = namedtuple("DecoderActivations", ["x", "targets", "logits", "row_loss"])
+DecoderActivations = namedtuple("DecoderActivations", ["x", "targets", "logits", "row_loss", "logits_op"])
 DecoderActivations.__doc__ = """x (R, H): the decoder's input, the top layer's outputs after
-dropout; targets (R); logits (R, V): the logits, then the gradient of the loss by them;
-row_loss (R): each row's NLL."""
+dropout (a GEMM operand); targets (R); logits (R, V): the logits, then the gradient of the
+loss by them; row_loss (R): each row's NLL; logits_op (R, V): that gradient as a GEMM
+operand (logits itself in float32)."""
 
 DecoderGradients = namedtuple("DecoderGradients", ["d_w", "d_b"])
 DecoderGradients.__doc__ = "One block's partial gradients d_w (V, H), d_b (V) (a leading block axis for *_blocks)."
@@ -685,24 +798,26 @@ def decoder_forward(w, a, grad_scale):
     gemm(False, False, ONE, a.x, w.w_t, ONE, a.logits)
     for r in range(a.logits.shape[0]):
         a.row_loss[r] = softmax_nll_row(a.logits[r], a.targets[r], grad_scale)
+        to_operand(a.logits[r:r + 1], a.logits_op[r:r + 1])
 
 
 @njit(**_opts)
 def decoder_backward(w, a, d_x, dw):
     """A block's decoder gradients from a.logits (holding d(loss)/d(logits)): the partials dw;
     d_x (R, H) = the gradient of the decoder's input."""
-    gemm(True, False, ONE, a.logits, a.x, ZERO, dw.d_w)
+    gemm(True, False, ONE, a.logits_op, a.x, ZERO, dw.d_w)
     dw.d_b[:] = ZERO
     for r in range(a.logits.shape[0]):
         row = a.logits[r]
         for j in range(row.shape[0]):
             dw.d_b[j] += row[j]
-    gemm(False, False, ONE, a.logits, w.w, ZERO, d_x)
+    gemm(False, False, ONE, a.logits_op, w.w, ZERO, d_x)
 
 
 @njit(**_opts)
 def _block_decoder(a, r0, r1):
-    return DecoderActivations(a.x[r0:r1], a.targets[r0:r1], a.logits[r0:r1], a.row_loss[r0:r1])
+    return DecoderActivations(a.x[r0:r1], a.targets[r0:r1], a.logits[r0:r1], a.row_loss[r0:r1],
+                              a.logits_op[r0:r1])
 
 
 @njit(parallel=True, **_opts)
@@ -796,7 +911,8 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
 # A character is one step of each layer's training step function with B = 1, all layers
 # and the decoder in one compiled call. The weights and the state travel as namedtuples, as
 # a training layer's do; one weight set per precision, each with the fields of
-# TransposedWeights.
+# TransposedWeights (in bfloat16 the products' weights are uint16: gemm's batch-of-one
+# bfloat16 product streams half the bytes).
 
 TransposedWeights = namedtuple("TransposedWeights", ["w_ih0_t", "w_ih_t", "w_hh_t", "bias", "dec_w_t", "dec_b"])
 TransposedWeights.__doc__ = """The whole network's forward weights, stacked by layer and transposed
@@ -819,7 +935,7 @@ def step_forward(kind, g, bias, w_hh_t, h_prev, c_prev, h, c, aux):
     if kind == LSTM:
         lstm_step_forward(g, bias, w_hh_t, h_prev, c_prev, h, c, aux)
     elif kind == GRU:
-        gru_step_forward(g, bias, w_hh_t, h_prev, h, aux)
+        gru_step_forward(g, bias, w_hh_t, h_prev, h_prev, h, aux, aux)
     else:
         rnn_step_forward(g, bias, w_hh_t, h_prev, h)
 

@@ -7,12 +7,20 @@ cell kernel; backward mirrors it, and the weight gradients are one GEMM each ove
 timesteps. The decoder and the softmax cross-entropy run over all timesteps at once. With
 the batch strategy each thread does all of this for its own block of batch rows (the
 activation layout of kernels.py), and the blocks' partial weight gradients are summed in a
-fixed order."""
+fixed order.
+
+Precision "bf16" is mixed precision: the GEMMs' operands in bfloat16 (uint16 arrays), their
+accumulation and outputs, the master weights, gradients, optimizer state, cell arithmetic
+and loss in float32. The bfloat16 copies of the weights are rounded from the float32 ones
+at every forward (once per update in training); activations are rounded by the kernels
+that write them (kernels.to_operand)."""
 import numba
 import numpy as np
 
+from phi_rnn import bf16
 from phi_rnn import kernels as K
 from phi_rnn.cells import GATES, KINDS, MODELS  # noqa: F401  (the cell types; re-exported)
+from phi_rnn.config import PRECISIONS
 
 INIT_RANGE = 0.08
 RMS_CHUNKS = 64  # fixed chunking of the optimizer: results independent of the thread count
@@ -71,6 +79,20 @@ def transposed_weights(params, num_layers, out=None):
     return out
 
 
+def bf16_weights(transposed, out=None):
+    """The forward's weights with their GEMM operands in bfloat16: `transposed`
+    (kernels.TransposedWeights, float32) with w_ih_t, w_hh_t and dec_w_t rounded to uint16
+    bits; the one-hot table w_ih0_t (gathered, not multiplied), bias and dec_b are
+    transposed's own arrays. `out`, a previous result, is refilled in place."""
+    t = transposed
+    if out is None:
+        out = t._replace(w_ih_t=np.empty(t.w_ih_t.shape, np.uint16), w_hh_t=np.empty(t.w_hh_t.shape, np.uint16),
+                         dec_w_t=np.empty(t.dec_w_t.shape, np.uint16))
+    for name in ("w_ih_t", "w_hh_t", "dec_w_t"):
+        bf16.round_into(getattr(t, name), getattr(out, name))
+    return out
+
+
 def gemm_flops(model, vocab_size, rnn_size, num_layers, batch_size, seq_length):
     """GEMM floating-point operations of one training iteration. Forward: every layer's
     recurrent product, the input products of layers >= 1 (the first is a gather) and the
@@ -87,21 +109,31 @@ class Network:
     state and the workspace for one (seq_length, batch_size) shape."""
 
     def __init__(self, model, vocab_size, rnn_size, num_layers, dropout=0.0, strategy="batch",
-                 dtype=np.float32):
-        """dtype float64 exists for the finite-difference gradient checks; training is float32."""
+                 dtype=np.float32, precision="fp32"):
+        """dtype float64 exists for the finite-difference gradient checks; training is float32.
+        precision "bf16": the GEMMs in bfloat16 (module docstring)."""
         if model not in MODELS:
             raise ValueError(f"unknown model type {model!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}")
         self.model, self.V, self.H, self.L = model, vocab_size, rnn_size, num_layers
         self.kind = KINDS[model]
         self.dropout = dropout
         self.strategy = strategy
+        self.precision = precision
         self.dtype = np.dtype(dtype).type
+        # the dtype of every GEMM operand: the activations' float type, or bfloat16's bits
+        self.operand_dtype = np.uint16 if precision == "bf16" else self.dtype
         shapes = param_shapes(model, vocab_size, rnn_size, num_layers)
         self.params = FlatBuffer(shapes, dtype)
         self.grads = FlatBuffer(shapes, dtype, spare=CARRIED_SLOTS)
         self.rms = np.zeros_like(self.params.data)  # RMSprop's running mean of squared gradients
         t = self.transposed = transposed_weights(self.params, num_layers)  # refilled by every forward
         p = self.params
+        if precision == "bf16":  # the operands' copies, rounded by every forward
+            self.params_op = FlatBuffer(shapes, np.uint16)
+            t = self.transposed_op = bf16_weights(self.transposed)
+            p = self.params_op
         self.weights = [K.LayerWeights(t.w_ih0_t if layer == 0 else t.w_ih_t[layer - 1], t.w_hh_t[layer],
                                        t.bias[layer], p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"])
                         for layer in range(num_layers)]
@@ -124,6 +156,13 @@ class Network:
         """(L, 2, B, H): h and c (LSTM; zeros otherwise) of every layer, carried from batch to batch."""
         return np.zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
 
+    def _refresh_weights(self):
+        """The forward's transposed weights (and in bfloat16 all operands) from the parameters."""
+        transposed_weights(self.params, self.L, out=self.transposed)
+        if self.precision == "bf16":
+            bf16.round_into(self.params.data, self.params_op.data)
+            bf16_weights(self.transposed, out=self.transposed_op)
+
     def _workspace(self, T, B):
         P = max(1, min(numba.get_num_threads(), B)) if self.strategy == "batch" else 1
         if self._shape == (T, B, P):
@@ -131,18 +170,32 @@ class Network:
         self._shape = (T, B, P)
         self.passes = K.training_passes(P)
         L, H, V, G = self.L, self.H, self.V, GATES[self.model] * self.H
-        rows = lambda width: np.zeros((T * B, width), self.dtype)  # noqa: E731
+        rows = lambda width, dtype=self.dtype: np.zeros((T * B, width), dtype)  # noqa: E731
         state = lambda: np.zeros((B, H), self.dtype)  # noqa: E731
+        separate = self.precision == "bf16"  # operands apart from the float arrays (else the same array)
+        op = self.operand_dtype
         # every (T*B)-row buffer holds P blocks of batch rows, time-major inside a block
         # (kernels.py); row r of that layout is row perm[r] of the time-major (T, B) order
         self.perm = np.concatenate([(np.arange(T)[:, None] * B + np.arange(p * B // P, (p + 1) * B // P)).ravel()
                                     for p in range(P)])
         # x of each layer above the first is set by every forward (the outputs below, or their copy
         # through dropout); the first layer reads the tokens
-        self.acts = [K.LayerActivations(np.zeros((0, H), self.dtype), rows(G), rows(H), rows(H), rows(H),
-                                        state(), state(), state(), state()) for _ in range(L)]
-        self.decoder = K.DecoderActivations(None, np.zeros(T * B, np.int32), rows(V), np.zeros(T * B, self.dtype))
-        self.dropped = np.zeros((L, T * B, H), self.dtype)  # [l - 1]: input of layer l (l = L: the decoder's)
+        # gates_op holds one layer's gate gradients in backward: all layers share it; aux_op is a
+        # GEMM operand only for GRU (r*h), scratch the others never touch
+        gates_op = rows(G, op) if separate else None
+        shared_aux_op = rows(H, op) if separate and self.model != "gru" else None
+        self.acts = []
+        for _ in range(L):
+            gates, hs, aux, h0 = rows(G), rows(H), rows(H), state()
+            self.acts.append(K.LayerActivations(
+                np.zeros((0, H), op), gates, hs, rows(H), aux, h0, state(), state(), state(),
+                gates_op if separate else gates, rows(H, op) if separate else hs,
+                (shared_aux_op if shared_aux_op is not None else rows(H, op)) if separate else aux,
+                np.zeros((B, H), op) if separate else h0))
+        logits = rows(V)
+        self.decoder = K.DecoderActivations(None, np.zeros(T * B, np.int32), logits, np.zeros(T * B, self.dtype),
+                                            rows(V, op) if separate else logits)
+        self.dropped = np.zeros((L, T * B, H), op)  # [l - 1]: input of layer l (l = L: the decoder's)
         self.masks = np.zeros((L, T * B, H), self.dtype)  # after dropout, and the masks that made it
         # Gradient scratch shared by all layers: backward runs one layer at a time, top down, and
         # sums its partial weight gradients into self.grads before the next layer starts.
@@ -165,7 +218,7 @@ class Network:
         the NLL, averaged over the T steps."""
         T, B = x.shape
         self._workspace(T, B)
-        transposed_weights(self.params, self.L, out=self.transposed)
+        self._refresh_weights()
         dropout = rng is not None and self.dropout > 0
         for layer in range(self.L):
             a = self.acts[layer]
@@ -180,17 +233,18 @@ class Network:
         return float(dec.row_loss.sum(dtype=np.float64)) / (B * T)
 
     def _input(self, layer, dropout, rng):
-        """The input of layer `layer` (the decoder's when layer == L): the outputs of the
-        layer below (a view: no copy), or with dropout a copy through a fresh mask."""
-        below = self.acts[layer - 1].hs
+        """The input of layer `layer` (the decoder's when layer == L), a GEMM operand: the
+        outputs of the layer below (a view: no copy), or with dropout a copy through a fresh
+        mask."""
+        below = self.acts[layer - 1]
         if not dropout:
-            return below
+            return below.hs_op
         mask = self.masks[layer - 1]
         T, B, _ = self._shape
         start, total = self.streams or (0, B)
         keep = rng.random((T, total, self.H), dtype=np.float32)[:, start:start + B] >= self.dropout
         np.multiply(keep.reshape(T * B, self.H)[self.perm], self.dtype(1.0 / (1.0 - self.dropout)), out=mask)
-        K.multiply(below, mask, self.dropped[layer - 1])
+        K.multiply(below.hs, mask, self.dropped[layer - 1])
         return self.dropped[layer - 1]
 
     def backward(self, x, training_dropout):

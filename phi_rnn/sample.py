@@ -10,21 +10,20 @@ import numpy as np
 from phi_rnn import checkpoint, data, files
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
-from phi_rnn.model import KINDS, FlatBuffer, transposed_weights
+from phi_rnn.model import KINDS, FlatBuffer, bf16_weights, transposed_weights
 
 BLOCK = 4096  # characters generated per compiled call, then written out
 FIRST_BLOCK = 64  # the first blocks are smaller: a big model's text shows at once
 _HUGE_PAGE = 2 << 20
 
 
-def _in_one_huge_page(weights, dtype=np.float32):
-    """`weights`, a namedtuple of arrays, copied as `dtype` into one 2 MB-aligned region advised
+def _in_one_huge_page(weights):
+    """`weights`, a namedtuple of arrays, copied (each keeping its dtype) into one 2 MB-aligned region advised
     for transparent huge pages, each array 64-byte aligned; the same namedtuple of the copies.
     Generation streams every weight once per character from L2; on scattered 4 KB pages the
     ~0.8 MB of a 2 x 128 model evict each other in L2's sets (three 512 x 128 products:
     11.2 us scattered, 10.1 us in one huge page)."""
-    itemsize = np.dtype(dtype).itemsize
-    sizes = [-(-a.size * itemsize // 64) * 64 for a in weights]
+    sizes = [-(-a.nbytes // 64) * 64 for a in weights]
     nbytes = sum(sizes)
     length = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE
     region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
@@ -34,7 +33,7 @@ def _in_one_huge_page(weights, dtype=np.float32):
         region.madvise(mmap.MADV_HUGEPAGE, start, length - _HUGE_PAGE)
     copies, offset = [], start
     for a, size in zip(weights, sizes):
-        view = raw[offset:offset + a.size * itemsize].view(dtype).reshape(a.shape)
+        view = raw[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
         view[...] = a
         copies.append(view)
         offset += size
@@ -51,16 +50,18 @@ def generation_state(num_layers, hidden, gate_units, vocab_size):
 
 class Generator:
     """A batch-of-one copy of a checkpoint's network, laid out for kernels.generation_step:
-    `weights` (kernels.TransposedWeights, float32, in one huge page) and `state`
+    `weights` (kernels.TransposedWeights in one huge page: float32, or with precision "bf16"
+    the products' weights in bfloat16, half the bytes streamed per character) and `state`
     (kernels.GenerationState)."""
 
-    def __init__(self, ck):
+    def __init__(self, ck, precision="fp32"):
         p, L = ck.params, int(ck.meta["num_layers"])
         self.kind = KINDS[ck.meta["model"]]
         self.encoding = ck.meta.get("encoding", "utf-8")
         self.vocab = ck.vocab
         self.index = {s: i for i, s in enumerate(self.vocab)}
-        self.weights = _in_one_huge_page(transposed_weights(p, L))
+        weights = transposed_weights(p, L)
+        self.weights = _in_one_huge_page(bf16_weights(weights) if precision == "bf16" else weights)
         # logits start equal: with no primetext the first character is uniform, as in char-rnn
         self.state = generation_state(L, int(ck.meta["rnn_size"]), self.weights.bias.shape[1], len(self.vocab))
 
@@ -94,7 +95,7 @@ def sample(o, out=None):
         return _sample_to_file(o)
     out = out or sys.stdout
     ck = checkpoint.load(o.checkpoint)
-    gen = Generator(ck)
+    gen = Generator(ck, o.precision)
     rng = np.random.default_rng(o.seed)
     if o.primetext:
         gen.prime(o.primetext)

@@ -64,11 +64,11 @@ class Interrupt:
         return next((signum for signum, count in zip(EXIT_SIGNAL, flags) if count), None)
 
 
-def compile_kernels(model, strategy, log):
+def compile_kernels(model, strategy, log, precision="fp32"):
     """Compile (first run) or load from numba's cache every kernel, visibly and timed."""
     t0 = time.perf_counter()
     log("loading kernels (compiled on the first run, cached afterwards)...", flush=True)
-    net = Network(model, 3, 4, 2, dropout=0.5, strategy=strategy)
+    net = Network(model, 3, 4, 2, dropout=0.5, strategy=strategy, precision=precision)
     net.init_params(np.random.default_rng(0))
     x = np.zeros((2, 2), np.int32)
     net.forward(x, x, net.zero_state(2), np.random.default_rng(0))
@@ -389,8 +389,9 @@ class Training:
         note = idle_threads_note(threads, stop - first, o.strategy, thread_cpus(), measured_recipe(threads))
         if note:
             log(note)
-        compile_kernels(o.model, o.strategy, log)
-        self.net = Network(o.model, len(corpus.vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy)
+        compile_kernels(o.model, o.strategy, log, o.precision)
+        self.net = Network(o.model, len(corpus.vocab), o.rnn_size, o.num_layers, o.dropout, o.strategy,
+                           precision=o.precision)
         self.net.streams = (first, o.batch_size)
         self.rng = np.random.default_rng(o.seed)
         self.run = Run(o, corpus.vocab, corpus.sha256)

@@ -291,3 +291,52 @@ def test_the_benchmark_refuses_bad_flags_in_one_line():
     result = subprocess.run([sys.executable, BENCH, "--rounds", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.startswith("phi_rnn") and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- --precision bf16 through the CLI
+
+needs_bf16 = pytest.mark.skipif(not bf16.native_features(), reason=bf16.refusal())
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_the_cli_refuses_bf16_on_a_cpu_capped_below_it(tmp_path, command):
+    from cli_helpers import TINY_MODEL, one_line_error, run_cli, small_corpus
+    if command == "train":
+        args = ["train", "--data_dir", small_corpus(tmp_path / "data", 3000), *TINY_MODEL, "--max_iters", 2,
+                "--checkpoint_dir", tmp_path / "cv"]
+    else:
+        args = ["sample", tmp_path / "no-such.npz"]
+    result = run_cli(*args, "--precision", "bf16", env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert result.returncode == 2
+    assert one_line_error(result).startswith(REFUSAL)
+    assert not (tmp_path / "cv").exists()
+
+
+@needs_bf16
+def test_bf16_resume_is_bit_identical_and_the_checkpoint_serves_either_precision(tmp_path):
+    from cli_helpers import run_cli, small_corpus, train_losses
+    from phi_rnn import checkpoint
+    corpus = small_corpus(tmp_path / "data", 12000)
+    common = ["--data_dir", corpus, "--rnn_size", 16, "--num_layers", 2, "--batch_size", 8, "--seq_length", 16,
+              "--dropout", 0.25, "--eval_val_every", 30, "--print_every", 1, "--precision", "bf16"]
+    straight = run_cli("train", *common, "--max_iters", 60, "--checkpoint_dir", tmp_path / "a", check=True)
+    first = run_cli("train", *common, "--max_iters", 30, "--checkpoint_dir", tmp_path / "b", check=True)
+    second = run_cli("train", *common, "--max_iters", 60, "--resume", "latest", "--checkpoint_dir", tmp_path / "b",
+                     check=True)
+    assert "gemm bfloat16: " in straight.stdout
+    assert train_losses(first.stdout) + train_losses(second.stdout) == train_losses(straight.stdout)
+    a = checkpoint.load(checkpoint.resolve("latest", str(tmp_path / "a")))
+    b = checkpoint.load(checkpoint.resolve("latest", str(tmp_path / "b")))
+    for name in a.params:
+        assert a.params[name].dtype == np.float32
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+    np.testing.assert_array_equal(a.arrays["optim.rms"], b.arrays["optim.rms"])
+    assert a.meta["options"]["precision"] == "bf16"
+    path = checkpoint.resolve("latest", str(tmp_path / "a"))
+    texts = {p: run_cli("sample", path, "--length", 300, "--precision", p, check=True).stdout for p in ("fp32", "bf16")}
+    assert all(len(t) == 301 for t in texts.values())
+    # the same draws through slightly different logits: mostly the same characters
+    assert sum(x == y for x, y in zip(*texts.values())) > 150
+    fp32 = run_cli("train", *common[:-2], "--max_iters", 70, "--resume", "latest", "--checkpoint_dir",
+                   tmp_path / "a", check=True)  # and it resumes in float32
+    assert len(train_losses(fp32.stdout)) == 10

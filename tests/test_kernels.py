@@ -1,9 +1,11 @@
 """Each kernel against plain numpy (float32 tolerances); the vectorised transcendentals
-against float64 libm over their whole range."""
+against float64 libm over their whole range; the bfloat16 kernels against numpy on the
+bfloat16-rounded operands."""
 import numpy as np
 import pytest
 from numba import njit
 
+from phi_rnn import bf16
 from phi_rnn import kernels as K
 
 rng = np.random.default_rng(42)
@@ -220,7 +222,8 @@ def test_decoder_forward_backward_loss_and_gradients():
     w = rng.standard_normal((V, H)).astype(np.float32)
     b = rng.standard_normal(V).astype(np.float32)
     targets = rng.integers(0, V, R).astype(np.int32)
-    a = K.DecoderActivations(top, targets, np.empty((R, V), np.float32), np.empty(R, np.float32))
+    logits = np.empty((R, V), np.float32)
+    a = K.DecoderActivations(top, targets, logits, np.empty(R, np.float32), logits)
     weights = K.DecoderWeights(np.ascontiguousarray(w.T), b, w)
     logits, row_loss = a.logits, a.row_loss
     K.decoder_forward(weights, a, np.float32(0.25))
@@ -269,3 +272,94 @@ def test_rmsprop_step_matches_char_rnn_formula():
     np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sq_g.sum(), (g64 ** 2).sum(), rtol=1e-6)
     np.testing.assert_allclose(sq_p.sum(), (p_ref ** 2).sum(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bfloat16 (--precision bf16)
+
+needs_bf16 = pytest.mark.skipif(not bf16.native_features(), reason=bf16.refusal())
+
+
+def _rounded(shape):
+    """Random bfloat16 bits and the float64 values they stand for."""
+    bits = bf16.to_bf16(rng.standard_normal(shape))
+    return bits, bf16.to_float32(bits).astype(np.float64)
+
+
+def _product_bound(a, b, c_before, beta):
+    """What float32 accumulation of exact bfloat16 products may be off by."""
+    return 1e-5 * (np.abs(a) @ np.abs(b) + abs(beta) * np.abs(c_before)) + 1e-30
+
+
+@needs_bf16
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("m", [1, 25, 300])
+def test_gemm_on_bfloat16_operands_matches_numpy_on_the_rounded_values(ta, tb, m):
+    n, k = 96, 40
+    a, a64 = _rounded((k, m) if ta else (m, k))
+    b, b64 = _rounded((n, k) if tb else (k, n))
+    op_a, op_b = (a64.T if ta else a64), (b64.T if tb else b64)
+    for beta in (0.0, 1.0):
+        c_before = rng.standard_normal((m, n)).astype(np.float32)
+        c = c_before.copy()
+        K.gemm(ta, tb, 1.0, a, b, beta, c)
+        assert (np.abs(c - (op_a @ op_b + beta * c_before)) <= _product_bound(op_a, op_b, c_before, beta)).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("inner", [12, 13])
+def test_batch_of_one_row_times_bfloat16_weights_rounds_the_row(beta, inner):
+    """Generation in bfloat16: a float32 row (rounded as it is read) times bfloat16 weights."""
+    x = rng.standard_normal((1, inner)).astype(np.float32)
+    b, b64 = _rounded((inner, 70))
+    x64 = bf16.to_float32(bf16.to_bf16(x)).astype(np.float64)
+    c_before = rng.standard_normal((1, 70)).astype(np.float32)
+    c = c_before.copy()
+    K.gemm(False, False, 1.0, x, b, beta, c)
+    assert (np.abs(c - (x64 @ b64 + beta * c_before)) <= _product_bound(x64, b64, c_before, beta)).all()
+
+
+@njit(error_model="numpy")
+def _to_operand(values, operand):
+    K.to_operand(values, operand)
+
+
+def test_to_operand_rounds_to_nearest_even_and_leaves_float32_alone():
+    values = (rng.standard_normal((9, 33)) * 10.0 ** rng.integers(-5, 5, (9, 33))).astype(np.float32)
+    bits = np.zeros(values.shape, np.uint16)
+    _to_operand(values, bits)
+    np.testing.assert_array_equal(bits, bf16.to_bf16(values))
+    copy = values.copy()
+    _to_operand(values, values)  # float32: the operand is the array itself
+    np.testing.assert_array_equal(values, copy)
+
+
+def test_dropout_multiply_into_a_bfloat16_operand_rounds_each_product():
+    a = rng.standard_normal((6, 20)).astype(np.float32)
+    mask = (rng.random((6, 20)) > 0.3).astype(np.float32) * np.float32(1 / 0.7)
+    out = np.zeros(a.shape, np.uint16)
+    K.multiply(a, mask, out)
+    np.testing.assert_array_equal(out, bf16.to_bf16(a * mask))
+
+
+@needs_bf16
+def test_decoder_in_bfloat16_matches_numpy_on_the_rounded_operands():
+    from reference import log_softmax
+    R, H, V = 40, 9, 13
+    top, top64 = _rounded((R, H))
+    w32 = rng.standard_normal((V, H)).astype(np.float32)
+    w, w64 = bf16.to_bf16(w32), bf16.to_float32(bf16.to_bf16(w32)).astype(np.float64)
+    b = rng.standard_normal(V).astype(np.float32)
+    targets = rng.integers(0, V, R).astype(np.int32)
+    a = K.DecoderActivations(top, targets, np.empty((R, V), np.float32), np.empty(R, np.float32),
+                             np.empty((R, V), np.uint16))
+    weights = K.DecoderWeights(bf16.to_bf16(w32.T), b, w)
+    K.decoder_forward(weights, a, np.float32(0.25))
+    lp = log_softmax(top64 @ w64.T + b)
+    np.testing.assert_allclose(a.row_loss, -lp[np.arange(R), targets], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(a.logits_op, bf16.to_bf16(a.logits))  # the gradient, rounded
+    d_logits64 = bf16.to_float32(a.logits_op).astype(np.float64)
+    d_w, d_b, d_top = np.empty_like(w32), np.empty_like(b), np.empty((R, H), np.float32)
+    K.decoder_backward(weights, a, d_top, K.DecoderGradients(d_w, d_b))
+    np.testing.assert_allclose(d_w, d_logits64.T @ top64, atol=1e-5)
+    np.testing.assert_allclose(d_b, a.logits.sum(0), atol=1e-6)  # the bias from the float32 gradient
+    np.testing.assert_allclose(d_top, d_logits64 @ w64, atol=1e-5)
