@@ -7,6 +7,7 @@ machine's sgemm peak measured in the same run.
     python bench/speed.py --rnn_size 512 --num_layers 3 --batch_size 128 --seq_length 100
     python bench/speed.py --json                # one JSON object (the scaling study reads it)
     python bench/speed.py --no-torch --profile  # where phi_rnn's iteration spends its time
+    python bench/speed.py --precision bf16      # bfloat16 mixed precision (PyTorch: autocast bfloat16)
 
 Prints median / min / max ms per iteration (forward + backward + RMSprop, as in training),
 chars/s, GEMM GFLOP/s, % of the sgemm peak, peak RSS, and the ratio phi_rnn / PyTorch.
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--seq_length", "--seq-length", type=int, default=50)
     p.add_argument("--vocab", type=int, default=65, help="vocabulary size (tiny-shakespeare: 65)")
     p.add_argument("--strategy", default="batch", choices=("batch", "gemm"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: phi_rnn's --precision bf16, PyTorch under autocast bfloat16, and the bfloat16 GEMM floor")
     p.add_argument("--blas", metavar="libxsmm|onednn|openblas|mkl", default=None,
                    help="float32 GEMM backend for the one-thread products, or STEP+SEQUENCE libraries "
                         "(default: the fastest here)")
@@ -82,6 +85,18 @@ def sgemm_peak_gflops(n=2048, reps=5):
     with blas.using("mkl"):  # at one thread the small-GEMM backend would take this product
         K.gemm(False, False, 1.0, a, a, 0.0, c)
         best = min(_timed(lambda: K.gemm(False, False, 1.0, a, a, 0.0, c)) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def bf16_peak_gflops(n=2048, reps=5):
+    """Best of `reps` bfloat16 GEMMs n x n x n (float32 output) on the chosen bfloat16 library at
+    the configured thread count: the bfloat16 GEMM floor is the iteration's GEMM work at this rate."""
+    import numpy as np
+    from phi_rnn import bf16
+    a = bf16.to_bf16(np.random.default_rng(0).random((n, n), dtype=np.float32))
+    c = np.zeros((n, n), np.float32)
+    bf16.gemm_arrays(False, False, 1.0, a, a, 0.0, c)
+    best = min(_timed(lambda: bf16.gemm_arrays(False, False, 1.0, a, a, 0.0, c)) for _ in range(reps))
     return 2 * n ** 3 / best / 1e9
 
 
@@ -134,6 +149,9 @@ def phi_rnn_worker(args):
     from phi_rnn import blas
     from phi_rnn.cli import select_blas
     select_blas(args.blas)  # --blas, or the default (measured on the first run on a machine)
+    if args.precision == "bf16":
+        from phi_rnn import bf16
+        bf16.require_native()
     from phi_rnn.model import gemm_flops
     net, iteration = training_iteration(args)
     for k in range(args.warmup):
@@ -163,9 +181,11 @@ def training_iteration(config):
     import numpy as np
     from phi_rnn.model import Network
     from phi_rnn.train import compile_kernels
-    compile_kernels(config.model, config.strategy, lambda *a, **k: None)
+    precision = getattr(config, "precision", "fp32")
+    compile_kernels(config.model, config.strategy, lambda *a, **k: None, precision)
     rng = np.random.default_rng(0)
-    net = Network(config.model, config.vocab, config.rnn_size, config.num_layers, strategy=config.strategy)
+    net = Network(config.model, config.vocab, config.rnn_size, config.num_layers, strategy=config.strategy,
+                  precision=precision)
     net.init_params(rng)
     T, B = config.seq_length, config.batch_size
     batches = [(rng.integers(0, config.vocab, (T, B)).astype(np.int32),
@@ -223,14 +243,16 @@ def torch_worker(args):
     batches = [(torch.randint(0, V, (T, B)), torch.randint(0, V, (T, B))) for _ in range(4)]
     state = (torch.zeros(L, B, H), torch.zeros(L, B, H)) if args.model == "lstm" else torch.zeros(L, B, H)
     detach = lambda s: tuple(t.detach() for t in s) if isinstance(s, tuple) else s.detach()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def iteration(k):
         nonlocal state
         x, y = batches[k % 4]
         opt.zero_grad(set_to_none=False)
-        out, state = rnn(torch.nn.functional.one_hot(x, V).float(), state)
-        state = detach(state)
-        loss = torch.nn.functional.cross_entropy(decoder(out).view(T * B, V), y.view(-1)) * T
+        with autocast:
+            out, state = rnn(torch.nn.functional.one_hot(x, V).float(), state)
+            state = detach(state)
+            loss = torch.nn.functional.cross_entropy(decoder(out).view(T * B, V).float(), y.view(-1)) * T
         loss.backward()
         for p in params:
             p.grad.clamp_(-5, 5)
@@ -260,6 +282,7 @@ def main(argv=None):
             from phi_rnn import blas
             print(json.dumps({"times": times, "cpu_times": cpu_times, "gflop": gflop, "peak": sgemm_peak_gflops(),
                               "small_peak": small_gemm_peak_gflops(), "gemm": blas.describe_backend(),
+                              "bf16_peak": bf16_peak_gflops() if args.precision == "bf16" else None,
                               "vector": blas.vector_width(), "versions": versions(), "rss_mb": peak_rss_mb(),
                               "profile": profile, "parts": parts}))
             return 0
@@ -273,7 +296,8 @@ def main(argv=None):
         "versions": mine["versions"],
         "config": {"model": args.model, "rnn_size": args.rnn_size, "num_layers": args.num_layers,
                    "batch_size": args.batch_size, "seq_length": args.seq_length, "vocab": args.vocab},
-        "threads": plan.threads, "policy": plan.policy, "strategy": args.strategy,
+        "threads": plan.threads, "policy": plan.policy, "strategy": args.strategy, "precision": args.precision,
+        "bf16_peak_gflops": mine["bf16_peak"],
         "placement": plan.describe(), "gemm": mine["gemm"], "vector": mine["vector"], "gflop_per_iter": mine["gflop"],
         "peak_gflops": mine["peak"], "small_gemm_peak_gflops": mine["small_peak"],
         "phi_rnn": summary(mine["times"], args, mine["gflop"], mine["peak"], mine["rss_mb"], mine["cpu_times"]),
@@ -298,7 +322,7 @@ def print_report(r):
     c = r["config"]
     print_machine(r)
     print(f"config: {c['model']} {c['num_layers']} x {c['rnn_size']}, batch {c['batch_size']}, seq "
-          f"{c['seq_length']}, vocab {c['vocab']}; strategy {r['strategy']}; "
+          f"{c['seq_length']}, vocab {c['vocab']}; strategy {r['strategy']}; {r.get('precision', 'fp32')}; "
           f"{r['gflop_per_iter']:.3f} GFLOP/iteration; sgemm peak {r['peak_gflops']:.1f} GFLOP/s "
           f"-> GEMM floor {r['gflop_per_iter'] / r['peak_gflops'] * 1e3:.1f} ms; per-thread 25 x 512 x 128 "
           f"products {r['small_gemm_peak_gflops']:.1f} GFLOP/s -> "
@@ -307,6 +331,10 @@ def print_report(r):
                              f"n={len(s['ms'])})  {s['chars_per_s']:9.0f} chars/s  {s['gflops']:6.1f} GFLOP/s  "
                              f"{s['pct_peak']:5.1f}% of peak  RSS {s['peak_rss_mb']:.0f} MB  "
                              f"CPU median {s['cpu_median_ms']:.2f} ms")
+    if r.get("bf16_peak_gflops"):
+        print(f"bfloat16 GEMM peak {r['bf16_peak_gflops']:.1f} GFLOP/s -> bfloat16 GEMM floor "
+              f"{r['gflop_per_iter'] / r['bf16_peak_gflops'] * 1e3:.1f} ms (float32's "
+              f"{r['gflop_per_iter'] / r['peak_gflops'] * 1e3:.1f} ms)")
     if r["profile"]:
         mean = sum(r["phi_rnn"]["ms"]) / len(r["phi_rnn"]["ms"])
         print(f"profile (mean ms per iteration; iteration mean {mean:.2f} ms):")
@@ -326,6 +354,8 @@ def print_report(r):
     strict = r["gflop_per_iter"] / best_rate(r) * 1e3
     line = (f"phi_rnn / GEMM floor = {r['phi_rnn']['median_ms'] / floor:.2f} "
             f"({r['phi_rnn']['median_ms'] / strict:.2f} at the better rate)")
+    if r.get("bf16_peak_gflops"):
+        line += f"; phi_rnn / bfloat16 GEMM floor = {r['phi_rnn']['median_ms'] * r['bf16_peak_gflops'] / r['gflop_per_iter'] / 1e3:.2f}"
     if r["ratio"] is not None:
         line += f"; phi_rnn / torch = {r['ratio']:.2f} ({r['cpu_ratio']:.2f} in CPU time)"
     print(line)

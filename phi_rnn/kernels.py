@@ -327,11 +327,14 @@ def lstm_cell_backward(gates, c_prev, tanh_c, dh_out, dh, dc):
 # arrays of one shape (hs, cs, aux, d_out) cannot be swapped by position. Rows: (T*B, .)
 # buffers hold blocks of batch rows, time-major inside a block (the layout above).
 
-LayerWeights = namedtuple("LayerWeights", ["w_ih_t", "w_hh_t", "bias", "w_ih", "w_hh"])
+LayerWeights = namedtuple("LayerWeights", ["w_ih_t", "w_hh_t", "bias", "w_ih", "w_hh", "w_hh_t_packed",
+                                           "w_hh_packed"])
 LayerWeights.__doc__ = """One layer's weights, G = gate units, H_in = V (first layer) or H.
 w_ih_t (H_in, G), w_hh_t (H, G): transposed for the forward, so that every product is A @ B,
 the form libxsmm runs (blas.py); the first layer's w_ih_t is the one-hot table, gathered by
-token. bias (G) = b_ih + b_hh. w_ih (G, H_in), w_hh (G, H): as stored, for the backward."""
+token. bias (G) = b_ih + b_hh. w_ih (G, H_in), w_hh (G, H): as stored, for the backward.
+w_hh_t_packed, w_hh_packed: w_hh_t and w_hh laid out by MKL for the per-step products
+(bf16.pack_into, LSTM in bfloat16), or empty: the per-step products then run on gemm."""
 
 LayerActivations = namedtuple("LayerActivations", ["x", "gates", "hs", "cs", "aux", "h0", "c0", "h_last",
                                                    "c_last", "gates_op", "hs_op", "aux_op", "h0_op"])
@@ -410,6 +413,16 @@ def lstm_step_forward(g, bias, w_hh_t, h_prev, c_prev, h, c, tanh_c):
 
 
 @njit(**_opts)
+def recurrent_product(a, b, packed, beta, c):
+    """c = a @ b + beta * c, a per-step product: on b's packed copy (bfloat16, MKL) when
+    `packed` is not empty, else through gemm."""
+    if packed.size > 0:
+        bf16.gemm_packed_arrays(False, 1.0, a, packed, beta, c)
+    else:
+        gemm(False, False, ONE, a, b, beta, c)
+
+
+@njit(**_opts)
 def lstm_recurrence_forward(first, tokens, w, s):
     """All steps of a block: s.gates (T, nb, 4H) input projection in (unless `first`: then
     gathered here), activations out; s.hs, s.cs, s.aux = tanh(c) out."""
@@ -417,10 +430,9 @@ def lstm_recurrence_forward(first, tokens, w, s):
         g = s.gates[t]
         if first:
             gather_step(g, w.w_ih_t, tokens[t])
-        if t == 0:
-            lstm_step_forward(g, w.bias, w.w_hh_t, s.h0_op, s.c0, s.hs[0], s.cs[0], s.aux[0])
-        else:
-            lstm_step_forward(g, w.bias, w.w_hh_t, s.hs_op[t - 1], s.cs[t - 1], s.hs[t], s.cs[t], s.aux[t])
+        # lstm_step_forward, its product on the packed weights where there are some
+        recurrent_product(s.h0_op if t == 0 else s.hs_op[t - 1], w.w_hh_t, w.w_hh_t_packed, ONE, g)
+        lstm_cell_forward(g, w.bias, s.c0 if t == 0 else s.cs[t - 1], s.cs[t], s.aux[t], s.hs[t])
         to_operand(s.hs[t], s.hs_op[t])
 
 
@@ -437,7 +449,7 @@ def lstm_recurrence_backward(first, tokens, w, s, d_out, dh, dc, dw):
         to_operand(g, s.gates_op[t])
         accumulate_step(g, tokens[t], first, dw.d_bias, dw.d_w_ih_t)
         if t > 0:  # the initial state is a constant: no gradient flows into it
-            gemm(False, False, ONE, s.gates_op[t], w.w_hh, ZERO, dh)
+            recurrent_product(s.gates_op[t], w.w_hh, w.w_hh_packed, ZERO, dh)
 
 
 # ---------------------------------------------------------------- GRU (char-rnn's GRU.lua)

@@ -134,8 +134,16 @@ class Network:
             self.params_op = FlatBuffer(shapes, np.uint16)
             t = self.transposed_op = bf16_weights(self.transposed)
             p = self.params_op
+        # MKL lays out the LSTM's recurrent bfloat16 weights once per update for the per-step
+        # products (repacking them at every step costs about as much as the product)
+        G, H = self.transposed.w_hh_t.shape[2], rnn_size
+        packs = precision == "bf16" and model == "lstm"
+        no_pack = np.zeros(0, np.uint8)
+        self.packed = [(bf16.packed_operand(1, G, H), bf16.packed_operand(1, H, G)) if packs else (no_pack, no_pack)
+                       for _ in range(num_layers)]
         self.weights = [K.LayerWeights(t.w_ih0_t if layer == 0 else t.w_ih_t[layer - 1], t.w_hh_t[layer],
-                                       t.bias[layer], p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"])
+                                       t.bias[layer], p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"],
+                                       *self.packed[layer])
                         for layer in range(num_layers)]
         self.decoder_weights = K.DecoderWeights(t.dec_w_t, t.dec_b, p["decoder.weight"])
         # (start, total): the batch's rows are streams start.. of a global batch of `total` (an MPI
@@ -162,6 +170,10 @@ class Network:
         if self.precision == "bf16":
             bf16.round_into(self.params.data, self.params_op.data)
             bf16_weights(self.transposed, out=self.transposed_op)
+            for w in self.weights:
+                if w.w_hh_t_packed.size:
+                    bf16.pack_into(False, w.w_hh_t, 1, w.w_hh_t_packed)
+                    bf16.pack_into(False, w.w_hh, 1, w.w_hh_packed)
 
     def _workspace(self, T, B):
         P = max(1, min(numba.get_num_threads(), B)) if self.strategy == "batch" else 1

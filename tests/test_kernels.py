@@ -363,3 +363,19 @@ def test_decoder_in_bfloat16_matches_numpy_on_the_rounded_operands():
     np.testing.assert_allclose(d_w, d_logits64.T @ top64, atol=1e-5)
     np.testing.assert_allclose(d_b, a.logits.sum(0), atol=1e-6)  # the bias from the float32 gradient
     np.testing.assert_allclose(d_top, d_logits64 @ w64, atol=1e-5)
+
+
+@needs_bf16
+@pytest.mark.parametrize("m", [1, 25])
+def test_recurrent_product_on_packed_bfloat16_weights_matches_numpy(m):
+    """The LSTM's per-step products in bfloat16 run on weights MKL laid out once per update."""
+    k, n = 40, 96
+    a, a64 = _rounded((m, k))
+    b, b64 = _rounded((k, n))
+    packed = bf16.packed_operand(1, n, k)
+    bf16.pack_into(False, b, 1, packed)
+    for beta in (0.0, 1.0):
+        c_before = rng.standard_normal((m, n)).astype(np.float32)
+        c = c_before.copy()
+        K.recurrent_product(a, b, packed, np.float32(beta), c)
+        assert (np.abs(c - (a64 @ b64 + beta * c_before)) <= _product_bound(a64, b64, c_before, beta)).all()
