@@ -544,12 +544,16 @@ def long_jobs(slurm_cluster, workdir):  # noqa: F811
                                               "--eval_val_every", "1000000", "--print_every", "1000")),
     }
     # A chain of 1-minute jobs, each stopped 40 s before its walltime, training for about
-    # 2.5 links' time: at least 3 links. The reference trains as long in one go, meanwhile.
-    iterations = chain_iterations(workdir, 2.5 * CHAIN_LINK_S)
+    # 3.5 links' time (each link also spends seconds starting up): at least 3 links. The
+    # reference trains as long in one go, meanwhile. Calibrated once the 2-rank job is over:
+    # timed beside it, training ran at half its speed and the chain finished in 2 links; a
+    # chain slower than its calibration only takes more links (up to --chain 20).
+    wait_until_done(slurm_cluster, "phi-srun", timeout=300)
+    iterations = chain_iterations(workdir, 3.5 * CHAIN_LINK_S)
     threads, model = CHAIN_MODEL
     submitted["chain"] = submit_chain(
         slurm_cluster, workdir, "--scheduler", "slurm", "--ppn", "1", *threads, "--walltime", "1:00",
-        "--stop-before", str(60 - CHAIN_LINK_S), "--chain", "10", "--name", "phi-chain", "--", "train", *model,
+        "--stop-before", str(60 - CHAIN_LINK_S), "--chain", "20", "--name", "phi-chain", "--", "train", *model,
         "--checkpoint_dir", "cv-chain", "--max_iters", str(iterations), "--print_every", "100")
     with open(workdir / "reference.log", "w") as log:
         submitted["reference"] = subprocess.Popen(
@@ -729,12 +733,12 @@ def test_chained_run_ends_with_the_weights_of_one_uninterrupted_run(
     assert progressed + text.count("without a new checkpoint (exit 143); link") == links - 1, text
     assert progressed >= 2, text
     for link, output in enumerate(outputs, 1):
-        assert f"link {link} of a chain of 10 on " in output and "Traceback" not in output, output
+        assert f"link {link} of a chain of 20 on " in output and "Traceback" not in output, output
         if link > 1:
-            assert re.search(rf"chain: link {link} of 10 \(job {job_ids[link - 1]}\) on .*: resuming from "
+            assert re.search(rf"chain: link {link} of 20 \(job {job_ids[link - 1]}\) on .*: resuming from "
                              rf"{workdir}/cv-chain/lm_lstm_epoch[\d.]+_interrupted\.npz", output), output
     states = slurm_states(slurm_cluster, job_ids)
-    assert [states[job_id] for job_id in job_ids[links:]] == ["CANCELLED"] * (10 - links), states
+    assert [states[job_id] for job_id in job_ids[links:]] == ["CANCELLED"] * (20 - links), states
 
     reference = long_jobs["reference"]
     assert reference.wait(timeout=600) == 0, (workdir / "reference.log").read_text()
