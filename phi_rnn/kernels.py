@@ -113,6 +113,16 @@ def _fast_tanh_impl(x):
 
 # ---------------------------------------------------------------- GEMM helpers
 
+@njit(cache=True, error_model="numpy")
+def _scale_row(out, beta):
+    """out *= beta, as BLAS does for C: with beta 0 out is not read (it may hold anything)."""
+    if beta == 0:
+        out[:] = 0
+    else:
+        for n in range(out.shape[0]):
+            out[n] = beta * out[n]
+
+
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _row_times_matrix(a, b, beta, c):
     """c (1, N) = a (1, K) @ b (K, N) + beta * c for a batch of one (text generation): b is
@@ -120,11 +130,7 @@ def _row_times_matrix(a, b, beta, c):
     quarter as often."""
     x = a[0]
     out = c[0]
-    if beta == 0:  # as BLAS: c is not read (it may hold anything)
-        out[:] = 0
-    else:
-        for n in range(out.shape[0]):
-            out[n] = beta * out[n]
+    _scale_row(out, beta)
     k4 = b.shape[0] - b.shape[0] % 4
     for k in range(0, k4, 4):
         r0, r1, r2, r3 = b[k], b[k + 1], b[k + 2], b[k + 3]
@@ -144,11 +150,7 @@ def _row_times_bf16_matrix(a, b, beta, c):
     read: half the bytes of b streamed per product (generation in bfloat16)."""
     x = a[0]
     out = c[0]
-    if beta == 0:
-        out[:] = 0
-    else:
-        for n in range(out.shape[0]):
-            out[n] = beta * out[n]
+    _scale_row(out, beta)
     k4 = b.shape[0] - b.shape[0] % 4
     for k in range(0, k4, 4):
         r0, r1, r2, r3 = b[k], b[k + 1], b[k + 2], b[k + 3]
