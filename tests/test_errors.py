@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -258,8 +259,12 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("not_files")
     corpus, latest = trained_checkpoint(root, 20000, 2)
     # the token cache records the corpus's stat, as a run but the first finds it: a resume
-    # refused once under way (holding the directory) then has no stat to record
-    data.load_corpus(os.path.join(corpus, "input.txt"), log=lambda *a, **k: None).keep_stat()
+    # refused once under way (holding the directory) then has no stat to record. A stat is
+    # only trusted once the corpus's ctime is data.RACY_NS old, so wait that out first.
+    path = os.path.join(corpus, "input.txt")
+    time.sleep(max(0.0, (os.stat(path).st_ctime_ns + data.RACY_NS - time.time_ns()) / 1e9 + 0.1))
+    data.load_corpus(path, log=lambda *a, **k: None).keep_stat()
+    assert data.load_corpus(path, log=lambda *a, **k: None)._new_stat is None  # recorded
     return {"corpus": corpus, "cv": os.path.dirname(latest), "checkpoint": latest}
 
 
