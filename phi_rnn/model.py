@@ -224,13 +224,15 @@ class Network:
         self.decoder_grads = K.DecoderGradients(np.zeros((P, V, H), self.dtype), np.zeros((P, V), self.dtype))
 
     # ------------------------------------------------------------ passes
-    def forward(self, x, y, state, rng=None):
+    def forward(self, x, y, state, rng=None, same_weights=False):
         """x, y (T, B) int32 token ids; state (L, 2, B, H) is read and replaced by the final
         state. rng given = training (dropout on). Returns the loss: the mean over the batch of
-        the NLL, averaged over the T steps."""
+        the NLL, averaged over the T steps. same_weights: the parameters have not changed since
+        the last forward, whose derived copies (transposed, bfloat16, packed) still hold."""
         T, B = x.shape
         self._workspace(T, B)
-        self._refresh_weights()
+        if not same_weights:
+            self._refresh_weights()
         dropout = rng is not None and self.dropout > 0
         for layer in range(self.L):
             a = self.acts[layer]

@@ -88,9 +88,9 @@ def evaluate(net, loader, max_batches=None, split="val", world=distributed.Singl
     start, stop = world.stream_range(loader.batch_size)
     state = net.zero_state(stop - start)
     total = 0.0
-    for _ in range(batches):
+    for batch in range(batches):
         x, y = loader.next_batch(split, start, stop)
-        total += net.forward(x, y, state)
+        total += net.forward(x, y, state, same_weights=batch > 0)
     return world.mean_over_streams(total / batches), batches
 
 

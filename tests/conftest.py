@@ -47,3 +47,42 @@ def with_libxsmm():
     yield
     blas.set_backend(chosen)
     blas.count_calls(False)
+
+
+SHARED_MEMORY = "/dev/shm"
+MPICH_SEGMENT = "mpich_shm_"
+
+
+def _mpich_segments():
+    try:
+        return {name for name in os.listdir(SHARED_MEMORY) if name.startswith(MPICH_SEGMENT)}
+    except OSError:
+        return set()
+
+
+def _mapped_anywhere(path):
+    """Whether a live process still maps `path` (one this user can see)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                if path in maps.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture(autouse=True)
+def remove_the_shared_memory_of_killed_ranks():
+    """An MPI rank killed by a test leaves its MPICH shared-memory segment behind, and later
+    jobs' MPI_Init can fail on it (UCX: "failed to unpack address"): after each test, every
+    segment it created that no live process maps any more is removed."""
+    before = _mpich_segments()
+    yield
+    for name in _mpich_segments() - before:
+        path = os.path.join(SHARED_MEMORY, name)
+        if not _mapped_anywhere(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

@@ -240,3 +240,20 @@ def test_a_short_bfloat16_training_tracks_float32(model):
     fp32, bf16 = np.array(losses["fp32"]), np.array(losses["bf16"])
     assert fp32[-1] < fp32[0] - 0.4, fp32  # it learns
     assert np.abs(bf16 - fp32).max() < 0.02, np.abs(bf16 - fp32)
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_a_forward_with_the_same_weights_reuses_their_derived_copies(precision):
+    """same_weights=True (evaluation's batches after the first) skips refreshing the
+    transposed, bfloat16 and packed copies: with the parameters unchanged it gives the loss a
+    fresh forward gives; after they change, only a refreshing forward sees the change."""
+    reference, x, y, state = _setup(np.float32, "batch")
+    net = Network("lstm", V, H, L, precision=precision)
+    net.params.data[:] = reference.params.data
+    fresh = net.forward(x, y, state.copy())
+    assert net.forward(x, y, state.copy(), same_weights=True) == fresh
+    net.params.data[:] *= 0.5
+    assert net.forward(x, y, state.copy(), same_weights=True) == fresh  # the copies of before
+    halved = net.forward(x, y, state.copy())
+    assert halved != fresh
+    assert net.forward(x, y, state.copy(), same_weights=True) == halved
