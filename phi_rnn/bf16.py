@@ -15,7 +15,8 @@ tells them apart (per-step products: fewer than blas.STEP_ROWS rows, A not trans
 libraries are the ones blas.py loads. Threads: oneDNN runs on its caller's thread inside an
 OpenMP parallel region and on omp_get_max_threads() threads outside one; MKL on the calling
 thread's MKL thread count. MKL can also lay out a B operand once (pack_into: the weights,
-once per update) for gemm_packed_arrays, which then skips the per-call repacking.
+once per update) for gemm_packed_arrays, which then skips the per-call repacking. The
+library at import is default_backend(): MKL on a CPU with AMX, oneDNN on the others.
 
 A CPU without avx512_bf16 or amx_bf16 would run these products in emulation, slower than
 float32: require_native() refuses it. ONEDNN_MAX_CPU_ISA capping oneDNN below
@@ -283,4 +284,14 @@ def gemm_packed_arrays(trans_a, alpha, a, packed, beta, c):
                  a.strides[0] // 2, packed.ctypes.data, n, np.float32(beta), c.ctypes.data, c.strides[0] // 4)
 
 
-set_backend("onednn" if "onednn" in available() else "mkl")
+def default_backend():
+    """MKL where the CPU has AMX: its AMX kernels run every product of a char-rnn iteration
+    (whole-sequence, per-step, transposed weight gradients) sooner than oneDNN's
+    (bench/bf16_gemm.py); elsewhere oneDNN, whose AVX512_BF16 kernels are chosen by
+    instruction set, not CPU vendor."""
+    if "amx_bf16" in native_features() or "onednn" not in available():
+        return "mkl"
+    return "onednn"
+
+
+set_backend(default_backend())

@@ -195,6 +195,13 @@ def test_backend_names():
     assert bf16.backend() == chosen
 
 
+def test_default_backend_is_mkl_with_amx_and_onednn_without(monkeypatch):
+    monkeypatch.setattr(bf16, "native_features", lambda: ("avx512_bf16", "amx_bf16"))
+    assert bf16.default_backend() == "mkl"
+    monkeypatch.setattr(bf16, "native_features", lambda: ("avx512_bf16",))
+    assert bf16.default_backend() == ("onednn" if "onednn" in bf16.available() else "mkl")
+
+
 # ---------------------------------------------------------------- native bfloat16 or refusal
 
 _PROBE = ("from phi_rnn import bf16\n"
