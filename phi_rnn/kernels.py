@@ -749,23 +749,32 @@ def reduce_parts(parts, out, nchunks):
                 o[j] += src[j]
 
 
+_TILE = 16  # parts rows summed together: one cache line of out's row per store run
+
+
 @njit(parallel=True, **_opts)
 def reduce_parts_transposed(parts, out, nchunks):
     """out (C, R) = the sum over p of parts (P, R, C) transposed, in the order p = 0, 1, ...
-    Each chunk of out's rows sums a contiguous run of every parts row, then stores it down a
-    column of out."""
+    Each chunk of out's rows sums a tile of _TILE parts rows over its contiguous run of
+    columns, then stores the tile's columns as runs of _TILE along out's rows: stores one
+    element down a column of out would each touch a cache line of their own."""
     C, R = out.shape
     for k in prange(nchunks):
         lo, hi = k * C // nchunks, (k + 1) * C // nchunks
-        acc = np.empty(hi - lo, out.dtype)
-        for r in range(R):
-            acc[:] = parts[0, r, lo:hi]
-            for p in range(1, parts.shape[0]):
-                src = parts[p, r, lo:hi]
-                for j in range(acc.shape[0]):
-                    acc[j] += src[j]
-            for j in range(acc.shape[0]):
-                out[lo + j, r] = acc[j]
+        acc = np.empty((_TILE, hi - lo), out.dtype)
+        for r0 in range(0, R, _TILE):
+            rows = min(_TILE, R - r0)
+            for i in range(rows):
+                a = acc[i]
+                a[:] = parts[0, r0 + i, lo:hi]
+                for p in range(1, parts.shape[0]):
+                    src = parts[p, r0 + i, lo:hi]
+                    for j in range(a.shape[0]):
+                        a[j] += src[j]
+            for j in range(hi - lo):
+                dst = out[lo + j, r0:r0 + rows]
+                for i in range(rows):
+                    dst[i] = acc[i, j]
 
 
 # ---------------------------------------------------------------- decoder and loss

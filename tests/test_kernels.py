@@ -249,11 +249,14 @@ def test_reduce_parts_sums_in_order_for_any_chunking():
         np.testing.assert_array_equal(out, expect)
 
 
-def test_reduce_parts_transposed_sums_in_order_for_any_chunking():
-    parts = rng.standard_normal((3, 37, 101)).astype(np.float32)
-    expect = ((parts[0] + parts[1]) + parts[2]).T
+@pytest.mark.parametrize("shape", [(3, 37, 101), (2, 128, 64), (1, 16, 5)])  # rows past, on, at a tile
+def test_reduce_parts_transposed_sums_in_order_for_any_chunking(shape):
+    parts = rng.standard_normal(shape).astype(np.float32)
+    expect = parts[0].T.copy()
+    for p in range(1, shape[0]):
+        expect += parts[p].T
     for chunks in (1, 2, 7):
-        out = np.empty((101, 37), np.float32)
+        out = np.empty((shape[2], shape[1]), np.float32)
         K.reduce_parts_transposed(parts, out, chunks)
         np.testing.assert_array_equal(out, expect)
 
