@@ -72,6 +72,22 @@ def run_torch_reference(argv, threads, script):
     return result
 
 
+def bf16_support():
+    """This CPU's bfloat16, as phi_rnn sees it, asked of a fresh process (phi_rnn.bf16 loads
+    the GEMM libraries and their OpenMP runtime, which the calling process keeps out of):
+    {"flags": the native bfloat16 flags /proc/cpuinfo lists, "native": those oneDNN may use
+    (phi_rnn.bf16.native_features), "refusal": phi_rnn.bf16.refusal() where none, else None}."""
+    probe = ("import json; from phi_rnn import bf16; native = bf16.native_features(); print(json.dumps("
+             "{'flags': [f for f in bf16.NATIVE_FEATURES if f in bf16.cpu_flags()], 'native': list(native), "
+             "'refusal': None if native else bf16.refusal()}))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"flags": [], "native": [], "refusal": f"phi_rnn.bf16 does not load here ({tail})"}
+    return json.loads(result.stdout)
+
+
 def print_machine(r):
     """The first lines of a report: machine, versions, thread placement."""
     print(f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['logical_cpus']} CPUs; "

@@ -100,6 +100,12 @@ def bf16_peak_gflops(n=2048, reps=5):
     return 2 * n ** 3 / best / 1e9
 
 
+def bf16_backend():
+    """One line for reports: the bfloat16 GEMM library and the CPU features it runs on."""
+    from phi_rnn import bf16
+    return f"bf16 gemm {bf16.backend()} on {' and '.join(bf16.native_features())}"
+
+
 def small_gemm_peak_gflops(rows=25, n=512, k=128, calls=200, reps=15):
     """Every thread multiplying its own in-cache (rows x k) @ (k x n), as the recurrence does,
     through the chosen backend: the best rate the iteration's per-thread products can reach.
@@ -283,6 +289,7 @@ def main(argv=None):
             print(json.dumps({"times": times, "cpu_times": cpu_times, "gflop": gflop, "peak": sgemm_peak_gflops(),
                               "small_peak": small_gemm_peak_gflops(), "gemm": blas.describe_backend(),
                               "bf16_peak": bf16_peak_gflops() if args.precision == "bf16" else None,
+                              "bf16_gemm": bf16_backend() if args.precision == "bf16" else None,
                               "vector": blas.vector_width(), "versions": versions(), "rss_mb": peak_rss_mb(),
                               "profile": profile, "parts": parts}))
             return 0

@@ -537,3 +537,104 @@ def test_a_two_rank_point_runs_under_mpiexec_and_records_the_allreduce(tmp_path)
     share = 100 * float(rows["strong-tiny-lstm-batch-compact-r002-t001"]["allreduce_share"])
     assert "| strong | tiny | lstm | batch |  | compact | 2 | 1 | 4 |" in md and f"| {share:.1f}% |" in md
     assert (tmp_path / "speedup.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+# ---------------------------------------------------------------- precision (fp32, bf16)
+
+from phi_rnn import bf16  # noqa: E402  (conftest started the runtimes in this process already)
+
+needs_bf16 = pytest.mark.skipif(not bf16.native_features(), reason=bf16.refusal())
+# hides this CPU's native bfloat16 from phi_rnn (phi_rnn/bf16.py): the refusal, on any CPU
+NO_BF16_ENV = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+BF16_STUDY = ["--threads", "1", "--strategies", "batch", "--precisions", "fp32,bf16", *TINY]
+FP32_KEY, BF16_KEY = "strong-tiny-lstm-batch-compact-t001", "strong-tiny-lstm-batch-compact-bf16-t001"
+
+
+def test_precision_is_a_dimension_and_fp32_keeps_the_old_keys():
+    args = ["--threads", "1,2", "--configs", "tiny", "--strategies", "batch"]
+    plain = run_scale(*args, "--list").stdout
+    assert run_scale(*args, "--precisions", "fp32", "--list").stdout == plain  # old studies resume as they were
+    lines = run_scale(*args, "--precisions", "fp32,bf16", "--list").stdout.splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [
+        ["0", "strong-tiny-lstm-batch-compact-t001"], ["1", "strong-tiny-lstm-batch-compact-t002"],
+        ["2", "strong-tiny-lstm-batch-compact-bf16-t001"], ["3", "strong-tiny-lstm-batch-compact-bf16-t002"]]
+    point = scale_points.Point(0, "strong", "tiny", 1, 16, 4, 8, 65, "lstm", "batch", "compact", 1)
+    assert "--parts" in point.speed_args(3, 1) and "--precision" not in point.speed_args(3, 1)
+    args = scale_points.Point(**{**point.__dict__, "precision": "bf16"}).speed_args(3, 1)
+    assert args[args.index("--precision") + 1] == "bf16" and "--parts" not in args  # parts are float32's
+
+
+def test_bad_precisions_are_one_line_and_status_2():
+    for args, message in ((["--precisions", "fp16"], "invalid choice 'fp16'"),
+                          (["--precisions", ","], "empty list"),
+                          (["--precisions", "fp32,bf16", "--ranks", "1,2"], "mpi_speed.py has no bfloat16")):
+        proc = run_scale("--configs", "tiny", *args, "--list", check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_model_leaves_bf16_rows_out_and_models_fp32_as_before():
+    rows = [measured_row(b, block=ms) for b, ms in {1: 0.1, 25: 1.2, 50: 2.0}.items()]
+    rows.append(measured_row(50, threads=2, block=1.5, parts=contention(25, 1.0, 1.2)))
+    # bf16 rows of the same shape, faster: mixed into the block series they would change R(b)
+    twins = [dict(r, precision="bf16", median_ms=r["median_ms"] / 2, mean_ms=r["mean_ms"] / 2) for r in rows]
+    alone = scale_model.build_models(rows, {("compact", 2): 0.003})
+    together = scale_model.build_models(rows + twins, {("compact", 2): 0.003})
+    assert set(together) == set(alone) and all(s[-1] == "fp32" for s in together)  # no bf16 series
+    series = scale_points.series_of(rows[-1])
+    assert [together[series].time_ms(p) for p in (2, 16)] == [alone[series].time_ms(p) for p in (2, 16)]
+    scale_model.validate(rows + twins, together)
+    assert all(r["model_ms"] is None for r in twins) and all(r["model_ms"] is not None for r in rows)
+
+
+def test_fp32_study_recollects_byte_for_byte(tmp_path):
+    """The committed study (float32 only) collects to the very files committed: the precision
+    dimension adds no column, field or line to a study without bf16 points."""
+    committed = ROOT / "results" / "scale-amd-epyc-2c-avx512"
+    out = tmp_path / "study"
+    for sub in ("points", "regions"):
+        shutil.copytree(committed / sub, out / sub)
+    shutil.copy(committed / "machine.json", out / "machine.json")
+    run_scale("--collect", out)
+    for name in ("results.csv", "results.json", "results.md", "machine.json"):
+        assert (out / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+@needs_bf16
+def test_a_bf16_point_is_measured_and_reported_without_a_model(tmp_path):
+    proc = run_scale(*BF16_STUDY, "--out", tmp_path)
+    assert "2 points: 2 run, 0 already done, 0 failed" in proc.stdout
+    records = {p.stem: json.loads(p.read_text()) for p in point_files(tmp_path)}
+    assert set(records) == {FP32_KEY, BF16_KEY}
+    mine = records[BF16_KEY]
+    assert mine["command"][mine["command"].index("--precision") + 1] == "bf16"
+    assert mine["result"]["precision"] == "bf16" and mine["result"]["bf16_peak_gflops"] > 0
+    with open(tmp_path / "results.csv") as handle:
+        rows = {r["key"]: r for r in csv.DictReader(handle)}
+    assert (rows[FP32_KEY]["precision"], rows[BF16_KEY]["precision"]) == ("fp32", "bf16")
+    assert rows[FP32_KEY]["model_ms"] != "" and rows[BF16_KEY]["model_ms"] == rows[BF16_KEY]["model_error"] == ""
+    assert float(rows[BF16_KEY]["bf16_peak_gflops"]) == pytest.approx(mine["result"]["bf16_peak_gflops"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    entry = next(m for m in results["models"] if m["precision"] == "bf16")
+    assert not entry["modelled"] and entry["extrapolated"] == [] and "float32" in entry["note"]
+    md = (tmp_path / "results.md").read_text()
+    bf16_row = next(line for line in md.splitlines() if line.startswith("| strong | tiny |") and "| bf16 |" in line)
+    assert bf16_row.endswith("|  |  |  |  |")  # part, model ms, error, allreduce: none
+    ratio = float(rows[BF16_KEY]["median_ms"]) / float(rows[FP32_KEY]["median_ms"])
+    assert "## bfloat16 against float32" in md and f"| {ratio:.2f} |" in md
+    assert "(no model: its parts are float32's" in md
+
+
+def test_bf16_points_are_left_out_where_the_cpu_lacks_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", *BF16_STUDY, "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=NO_BF16_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert f"1 bf16 points left out: {bf16.refusal().split(' (')[0]}" in proc.stderr
+    assert "2 points: 1 run, 0 already done, 0 failed, 1 left out" in proc.stdout
+    assert [p.stem for p in point_files(tmp_path)] == [FP32_KEY] and not (tmp_path / "failed").exists()
+    with open(tmp_path / "results.csv") as handle:
+        assert "precision" not in next(csv.reader(handle))  # a float32 study's columns
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", *BF16_STUDY, "--out", str(tmp_path), "--point", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=NO_BF16_ENV)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and BF16_KEY in lines[0] and "native bfloat16" in lines[0]

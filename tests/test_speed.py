@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SPEED = Path(__file__).resolve().parent.parent / "bench" / "speed.py"
 
 
@@ -73,3 +75,67 @@ def test_sampling_bench_rejects_bad_input_in_one_line(tmp_path):
         assert result.returncode == 2, argv
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sampling.py: error: ") and message in lines[0], lines
+
+
+BACKENDS = SPEED.parent / "backends.py"
+SMALL = ["--rnn_size", "32", "--batch_size", "8", "--seq_length", "10", "--vocab", "10", "--iters", "3",
+         "--warmup", "1", "--rounds", "1", "--backends", "mkl"]
+
+
+def run_backends(*argv, env=None):
+    return subprocess.run([sys.executable, str(BACKENDS), *SMALL, *argv], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def hidden_bf16_env():
+    """The environment in which phi_rnn finds no native bfloat16 on any CPU (phi_rnn/bf16.py)."""
+    import os
+    return {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+
+
+def test_backends_bench_refuses_bad_precisions_in_one_line():
+    float32_only = "--shapes and --cpu-time measure float32 only: leave bf16 out of --precisions"
+    refusal = "--precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16)"
+    for argv, env, message in ((["--precisions", "fp16"], None, "--precisions 'fp16' unknown (choose from fp32, bf16)"),
+                               (["--precisions", "fp32,bf16", "--shapes"], None, float32_only),
+                               (["--precisions", "bf16", "--cpu-time"], None, float32_only),
+                               (["--precisions", "bf16"], hidden_bf16_env(), refusal)):  # bf16 alone: refused
+        result = run_backends("--no-torch", *argv, env=env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and not result.stdout, (argv, result.stderr)
+        assert lines[0].startswith(f"backends.py: error: {message}"), lines
+    result = run_backends("--no-torch", "--precisions", "fp32,bf16", env=hidden_bf16_env())  # next to fp32: a note
+    assert result.returncode == 0, result.stderr
+    assert f"backends.py: bf16 left out: {refusal}" in result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["mkl", "fp32"]]
+    assert "bfloat16 CPU flags: " in result.stdout.splitlines()[1]
+
+
+def test_backends_bench_puts_bf16_next_to_fp32_with_their_ratios():
+    import importlib.util
+    from phi_rnn import bf16
+    if not bf16.native_features():
+        pytest.skip(bf16.refusal())
+    torch = importlib.util.find_spec("torch") is not None
+    result = run_backends("--precisions", "fp32,bf16", *([] if torch else ["--no-torch"]))
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[1]
+    assert f"bfloat16 CPU flags: {' '.join(bf16.native_features())} (native)" in header
+    assert " fp32 " in header and " bf16 " in header  # each floor with its precision
+    rows = {tuple(line.split()[:2]): line for line in result.stdout.splitlines()[2:]}
+    theirs = {("torch", "fp32"), ("torch", "bf16")} if torch else set()
+    assert set(rows) == {("mkl", "fp32"), ("phi_rnn", "bf16")} | theirs
+    ms = {row: float(line.split()[2]) for row, line in rows.items()}
+    mine = rows["phi_rnn", "bf16"]
+    assert "[bf16 gemm " in mine
+
+    def ratio(line, label):  # the median of one round's ratio: that round's two times divided
+        return float(line.split(f"/ {label} ")[1].split()[0])
+    assert ratio(mine, "mkl fp32") == pytest.approx(ms["phi_rnn", "bf16"] / ms["mkl", "fp32"], rel=0.05, abs=0.02)
+    if torch:
+        assert ratio(mine, "torch bf16") == pytest.approx(ms["phi_rnn", "bf16"] / ms["torch", "bf16"],
+                                                          rel=0.05, abs=0.02)
+        assert ratio(rows["mkl", "fp32"], "torch fp32") == pytest.approx(ms["mkl", "fp32"] / ms["torch", "fp32"],
+                                                                         rel=0.05, abs=0.02)
+        assert "autocast" in rows["torch", "bf16"] and "autocast" not in rows["torch", "fp32"]

@@ -10,9 +10,9 @@ from phi_rnn.cli import OneLineErrorParser  # one-line errors, exit 2; starts no
 from . import __doc__ as STUDY_DOC
 from .collect import collect
 from .machine import claim, slug, this_machine
-from .points import (BLAS, MODELS, POLICIES, PRESETS, SCALINGS, STRATEGIES, default_threads,
+from .points import (BLAS, MODELS, POLICIES, PRECISIONS, PRESETS, SCALINGS, STRATEGIES, default_threads,
                      enumerate_points, parse_config, physical_cores)
-from .run import REPO_ROOT, is_done, measure_regions, run_point, run_study, write_json_atomic
+from .run import REPO_ROOT, bf16_refusal, is_done, measure_regions, run_point, run_study, write_json_atomic
 
 DEFAULT_ITERS, DEFAULT_WARMUP = 20, 3
 QUICK_ITERS, QUICK_WARMUP = 5, 1
@@ -75,6 +75,10 @@ def build_parser():
     parser.add_argument("--blas", type=comma_list(BLAS), default=[""],
                         help="float32 GEMM backends to compare, of libxsmm, onednn, openblas, mkl (default: "
                              "speed.py's, the fastest here)")
+    parser.add_argument("--precisions", "--precision", type=comma_list(PRECISIONS), default=["fp32"],
+                        help="fp32, bf16 (speed.py --precision bf16: bfloat16 GEMM operands, float32 "
+                             "accumulation; one process only, measured without a model; left out on a CPU "
+                             "without avx512_bf16 or amx_bf16) (default fp32)")
     parser.add_argument("--scaling", type=comma_list(SCALINGS), default=["strong"],
                         help="strong: fixed global batch; weak: batch = config batch x ranks x threads")
     parser.add_argument("--vocab", type=int, default=65)
@@ -112,6 +116,9 @@ def resolve_options(parser, args):
         args.warmup = QUICK_WARMUP if args.quick else DEFAULT_WARMUP
     if args.iters < 1 or args.warmup < 0 or args.vocab < 2:
         parser.error("--iters must be >= 1, --warmup >= 0 and --vocab >= 2")
+    if "bf16" in args.precisions and max(args.ranks) > 1:
+        parser.error("--precisions bf16 measures one process: bench/mpi_speed.py has no bfloat16 "
+                     "(measure --ranks above 1 in fp32 alone)")
     if args.out is None:
         args.out = REPO_ROOT / "results" / f"scale-{slug(this_machine())}"
 
@@ -146,7 +153,7 @@ def main(argv=None):
         return 0
     axes = {"scaling": args.scaling, "config": args.configs, "model": args.models,
             "strategy": args.strategies, "blas": args.blas, "policy": args.policies,
-            "ranks": args.ranks, "threads": args.threads}
+            "ranks": args.ranks, "precision": args.precisions, "threads": args.threads}
     points = enumerate_points(axes, args.vocab)
     if args.count:
         print(len(points))
@@ -164,13 +171,14 @@ def main(argv=None):
     try:
         if args.point is not None:
             return run_single(args, points[args.point])
-        ran, skipped, failed = run_study(points, args.out, args.iters, args.warmup,
-                                         args.timeout)
+        ran, skipped, failed, left_out = run_study(points, args.out, args.iters, args.warmup,
+                                                   args.timeout)
     except KeyboardInterrupt:
         print(f"interrupted: finished points are kept in {args.out}; rerun to resume",
               file=sys.stderr)
         return 130
-    print(f"{len(points)} points: {ran} run, {skipped} already done, {len(failed)} failed")
+    print(f"{len(points)} points: {ran} run, {skipped} already done, {len(failed)} failed"
+          + (f", {left_out} left out (bf16 on a CPU without it)" if left_out else ""))
     for key in failed:
         print(f"  failed: {key}")
     if not args.no_report:
@@ -179,10 +187,15 @@ def main(argv=None):
 
 
 def run_single(args, point):
-    """Job-array task: one point, no reports (--collect merges once all tasks are done)."""
+    """Job-array task: one point, no reports (--collect merges once all tasks are done). A
+    bf16 point on a CPU without native bfloat16 is refused in one line (status 2)."""
     if is_done(point, args.out):
         print(f"point {point.index} {point.key}: already done in {args.out}")
         return 0
+    refusal = bf16_refusal() if point.precision == "bf16" else None
+    if refusal:
+        print(f"bench.scale: error: point {point.index} {point.key}: {refusal}", file=sys.stderr)
+        return 2
     measure_regions([point], args.out, args.timeout)
     error = run_point(point, args.out, args.iters, args.warmup, args.timeout)
     print(f"point {point.index} {point.key}: {'failed: ' + error if error else 'done'} "

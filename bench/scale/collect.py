@@ -8,16 +8,19 @@ import numpy as np
 
 from .model import EXTRAPOLATE_TO, build_models, extrapolate, validate
 from .plot import write_plots
-from .points import SERIES_FIELDS, Point, series_of
+from .points import OPTIONAL_FIELDS, SERIES_FIELDS, Point, series_of, shown_fields
 from .report import write_markdown
 from .run import json_files, write_atomic, write_json_atomic
 
 CSV_FIELDS = ("index", "key", "status", "scaling", "config", "model", "num_layers", "rnn_size",
               "batch_size", "seq_length", "vocab", "ranks", "threads", "cores", "strategy", "blas", "policy",
-              "median_ms", "min_ms", "max_ms", "spread_pct", "chars_per_s", "gflop_per_iter",
-              "gflops", "peak_gflops", "pct_peak", "speedup", "efficiency", "contention", "gemm_threaded_ms",
+              "precision", "median_ms", "min_ms", "max_ms", "spread_pct", "chars_per_s", "gflop_per_iter",
+              "gflops", "peak_gflops", "bf16_peak_gflops", "pct_peak", "speedup", "efficiency", "contention",
+              "gemm_threaded_ms",
               "model_ms", "model_error",
               "allreduce_ms", "allreduce_share", "gemm", "placement", "error")
+# columns of a study with bfloat16 points only (results.csv of a float32 study is as it was)
+BF16_COLUMNS = ("precision", "bf16_peak_gflops")
 CURVE_THREADS = sorted({int(round(p)) for p in np.geomspace(1, max(EXTRAPOLATE_TO), 40)})
 
 
@@ -38,6 +41,7 @@ def record_to_row(record):
                                  "threads")}
     row["blas"] = point.get("blas", "")
     row["ranks"] = point.get("ranks", 1)
+    row["precision"] = point.get("precision", "fp32")
     row["cores"] = row["ranks"] * row["threads"]
     row["key"] = Point(**point).key
     row["batch_size"] = record["batch_size"]
@@ -51,6 +55,8 @@ def record_to_row(record):
                peak_gflops=result.get("peak_gflops"),
                small_gemm_peak_gflops=result.get("small_gemm_peak_gflops"),
                profile=result.get("profile"), parts=result.get("parts"), mean_ms=float(np.mean(timing["ms"])))
+    if row["precision"] != "fp32":  # pct_peak stays of the float32 sgemm peak; this is bfloat16's
+        row["bf16_peak_gflops"] = result.get("bf16_peak_gflops")
     for field in ("median_ms", "min_ms", "max_ms", "chars_per_s", "gflops", "pct_peak"):
         row[field] = timing.get(field)
     row["spread_pct"] = 100.0 * (timing["max_ms"] - timing["min_ms"]) / timing["median_ms"]
@@ -87,6 +93,13 @@ def add_speedups(rows):
 
 NO_MODEL = ("no model: needs profiled 1-thread points (the series' and its shape's batch series)",
             "no model: it models one process; bench/README.md models the allreduce over nodes")
+NO_BF16_MODEL = "no model: its parts are float32's; bfloat16 is measured only"
+
+
+def no_model_note(entry):
+    if entry.get("precision", "fp32") != "fp32":
+        return NO_BF16_MODEL
+    return NO_MODEL[entry["ranks"] > 1]
 
 
 def model_series(rows, region_ms):
@@ -102,7 +115,7 @@ def model_series(rows, region_ms):
         errors = [abs(r["model_error"]) for r in members if r["model_error"] is not None]
         entry = dict(zip(SERIES_FIELDS, series), modelled=model is not None,
                      max_error=max(errors) if errors else None, extrapolated=[])
-        entry["note"] = "" if model else NO_MODEL[entry["ranks"] > 1]
+        entry["note"] = "" if model else no_model_note(entry)
         if model and len(members) > 1:  # a block series (one thread count) is a part, not a curve
             entry["extrapolated"] = extrapolate(series, model, members[0])
             entry["curve"] = [[p, model.time_ms(p)] for p in CURVE_THREADS]
@@ -151,18 +164,25 @@ def collect(out):
     recorded = json.loads(path.read_text()) if path.exists() else {}
     machine = machine_description(done, recorded)
     write_json_atomic(out / "machine.json", machine)
-    write_json_atomic(out / "results.json", {"machine": machine, "points": rows,
-                                             "models": models})
-    write_csv(out / "results.csv", rows)
+    hidden = [f for f in OPTIONAL_FIELDS if f not in shown_fields(rows)]
+    write_json_atomic(out / "results.json", {"machine": machine, "points": without(rows, hidden),
+                                             "models": without(models, hidden)})
+    write_csv(out / "results.csv", rows, [] if "precision" not in hidden else BF16_COLUMNS)
     write_markdown(out / "results.md", rows, models, machine)
     plotted = write_plots(out, rows, models)
     return rows, models, plotted
 
 
-def write_csv(path, rows):
+def without(entries, fields):
+    """Copies of the dicts `entries` less `fields` (the optional fields a study leaves out)."""
+    return [{k: v for k, v in e.items() if k not in fields} for e in entries]
+
+
+def write_csv(path, rows, left_out=()):
+    fields = [f for f in CSV_FIELDS if f not in left_out]
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(text, fieldnames=fields)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
     write_atomic(path, text.getvalue())

@@ -9,11 +9,15 @@
 # "There" is a machine with Python (numpy, numba, threadpoolctl, tqdm, matplotlib) and no MKL,
 # no libxsmm, no package index. The study writes results/scale-<cpu model>-<cores>c/. Its
 # parts run most important first and stop at a deadline (MANYCORE_BUDGET_S, default 450 s
-# after the start), so a slow machine still leaves a collected, smaller study.
+# after the start), so a slow machine still leaves a collected, smaller study. On a CPU with
+# native bfloat16 (avx512_bf16 or amx_bf16, as phi_rnn.bf16 sees it) the char-rnn config is also
+# measured in bf16 right after the parts the model needs; then the batch sizes that
+# results/time-to-loss/recipes.json picks for 16 threads (fp32, and bf16 where native).
 #
 # Environment: PYTHON (default python3), THREADS (default 1,2,4,8,12,16, capped at the cores
 # this process may use), MANYCORE_BUDGET_S, MANYCORE_QUICK=1 (a few iterations: the proof run),
-# MANYCORE_PARTS=N (the first N parts only; 3: what the model needs), ROUNDS=N (every part N
+# MANYCORE_PARTS=N (the first N parts only; 3: what the model needs, bf16 and the recipes' batch
+# sizes next), ROUNDS=N (every part N
 # times, merged point by point by bench/scale/rounds.py: on a shared machine whose speed drifts).
 set -euo pipefail
 
@@ -134,6 +138,29 @@ check_libxsmm() {
     fi
 }
 
+# The native bfloat16 features phi_rnn may use here, space-separated; empty where none (the
+# reason is said once, on stderr). After unpack_bundle: phi_rnn.bf16 loads the bundle's MKL.
+bf16_features() {
+    "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1])
+from bench.side_by_side import bf16_support
+s = bf16_support()
+print(" ".join(s["native"]))
+if s["refusal"]: print("manycore: no bf16 parts:", s["refusal"], file=sys.stderr)' "$ROOT" || true
+}
+
+# The configs of the batch sizes results/time-to-loss/recipes.json picks for 16 threads, as
+# LAYERSxSIZE-bBATCH of char-rnn's network, comma-separated; char-rnn's own batch is left out
+# (its part measures it), and so is everything when the file is absent or unreadable.
+recipe_configs() {
+    "$PYTHON" -c 'import json, sys
+try:
+    recipes = json.load(open(sys.argv[1]))["recipes"]
+    batches = sorted({int(r["batch_size"]) for r in recipes if r.get("threads") == 16} - {50})
+except (OSError, ValueError, KeyError, TypeError):
+    batches = []
+print(",".join(f"2x128-b{b}" for b in batches))' "$ROOT/results/time-to-loss/recipes.json" 2>/dev/null || true
+}
+
 usable_cores() {
     "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from bench.scale.points import physical_cores; print(physical_cores())' "$ROOT"
 }
@@ -173,6 +200,18 @@ run_study() {
         "$PYTHON" "$ROOT/bench/speed.py" --rnn_size 16 --num_layers 1 --batch_size 4 --seq_length 8 \
             --iters 1 --warmup 1 --threads "$top" --no-torch --json --strategy $strategy --parts > /dev/null
     done
+    local bf16 recipes precisions=fp32
+    bf16=$(bf16_features)
+    if [ -n "$bf16" ]; then
+        precisions=fp32,bf16
+        say "native bfloat16 ($bf16): bf16 parts too"
+        local t
+        for t in "${threads%%,*}" "$top"; do  # one thread runs the serial kernels, more the parallel ones
+            "$PYTHON" "$ROOT/bench/speed.py" --rnn_size 16 --num_layers 1 --batch_size 4 --seq_length 8 \
+                --iters 1 --warmup 1 --threads "$t" --no-torch --json --precision bf16 > /dev/null
+        done
+    fi
+    recipes=$(recipe_configs)
 
     local quick=()
     [ "${MANYCORE_QUICK:-0}" = 1 ] && quick=(--iters 2 --warmup 1)
@@ -181,6 +220,13 @@ run_study() {
         "char-rnn strong scaling, batch and gemm|--configs char-rnn --strategies batch,gemm --threads $threads --iters 20 --warmup 3"
         "char-rnn block series: b batch rows on one core, b = ceil(50 / threads) (the model's R(b))|--configs 2x128-b1,2x128-b2,2x128-b4,2x128-b5,2x128-b7,2x128-b8,2x128-b13,2x128-b25 --strategies batch --threads 1 --iters 20 --warmup 3"
         "weak scaling, batch 8 per thread|--configs 2x128-b8 --scaling weak --strategies batch,gemm --threads $threads --iters 20 --warmup 3"
+    )
+    # after the parts the model needs: bf16 is measured only (the model is float32's)
+    [ -z "$bf16" ] || parts+=("char-rnn in bf16 at every thread count|--configs char-rnn --strategies batch \
+--precisions bf16 --threads $threads --iters 20 --warmup 3")
+    [ -z "$recipes" ] || parts+=("the batch sizes recipes.json picks for 16 threads ($recipes), $precisions|--configs \
+$recipes --strategies batch --precisions $precisions --threads $threads --iters 20 --warmup 3")
+    parts+=(
         "compact vs scatter at $top threads|--configs char-rnn --strategies batch --policies scatter --threads $top --iters 20 --warmup 3"
         "MKL vs libxsmm at 1 and $top threads|--configs char-rnn --strategies batch --blas mkl --threads 1,$top --iters 20 --warmup 3"
         "MKL's block at $top threads on one core (the model's R(b) for MKL)|--configs 2x128-b$(((50 + top - 1) / top)) --strategies batch --blas mkl --threads 1 --iters 20 --warmup 3"

@@ -287,7 +287,9 @@ def threaded_gemm_of(rows):
 def build_models(rows, region_ms):
     """One Model per series that has a profiled 1-thread point and its block series (a gemm
     series also its measured GEMMs), with region costs (region_ms: {(policy, threads): ms});
-    returns {series: Model}."""
+    returns {series: Model}. Rows of another precision than float32 are left out: the parts
+    and the formula are float32's (bfloat16's GEMMs and conversions are other parts)."""
+    rows = [r for r in rows if r.get("precision", "fp32") == "fp32"]
     blocks = block_series(rows)
     ok = [r for r in rows if r["status"] == "ok"]
     members = {}

@@ -5,6 +5,12 @@ the last dimension fastest, so `--point K` names the same point in every job of 
 A new dimension is a field of Point with a default (old point files keep loading, old keys
 stay), an entry of DIMENSIONS, and a list of values from cli.py's options.
 
+Precision: fp32, or bf16 (speed.py --precision bf16: bfloat16 GEMM operands, float32
+accumulation); a bf16 point's key ends its series fields with "-bf16", an fp32 point's key is
+what it was before the dimension existed. A bf16 point runs one process (mpi_speed.py has no
+bfloat16), and on a CPU without native bfloat16 it is left out when the study runs (run.py),
+never renumbered: --point K names the same point on every machine.
+
 MPI ranks: a point of R > 1 ranks runs `mpiexec -n R` with T threads per rank (bench/mpi_speed.py
 --scale-point), the global batch split over the ranks as training splits it; strong scaling
 keeps the global batch, weak scaling gives every rank's every thread the config's batch.
@@ -30,8 +36,9 @@ STRATEGIES = ("batch", "gemm")
 POLICIES = ("compact", "scatter", "balanced", "none")
 BLAS = ("libxsmm", "onednn", "openblas", "mkl")  # "" (the default): what speed.py picks, the fastest here
 SCALINGS = ("strong", "weak")
+PRECISIONS = ("fp32", "bf16")
 # slowest first; a point's key lists them in this order
-DIMENSIONS = ("scaling", "config", "model", "strategy", "blas", "policy", "ranks", "threads")
+DIMENSIONS = ("scaling", "config", "model", "strategy", "blas", "policy", "ranks", "precision", "threads")
 # a series: the points that differ only in their thread count
 SERIES_FIELDS = DIMENSIONS[:-1]
 
@@ -61,6 +68,7 @@ class Point:
     threads: int
     blas: str = ""
     ranks: int = 1
+    precision: str = "fp32"
 
     @property
     def cores(self):
@@ -75,8 +83,9 @@ class Point:
     def key(self):
         blas = f"-{self.blas}" if self.blas else ""
         ranks = f"-r{self.ranks:03d}" if self.ranks > 1 else ""
+        precision = f"-{self.precision}" if self.precision != "fp32" else ""
         return (f"{self.scaling}-{self.config}-{self.model}-{self.strategy}{blas}-{self.policy}"
-                f"{ranks}-t{self.threads:03d}")
+                f"{ranks}{precision}-t{self.threads:03d}")
 
     def command(self, iters, warmup):
         """(script in bench/, its arguments) that measure this point and print speed.py's JSON."""
@@ -90,21 +99,38 @@ class Point:
             "--iters", str(iters), "--warmup", str(warmup)] + (["--blas", self.blas] if self.blas else [])
 
     def speed_args(self, iters, warmup):
+        # a bf16 point measures no parts: they are float32's GEMMs, and the model that reads
+        # them models float32 only
+        parts = ["--parts"] if self.precision == "fp32" else ["--precision", self.precision]
         return ["--model", self.model, "--rnn_size", str(self.rnn_size),
                 "--num_layers", str(self.num_layers), "--batch_size", str(self.batch_size),
                 "--seq_length", str(self.seq_length), "--vocab", str(self.vocab),
                 "--threads", str(self.threads), "--policy", self.policy,
                 "--strategy", self.strategy, "--iters", str(iters), "--warmup", str(warmup),
-                "--no-torch", "--json", "--profile", "--parts"] + (["--blas", self.blas] if self.blas else [])
+                "--no-torch", "--json", "--profile", *parts] + (["--blas", self.blas] if self.blas else [])
+
+
+# a row or model entry recorded before a dimension existed has its value then
+FIELD_DEFAULTS = {"ranks": 1, "precision": "fp32"}
+# fields a study's reports (results.csv/json/md) carry only when some point has another value
+# than its default: a study of float32 points alone re-collects byte for byte as before
+OPTIONAL_FIELDS = {"precision": "fp32"}
 
 
 def series_of(row):
-    return tuple(row.get(f, 1) if f == "ranks" else row[f] for f in SERIES_FIELDS)
+    return tuple(row.get(f, FIELD_DEFAULTS[f]) if f in FIELD_DEFAULTS else row[f] for f in SERIES_FIELDS)
 
 
 def series_name(series):
     """A series' fields as words: '2 ranks' for the ranks, the others as they are."""
     return [f"{v} rank{'s' * (v != 1)}" if f == "ranks" else str(v) for f, v in zip(SERIES_FIELDS, series)]
+
+
+def shown_fields(rows):
+    """The series fields a study's reports show: SERIES_FIELDS, less the optional ones every
+    row has at their default."""
+    return tuple(f for f in SERIES_FIELDS
+                 if f not in OPTIONAL_FIELDS or any(r.get(f, OPTIONAL_FIELDS[f]) != OPTIONAL_FIELDS[f] for r in rows))
 
 
 def parse_config(token):

@@ -136,9 +136,23 @@ def is_done(point, out):
     return (out / "points" / f"{point.key}.json").exists()
 
 
+def bf16_refusal():
+    """None where this CPU runs bfloat16 natively, else why not (phi_rnn.bf16's one line),
+    asked of a fresh process: this one loads no runtime that its points would inherit."""
+    from bench.side_by_side import bf16_support
+    return bf16_support()["refusal"]
+
+
 def run_study(points, out, iters, warmup, timeout):
-    """Run every point without a result file; returns (ran, skipped, failed keys)."""
+    """Run every point without a result file; returns (ran, skipped, failed keys, left out).
+    bf16 points on a CPU without native bfloat16 are left out (one line says why)."""
     pending = [p for p in points if not is_done(p, out)]
+    refusal = bf16_refusal() if any(p.precision == "bf16" for p in pending) else None
+    left_out = [p for p in pending if p.precision == "bf16"] if refusal else []
+    if left_out:
+        print(f"{len(left_out)} bf16 points left out: {refusal}", file=sys.stderr)
+        pending = [p for p in pending if p not in left_out]
+        points = [p for p in points if p not in left_out]
     measure_regions(points, out, timeout)
     skipped = len(points) - len(pending)
     failed = []
@@ -149,4 +163,4 @@ def run_study(points, out, iters, warmup, timeout):
             if error:
                 failed.append(point.key)
                 bar.write(f"failed: {point.key}: {error}")
-    return len(pending), skipped, failed
+    return len(pending), skipped, failed, len(left_out)
