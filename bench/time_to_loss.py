@@ -4,15 +4,16 @@ needs to reach a validation loss, and what that costs in seconds at each core co
 Iterations to a target do not depend on the machine, so the study runs the real trainer
 (`python -m phi_rnn train`, char-rnn's defaults otherwise, the full validation set), each run
 in a fresh process at --threads 1, a few at a time, and reads the run's metrics log. Seconds
-come separately: time per iteration t(batch, threads) measured at 1 and 2 threads by
-`--measure-speed` (on a quiet machine), and from the scaling study's model of the time per
-iteration beyond. Time to target = iterations to target x t(batch, threads); for each core
+come separately: time per iteration t(batch, threads) measured at 1 and 2 threads (and at 2
+MPI ranks of 1 thread) by `measure-speed` (on a quiet machine), and from the scaling study's
+model of the time per iteration beyond. Time to target = iterations to target x t(batch, threads); for each core
 count the table picks the batch and recipe that get there first.
 
     python bench/time_to_loss.py run [--jobs 2]      # the convergence runs (resumable)
     python bench/time_to_loss.py measure-speed       # t(batch, threads) at 1 and 2 threads
     python bench/time_to_loss.py table               # CSV, JSON, Markdown, plot, recipes.json
     python bench/time_to_loss.py validate --threads 2   # the table against a real --target_val_loss run
+    python bench/time_to_loss.py validate --ranks 2     # the same at 2 MPI ranks of 1 thread
 
 Each finished run is one JSON file under OUT/runs/ (written atomically): an interrupted study
 continues where it stopped; a run cut off mid-way continues from its checkpoint (--resume).
@@ -47,15 +48,24 @@ from phi_rnn import data, metrics  # noqa: E402
 TARGETS = (1.60, 1.50, 1.45)
 STOP_AT = min(TARGETS)
 BATCHES = (50, 100, 200, 400, 800, 1600)
+PRECISIONS = ("fp32", "bf16")
+BF16_MAX_BATCH = 200  # the batches a core count up to 128 would pick (the float32 table's)
 CHAR_RNN_BATCH, CHAR_RNN_LR = 50, 2e-3
 SEEDS = (123, 456)
 MAX_EPOCHS = 10
+MIN_UPDATES = 250  # a large batch gets at least this many iterations, more epochs than MAX_EPOCHS
 EVALS_PER_EPOCH = 10
 CORES = (1, 2, 16, 64, 68, 128)
 MEASURED_THREADS = (1, 2)
+MEASURED_RANKS = (2,)  # MPI ranks on this node, 1 thread each: the validation's third layout
+MAX_MPI_BATCH = 200
+RATIO_ROWS = (1, 2, 4)  # batch rows per thread at which bfloat16's gain over float32 is measured
 # A run this far behind cannot be among the fast ones; it stops and reports where it was.
 EXIT_DIVERGED = 3  # phi_rnn.train's status for a loss that went NaN or exploded
-STALLED = ((3.0, 2.0), (5.0, 1.70))  # (epoch, best val loss above which the run stops)
+# (epoch, iterations, best val loss): a run past both that has not got below the loss stops.
+# The iterations keep a large batch going: it needs more epochs (fewer updates per epoch) to
+# leave the unigram plateau near 3.3 at all.
+STALLED = ((3.0, 300, 2.0), (5.0, 600, 1.70))
 SEED_REFERENCE = {"server CPU (9 h)": 9 * 3600, "laptop CPU (2.5 h)": 2.5 * 3600,
                   "GTX 920M (33 min)": 33 * 60}
 OUT = REPO_ROOT / "results" / "time-to-loss"
@@ -72,10 +82,20 @@ class Spec:
     warmup: int  # iterations of linear learning-rate warm-up (0: none)
     seed: int
     recipe: str  # how the learning rate was chosen
+    precision: str = "fp32"  # the trainer's --precision
 
     @property
     def run_id(self):
-        return f"b{self.batch}-lr{self.learning_rate:.4g}-w{self.warmup}-s{self.seed}"
+        suffix = "" if self.precision == "fp32" else f"-{self.precision}"
+        return f"b{self.batch}-lr{self.learning_rate:.4g}-w{self.warmup}-s{self.seed}{suffix}"
+
+    @classmethod
+    def of(cls, result, **changes):
+        """The spec of a recorded run (a result or a table row), with `changes`."""
+        fields = {"batch": result.get("batch", result.get("batch_size")), "learning_rate": result["learning_rate"],
+                  "warmup": result.get("warmup", result.get("lr_warmup")), "seed": result["seed"],
+                  "recipe": result["recipe"], "precision": result["precision"]}
+        return cls(**{**fields, **changes})
 
 
 def corpus_chars(data_dir=DATA_DIR):
@@ -87,6 +107,11 @@ def iterations_per_epoch(batch, chars):
     return data.split_sizes(chars // (batch * SEQ_LENGTH), TRAIN_FRAC, VAL_FRAC)[0]
 
 
+def max_epochs(batch, chars):
+    """MAX_EPOCHS, or as many as MIN_UPDATES iterations take at a large batch."""
+    return max(MAX_EPOCHS, math.ceil(MIN_UPDATES / iterations_per_epoch(batch, chars)))
+
+
 def eval_every(batch, chars):
     return max(1, round(iterations_per_epoch(batch, chars) / EVALS_PER_EPOCH))
 
@@ -96,16 +121,27 @@ def scaled_lr(batch, rule, base_lr=CHAR_RNN_LR):
     return base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
-def train_command(spec, chars, checkpoint_dir, resume=False, threads=1):
+def mpi_prefix(ranks):
+    """The launcher of `ranks` MPI ranks on this node (none for one process)."""
+    if ranks == 1:
+        return []
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    return [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ranks)]
+
+
+def train_command(spec, chars, checkpoint_dir, resume=False, threads=1, ranks=1):
     """The trainer's command line for `spec`: one thread unbound (runs side by side), or more
-    threads placed compactly (a timed run)."""
-    cmd = [sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR,
+    threads (or MPI ranks, `threads` each) placed compactly (a timed run)."""
+    unbound = threads == 1 and ranks == 1
+    cmd = mpi_prefix(ranks) + [sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR,
            "--batch_size", str(spec.batch), "--learning_rate", f"{spec.learning_rate:.6g}",
-           "--max_epochs", str(MAX_EPOCHS), "--eval_val_every", str(eval_every(spec.batch, chars)),
-           "--seed", str(spec.seed), "--threads", str(threads), "--policy", "none" if threads == 1 else "compact",
+           "--max_epochs", str(max_epochs(spec.batch, chars)), "--eval_val_every", str(eval_every(spec.batch, chars)),
+           "--seed", str(spec.seed), "--threads", str(threads), "--policy", "none" if unbound else "compact",
            "--keep", "1", "--print_every", "100", "--checkpoint_dir", str(checkpoint_dir), "--savefile", "run"]
     if spec.warmup:
         cmd += ["--lr_warmup", str(spec.warmup)]
+    if spec.precision != "fp32":
+        cmd += ["--precision", spec.precision]
     if resume:
         cmd += ["--resume", "latest"]
     return cmd
@@ -156,10 +192,10 @@ def stop_reason(evals, stop_at=STOP_AT, stalled=STALLED):
     best = min(e[2] for e in evals)
     if best <= stop_at:
         return f"reached {stop_at:.2f}"
-    epoch = evals[-1][1]
-    for at_epoch, above in stalled:
-        if epoch >= at_epoch and best > above:
-            return f"stalled: best {best:.4f} > {above} at epoch {epoch:.2f}"
+    iteration, epoch = evals[-1][:2]
+    for at_epoch, at_iteration, above in stalled:
+        if epoch >= at_epoch and iteration >= at_iteration and best > above:
+            return f"stalled: best {best:.4f} > {above} at epoch {epoch:.2f}, iteration {iteration}"
     return None
 
 
@@ -181,7 +217,7 @@ def read_evals(log):
 
 
 def run_one(spec, chars, out, work, stopping, log=print):
-    """Runs `spec` to its stop (target, stall, divergence or MAX_EPOCHS); writes its JSON."""
+    """Runs `spec` to its stop (target, stall, divergence or max_epochs); writes its JSON."""
     directory = work / spec.run_id
     directory.mkdir(parents=True, exist_ok=True)
     metrics_log = Path(metrics.log_path(str(directory), "run"))
@@ -210,10 +246,10 @@ def run_one(spec, chars, out, work, stopping, log=print):
             f"not recorded, it resumes next time")
         return None
     if reason is None:
-        reason = f"{MAX_EPOCHS} epochs" if proc.returncode == 0 else "diverged (trainer exit status 3)"
+        reason = f"{max_epochs(spec.batch, chars)} epochs" if proc.returncode == 0 else "diverged (trainer exit status 3)"
     result = {**asdict(spec), "run_id": spec.run_id,
               "iterations_per_epoch": iterations_per_epoch(spec.batch, chars),
-              "eval_val_every": eval_every(spec.batch, chars), "max_epochs": MAX_EPOCHS,
+              "eval_val_every": eval_every(spec.batch, chars), "max_epochs": max_epochs(spec.batch, chars),
               "stopped": reason, "exit_status": proc.returncode,
               "command": "python " + " ".join(shown[1:]),
               "train_seconds_note": "1 thread, on a machine shared with other work: not the table's seconds",
@@ -229,8 +265,15 @@ def load_results(out):
     results = {}
     for path in sorted((out / "runs").glob("*.json")):
         r = json.loads(path.read_text())
+        r.setdefault("precision", "fp32")  # recorded before the study had a bfloat16 dimension
         results[r["run_id"]] = r
     return results
+
+
+def native_bf16():
+    """Whether this CPU runs the trainer's --precision bf16 (else the trainer refuses it)."""
+    from phi_rnn import bf16
+    return bool(bf16.native_features())
 
 
 def trainer_has(flag):
@@ -250,22 +293,26 @@ def rank_key(result, target="1.50"):
     return (hit["iterations"] if hit else math.inf, result["best_val_loss"] or math.inf)
 
 
-def best_per_batch(results, seed=SEEDS[0]):
+def best_per_batch(results, seed=SEEDS[0], precision="fp32"):
     best = {}
     for r in results.values():
-        if r["seed"] == seed and (r["batch"] not in best or rank_key(r) < rank_key(best[r["batch"]])):
+        if r["seed"] == seed and r["precision"] == precision and (r["batch"] not in best or rank_key(r) < rank_key(best[r["batch"]])):
             best[r["batch"]] = r
     return best
 
 
-def plan(results, chars, warmup=True):
+def plan(results, chars, warmup=True, bf16=False):
     """The runs to do, in order of priority: char-rnn's rate at batch 50 and twice it; linear
     scaling from char-rnn's rate, then with warm-up over one epoch (where the trainer has
     --lr_warmup); linear scaling from batch 50's best rate at batch 100 and 200 (warm-up from
     200); 1.4 x batch 50's best rate; the second seed of batch 50's best; square-root scaling; the second seed of
     char-rnn's recipe and of the larger batch that needs the fewest epochs to 1.50 (once the
     linear recipes are done); square-root scaling with warm-up; once all of that is done, x0.7
-    and x1.4 around each batch's best."""
+    and x1.4 around each batch's best; then, on a CPU with native bfloat16 (`bf16`), char-rnn's
+    recipe and each batch's best up to BF16_MAX_BATCH again in --precision bf16."""
+    every = results
+    results = {k: r for k, r in every.items() if r["precision"] == "fp32"}
+
     def spec(batch, rule, warm=False, base_lr=CHAR_RNN_LR, name=None):
         return Spec(batch, scaled_lr(batch, rule, base_lr), iterations_per_epoch(batch, chars) if warm else 0,
                     SEEDS[0], (name or rule) + ("+warmup" if warm else ""))
@@ -282,12 +329,12 @@ def plan(results, chars, warmup=True):
             specs += [spec(batch, "linear", warmup and batch >= 200, base, f"linear from {base:g}")
                       for batch in BATCHES[1:3]]
         specs.append(Spec(CHAR_RNN_BATCH, float(f"{best_50['learning_rate'] * 1.4:.3g}"), 0, SEEDS[0], "grid"))
-        specs.append(second_seed(best_50))
+        specs.append(Spec.of(best_50, seed=SEEDS[1]))
     specs += [spec(batch, "sqrt") for batch in BATCHES[1:]]
     if all(s.run_id in results for s in linear):
         first = [r for r in results.values() if r["seed"] == SEEDS[0]]
         larger = min((r for r in first if r["batch"] > CHAR_RNN_BATCH), key=lambda r: (epochs_to(r), r["batch"]))
-        specs += [second_seed(results[batch_50[0].run_id]), second_seed(larger)]
+        specs += [Spec.of(results[batch_50[0].run_id], seed=SEEDS[1]), Spec.of(larger, seed=SEEDS[1])]
     specs += [spec(batch, "sqrt", warm=True) for batch in BATCHES[2:] if warmup]
     if not all(s.run_id in results for s in specs):
         return specs
@@ -298,11 +345,10 @@ def plan(results, chars, warmup=True):
                      if r["batch"] == batch and r["warmup"] == best["warmup"] and r["seed"] == SEEDS[0]]
             if all(abs(lr / t - 1) > 0.15 for t in tried):
                 specs.append(Spec(batch, lr, best["warmup"], SEEDS[0], "grid"))
+    if bf16:
+        best = [r for b, r in sorted(best_per_batch(results).items()) if b <= BF16_MAX_BATCH]
+        specs += [Spec.of(r, precision="bf16") for r in [results[batch_50[0].run_id]] + best]
     return specs
-
-
-def second_seed(result):
-    return Spec(result["batch"], result["learning_rate"], result["warmup"], SEEDS[1], result["recipe"])
 
 
 def run_study(out, work, jobs, log=print):
@@ -313,6 +359,7 @@ def run_study(out, work, jobs, log=print):
     running, failed = set(), set()  # a failed run is tried again by the next invocation
     results = load_results(out)
     stopping = threading.Event()
+    bf16_native = trainer_has("--precision") and native_bf16()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
 
@@ -322,7 +369,7 @@ def run_study(out, work, jobs, log=print):
         # without --lr_warmup in the trainer the warm-up recipes wait (asked again each time)
         warmup = trainer_has("--lr_warmup")
         with lock:
-            for spec in plan(results, chars, warmup):
+            for spec in plan(results, chars, warmup, bf16_native):
                 if spec.run_id not in results and spec.run_id not in running | failed:
                     running.add(spec.run_id)
                     return spec
@@ -361,32 +408,56 @@ def speed_iterations(batch):
     return max(10, round(15000 / (1.3 * batch)))
 
 
-def measure_speed(out, batches=BATCHES, threads=MEASURED_THREADS, log=print):
-    """t(batch, threads): the trainer's median ms per iteration (its compute: forward,
-    backward, update), each point a fresh process, the first iterations left out. Run it on
-    a quiet machine: the result is the table's measured seconds."""
+def speed_layouts(batches=BATCHES, threads=MEASURED_THREADS, ranks=MEASURED_RANKS, bf16=True):
+    """The points measure_speed times: (batch, threads, ranks, precision). Every batch at each
+    thread count; the batches up to MAX_MPI_BATCH at 1 thread per rank; with `bf16`, the
+    batches up to BF16_MAX_BATCH in bfloat16 too, and both precisions at 2 threads with
+    RATIO_ROWS rows per thread (what a batch of 50 to 200 gives each thread at 16 to 128
+    threads: the bfloat16/float32 ratio there)."""
+    points = [(b, p, 1, "fp32") for b in batches for p in threads]
+    points += [(b, 1, k, "fp32") for b in batches if b <= MAX_MPI_BATCH for k in ranks]
+    if bf16:
+        points += [(b, p, 1, "bf16") for b in batches if b <= BF16_MAX_BATCH for p in threads]
+        points += [(2 * r, 2, 1, precision) for r in RATIO_ROWS for precision in PRECISIONS]
+    return points
+
+
+def measure_speed(out, layouts, log=print):
+    """t(batch, threads, ranks, precision): the trainer's ms per iteration (its compute:
+    forward, backward, gradient exchange, update) at each of `layouts` (speed_layouts), each a
+    fresh process (or MPI job at 1 thread per rank). The mean, the first iterations left out:
+    a run's training seconds are iterations x the mean. Run it on a quiet machine: the result
+    is the table's measured seconds."""
     import tempfile
     points = []
-    for batch in batches:
-        for p in threads:
-            with tempfile.TemporaryDirectory() as tmp:
-                n = speed_iterations(batch)
-                cmd = [sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR,
-                       "--batch_size", str(batch), "--max_iters", str(n), "--eval_val_every", str(10 * n),
-                       "--val_max_batches", "1", "--threads", str(p), "--print_every", str(n),
-                       "--checkpoint_dir", tmp, "--savefile", "speed"]
-                load = os.getloadavg()[0]
-                subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
-                rows = metrics.read_rows(metrics.log_path(tmp, "speed"))
-            times = sorted(r["ms_per_iteration"] for r in rows[3:])
-            median = times[len(times) // 2] if len(times) % 2 else sum(times[len(times) // 2 - 1:][:2]) / 2
-            points.append({"batch_size": batch, "threads": p, "median_ms": median, "iterations": n,
-                           "load_average_before": load})
-            log(f"batch {batch:5d}, {p} thread(s): {median:8.2f} ms per iteration (load {load:.2f})")
-    record = {"machine": machine_name(), "command": "python bench/time_to_loss.py measure-speed",
+    for batch, p, k, precision in layouts:
+        with tempfile.TemporaryDirectory() as tmp:
+            n = speed_iterations(batch)
+            cmd = mpi_prefix(k) + [
+                sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR, "--precision", precision,
+                "--batch_size", str(batch), "--max_iters", str(n), "--eval_val_every", str(10 * n),
+                "--val_max_batches", "1", "--threads", str(p), "--policy", "compact", "--print_every", str(n),
+                "--checkpoint_dir", tmp, "--savefile", "speed"]
+            load = os.getloadavg()[0]
+            subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+            rows = metrics.read_rows(metrics.log_path(tmp, "speed"))
+        times = sorted(r["ms_per_iteration"] for r in rows[3:])
+        mean = sum(times) / len(times)
+        median = times[len(times) // 2] if len(times) % 2 else sum(times[len(times) // 2 - 1:][:2]) / 2
+        points.append({"batch_size": batch, "threads": p, "ranks": k, "precision": precision, "mean_ms": mean,
+                       "median_ms": median, "iterations": n, "load_average_before": load})
+        log(f"batch {batch:5d}, {p} thread(s) x {k} rank(s), {precision}: {mean:8.2f} ms per iteration "
+            f"(median {median:.2f}; load {load:.2f})")
+    record = {"machine": machine_name(), "cpu_flags": sorted(native_flags()),
+              "command": "python bench/time_to_loss.py measure-speed",
               "load_average_after": os.getloadavg()[0], "points": points}
     write_json(out / "speed.json", record)
     return record
+
+
+def native_flags():
+    from phi_rnn import bf16
+    return {f for f in bf16.cpu_flags() if f.startswith(("avx512", "amx", "avx2"))}
 
 
 def machine_name():
@@ -399,17 +470,29 @@ def machine_name():
 
 
 def iteration_seconds(speed, model=None):
-    """t(batch, threads) in seconds -> (seconds, 'measured' | 'modelled'). Measured where
-    speed.json has the point; beyond it the scaling study's model of the time per iteration,
-    scaled to this machine by the measured 1-thread time at that batch (the model's speedup
-    over its own 1-thread time, applied here)."""
-    measured = {(pt["batch_size"], pt["threads"]): pt["median_ms"] / 1e3 for pt in (speed or {}).get("points", [])}
+    """t(batch, threads, precision) in seconds -> (seconds, 'measured' | 'modelled'). Measured
+    where speed.json has the point (one process). Beyond it, float32: the scaling study's model
+    of the time per iteration, scaled to this machine by the measured 1-thread time at that
+    batch (the model's speedup over its own 1-thread time, applied here); bfloat16: that
+    float32 time x the bfloat16/float32 ratio measured at 2 threads with the nearest number of
+    batch rows per thread (the model's parts are float32's)."""
+    points = [pt for pt in (speed or {}).get("points", []) if pt["ranks"] == 1]
+    measured = {(pt["batch_size"], pt["threads"], pt.get("precision", "fp32")): pt["mean_ms"] / 1e3
+                for pt in points}
+    ratios = {b // 2: measured[b, 2, "bf16"] / measured[b, 2, "fp32"]
+              for (b, p, precision) in measured if p == 2 and precision == "bf16" and (b, 2, "fp32") in measured}
     model = model or modelled_seconds
 
-    def t(batch, threads):
-        if (batch, threads) in measured:
-            return measured[batch, threads], "measured"
-        one = measured.get((batch, 1))
+    def t(batch, threads, precision="fp32"):
+        if (batch, threads, precision) in measured:
+            return measured[batch, threads, precision], "measured"
+        if precision != "fp32":
+            rows = math.ceil(batch / threads)
+            if not ratios:
+                return None, "not measured"
+            nearest = min(ratios, key=lambda r: (abs(math.log2(r / rows)), r))
+            return t(batch, threads)[0] * ratios[nearest], "modelled"
+        one = measured.get((batch, 1, "fp32"))
         if one is None:
             return model(batch, threads), "modelled"
         return one * model(batch, threads) / model(batch, 1), "modelled"
@@ -430,10 +513,12 @@ def time_rows(results, t, cores=CORES, targets=TARGETS):
     rows = []
     for r in sorted(results.values(), key=lambda r: (r["batch"], r["learning_rate"], r["warmup"], r["seed"])):
         for p in cores:
-            seconds, source = t(r["batch"], p)
+            seconds, source = t(r["batch"], p, r["precision"])
+            if seconds is None:
+                continue
             row = {"cores": p, "batch_size": r["batch"], "recipe": r["recipe"],
                    "learning_rate": r["learning_rate"], "lr_warmup": r["warmup"], "seed": r["seed"],
-                   "ms_per_iteration": seconds * 1e3, "source": source}
+                   "precision": r["precision"], "ms_per_iteration": seconds * 1e3, "source": source}
             for target in targets:
                 hit = r["targets"].get(f"{target:.2f}")
                 row[f"iterations_to_{target:.2f}"] = hit["iterations"] if hit else None
@@ -484,7 +569,8 @@ def recipes_per_thread_count(rows, target=1.50):
     key = f"{target:.2f}"
     return {"recipes": [
         {"threads": p, "batch_size": row["batch_size"], "lr_scaling": "none",
-         "learning_rate": row["learning_rate"], "lr_warmup": row["lr_warmup"], "target_val_loss": target,
+         "learning_rate": row["learning_rate"], "lr_warmup": row["lr_warmup"], "precision": row["precision"],
+         "target_val_loss": target,
          "iterations": row[f"iterations_to_{key}"], "epochs": round(row[f"epochs_to_{key}"], 3),
          "train_seconds": round(row[f"seconds_to_{key}"], 1), "seconds_are": row["source"]}
         for p, row in sorted(best_envelope(rows, target).items())]}
@@ -492,7 +578,7 @@ def recipes_per_thread_count(rows, target=1.50):
 
 def _is_char_rnn(row):
     return (row["batch_size"] == CHAR_RNN_BATCH and row["learning_rate"] == CHAR_RNN_LR
-            and row["lr_warmup"] == 0 and row["seed"] == SEEDS[0])
+            and row["lr_warmup"] == 0 and row["seed"] == SEEDS[0] and row["precision"] == "fp32")
 
 
 def _fmt(value, digits=2):
@@ -500,22 +586,24 @@ def _fmt(value, digits=2):
 
 
 def convergence_markdown(results):
-    lines = ["| batch | recipe | learning rate | warm-up (it) | seed | "
+    lines = ["| batch | recipe | learning rate | warm-up (it) | precision | seed | "
              + " | ".join(f"to {t:.2f}: it / epochs" for t in TARGETS) + " | best val | stopped |",
-             "|" + "---|" * (7 + len(TARGETS))]
-    for r in sorted(results.values(), key=lambda r: (r["batch"], r["seed"], r["warmup"], r["learning_rate"])):
+             "|" + "---|" * (8 + len(TARGETS))]
+    for r in sorted(results.values(),
+                    key=lambda r: (r["batch"], r["precision"], r["seed"], r["warmup"], r["learning_rate"])):
         cells = []
         for t in TARGETS:
             hit = r["targets"][f"{t:.2f}"]
             cells.append(f"{hit['iterations']} / {hit['epochs']:.2f}" if hit
                          else f"not within {r['last_epoch']:.1f}")
-        lines.append(f"| {r['batch']} | {r['recipe']} | {r['learning_rate']:.4g} | {r['warmup']} | {r['seed']} | "
+        lines.append(f"| {r['batch']} | {r['recipe']} | {r['learning_rate']:.4g} | {r['warmup']} | {r['precision']} | "
+                     f"{r['seed']} | "
                      + " | ".join(cells) + f" | {_fmt(r['best_val_loss'], 4)} | {r['stopped']} |")
     return "\n".join(lines)
 
 
 def time_markdown(rows, targets=(1.50, 1.45)):
-    lines = ["| cores | source | " + " | ".join(f"to {t:.2f}: batch, lr, warm-up -> time" for t in targets)
+    lines = ["| cores | source | " + " | ".join(f"to {t:.2f}: batch, lr, warm-up, precision -> time" for t in targets)
              + " | char-rnn's recipe (b50, 2e-3) to 1.50 |", "|" + "---|" * (3 + len(targets))]
     envelopes = {t: best_envelope(rows, t) for t in targets}
     charrnn = {row["cores"]: row for row in rows if _is_char_rnn(row)}
@@ -524,7 +612,7 @@ def time_markdown(rows, targets=(1.50, 1.45)):
         for t in targets:
             row = envelopes[t].get(p)
             source = source or (row and row["source"])
-            cells.append(f"{row['batch_size']}, {row['learning_rate']:.3g}, {row['lr_warmup']} -> "
+            cells.append(f"{row['batch_size']}, {row['learning_rate']:.3g}, {row['lr_warmup']}, {row['precision']} -> "
                          f"{_duration(row[f'seconds_to_{t:.2f}'])}" if row else "not reached")
         ref, best = charrnn.get(p), envelopes[targets[0]].get(p)
         ref_cell = "-"
@@ -552,7 +640,8 @@ def plot(rows, path, targets=(1.50, 1.45)):
         for batch in BATCHES:
             by_cores = {}
             for row in rows:
-                if row["batch_size"] == batch and row["seed"] == SEEDS[0] and row[key] is not None:
+                if (row["batch_size"] == batch and row["seed"] == SEEDS[0] and row["precision"] == "fp32"
+                        and row[key] is not None):
                     if row["cores"] not in by_cores or row[key] < by_cores[row["cores"]][key]:
                         by_cores[row["cores"]] = row
             if not by_cores:
@@ -567,10 +656,15 @@ def plot(rows, path, targets=(1.50, 1.45)):
         if charrnn:
             ax.plot([c for c, _ in charrnn], [v / 60 for _, v in charrnn], "k--", lw=1,
                     label="char-rnn's recipe (batch 50, 2e-3)")
+        bf16 = best_envelope([row for row in rows if row["precision"] == "bf16"], target)
+        if bf16:
+            ax.plot(sorted(bf16), [bf16[p][key] / 60 for p in sorted(bf16)], "m:", lw=2,
+                    label="best in bfloat16 (beyond 2 cores: float32's model x bf16/fp32 at 2)")
         best = best_envelope(rows, target)
         cores = sorted(best)
         if cores:
-            ax.plot(cores, [best[p][key] / 60 for p in cores], "k-", lw=3, alpha=0.5, label="best batch and recipe")
+            ax.plot(cores, [best[p][key] / 60 for p in cores], "k-", lw=3, alpha=0.5,
+                    label="best batch, recipe and precision")
         for (name, seconds), style in zip(SEED_REFERENCE.items(), (":", "--", "-.")):
             ax.axhline(seconds / 60, color="grey", ls=style, lw=1)
             ax.text(1, seconds / 60 * 1.08, f"char-rnn, {name}, 50 epochs", fontsize=7, color="grey")
@@ -603,7 +697,7 @@ def write_tables(out, log=print):
         writer.writerows(rows)
     within = largest_batch_within(results)
     recipes = recipes_per_thread_count(rows)
-    summary = {"targets": TARGETS, "max_epochs": MAX_EPOCHS, "speed": speed,
+    summary = {"targets": TARGETS, "max_epochs": MAX_EPOCHS, "min_updates": MIN_UPDATES, "speed": speed,
                "convergence": [{k: v for k, v in r.items() if k != "evaluations"} for r in results.values()],
                "best_by_cores": {f"{t:.2f}": {str(p): row for p, row in best_envelope(rows, t).items()}
                                  for t in TARGETS},
@@ -621,49 +715,76 @@ def write_tables(out, log=print):
 
 # ---- checking the table against a real run -----------------------------------------------
 
-def timed_run(spec, threads, target, chars, directory):
-    """One training at `threads` threads until val `target` (--target_val_loss): wall seconds
-    of the whole process, training seconds and iterations from its metrics log."""
+def timed_run(spec, layout, target, chars, directory):
+    """One training at `layout` (threads, ranks) until val `target` (--target_val_loss): wall
+    seconds of the whole process (or MPI job), training seconds and iterations from its
+    metrics log."""
+    threads, ranks = layout
     stop = ["--target_val_loss", f"{target}"]
-    cmd = train_command(spec, chars, directory, threads=threads) + stop
+    cmd = train_command(spec, chars, directory, threads=threads, ranks=ranks) + stop
     started = time.perf_counter()
     subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     evals = read_evals(Path(metrics.log_path(str(directory), "run")))
     hit = crossing(evals, target)
-    return {"command": "python " + " ".join(train_command(spec, chars, "cv/validate", threads=threads)[1:] + stop),
+    shown = train_command(spec, chars, "cv/validate", threads=threads, ranks=ranks)
+    shown[shown.index(sys.executable)] = "python"
+    return {"command": " ".join(shown + stop).replace(str(Path(sys.executable).parent) + "/", ""),
             "wall_seconds": wall, "train_seconds": hit["train_seconds"] if hit else None,
             "iterations": hit["iterations"] if hit else None, "best_val_loss": min(e[2] for e in evals)}
 
 
-def validate(out, threads, target=1.50, log=print):
-    """The study's best recipe for `threads` threads and char-rnn's, each trained to `target`:
-    the best must get there >= 1.5x sooner in wall time, and its training time must land
-    within 15% of what the table predicts. Run it on a quiet machine."""
+def rank_seconds(speed, ranks):
+    """t(batch) at `ranks` MPI ranks of 1 thread on this node in float32, measured (no model)."""
+    measured = {pt["batch_size"]: pt["mean_ms"] / 1e3 for pt in (speed or {}).get("points", [])
+                if pt["ranks"] == ranks and pt["threads"] == 1 and pt["precision"] == "fp32"}
+
+    def t(batch, cores, precision="fp32"):
+        if batch not in measured or precision != "fp32":
+            return None, "not measured"
+        return measured[batch], "measured"
+    return t
+
+
+def validate(out, threads, ranks=1, target=1.50, log=print):
+    """The study's best recipe for `threads` threads (or `ranks` MPI ranks of 1 thread) and
+    char-rnn's recipe, each trained to `target`: the best must get there >= 1.5x sooner in
+    wall time, and each run's training time must land within 15% of what the table predicts
+    (the study's iterations to `target` x the measured time per iteration). Run it on a quiet
+    machine."""
     import tempfile
     chars = corpus_chars()
     results = load_results(out)
     speed_path = out / "speed.json"
-    t = iteration_seconds(json.loads(speed_path.read_text()) if speed_path.exists() else None)
-    best = best_envelope(time_rows(results, t, cores=(threads,)), target)[threads]
-    specs = {"best": Spec(best["batch_size"], best["learning_rate"], best["lr_warmup"], SEEDS[0], best["recipe"]),
-             "char-rnn": Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn")}
-    record = {"threads": threads, "target": target, "machine": machine_name(), "runs": {}}
+    speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
+    layout = (1, ranks) if ranks > 1 else (threads, 1)
+    cores = layout[0] * layout[1]
+    t = rank_seconds(speed, ranks) if ranks > 1 else iteration_seconds(speed)
+    if ranks > 1:
+        measured = {r["run_id"]: r for r in results.values() if t(r["batch"], cores)[0] is not None}
+        best = best_envelope(time_rows(measured, t, cores=(cores,)), target)[cores]
+    else:
+        best = best_envelope(time_rows(results, t, cores=(cores,)), target)[cores]
+    specs = {"best": Spec.of(best), "char-rnn": Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn")}
+    record = {"threads": layout[0], "ranks": layout[1], "target": target, "machine": machine_name(), "runs": {}}
     for name, spec in specs.items():
         with tempfile.TemporaryDirectory() as tmp:
-            run = timed_run(spec, threads, target, chars, tmp)
-        predicted_s, _ = t(spec.batch, threads)
+            run = timed_run(spec, layout, target, chars, tmp)
+        predicted_s, _ = t(spec.batch, cores, spec.precision)
         hit = results[spec.run_id]["targets"][f"{target:.2f}"]
+        run["study_iterations"] = hit["iterations"] if hit else None
         run["predicted_train_seconds"] = hit["iterations"] * predicted_s if hit else None
         run["train_vs_predicted"] = (run["train_seconds"] / run["predicted_train_seconds"] - 1
                                      if run["train_seconds"] and run["predicted_train_seconds"] else None)
         record["runs"][name] = run
-        log(f"{name} ({spec.run_id}) at {threads} thread(s): {run['wall_seconds']:.1f} s wall, "
-            f"{_fmt(run['train_seconds'], 1)} s training against {_fmt(run['predicted_train_seconds'], 1)} s predicted")
+        log(f"{name} ({spec.run_id}) at {layout[0]} thread(s) x {layout[1]} rank(s): {run['wall_seconds']:.1f} s "
+            f"wall, {_fmt(run['train_seconds'], 1)} s training in {run['iterations']} iterations against "
+            f"{_fmt(run['predicted_train_seconds'], 1)} s predicted ({run['study_iterations']} in the study)")
     runs = record["runs"]
     record["wall_speedup_over_char_rnn"] = runs["char-rnn"]["wall_seconds"] / runs["best"]["wall_seconds"]
     record["load_average_after"] = os.getloadavg()[0]
-    write_json(out / f"validation-t{threads}.json", record)
+    name = f"validation-t{threads}.json" if ranks == 1 else f"validation-r{ranks}.json"
+    write_json(out / name, record)
     log(f"best recipe {record['wall_speedup_over_char_rnn']:.2f}x sooner than char-rnn's in wall time")
     return record
 
@@ -676,13 +797,14 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=WORK, help="checkpoints and metrics logs of the runs")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each at 1 thread)")
     p.add_argument("--threads", type=int, default=2, help="validate: the thread count to check")
+    p.add_argument("--ranks", type=int, default=1, help="validate: MPI ranks of 1 thread each instead")
     args = p.parse_args(argv)
     if args.action == "run":
         run_study(args.out, args.work, args.jobs, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
     elif args.action == "measure-speed":
-        measure_speed(args.out)
+        measure_speed(args.out, speed_layouts(bf16=native_bf16()))
     elif args.action == "validate":
-        validate(args.out, args.threads)
+        validate(args.out, args.threads, args.ranks)
     else:
         write_tables(args.out)
     return 0

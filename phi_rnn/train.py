@@ -208,7 +208,7 @@ def _take_directory(directory, log):
 
 # the time-to-loss study's result (bench/time_to_loss.py writes it): measured_recipe() reads it
 RECIPES = os.path.join("results", "time-to-loss", "recipes.json")
-RECIPE_FLAGS = ("batch_size", "lr_scaling", "lr_warmup", "learning_rate")  # learning_rate optional
+RECIPE_FLAGS = ("batch_size", "lr_scaling", "lr_warmup", "learning_rate", "precision")  # the last two optional
 
 
 def measured_recipe(threads, path=None):
@@ -220,7 +220,7 @@ def measured_recipe(threads, path=None):
         {"recipes": [{"threads": 4, "batch_size": 64, "lr_scaling": "linear", "lr_warmup": 100,
                       "learning_rate": 0.002, "target_val_loss": 1.6, "wall_seconds": 812.5}, ...]}
     one entry per thread count; batch_size, lr_scaling and lr_warmup required, learning_rate
-    optional (absent: char-rnn's default); other keys (what it reached, how fast) are the
+    and precision optional (absent: the defaults); other keys (what it reached, how fast) are the
     study's and are not read."""
     path = path or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), RECIPES)
     try:

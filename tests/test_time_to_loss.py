@@ -37,23 +37,33 @@ def test_a_curve_that_goes_back_up_keeps_its_first_crossing_and_its_best():
 def test_a_run_stops_at_the_last_target_or_when_it_has_stalled():
     assert ttl.stop_reason([]) is None
     assert ttl.stop_reason([(10, 1.0, 1.6, 1.0), (20, 2.0, 1.45, 2.0)]).startswith("reached")
-    assert ttl.stop_reason([(10, 2.9, 2.5, 1.0)]) is None
-    assert ttl.stop_reason([(10, 3.0, 2.5, 1.0)]).startswith("stalled")
-    assert ttl.stop_reason([(10, 3.0, 1.8, 1.0)]) is None
-    assert ttl.stop_reason([(10, 5.0, 1.8, 1.0)]).startswith("stalled")
+    assert ttl.stop_reason([(1200, 2.9, 2.5, 1.0)]) is None
+    assert ttl.stop_reason([(1260, 3.0, 2.5, 1.0)]).startswith("stalled")
+    assert ttl.stop_reason([(1260, 3.0, 1.8, 1.0)]) is None
+    assert ttl.stop_reason([(2100, 5.0, 1.8, 1.0)]).startswith("stalled")
+    # a large batch, past 3 epochs in fewer than 300 iterations, goes on
+    assert ttl.stop_reason([(160, 3.0, 2.5, 1.0)]) is None
+    assert ttl.stop_reason([(300, 5.7, 2.5, 1.0)]).startswith("stalled")
 
 
-def _result(batch, lr, iterations_to_150, epochs_to_150, seed=123, warmup=0):
-    spec = ttl.Spec(batch, lr, warmup, seed, "test")
+def test_a_large_batch_gets_more_epochs_than_a_small_one():
+    chars = 1_115_394
+    assert ttl.max_epochs(50, chars) == ttl.MAX_EPOCHS
+    assert ttl.iterations_per_epoch(1600, chars) * ttl.max_epochs(1600, chars) >= ttl.MIN_UPDATES
+
+
+def _result(batch, lr, iterations_to_150, epochs_to_150, seed=123, warmup=0, precision="fp32"):
+    spec = ttl.Spec(batch, lr, warmup, seed, "test", precision)
     hit = None if iterations_to_150 is None else {"iterations": iterations_to_150, "epochs": epochs_to_150,
                                                   "train_seconds": 0.0,
                                                   "iterations_interpolated": float(iterations_to_150)}
     return spec.run_id, {"batch": batch, "learning_rate": lr, "warmup": warmup, "seed": seed, "recipe": "test",
+                         "precision": precision,
                          "run_id": spec.run_id, "best_val_loss": 1.49 if hit else 1.7, "last_epoch": 10.0,
                          "stopped": "test", "targets": {"1.60": hit, "1.50": hit, "1.45": None}}
 
 
-def _per_row_time(batch, threads):
+def _per_row_time(batch, threads, precision="fp32"):
     """1 ms per batch row on one thread; threads take a block of rows each (none idle below B)."""
     return 1e-3 * math.ceil(batch / threads), "modelled"
 
@@ -74,7 +84,7 @@ def test_the_envelope_picks_per_core_count_the_batch_that_gets_there_first():
 
 def test_equal_times_go_to_the_smaller_batch():
     results = dict([_result(100, 4e-3, 200, 1.0), _result(200, 8e-3, 100, 1.0)])
-    rows = ttl.time_rows(results, lambda b, p: (1e-3 * b, "measured"), cores=(1,))
+    rows = ttl.time_rows(results, lambda b, p, precision: (1e-3 * b, "measured"), cores=(1,))
     assert ttl.best_envelope(rows, 1.50)[1]["batch_size"] == 100
 
 
@@ -89,10 +99,11 @@ def test_the_largest_batch_within_ten_percent_of_batch_50s_epochs():
 
 
 def test_modelled_times_take_the_models_speedup_from_the_measured_one_thread_time():
-    speed = {"points": [{"batch_size": 200, "threads": 1, "median_ms": 300.0},
-                        {"batch_size": 200, "threads": 2, "median_ms": 160.0}]}
+    speed = {"points": [{"batch_size": 200, "threads": 1, "ranks": 1, "precision": "fp32", "mean_ms": 300.0},
+                        {"batch_size": 200, "threads": 2, "ranks": 1, "precision": "fp32", "mean_ms": 160.0},
+                        {"batch_size": 200, "threads": 1, "ranks": 2, "precision": "fp32", "mean_ms": 170.0}]}
     t = ttl.iteration_seconds(speed, model=lambda batch, threads: 0.2 / min(threads, 8))
-    assert t(200, 2) == (0.16, "measured")
+    assert t(200, 2) == (0.16, "measured")  # the 2-thread process's, not the 2 ranks'
     assert t(200, 16) == (pytest.approx(0.3 / 8), "modelled")
     assert t(400, 16) == (pytest.approx(0.2 / 8), "modelled")  # nothing measured at 400: the model's own
 
@@ -104,6 +115,57 @@ def test_the_recipes_file_is_what_the_trainers_start_up_note_reads(tmp_path):
     path = tmp_path / "recipes.json"
     path.write_text(json.dumps(ttl.recipes_per_thread_count(rows)))
     assert train.measured_recipe(64, str(path)) == {"batch_size": 800, "lr_scaling": "none", "lr_warmup": 25,
-                                                    "learning_rate": 1.6e-2}
+                                                    "learning_rate": 1.6e-2, "precision": "fp32"}
     assert train.measured_recipe(1, str(path))["batch_size"] == 50
     assert train.measured_recipe(16, str(path)) is None  # no row for 16 cores
+
+
+def test_mpi_ranks_are_timed_at_their_own_measured_points_only():
+    speed = {"points": [{"batch_size": 50, "threads": 2, "ranks": 1, "precision": "fp32", "mean_ms": 20.0},
+                        {"batch_size": 50, "threads": 1, "ranks": 2, "precision": "fp32", "mean_ms": 22.0}]}
+    t = ttl.rank_seconds(speed, 2)
+    assert t(50, 2) == (0.022, "measured")
+    assert t(100, 2) == (None, "not measured")
+
+
+def test_an_mpi_run_is_launched_by_the_mpiexec_beside_the_interpreter():
+    spec = ttl.Spec(50, 2e-3, 0, 123, "char-rnn")
+    one = ttl.train_command(spec, 1_115_394, "cv/x", threads=2)
+    two = ttl.train_command(spec, 1_115_394, "cv/x", threads=1, ranks=2)
+    assert two[1:3] == ["-n", "2"] and two[0].endswith("mpiexec") and two[3:] != one
+    assert one[one.index("--threads") + 1] == "2" and two[two.index("--threads") + 1] == "1"
+    assert two[two.index("--policy") + 1] == "compact"  # each rank its own core
+
+
+def _point(batch, threads, precision, ms):
+    return {"batch_size": batch, "threads": threads, "ranks": 1, "precision": precision, "mean_ms": ms}
+
+
+def test_bfloat16_beyond_the_measured_points_is_float32_times_the_ratio_at_as_many_rows_per_thread():
+    speed = {"points": [_point(50, 1, "fp32", 40.0), _point(50, 2, "fp32", 20.0), _point(50, 2, "bf16", 14.0),
+                        _point(2, 2, "fp32", 4.0), _point(2, 2, "bf16", 3.6),
+                        _point(8, 2, "fp32", 8.0), _point(8, 2, "bf16", 6.0)]}
+    t = ttl.iteration_seconds(speed, model=lambda batch, threads: 1.0 / min(threads, batch))
+    assert t(50, 2, "bf16") == (0.014, "measured")
+    fp32_64, source = t(50, 64)  # 1 row per thread: the ratio measured with 1 row per thread
+    assert source == "modelled" and t(50, 64, "bf16") == (pytest.approx(fp32_64 * 0.9), "modelled")
+    assert t(50, 16, "bf16")[0] == pytest.approx(t(50, 16)[0] * 0.75)  # 4 rows per thread: nearest 4
+    assert t(50, 4, "bf16")[0] == pytest.approx(t(50, 4)[0] * 0.7)  # 13 rows: nearest 25 (batch 50's)
+
+
+def test_the_plan_runs_bfloat16_last_and_only_where_the_cpu_has_it():
+    chars = 1_115_394
+    assert all(spec.precision == "fp32" for spec in ttl.plan({}, chars, bf16=True))
+    results = {}
+    for _ in range(40):  # every float32 run done, as the study would
+        pending = [s for s in ttl.plan(results, chars, bf16=False) if s.run_id not in results]
+        if not pending:
+            break
+        for spec in pending:
+            results[spec.run_id] = dict(_result(spec.batch, spec.learning_rate, 500, 2.0, spec.seed, spec.warmup)[1],
+                                        recipe=spec.recipe)
+    assert not [s for s in ttl.plan(results, chars, bf16=False) if s.run_id not in results]
+    bf16 = [s for s in ttl.plan(results, chars, bf16=True) if s.run_id not in results]
+    assert bf16 and all(s.precision == "bf16" and s.batch <= ttl.BF16_MAX_BATCH for s in bf16)
+    assert any(s.learning_rate == ttl.CHAR_RNN_LR and s.batch == ttl.CHAR_RNN_BATCH for s in bf16)
+    assert all(s.run_id.endswith("-bf16") and "--precision" in ttl.train_command(s, chars, "cv/x") for s in bf16)
