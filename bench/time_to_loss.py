@@ -308,8 +308,8 @@ def plan(results, chars, warmup=True, bf16=False):
     200); 1.4 x batch 50's best rate; the second seed of batch 50's best; square-root scaling; the second seed of
     char-rnn's recipe and of the larger batch that needs the fewest epochs to 1.50 (once the
     linear recipes are done); square-root scaling with warm-up; once all of that is done, x0.7
-    and x1.4 around each batch's best; then, on a CPU with native bfloat16 (`bf16`), char-rnn's
-    recipe and each batch's best up to BF16_MAX_BATCH again in --precision bf16."""
+    and x1.4 around each batch's best. Before that grid, on a CPU with native bfloat16 (`bf16`),
+    char-rnn's recipe and each batch's best up to BF16_MAX_BATCH again in --precision bf16."""
     every = results
     results = {k: r for k, r in every.items() if r["precision"] == "fp32"}
 
@@ -336,7 +336,10 @@ def plan(results, chars, warmup=True, bf16=False):
         larger = min((r for r in first if r["batch"] > CHAR_RNN_BATCH), key=lambda r: (epochs_to(r), r["batch"]))
         specs += [Spec.of(results[batch_50[0].run_id], seed=SEEDS[1]), Spec.of(larger, seed=SEEDS[1])]
     specs += [spec(batch, "sqrt", warm=True) for batch in BATCHES[2:] if warmup]
-    if not all(s.run_id in results for s in specs):
+    if bf16 and batch_50[0].run_id in results:
+        best = [r for b, r in sorted(best_per_batch(results).items()) if b <= BF16_MAX_BATCH]
+        specs += [Spec.of(r, precision="bf16") for r in [results[batch_50[0].run_id]] + best]
+    if not all(s.run_id in every for s in specs):
         return specs
     for batch, best in sorted(best_per_batch(results).items()):
         for factor in (0.7, 1.4):
@@ -345,9 +348,6 @@ def plan(results, chars, warmup=True, bf16=False):
                      if r["batch"] == batch and r["warmup"] == best["warmup"] and r["seed"] == SEEDS[0]]
             if all(abs(lr / t - 1) > 0.15 for t in tried):
                 specs.append(Spec(batch, lr, best["warmup"], SEEDS[0], "grid"))
-    if bf16:
-        best = [r for b, r in sorted(best_per_batch(results).items()) if b <= BF16_MAX_BATCH]
-        specs += [Spec.of(r, precision="bf16") for r in [results[batch_50[0].run_id]] + best]
     return specs
 
 

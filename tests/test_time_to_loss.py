@@ -153,7 +153,7 @@ def test_bfloat16_beyond_the_measured_points_is_float32_times_the_ratio_at_as_ma
     assert t(50, 4, "bf16")[0] == pytest.approx(t(50, 4)[0] * 0.7)  # 13 rows: nearest 25 (batch 50's)
 
 
-def test_the_plan_runs_bfloat16_last_and_only_where_the_cpu_has_it():
+def test_the_plan_runs_bfloat16_after_the_float32_recipes_and_only_where_the_cpu_has_it():
     chars = 1_115_394
     assert all(spec.precision == "fp32" for spec in ttl.plan({}, chars, bf16=True))
     results = {}
