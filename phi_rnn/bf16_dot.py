@@ -18,8 +18,8 @@ as W2 (little-endian).
 
 numba has no vector types, so the product is an @intrinsic that emits the whole loop as
 LLVM IR: a helper function per module (internal linkage) that the intrinsic calls. It keeps
-up to eight accumulators of 16 outputs in registers over the whole K loop (a block of
-columns at a time: independent dependency chains, out read and written once per block) and
+up to eight accumulators of 16 outputs in registers over a slice of K (a block of columns at a
+time: independent dependency chains, out read and written once per block and slice) and
 masks the loads and stores of the last block's last vector, so any N and K work. The
 vector operations are LLVM's x86 intrinsics in their older integer-typed form
 (llvm.x86.avx512bf16.dpbf16ps.512 on <16 x i32>, cvtneps2bf16 giving <16 x i16>): llvmlite
@@ -53,6 +53,7 @@ from phi_rnn import bf16
 
 LANES = 16  # float32 outputs per vector
 BLOCK_VECTORS = 8  # accumulators kept in registers per block of columns
+ROW_SLICE = 64  # pairs of K per pass over N: all of K for char-rnn's sizes (out touched once)
 _HELPER = "phi_rnn.bf16_dot.accumulate_pairs"
 
 _i1, _i16, _i32, _i64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -160,11 +161,30 @@ def _define_helper(module):
     pairs_of_x = builder.alloca(_v16i16, size=chunks, name="x_bf16")
     pairs_of_x.align = 64
     _round_x(builder, x, k, chunks, pairs_of_x)
-    pairs = _Pairs(builder.bitcast(pairs_of_x, _i32.as_pointer()),
-                   builder.lshr(builder.add(k, ir.Constant(_i64, 1)), ir.Constant(_i64, 1)), w, w_row_bytes, out)
-    # Full blocks of BLOCK_VECTORS vectors, then one block of the remaining 1..BLOCK_VECTORS
-    # vectors whose last is masked (a switch: each width its own loop, its accumulators in
-    # registers).
+    x_pairs = builder.bitcast(pairs_of_x, _i32.as_pointer())
+    k2 = builder.lshr(builder.add(k, ir.Constant(_i64, 1)), ir.Constant(_i64, 1))
+    # K in slices of ROW_SLICE pairs, each across all of N: out is read and written once per
+    # slice and block, and weights beyond L2 are read a slice of rows at a time, each row
+    # moving forward, streams the hardware prefetcher follows (a block down all of a wide
+    # matrix's K visits a new page per row).
+    slices = builder.udiv(builder.add(k2, ir.Constant(_i64, ROW_SLICE - 1)), ir.Constant(_i64, ROW_SLICE))
+    with cgutils.for_range(builder, slices) as sl:
+        k0 = builder.mul(sl.index, ir.Constant(_i64, ROW_SLICE))
+        left = builder.sub(k2, k0)
+        rows = builder.select(builder.icmp_unsigned("<", left, ir.Constant(_i64, ROW_SLICE)), left,
+                              ir.Constant(_i64, ROW_SLICE))
+        pairs = _Pairs(builder.gep(x_pairs, [k0]), rows, builder.gep(w, [builder.mul(k0, w_row_bytes)]),
+                       w_row_bytes, out)
+        _blocks(builder, pairs, n)
+    builder.ret_void()
+    return fn
+
+
+def _blocks(builder, pairs, n):
+    """Full blocks of BLOCK_VECTORS vectors, then one block of the remaining 1..BLOCK_VECTORS
+    vectors whose last is masked (a switch: each width its own loop, its accumulators in
+    registers)."""
+    fn = builder.function
     width = LANES * BLOCK_VECTORS
     full = builder.udiv(n, ir.Constant(_i64, width))
     with cgutils.for_range(builder, full) as loop:
@@ -182,8 +202,6 @@ def _define_helper(module):
         pairs.block(builder, start, count, _lanes_below(builder, tail))
         builder.branch(done)
     builder.position_at_end(done)
-    builder.ret_void()
-    return fn
 
 
 def _lanes_below(builder, count):

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.skipif(not bf16_dot.available(), reason="this CPU has n
 rng = np.random.default_rng(5)
 
 # (K, N): the char-rnn products (128 x 512, the decoder's 128 x 65), wider ones, odd K, N
-# not a multiple of 16 in every remainder width (1..8 vectors), N < 16
+# not a multiple of 16 in every remainder width (1..8 vectors), N < 16, K in several slices
+# (bf16_dot.ROW_SLICE pairs) with a last one of a single pair
 SHAPES = [(128, 512), (256, 512), (512, 2048), (128, 65), (129, 65), (1, 1), (3, 7), (33, 15), (64, 16),
-          (65, 129), (17, 250), (100, 127), (2, 200), (31, 100)]
+          (65, 129), (17, 250), (100, 127), (2, 200), (31, 100), (257, 70)]
 
 
 def _rounded(values):
