@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from phi_rnn import bf16
+from phi_rnn import bf16, bf16_dot
 from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, dgemm, set_num_threads_local, sgemm
 from phi_rnn.cells import KINDS
 
@@ -176,6 +176,10 @@ def _product_impl(trans_a, trans_b, alpha, a, b, beta, c):
     if b.dtype == types.uint16 and a.dtype == types.uint16:
         return lambda trans_a, trans_b, alpha, a, b, beta, c: bf16.gemm_arrays(trans_a, trans_b, alpha, a, b,
                                                                                beta, c)
+    if b.dtype == types.uint32:  # a batch of one on bfloat16 pairs (generation: bf16_dot.row_product)
+        def row_times_pairs(trans_a, trans_b, alpha, a, b, beta, c):
+            bf16_dot.row_product(a, b, np.float32(beta), c)
+        return row_times_pairs
     if b.dtype == types.uint16:  # a batch of one (generation): a float32 row, rounded as read
         def row_times_bf16(trans_a, trans_b, alpha, a, b, beta, c):
             _row_times_bf16_matrix(a, b, np.float32(beta), c)
@@ -187,7 +191,8 @@ def _product_impl(trans_a, trans_b, alpha, a, b, beta, c):
 def gemm(trans_a, trans_b, alpha, a, b, beta, c):
     """c (M, N) = alpha * op(a) @ op(b) + beta * c; 2-d arrays with contiguous rows, float32
     (sgemm), float64 (dgemm, for the gradient checks) or bfloat16 operands (uint16) with c
-    float32. A float32 a with a bfloat16 b is a batch of one, a (1, K) @ b (K, N)."""
+    float32. A float32 a with a bfloat16 b is a batch of one, a (1, K) @ b (K, N): b uint16,
+    or uint32 holding b's rows in pairs (bf16_dot.pair_rows, (ceil(K/2), N): vdpbf16ps)."""
     _product(trans_a, trans_b, alpha, a, b, beta, c)
 
 
@@ -934,8 +939,8 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
 # A character is one step of each layer's training step function with B = 1, all layers
 # and the decoder in one compiled call. The weights and the state travel as namedtuples, as
 # a training layer's do; one weight set per precision, each with the fields of
-# TransposedWeights (in bfloat16 the products' weights are uint16: gemm's batch-of-one
-# bfloat16 product streams half the bytes).
+# TransposedWeights (in bfloat16 the products' weights are uint32 pairs for vdpbf16ps, or
+# uint16 where the CPU lacks it: gemm's batch-of-one bfloat16 products stream half the bytes).
 
 TransposedWeights = namedtuple("TransposedWeights", ["w_ih0_t", "w_ih_t", "w_hh_t", "bias", "dec_w_t", "dec_b"])
 TransposedWeights.__doc__ = """The whole network's forward weights, stacked by layer and transposed

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from phi_rnn import checkpoint, data, files
+from phi_rnn import bf16_dot, checkpoint, data, files
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
 from phi_rnn.model import KINDS, FlatBuffer, bf16_weights, transposed_weights
@@ -48,11 +48,17 @@ def generation_state(num_layers, hidden, gate_units, vocab_size):
     return K.GenerationState(**FlatBuffer(shapes).views)
 
 
+def _bf16_weights(transposed):
+    """The products' weights in bfloat16 (half the bytes streamed per character): paired for
+    vdpbf16ps (bf16_dot.generation_weights, uint32) where the CPU has avx512_bf16, else
+    plain bfloat16 bits (uint16) for the product that widens them in software."""
+    return bf16_dot.generation_weights(transposed) if bf16_dot.available() else bf16_weights(transposed)
+
+
 class Generator:
     """A batch-of-one copy of a checkpoint's network, laid out for kernels.generation_step:
     `weights` (kernels.TransposedWeights in one huge page: float32, or with precision "bf16"
-    the products' weights in bfloat16, half the bytes streamed per character) and `state`
-    (kernels.GenerationState)."""
+    the products' weights in bfloat16, _bf16_weights) and `state` (kernels.GenerationState)."""
 
     def __init__(self, ck, precision="fp32"):
         p, L = ck.params, int(ck.meta["num_layers"])
@@ -61,7 +67,7 @@ class Generator:
         self.vocab = ck.vocab
         self.index = {s: i for i, s in enumerate(self.vocab)}
         weights = transposed_weights(p, L)
-        self.weights = _in_one_huge_page(bf16_weights(weights) if precision == "bf16" else weights)
+        self.weights = _in_one_huge_page(_bf16_weights(weights) if precision == "bf16" else weights)
         # logits start equal: with no primetext the first character is uniform, as in char-rnn
         self.state = generation_state(L, int(ck.meta["rnn_size"]), self.weights.bias.shape[1], len(self.vocab))
 

@@ -1,8 +1,8 @@
 """The batch-of-one bfloat16 product on vdpbf16ps (phi_rnn/bf16_dot.py): the pair-interleaved
 layout and its round trip, the product against float64 products of the bfloat16-rounded
 operands (full and partial column blocks, odd K, column slices, beta), checks that the bound
-can fail (unrounded operands, the pairs' halves swapped), the compiled instructions and the
-numba cache across processes."""
+can fail (unrounded operands, the pairs' halves swapped), the compiled instructions, the
+numba cache across processes, and generation on it (and without it, on the widening product)."""
 import os
 import re
 import subprocess
@@ -159,3 +159,50 @@ def test_a_second_process_loads_the_product_from_the_cache(tmp_path):
             for _ in range(2)]
     assert runs[0].stdout.split() == ["0", "1"]  # compiled and saved
     assert runs[1].stdout.split() == ["1", "0"]  # loaded
+
+
+# ---------------------------------------------------------------- generation on it
+
+@pytest.mark.parametrize("model", ["lstm", "gru", "rnn"])
+def test_bf16_generation_runs_on_the_pairs_and_follows_the_float32_network(model):
+    """Generator with precision bf16 multiplies on the pairs (uint32 weights); its argmax
+    text, replayed through the float32 training network, is that network's argmax at almost
+    every step (bfloat16 weights move the logits slightly). GRU covers the column blocks."""
+    from phi_rnn import checkpoint
+    from phi_rnn.model import Network
+    from phi_rnn.sample import Generator
+    rng = np.random.default_rng(0)
+    V, H = 70, 40  # N not a multiple of 16 in every product
+    net = Network(model, V, H, 2)
+    net.init_params(rng)
+    # a sharper distribution than at init; sharper still, the vanilla RNN turns chaotic and
+    # any rounding (the widening product's too) sends it elsewhere
+    net.params.data[:] *= 3
+    ck = checkpoint.Checkpoint("memory", {k: v.copy() for k, v in net.params.views.items()},
+                               {"model": model, "num_layers": 2, "rnn_size": H, "vocab": list(range(40, 40 + V))}, {})
+    gen = Generator(ck, "bf16")
+    assert gen.weights.w_hh_t.dtype == gen.weights.w_ih_t.dtype == gen.weights.dec_w_t.dtype == np.uint32
+    gen.prime("()*")
+    text = "".join(gen.generate(200, 1.0, True, rng))
+    tokens = gen.encode("()*" + text)
+    x = tokens[:-1].reshape(-1, 1)
+    net.forward(x, np.zeros_like(x), net.zero_state(1))
+    logits = net.decoder.x @ net.params["decoder.weight"].T + net.params["decoder.bias"]
+    agree = np.argmax(logits, axis=1)[2:] == tokens[3:]
+    assert agree.mean() > 0.9
+
+
+def test_without_avx512_bf16_generation_keeps_the_widening_product(monkeypatch):
+    """A CPU with amx_bf16 alone (or numba compiling for a CPU without avx512_bf16) samples on
+    plain bfloat16 bits (uint16), widened in software."""
+    from phi_rnn import checkpoint, sample
+    from phi_rnn.model import Network
+    net = Network("lstm", 20, 24, 2)
+    net.init_params(np.random.default_rng(1))
+    ck = checkpoint.Checkpoint("memory", {k: v.copy() for k, v in net.params.views.items()},
+                               {"model": "lstm", "num_layers": 2, "rnn_size": 24, "vocab": list(range(60, 80))}, {})
+    monkeypatch.setattr(bf16_dot, "available", lambda: False)
+    gen = sample.Generator(ck, "bf16")
+    assert gen.weights.w_hh_t.dtype == gen.weights.dec_w_t.dtype == np.uint16
+    text = "".join(gen.generate(50, 1.0, False, np.random.default_rng(2)))
+    assert len(text) == 50 and set(text) <= {chr(c) for c in range(60, 80)}
