@@ -11,6 +11,7 @@ count the table picks the batch and recipe that get there first.
 
     python bench/time_to_loss.py run [--jobs 2]      # the convergence runs (resumable)
     python bench/time_to_loss.py measure-speed       # t(batch, threads) at 1 and 2 threads
+    python bench/time_to_loss.py measure-speed --again 100:1:1:bf16   # one point again, the rest kept
     python bench/time_to_loss.py table               # CSV, JSON, Markdown, plot, recipes.json
     python bench/time_to_loss.py validate --threads 2   # the table against a real --target_val_loss run
     python bench/time_to_loss.py validate --ranks 2     # the same at 2 MPI ranks of 1 thread
@@ -44,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from phi_rnn import data, metrics  # noqa: E402
+from phi_rnn.cli import OneLineErrorParser  # noqa: E402  (one-line errors, exit 2; starts no runtime)
 
 TARGETS = (1.60, 1.50, 1.45)
 STOP_AT = min(TARGETS)
@@ -432,12 +434,13 @@ def speed_layouts(batches=BATCHES, threads=MEASURED_THREADS, ranks=MEASURED_RANK
     return points
 
 
-def measure_speed(out, layouts, log=print):
+def measure_speed(out, layouts, log=print, again=False):
     """t(batch, threads, ranks, precision): the trainer's ms per iteration (its compute:
     forward, backward, gradient exchange, update) at each of `layouts` (speed_layouts), each a
     fresh process (or MPI job at 1 thread per rank). The mean, the first iterations left out:
     a run's training seconds are iterations x the mean. Run it on a quiet machine: the result
-    is the table's measured seconds."""
+    is the table's measured seconds. `again`: measure `layouts` once more, the other points
+    of speed.json kept (a point a disturbed machine got wrong)."""
     import tempfile
     points = []
     for batch, p, k, precision in layouts:
@@ -458,6 +461,11 @@ def measure_speed(out, layouts, log=print):
                        "median_ms": median, "iterations": n, "load_average_before": load})
         log(f"batch {batch:5d}, {p} thread(s) x {k} rank(s), {precision}: {mean:8.2f} ms per iteration "
             f"(median {median:.2f}; load {load:.2f})")
+    if again:
+        key = lambda pt: (pt["batch_size"], pt["threads"], pt["ranks"], pt["precision"])  # noqa: E731
+        fresh = {key(pt) for pt in points}
+        kept = json.loads((out / "speed.json").read_text())["points"]
+        points = [pt for pt in kept if key(pt) not in fresh] + points
     record = {"machine": machine_name(), "cpu_flags": sorted(native_flags()),
               "command": "python bench/time_to_loss.py measure-speed",
               "load_average_after": os.getloadavg()[0], "points": points}
@@ -799,8 +807,19 @@ def validate(out, threads, ranks=1, target=1.50, log=print):
     return record
 
 
+def point_list(text):
+    """'50:1:1:bf16,100:2:1:fp32' -> [(50, 1, 1, 'bf16'), (100, 2, 1, 'fp32')]."""
+    try:
+        points = [(int(b), int(t), int(r), p) for b, t, r, p in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not batch:threads:ranks:precision,...: {text!r}") from None
+    if any(min(b, t, r) < 1 or p not in PRECISIONS for b, t, r, p in points):
+        raise argparse.ArgumentTypeError(f"counts must be positive and precisions of {', '.join(PRECISIONS)}: {text!r}")
+    return points
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("run", "measure-speed", "table", "validate"))
     p.add_argument("--out", type=Path, default=OUT)
@@ -808,11 +827,16 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each at 1 thread)")
     p.add_argument("--threads", type=int, default=2, help="validate: the thread count to check")
     p.add_argument("--ranks", type=int, default=1, help="validate: MPI ranks of 1 thread each instead")
+    p.add_argument("--again", type=point_list, metavar="B:T:R:P,...",
+                   help="measure-speed: only these points again (batch:threads:ranks:precision), keeping the rest")
     args = p.parse_args(argv)
     if args.action == "run":
         run_study(args.out, args.work, args.jobs, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
     elif args.action == "measure-speed":
-        measure_speed(args.out, speed_layouts(bf16=native_bf16()))
+        if args.again:
+            measure_speed(args.out, args.again, again=True)
+        else:
+            measure_speed(args.out, speed_layouts(bf16=native_bf16()))
     elif args.action == "validate":
         validate(args.out, args.threads, args.ranks)
     else:

@@ -169,3 +169,17 @@ def test_the_plan_runs_bfloat16_after_the_float32_recipes_and_only_where_the_cpu
     assert bf16 and all(s.precision == "bf16" and s.batch <= ttl.BF16_MAX_BATCH for s in bf16)
     assert any(s.learning_rate == ttl.CHAR_RNN_LR and s.batch == ttl.CHAR_RNN_BATCH for s in bf16)
     assert all(s.run_id.endswith("-bf16") and "--precision" in ttl.train_command(s, chars, "cv/x") for s in bf16)
+
+
+def test_points_measured_again_are_named_batch_threads_ranks_precision():
+    assert ttl.point_list("100:1:1:bf16,50:2:1:fp32") == [(100, 1, 1, "bf16"), (50, 2, 1, "fp32")]
+    for bad in ("100:1:1", "100:0:1:fp32", "100:1:1:fp16", "a:1:1:fp32"):
+        with pytest.raises(Exception):
+            ttl.point_list(bad)
+
+
+def test_a_bad_point_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        ttl.main(["measure-speed", "--again", "100:1:1:fp16"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and "--again" in err, err
