@@ -34,6 +34,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -274,9 +275,10 @@ def load_results(out):
 
 
 def native_bf16():
-    """Whether this CPU runs the trainer's --precision bf16 (else the trainer refuses it)."""
-    from phi_rnn import bf16
-    return bool(bf16.native_features())
+    """Whether this CPU runs the trainer's --precision bf16 (else the trainer refuses it),
+    asked of a fresh process: this one starts trainers and loads no GEMM library."""
+    from bench.side_by_side import bf16_support
+    return bool(bf16_support()["native"])
 
 
 def trainer_has(flag):
@@ -454,9 +456,8 @@ def measure_speed(out, layouts, log=print, again=False):
             load = os.getloadavg()[0]
             subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
             rows = metrics.read_rows(metrics.log_path(tmp, "speed"))
-        times = sorted(r["ms_per_iteration"] for r in rows[3:])
-        mean = sum(times) / len(times)
-        median = times[len(times) // 2] if len(times) % 2 else sum(times[len(times) // 2 - 1:][:2]) / 2
+        times = [r["ms_per_iteration"] for r in rows[3:]]
+        mean, median = statistics.fmean(times), statistics.median(times)
         points.append({"batch_size": batch, "threads": p, "ranks": k, "precision": precision, "mean_ms": mean,
                        "median_ms": median, "iterations": n, "load_average_before": load})
         log(f"batch {batch:5d}, {p} thread(s) x {k} rank(s), {precision}: {mean:8.2f} ms per iteration "
@@ -466,25 +467,17 @@ def measure_speed(out, layouts, log=print, again=False):
         fresh = {key(pt) for pt in points}
         kept = json.loads((out / "speed.json").read_text())["points"]
         points = [pt for pt in kept if key(pt) not in fresh] + points
-    record = {"machine": machine_name(), "cpu_flags": sorted(native_flags()),
-              "command": "python bench/time_to_loss.py measure-speed",
+    record = {"machine": this_machine(), "command": "python bench/time_to_loss.py measure-speed",
               "load_average_after": os.getloadavg()[0], "points": points}
     write_json(out / "speed.json", record)
     return record
 
 
-def native_flags():
-    from phi_rnn import bf16
-    return {f for f in bf16.cpu_flags() if f.startswith(("avx512", "amx", "avx2"))}
-
-
-def machine_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]}, {len(names)} logical CPUs"
-    except (OSError, IndexError):
-        return "unknown"
+def this_machine():
+    """The machine as the scaling study records it: CPU model, family and model numbers,
+    vector ISA, the avx/fma/amx flags, caches."""
+    from bench.scale.machine import this_machine as record
+    return record()
 
 
 def iteration_seconds(speed, model=None):
@@ -784,7 +777,7 @@ def validate(out, threads, ranks=1, target=1.50, log=print):
     else:
         best = best_envelope(time_rows(results, t, cores=(cores,)), target)[cores]
     specs = {"best": Spec.of(best), "char-rnn": Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn")}
-    record = {"threads": layout[0], "ranks": layout[1], "target": target, "machine": machine_name(), "runs": {}}
+    record = {"threads": layout[0], "ranks": layout[1], "target": target, "machine": this_machine(), "runs": {}}
     for name, spec in specs.items():
         with tempfile.TemporaryDirectory() as tmp:
             run = timed_run(spec, layout, target, chars, tmp)
