@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from phi_rnn import bf16, bf16_dot
+from phi_rnn import amx, bf16, bf16_dot
 from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, dgemm, set_num_threads_local, sgemm
 from phi_rnn.cells import KINDS
 
@@ -419,12 +419,25 @@ def lstm_step_forward(g, bias, w_hh_t, h_prev, c_prev, h, c, tanh_c):
     lstm_cell_forward(g, bias, c_prev, c, tanh_c, h)
 
 
+def packed_product(a, packed, beta, c):
+    """c = a @ B + beta * c on B's packed copy (bfloat16): AMX tiles (amx.tile_into's uint32
+    tiles) or MKL's packed format (bf16.pack_into's bytes) (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(packed_product, jit_options=_opts)
+def _packed_product_impl(a, packed, beta, c):
+    if packed.dtype == types.uint32:
+        return lambda a, packed, beta, c: amx.tile_product(a, packed, beta, c)
+    return lambda a, packed, beta, c: bf16.gemm_packed_arrays(False, 1.0, a, packed, beta, c)
+
+
 @njit(**_opts)
 def recurrent_product(a, b, packed, beta, c):
-    """c = a @ b + beta * c, a per-step product: on b's packed copy (bfloat16, MKL) when
-    `packed` is not empty, else through gemm."""
+    """c = a @ b + beta * c, a per-step product: on b's packed copy (bfloat16: AMX or MKL)
+    when `packed` is not empty, else through gemm."""
     if packed.size > 0:
-        bf16.gemm_packed_arrays(False, 1.0, a, packed, beta, c)
+        packed_product(a, packed, beta, c)
     else:
         gemm(False, False, ONE, a, b, beta, c)
 

@@ -17,7 +17,7 @@ that write them (kernels.to_operand)."""
 import numba
 import numpy as np
 
-from phi_rnn import bf16
+from phi_rnn import amx, bf16
 from phi_rnn import kernels as K
 from phi_rnn.cells import GATES, KINDS, MODELS  # noqa: F401  (the cell types; re-exported)
 from phi_rnn.config import PRECISIONS
@@ -104,6 +104,18 @@ def gemm_flops(model, vocab_size, rnn_size, num_layers, batch_size, seq_length):
     return 3 * (num_layers * recurrent + upper_input + decoder)
 
 
+def packed_recurrent_weights(model, precision, G, H):
+    """(forward, backward) buffers for an LSTM layer's recurrent weights laid out for the
+    per-step products, W_hh^T (H, G) and W_hh (G, H): AMX tiles where amx runs them, else
+    MKL's packed format; empty (no packing: products on gemm) for float32 and other cells."""
+    if precision != "bf16" or model != "lstm":
+        no_pack = np.zeros(0, np.uint8)
+        return no_pack, no_pack
+    if amx.available() and amx.fits(1, G, H) and amx.fits(1, H, G):
+        return np.zeros(amx.tiles_shape(H, G), np.uint32), np.zeros(amx.tiles_shape(G, H), np.uint32)
+    return bf16.packed_operand(1, G, H), bf16.packed_operand(1, H, G)
+
+
 class Network:
     """A char-rnn model (LSTM, GRU or vanilla RNN): parameters, gradients, the optimizer's
     state and the workspace for one (seq_length, batch_size) shape."""
@@ -134,13 +146,11 @@ class Network:
             self.params_op = FlatBuffer(shapes, np.uint16)
             t = self.transposed_op = bf16_weights(self.transposed)
             p = self.params_op
-        # MKL lays out the LSTM's recurrent bfloat16 weights once per update for the per-step
-        # products (repacking them at every step costs about as much as the product)
+        # The LSTM's recurrent bfloat16 weights are laid out once per update for the per-step
+        # products (repacking them at every step costs about as much as the product): as AMX
+        # tiles for phi_rnn's own tile kernel where it runs, else in MKL's packed format
         G, H = self.transposed.w_hh_t.shape[2], rnn_size
-        packs = precision == "bf16" and model == "lstm"
-        no_pack = np.zeros(0, np.uint8)
-        self.packed = [(bf16.packed_operand(1, G, H), bf16.packed_operand(1, H, G)) if packs else (no_pack, no_pack)
-                       for _ in range(num_layers)]
+        self.packed = [packed_recurrent_weights(model, precision, G, H) for _ in range(num_layers)]
         self.weights = [K.LayerWeights(t.w_ih0_t if layer == 0 else t.w_ih_t[layer - 1], t.w_hh_t[layer],
                                        t.bias[layer], p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"],
                                        *self.packed[layer])
@@ -171,7 +181,10 @@ class Network:
             bf16.round_into(self.params.data, self.params_op.data)
             bf16_weights(self.transposed, out=self.transposed_op)
             for w in self.weights:
-                if w.w_hh_t_packed.size:
+                if w.w_hh_t_packed.dtype == np.uint32:
+                    amx.tile_into(w.w_hh_t, w.w_hh_t_packed)
+                    amx.tile_into(w.w_hh, w.w_hh_packed)
+                elif w.w_hh_t_packed.size:
                     bf16.pack_into(False, w.w_hh_t, 1, w.w_hh_t_packed)
                     bf16.pack_into(False, w.w_hh, 1, w.w_hh_packed)
 

@@ -1,0 +1,265 @@
+"""The per-step bfloat16 products of LSTM training on AMX tiles (tdpbf16ps).
+
+A step multiplies a block's few batch rows by a layer's recurrent weights: (nb, H) @ (H, 4H)
+forward, (nb, 4H) @ (4H, H) backward, nb = 25 or 50 for char-rnn. MKL's bfloat16 GEMM runs
+them on AMX too, but at these sizes its call costs several times the tile work
+(bench/bf16_gemm.py: the per-step rows). This kernel is only the tile work: the weights are
+laid out once per update in the pair layout AMX reads (bf16_dot.pair_rows: (K/2, N) uint32,
+a row k2 holding rows 2*k2 and 2*k2 + 1 of W interleaved), so a call configures the tiles,
+streams the weights through them once per 32 rows of the product, and releases the tiles.
+
+Tiles (the configuration, one per call and one more for a last panel of fewer rows):
+tmm0-3 accumulate a 32 x 32 float32 panel of C (rows r0 and r0 + 16, columns n0 and n0 + 16),
+tmm4-5 hold A's two 16 x 32 bfloat16 slices, tmm6-7 the two 16-pair x 16-column slices of W
+that meet them; a panel of C is read (or zeroed) once, updated over all of K and written
+once. Rows come in panels of 32 (the last one shorter: its tiles get fewer rows), columns in
+pairs of 16 (a last single one when N/16 is odd). K must be a multiple of 32 and N of 16;
+kernels.recurrent_product takes MKL's path for other shapes (model.Network decides once).
+
+Linux gives a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM);
+available() asks for it once and says no when it is refused, or when the CPU or the code
+numba generates lacks AMX. tdpbf16ps accumulates in float32 with denormals flushed, and A
+and W are bfloat16 already (the kernels round them), so the result is the float32 sum of
+bfloat16 products, as MKL's.
+"""
+import ctypes
+import functools
+import os
+
+import numpy as np
+from llvmlite import binding, ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from phi_rnn import bf16
+
+TILE_ROWS = 16  # rows of a tile (of A and C; of W: pairs of K)
+TILE_BYTES = 64  # bytes of a tile row: 16 float32 of C, 32 bfloat16 of A, 16 pairs of W
+K_STEP = 32  # K covered by one tdpbf16ps
+_HELPER = "phi_rnn.amx.tile_product"
+
+_i1, _i8, _i16, _i64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(64)
+_ptr = _i8.as_pointer()
+_config_type = ir.ArrayType(_i8, 64)
+
+# tile numbers: four row tiles of C for one 16-column slice; A's slices for the full row
+# tiles, two taken in turn (a load into one need not wait for the product reading the
+# other), and for the last, shorter one; W's slice
+C_TILES = (0, 1, 2, 3)
+A_FULL = (4, 5)
+W_SLICE, A_LAST = 6, 7
+GROUP_ROWS = len(C_TILES) * TILE_ROWS
+
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+_SYS_ARCH_PRCTL = 158  # x86-64
+
+
+@functools.lru_cache(maxsize=None)
+def available():
+    """Whether the per-step products can run here: the CPU has AMX bf16 tiles, numba compiles
+    for them, Linux grants this process the tile state, and PHI_RNN_AMX is not 0 (MKL's packed
+    products instead: the comparison in bench/README)."""
+    if os.environ.get("PHI_RNN_AMX", "1") == "0":
+        return False
+    if not {"amx_bf16", "amx_tile"} <= set(bf16.cpu_flags()):
+        return False
+    from numba.core.registry import cpu_target
+    features = getattr(cpu_target.target_context.codegen(), "_tm_features", None)
+    if features is None:
+        features = binding.get_host_cpu_features().flatten()
+    if not {"+amx-bf16", "+amx-tile"} <= set(features.split(",")):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def fits(m, n, k):
+    """Whether tile_product takes (m, k) @ (k, n): K in whole tdpbf16ps steps, N in tiles."""
+    return m > 0 and n > 0 and k > 0 and n % TILE_ROWS == 0 and k % K_STEP == 0
+
+
+def tiles_shape(k, n):
+    """The shape of W's tiles for a (k, n) W: (n/16, k/32, 16, 16) uint32."""
+    return (n // TILE_ROWS, k // K_STEP, TILE_ROWS, TILE_ROWS)
+
+
+@njit(cache=True, error_model="numpy")
+def tile_into(bits, out):
+    """out (N/16, K/32, 16, 16) uint32 = `bits` (K, N) bfloat16 bits as tdpbf16ps reads W:
+    pairs along K (the low half row 2*k2, the high half row 2*k2 + 1) in tiles of 16 pair rows
+    by 16 columns, a column slice's tiles one after another down K, each tile's rows
+    consecutive (64 bytes): the product streams W sequentially."""
+    for j in range(out.shape[0]):
+        for s in range(out.shape[1]):
+            for r in range(TILE_ROWS):
+                k = 2 * (s * TILE_ROWS + r)
+                low = bits[k, j * TILE_ROWS:(j + 1) * TILE_ROWS]
+                high = bits[k + 1, j * TILE_ROWS:(j + 1) * TILE_ROWS]
+                dst = out[j, s, r]
+                for c in range(TILE_ROWS):
+                    dst[c] = np.uint32(low[c]) | (np.uint32(high[c]) << np.uint32(16))
+
+
+@njit(cache=True, error_model="numpy")
+def tile_product(a, tiles, beta, c):
+    """c (M, N) = a (M, K) @ W + beta * c, beta 0 or 1 (0: c is not read); a bfloat16 bits
+    (uint16), W given as its tiles (tile_into, contiguous), c float32; K a multiple of 32, N
+    of 16, a's and c's rows contiguous. Only where available()."""
+    m, n = c.shape
+    k = a.shape[1]
+    if a.shape[0] != m or tiles.shape[0] * TILE_ROWS != n or tiles.shape[1] * K_STEP != k:
+        raise ValueError("tile_product: shapes do not match (tiles must be tiles_shape(K, N))")
+    if a.strides[1] != 2 or c.strides[1] != 4 or not tiles.flags.c_contiguous:
+        raise ValueError("tile_product: a's and c's rows and the tiles must be contiguous")
+    if beta != 0 and beta != 1:
+        raise ValueError("tile_product: beta must be 0 or 1")
+    _tile_product(a, tiles, c, beta != 0)
+
+
+@intrinsic
+def _tile_product(typingctx, a, pairs, c, accumulate):
+    sig = types.void(a, pairs, c, accumulate)
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3])]
+        a_arr, w_arr, c_arr = arrays
+        helper = _define_helper(builder.module)
+        builder.call(helper, [builder.bitcast(a_arr.data, _ptr), builder.extract_value(a_arr.strides, 0),
+                              builder.bitcast(w_arr.data, _ptr), builder.extract_value(w_arr.strides, 0),
+                              builder.bitcast(c_arr.data, _ptr), builder.extract_value(c_arr.strides, 0),
+                              builder.extract_value(c_arr.shape, 0), builder.extract_value(c_arr.shape, 1),
+                              builder.extract_value(a_arr.shape, 1), args[3]])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _declare(module, name, ret, args):
+    return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+
+
+def _const(value):
+    return ir.Constant(_i64, value)
+
+
+def _tile(value):
+    return ir.Constant(_i8, value)
+
+
+class _Operands:
+    """The helper's arguments: base pointers (i8*) of A, W's tiles and C, the row strides of A
+    and C in bytes and the bytes of one column slice of W's tiles;
+    the product's M, N, K; whether C is read (beta 1) or zeroed (beta 0)."""
+
+    def __init__(self, args):
+        (self.a, self.lda, self.w, self.w_slice_bytes, self.c, self.ldc, self.m, self.n, self.k,
+         self.accumulate) = args
+
+
+def _define_helper(module):
+    """void helper(a, lda, w, w_slice_bytes, c, ldc, M, N, K, accumulate), defined once per module."""
+    fn = _declare(module, _HELPER, ir.VoidType(),
+                  [_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i1])
+    if not fn.is_declaration:
+        return fn
+    fn.linkage = "internal"
+    ops = _Operands(fn.args)
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    config = builder.alloca(_config_type, name="tile_config")
+    config.align = 64
+    groups = builder.udiv(builder.add(ops.m, _const(GROUP_ROWS - 1)), _const(GROUP_ROWS))
+    with cgutils.for_range(builder, groups) as group:
+        row0 = builder.mul(group.index, _const(GROUP_ROWS))
+        rows = builder.sub(ops.m, row0)
+        rows = builder.select(builder.icmp_unsigned("<", rows, _const(GROUP_ROWS)), rows, _const(GROUP_ROWS))
+        # a group's configuration: only the last group can differ from the one before
+        first_or_last = builder.or_(builder.icmp_unsigned("==", group.index, _const(0)),
+                                    builder.icmp_unsigned("<", rows, _const(GROUP_ROWS)))
+        shape = _GroupShape(builder, rows)
+        with builder.if_then(first_or_last):
+            _configure(builder, config, shape)
+        with cgutils.for_range(builder, builder.udiv(ops.n, _const(TILE_ROWS))) as column:
+            _column_slice(builder, ops, row0, builder.mul(column.index, _const(TILE_ROWS)), shape)
+    builder.call(_declare(module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
+    builder.ret_void()
+    return fn
+
+
+class _GroupShape:
+    """A group of up to 64 rows as row tiles: `full` tiles of 16 rows, then one of `last`
+    rows (0: none); `tiles` in all."""
+
+    def __init__(self, builder, rows):
+        self.full = builder.udiv(rows, _const(TILE_ROWS))
+        self.last = builder.urem(rows, _const(TILE_ROWS))
+        self.tiles = builder.add(self.full, builder.zext(builder.icmp_unsigned(">", self.last, _const(0)), _i64))
+
+    def rows_of(self, builder, i):
+        """Rows of row tile i (0 past the group's tiles)."""
+        return builder.select(builder.icmp_unsigned("<", _const(i), self.full), _const(TILE_ROWS),
+                              builder.select(builder.icmp_unsigned("==", _const(i), self.full), self.last,
+                                             _const(0)))
+
+
+def _configure(builder, config, shape):
+    """Load a palette-1 tile configuration for a group: C row tiles as the group's, A's full
+    and last slices, W's slice of 16 pair rows; every row 64 bytes."""
+    builder.store(ir.Constant(_config_type, None), config)
+    base = builder.bitcast(config, _ptr)
+    builder.store(_tile(1), base)  # palette 1
+    full_rows = builder.select(builder.icmp_unsigned(">", shape.full, _const(0)), _const(TILE_ROWS), _const(0))
+    rows = {tile: shape.rows_of(builder, i) for i, tile in enumerate(C_TILES)}
+    rows.update({A_FULL[0]: full_rows, A_FULL[1]: full_rows, A_LAST: shape.last, W_SLICE: _const(TILE_ROWS)})
+    for tile, count in rows.items():
+        colsb = builder.select(builder.icmp_unsigned(">", count, _const(0)), ir.Constant(_i16, TILE_BYTES),
+                               ir.Constant(_i16, 0))
+        builder.store(colsb, builder.bitcast(builder.gep(base, [_const(16 + 2 * tile)]), _i16.as_pointer()))
+        builder.store(builder.trunc(count, _i8), builder.gep(base, [_const(48 + tile)]))
+    builder.call(_declare(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [_ptr]), [base])
+
+
+def _column_slice(builder, ops, row0, n0, shape):
+    """C[group rows, n0 : n0 + 16] (+)= A's group rows @ W[:, n0 : n0 + 16]: the C tiles read
+    (or zeroed) once, W's slice streamed once over K, A's slices from L1."""
+    module = builder.module
+    load = _declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
+    store = _declare(module, "llvm.x86.tilestored64", ir.VoidType(), [_i8, _ptr, _i64])
+    zero = _declare(module, "llvm.x86.tilezero", ir.VoidType(), [_i8])
+    dot = _declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
+    row_of = [builder.add(row0, _const(TILE_ROWS * i)) for i in range(len(C_TILES))]
+    present = [builder.icmp_unsigned("<", _const(i), shape.tiles) for i in range(len(C_TILES))]
+    is_last = [builder.icmp_unsigned("==", _const(i), shape.full) for i in range(len(C_TILES))]
+
+    def c_at(i):
+        return builder.gep(ops.c, [builder.add(builder.mul(row_of[i], ops.ldc), builder.mul(n0, _const(4)))])
+
+    for i, tile in enumerate(C_TILES):
+        with builder.if_then(present[i]):
+            with builder.if_else(ops.accumulate) as (then, otherwise):
+                with then:
+                    builder.call(load, [_tile(tile), c_at(i), ops.ldc])
+                with otherwise:
+                    builder.call(zero, [_tile(tile)])
+    with cgutils.for_range(builder, builder.udiv(ops.k, _const(K_STEP))) as step:
+        a_col = builder.mul(step.index, _const(K_STEP * 2))  # bytes into A's rows
+        w_at = builder.add(builder.mul(builder.udiv(n0, _const(TILE_ROWS)), ops.w_slice_bytes),
+                           builder.mul(step.index, _const(TILE_ROWS * TILE_BYTES)))
+        builder.call(load, [_tile(W_SLICE), builder.gep(ops.w, [w_at]), _const(TILE_BYTES)])
+        for i, tile in enumerate(C_TILES):
+            with builder.if_then(present[i]):
+                a_at = builder.gep(ops.a, [builder.add(builder.mul(row_of[i], ops.lda), a_col)])
+                with builder.if_else(is_last[i]) as (last, full):
+                    with last:
+                        builder.call(load, [_tile(A_LAST), a_at, ops.lda])
+                        builder.call(dot, [_tile(tile), _tile(A_LAST), _tile(W_SLICE)])
+                    with full:
+                        a_tile = A_FULL[i % 2]
+                        builder.call(load, [_tile(a_tile), a_at, ops.lda])
+                        builder.call(dot, [_tile(tile), _tile(a_tile), _tile(W_SLICE)])
+    for i, tile in enumerate(C_TILES):
+        with builder.if_then(present[i]):
+            builder.call(store, [_tile(tile), c_at(i), ops.ldc])
