@@ -3,18 +3,19 @@
 A step multiplies a block's few batch rows by a layer's recurrent weights: (nb, H) @ (H, 4H)
 forward, (nb, 4H) @ (4H, H) backward, nb = 25 or 50 for char-rnn. MKL's bfloat16 GEMM runs
 them on AMX too, but at these sizes its call costs several times the tile work
-(bench/bf16_gemm.py: the per-step rows). This kernel is only the tile work: the weights are
-laid out once per update in the pair layout AMX reads (bf16_dot.pair_rows: (K/2, N) uint32,
-a row k2 holding rows 2*k2 and 2*k2 + 1 of W interleaved), so a call configures the tiles,
-streams the weights through them once per 32 rows of the product, and releases the tiles.
+(bench/bf16_gemm.py: the per-step rows). This kernel is only the tile work. The weights are
+laid out once per update as tdpbf16ps reads them (tile_into): pairs along K, in tiles of 16
+pair rows by 16 columns, each tile 1 KiB of consecutive bytes and a column slice's tiles one
+after another down K, so the product streams W from L2 in order, as the prefetcher likes
+(the plain pair layout's 16 rows of a tile lie a weight row apart: several times slower).
 
-Tiles (the configuration, one per call and one more for a last panel of fewer rows):
-tmm0-3 accumulate a 32 x 32 float32 panel of C (rows r0 and r0 + 16, columns n0 and n0 + 16),
-tmm4-5 hold A's two 16 x 32 bfloat16 slices, tmm6-7 the two 16-pair x 16-column slices of W
-that meet them; a panel of C is read (or zeroed) once, updated over all of K and written
-once. Rows come in panels of 32 (the last one shorter: its tiles get fewer rows), columns in
-pairs of 16 (a last single one when N/16 is odd). K must be a multiple of 32 and N of 16;
-kernels.recurrent_product takes MKL's path for other shapes (model.Network decides once).
+Tiles: a group of up to 64 rows of C is four row tiles of one 16-column slice (tmm0-3, the
+last one shorter when the rows run out), read (or zeroed) once, updated over all of K and
+written once; per 32 of K, W's tile (tmm6) is loaded once and meets A's row tiles, which take
+tmm4 and tmm5 in turn (a load need not wait for the product reading the other) and tmm7 for
+a shorter last one. Every group but a shorter last one has the same configuration, loaded
+once. K must be a multiple of 32 and N of 16 (fits()); model.Network takes MKL's packed
+product for other shapes.
 
 Linux gives a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM);
 available() asks for it once and says no when it is refused, or when the CPU or the code
