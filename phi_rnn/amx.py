@@ -107,34 +107,52 @@ def tile_into(bits, out):
 
 
 @njit(cache=True, error_model="numpy")
-def tile_product(a, tiles, beta, c):
-    """c (M, N) = a (M, K) @ W + beta * c, beta 0 or 1 (0: c is not read); a bfloat16 bits
-    (uint16), W given as its tiles (tile_into, contiguous), c float32; K a multiple of 32, N
-    of 16, a's and c's rows contiguous. Only where available()."""
+def _check(a, tiles, c):
     m, n = c.shape
     k = a.shape[1]
     if a.shape[0] != m or tiles.shape[0] * TILE_ROWS != n or tiles.shape[1] * K_STEP != k:
         raise ValueError("tile_product: shapes do not match (tiles must be tiles_shape(K, N))")
     if a.strides[1] != 2 or c.strides[1] != 4 or not tiles.flags.c_contiguous:
         raise ValueError("tile_product: a's and c's rows and the tiles must be contiguous")
+
+
+@njit(cache=True, error_model="numpy")
+def tile_product(a, tiles, beta, c):
+    """c (M, N) = a (M, K) @ W + beta * c, beta 0 or 1 (0: c is not read); a bfloat16 bits
+    (uint16), W given as its tiles (tile_into, contiguous), c float32; K a multiple of 32, N
+    of 16, a's and c's rows contiguous. Only where available()."""
+    _check(a, tiles, c)
     if beta != 0 and beta != 1:
         raise ValueError("tile_product: beta must be 0 or 1")
-    _tile_product(a, tiles, c, beta != 0)
+    _tile_product(a, tiles, a, tiles, c, beta != 0, False)
+
+
+@njit(cache=True, error_model="numpy")
+def tile_product_sum(a, tiles_a, b, tiles_b, c):
+    """c (M, N) = a (M, Ka) @ Wa + b (M, Kb) @ Wb, each as tile_product's operands; c is not
+    read. A layer's gates from its input and its previous h in one pass over c."""
+    _check(a, tiles_a, c)
+    _check(b, tiles_b, c)
+    _tile_product(a, tiles_a, b, tiles_b, c, False, True)
 
 
 @intrinsic
-def _tile_product(typingctx, a, pairs, c, accumulate):
-    sig = types.void(a, pairs, c, accumulate)
+def _tile_product(typingctx, a, tiles_a, b, tiles_b, c, accumulate, two_sources):
+    sig = types.void(a, tiles_a, b, tiles_b, c, accumulate, two_sources)
 
     def codegen(context, builder, signature, args):
-        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3])]
-        a_arr, w_arr, c_arr = arrays
+        a_arr, wa_arr, b_arr, wb_arr, c_arr = [context.make_array(t)(context, builder, v)
+                                               for t, v in zip(signature.args[:5], args[:5])]
+        kb = builder.select(args[6], builder.extract_value(b_arr.shape, 1), _const(0))
         helper = _define_helper(builder.module)
         builder.call(helper, [builder.bitcast(a_arr.data, _ptr), builder.extract_value(a_arr.strides, 0),
-                              builder.bitcast(w_arr.data, _ptr), builder.extract_value(w_arr.strides, 0),
+                              builder.bitcast(wa_arr.data, _ptr), builder.extract_value(wa_arr.strides, 0),
+                              builder.extract_value(a_arr.shape, 1),
+                              builder.bitcast(b_arr.data, _ptr), builder.extract_value(b_arr.strides, 0),
+                              builder.bitcast(wb_arr.data, _ptr), builder.extract_value(wb_arr.strides, 0), kb,
                               builder.bitcast(c_arr.data, _ptr), builder.extract_value(c_arr.strides, 0),
                               builder.extract_value(c_arr.shape, 0), builder.extract_value(c_arr.shape, 1),
-                              builder.extract_value(a_arr.shape, 1), args[3]])
+                              args[5]])
         return context.get_dummy_value()
     return sig, codegen
 
@@ -151,20 +169,28 @@ def _tile(value):
     return ir.Constant(_i8, value)
 
 
+class _Source:
+    """One sum term's operands inside the helper: A's base (i8*) and row stride in bytes, W's
+    tiles' base and the bytes of one column slice of them, K (0: no term)."""
+
+    def __init__(self, a, lda, w, w_slice_bytes, k):
+        self.a, self.lda, self.w, self.w_slice_bytes, self.k = a, lda, w, w_slice_bytes, k
+
+
 class _Operands:
-    """The helper's arguments: base pointers (i8*) of A, W's tiles and C, the row strides of A
-    and C in bytes and the bytes of one column slice of W's tiles;
-    the product's M, N, K; whether C is read (beta 1) or zeroed (beta 0)."""
+    """The helper's arguments: the two sources, C's base and row stride in bytes, M, N, and
+    whether C is read (beta 1) or zeroed (beta 0)."""
 
     def __init__(self, args):
-        (self.a, self.lda, self.w, self.w_slice_bytes, self.c, self.ldc, self.m, self.n, self.k,
-         self.accumulate) = args
+        self.sources = (_Source(*args[0:5]), _Source(*args[5:10]))
+        self.c, self.ldc, self.m, self.n, self.accumulate = args[10:]
 
 
 def _define_helper(module):
-    """void helper(a, lda, w, w_slice_bytes, c, ldc, M, N, K, accumulate), defined once per module."""
-    fn = _declare(module, _HELPER, ir.VoidType(),
-                  [_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i1])
+    """void helper(a, lda, wa, wa_slice_bytes, Ka, b, ldb, wb, wb_slice_bytes, Kb, c, ldc, M, N,
+    accumulate): C (+)= A @ Wa + B @ Wb (Kb 0: the first term only); defined once per module."""
+    source = [_ptr, _i64, _ptr, _i64, _i64]
+    fn = _declare(module, _HELPER, ir.VoidType(), source + source + [_ptr, _i64, _i64, _i64, _i1])
     if not fn.is_declaration:
         return fn
     fn.linkage = "internal"
@@ -224,13 +250,12 @@ def _configure(builder, config, shape):
 
 
 def _column_slice(builder, ops, row0, n0, shape):
-    """C[group rows, n0 : n0 + 16] (+)= A's group rows @ W[:, n0 : n0 + 16]: the C tiles read
-    (or zeroed) once, W's slice streamed once over K, A's slices from L1."""
+    """C[group rows, n0 : n0 + 16] (+)= each source's A rows @ W[:, n0 : n0 + 16]: the C tiles
+    read (or zeroed) once, W's slice streamed once over K, A's slices from L1."""
     module = builder.module
     load = _declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
     store = _declare(module, "llvm.x86.tilestored64", ir.VoidType(), [_i8, _ptr, _i64])
     zero = _declare(module, "llvm.x86.tilezero", ir.VoidType(), [_i8])
-    dot = _declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
     row_of = [builder.add(row0, _const(TILE_ROWS * i)) for i in range(len(C_TILES))]
     present = [builder.icmp_unsigned("<", _const(i), shape.tiles) for i in range(len(C_TILES))]
     is_last = [builder.icmp_unsigned("==", _const(i), shape.full) for i in range(len(C_TILES))]
@@ -245,22 +270,31 @@ def _column_slice(builder, ops, row0, n0, shape):
                     builder.call(load, [_tile(tile), c_at(i), ops.ldc])
                 with otherwise:
                     builder.call(zero, [_tile(tile)])
-    with cgutils.for_range(builder, builder.udiv(ops.k, _const(K_STEP))) as step:
-        a_col = builder.mul(step.index, _const(K_STEP * 2))  # bytes into A's rows
-        w_at = builder.add(builder.mul(builder.udiv(n0, _const(TILE_ROWS)), ops.w_slice_bytes),
-                           builder.mul(step.index, _const(TILE_ROWS * TILE_BYTES)))
-        builder.call(load, [_tile(W_SLICE), builder.gep(ops.w, [w_at]), _const(TILE_BYTES)])
-        for i, tile in enumerate(C_TILES):
-            with builder.if_then(present[i]):
-                a_at = builder.gep(ops.a, [builder.add(builder.mul(row_of[i], ops.lda), a_col)])
-                with builder.if_else(is_last[i]) as (last, full):
-                    with last:
-                        builder.call(load, [_tile(A_LAST), a_at, ops.lda])
-                        builder.call(dot, [_tile(tile), _tile(A_LAST), _tile(W_SLICE)])
-                    with full:
-                        a_tile = A_FULL[i % 2]
-                        builder.call(load, [_tile(a_tile), a_at, ops.lda])
-                        builder.call(dot, [_tile(tile), _tile(a_tile), _tile(W_SLICE)])
+    for source in ops.sources:
+        _accumulate(builder, source, row_of, n0, present, is_last)
     for i, tile in enumerate(C_TILES):
         with builder.if_then(present[i]):
             builder.call(store, [_tile(tile), c_at(i), ops.ldc])
+
+
+def _accumulate(builder, source, row_of, n0, present, is_last):
+    """The C tiles of a column slice += source's A rows @ its W's slice, over its K."""
+    module = builder.module
+    load = _declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
+    dot = _declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
+    slice_base = builder.mul(builder.udiv(n0, _const(TILE_ROWS)), source.w_slice_bytes)
+    with cgutils.for_range(builder, builder.udiv(source.k, _const(K_STEP))) as step:
+        a_col = builder.mul(step.index, _const(K_STEP * 2))  # bytes into A's rows
+        w_at = builder.add(slice_base, builder.mul(step.index, _const(TILE_ROWS * TILE_BYTES)))
+        builder.call(load, [_tile(W_SLICE), builder.gep(source.w, [w_at]), _const(TILE_BYTES)])
+        for i, tile in enumerate(C_TILES):
+            with builder.if_then(present[i]):
+                a_at = builder.gep(source.a, [builder.add(builder.mul(row_of[i], source.lda), a_col)])
+                with builder.if_else(is_last[i]) as (last, full):
+                    with last:
+                        builder.call(load, [_tile(A_LAST), a_at, source.lda])
+                        builder.call(dot, [_tile(tile), _tile(A_LAST), _tile(W_SLICE)])
+                    with full:
+                        a_tile = A_FULL[i % 2]
+                        builder.call(load, [_tile(a_tile), a_at, source.lda])
+                        builder.call(dot, [_tile(tile), _tile(a_tile), _tile(W_SLICE)])

@@ -335,13 +335,16 @@ def lstm_cell_backward(gates, c_prev, tanh_c, dh_out, dh, dc):
 # buffers hold blocks of batch rows, time-major inside a block (the layout above).
 
 LayerWeights = namedtuple("LayerWeights", ["w_ih_t", "w_hh_t", "bias", "w_ih", "w_hh", "w_hh_t_packed",
-                                           "w_hh_packed"])
+                                           "w_hh_packed", "w_ih_t_packed"])
 LayerWeights.__doc__ = """One layer's weights, G = gate units, H_in = V (first layer) or H.
 w_ih_t (H_in, G), w_hh_t (H, G): transposed for the forward, so that every product is A @ B,
 the form libxsmm runs (blas.py); the first layer's w_ih_t is the one-hot table, gathered by
 token. bias (G) = b_ih + b_hh. w_ih (G, H_in), w_hh (G, H): as stored, for the backward.
-w_hh_t_packed, w_hh_packed: w_hh_t and w_hh laid out by MKL for the per-step products
-(bf16.pack_into, LSTM in bfloat16), or empty: the per-step products then run on gemm."""
+w_hh_t_packed, w_hh_packed: w_hh_t and w_hh laid out for the per-step products (LSTM in
+bfloat16: AMX tiles, amx.tile_into, or MKL's format, bf16.pack_into), or empty: the per-step
+products then run on gemm. w_ih_t_packed: an upper layer's w_ih_t as AMX tiles, when each
+step computes its gates from its input and h in one tile pass (no input projection over all
+steps first), else empty."""
 
 LayerActivations = namedtuple("LayerActivations", ["x", "gates", "hs", "cs", "aux", "h0", "c0", "h_last",
                                                    "c_last", "gates_op", "hs_op", "aux_op", "h0_op"])
@@ -432,6 +435,21 @@ def _packed_product_impl(a, packed, beta, c):
     return lambda a, packed, beta, c: bf16.gemm_packed_arrays(False, 1.0, a, packed, beta, c)
 
 
+def packed_product_sum(a, packed_a, b, packed_b, c):
+    """c = a @ A + b @ B on AMX tiles (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(packed_product_sum, jit_options=_opts)
+def _packed_product_sum_impl(a, packed_a, b, packed_b, c):
+    if packed_a.dtype == types.uint32:
+        return lambda a, packed_a, b, packed_b, c: amx.tile_product_sum(a, packed_a, b, packed_b, c)
+
+    def not_tiles(a, packed_a, b, packed_b, c):
+        raise ValueError("packed_product_sum: the weights are not AMX tiles")
+    return not_tiles
+
+
 @njit(**_opts)
 def recurrent_product(a, b, packed, beta, c):
     """c = a @ b + beta * c, a per-step product: on b's packed copy (bfloat16: AMX or MKL)
@@ -443,15 +461,22 @@ def recurrent_product(a, b, packed, beta, c):
 
 
 @njit(**_opts)
-def lstm_recurrence_forward(first, tokens, w, s):
+def lstm_recurrence_forward(first, tokens, w, s, x):
     """All steps of a block: s.gates (T, nb, 4H) input projection in (unless `first`: then
-    gathered here), activations out; s.hs, s.cs, s.aux = tanh(c) out."""
+    gathered here; or, with w.w_ih_t_packed, computed here from x (T*nb, H_in) with the
+    recurrent product in one tile pass), activations out; s.hs, s.cs, s.aux = tanh(c) out."""
+    nb = s.h0.shape[0]
+    per_step_input = not first and w.w_ih_t_packed.size > 0
     for t in range(s.gates.shape[0]):
         g = s.gates[t]
+        h_prev = s.h0_op if t == 0 else s.hs_op[t - 1]
         if first:
             gather_step(g, w.w_ih_t, tokens[t])
         # lstm_step_forward, its product on the packed weights where there are some
-        recurrent_product(s.h0_op if t == 0 else s.hs_op[t - 1], w.w_hh_t, w.w_hh_t_packed, ONE, g)
+        if per_step_input:
+            packed_product_sum(x[t * nb:(t + 1) * nb], w.w_ih_t_packed, h_prev, w.w_hh_t_packed, g)
+        else:
+            recurrent_product(h_prev, w.w_hh_t, w.w_hh_t_packed, ONE, g)
         lstm_cell_forward(g, w.bias, s.c0 if t == 0 else s.cs[t - 1], s.cs[t], s.aux[t], s.hs[t])
         to_operand(s.hs[t], s.hs_op[t])
 
@@ -656,12 +681,12 @@ def layer_forward(kind, first, tokens, b0, w, a):
     T = tokens.shape[0]
     nb = a.h0.shape[0]
     to_operand(a.h0, a.h0_op)
-    if not first:
+    if not first and not (kind == LSTM and w.w_ih_t_packed.size > 0):  # else per step
         gemm(False, False, ONE, a.x, w.w_ih_t, ZERO, a.gates)
     s = _steps(a, T)
     block_tokens = tokens[:, b0:b0 + nb]
     if kind == LSTM:
-        lstm_recurrence_forward(first, block_tokens, w, s)
+        lstm_recurrence_forward(first, block_tokens, w, s, a.x)
         a.c_last[:] = s.cs[T - 1]
     else:
         if kind == GRU:

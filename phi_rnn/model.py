@@ -104,16 +104,18 @@ def gemm_flops(model, vocab_size, rnn_size, num_layers, batch_size, seq_length):
     return 3 * (num_layers * recurrent + upper_input + decoder)
 
 
-def packed_recurrent_weights(model, precision, G, H):
-    """(forward, backward) buffers for an LSTM layer's recurrent weights laid out for the
-    per-step products, W_hh^T (H, G) and W_hh (G, H): AMX tiles where amx runs them, else
-    MKL's packed format; empty (no packing: products on gemm) for float32 and other cells."""
+def packed_step_weights(model, precision, G, H, first):
+    """Buffers for an LSTM layer's weights laid out for the per-step products: W_hh^T (H, G)
+    and W_hh (G, H), and (above the first layer) W_ih^T (H, G), as AMX tiles where amx runs
+    them (each step then takes its input's product too); else W_hh^T and W_hh in MKL's packed
+    format. Empty (no packing: products on gemm) for float32 and other cells."""
+    no_pack = np.zeros(0, np.uint8)
     if precision != "bf16" or model != "lstm":
-        no_pack = np.zeros(0, np.uint8)
-        return no_pack, no_pack
+        return no_pack, no_pack, no_pack
     if amx.available() and amx.fits(1, G, H) and amx.fits(1, H, G):
-        return np.zeros(amx.tiles_shape(H, G), np.uint32), np.zeros(amx.tiles_shape(G, H), np.uint32)
-    return bf16.packed_operand(1, G, H), bf16.packed_operand(1, H, G)
+        step_input = no_pack if first else np.zeros(amx.tiles_shape(H, G), np.uint32)
+        return np.zeros(amx.tiles_shape(H, G), np.uint32), np.zeros(amx.tiles_shape(G, H), np.uint32), step_input
+    return bf16.packed_operand(1, G, H), bf16.packed_operand(1, H, G), no_pack
 
 
 class Network:
@@ -150,7 +152,7 @@ class Network:
         # products (repacking them at every step costs about as much as the product): as AMX
         # tiles for phi_rnn's own tile kernel where it runs, else in MKL's packed format
         G, H = self.transposed.w_hh_t.shape[2], rnn_size
-        self.packed = [packed_recurrent_weights(model, precision, G, H) for _ in range(num_layers)]
+        self.packed = [packed_step_weights(model, precision, G, H, layer == 0) for layer in range(num_layers)]
         self.weights = [K.LayerWeights(t.w_ih0_t if layer == 0 else t.w_ih_t[layer - 1], t.w_hh_t[layer],
                                        t.bias[layer], p[f"layers.{layer}.w_ih"], p[f"layers.{layer}.w_hh"],
                                        *self.packed[layer])
@@ -184,6 +186,8 @@ class Network:
                 if w.w_hh_t_packed.dtype == np.uint32:
                     amx.tile_into(w.w_hh_t, w.w_hh_t_packed)
                     amx.tile_into(w.w_hh, w.w_hh_packed)
+                    if w.w_ih_t_packed.size:
+                        amx.tile_into(w.w_ih_t, w.w_ih_t_packed)
                 elif w.w_hh_t_packed.size:
                     bf16.pack_into(False, w.w_hh_t, 1, w.w_hh_t_packed)
                     bf16.pack_into(False, w.w_hh, 1, w.w_hh_packed)

@@ -39,6 +39,17 @@ def test_tile_product_matches_float64(m, n, k, beta):
     assert np.all(np.abs(c - expected) <= 4 * k * np.finfo(np.float32).eps * (scale + np.abs(c0)))
 
 
+@pytest.mark.parametrize("m,n,ka,kb", [(25, 512, 128, 128), (50, 512, 128, 128), (3, 64, 32, 96)])
+def test_tile_product_sum_matches_float64(m, n, ka, kb):
+    """A layer's gates from its input and its previous h in one pass: c is not read."""
+    rng = np.random.default_rng(m + n + ka + kb)
+    a, wa, tiles_a = _bf16_operands(rng, m, n, ka)
+    b, wb, tiles_b = _bf16_operands(rng, m, n, kb)
+    c = np.full((m, n), np.nan, np.float32)
+    amx.tile_product_sum(a, tiles_a, b, tiles_b, c)
+    np.testing.assert_allclose(c, _exact(a, wa) + _exact(b, wb), rtol=1e-5, atol=1e-4)
+
+
 def test_tile_product_rows_of_a_wider_array():
     """C as rows of a wider array (a step's gates inside the time-major buffer): columns past
     N are untouched."""
@@ -111,6 +122,7 @@ def test_training_on_tiles_matches_mkl_packed(monkeypatch):
     from phi_rnn.model import Network
     tiles_net = Network("lstm", 65, 128, 2, precision="bf16")
     assert tiles_net.packed[0][0].dtype == np.uint32  # the tile kernel runs the steps
+    assert tiles_net.packed[1][2].dtype == np.uint32  # and the upper layer's input per step
     on_tiles = _train(tiles_net)
     monkeypatch.setattr(amx, "available", lambda: False)
     mkl_net = Network("lstm", 65, 128, 2, precision="bf16")
