@@ -15,6 +15,7 @@ count the table picks the batch and recipe that get there first.
     python bench/time_to_loss.py table               # CSV, JSON, Markdown, plot, recipes.json
     python bench/time_to_loss.py validate --threads 2   # the table against a real --target_val_loss run
     python bench/time_to_loss.py validate --ranks 2     # the same at 2 MPI ranks of 1 thread
+    python bench/time_to_loss.py full-run    # the 2-thread recipe and char-rnn's for 50 epochs: best val loss
 
 Each finished run is one JSON file under OUT/runs/ (written atomically): an interrupted study
 continues where it stopped; a run cut off mid-way continues from its checkpoint (--resume).
@@ -54,6 +55,11 @@ BATCHES = (50, 100, 200, 400, 800, 1600)
 PRECISIONS = ("fp32", "bf16")
 BF16_MAX_BATCH = 200  # the batches a core count up to 128 would pick (the float32 table's)
 BF16_LEADERS = 2
+# The batches 64 to 128 cores pick (time to 1.50 at batch 50 stops falling there): a few
+# iterations fewer to 1.50 at these is what moves the many-core table.
+BF16_GRID_BATCHES = (100, 200)
+BF16_GRID = "bf16 grid"  # the recipe name of the runs around the bfloat16 leaders
+BF16_GRID_LR = 1.2
 CHAR_RNN_BATCH, CHAR_RNN_LR = 50, 2e-3
 SEEDS = (123, 456)
 MAX_EPOCHS = 10
@@ -133,13 +139,16 @@ def mpi_prefix(ranks):
     return [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(ranks)]
 
 
-def train_command(spec, chars, checkpoint_dir, resume=False, threads=1, ranks=1):
+def train_command(spec, chars, checkpoint_dir, resume=False, threads=1, ranks=1, epochs=None, every=None):
     """The trainer's command line for `spec`: one thread unbound (runs side by side), or more
-    threads (or MPI ranks, `threads` each) placed compactly (a timed run)."""
+    threads (or MPI ranks, `threads` each) placed compactly (a timed run). `epochs` and
+    `every` (iterations between evaluations) replace the study's max_epochs / eval_every."""
     unbound = threads == 1 and ranks == 1
+    epochs = epochs or max_epochs(spec.batch, chars)
+    every = every or eval_every(spec.batch, chars)
     cmd = mpi_prefix(ranks) + [sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR,
            "--batch_size", str(spec.batch), "--learning_rate", f"{spec.learning_rate:.6g}",
-           "--max_epochs", str(max_epochs(spec.batch, chars)), "--eval_val_every", str(eval_every(spec.batch, chars)),
+           "--max_epochs", str(epochs), "--eval_val_every", str(every),
            "--seed", str(spec.seed), "--threads", str(threads), "--policy", "none" if unbound else "compact",
            "--keep", "1", "--print_every", "100", "--checkpoint_dir", str(checkpoint_dir), "--savefile", "run"]
     if spec.warmup:
@@ -324,7 +333,8 @@ def plan(results, chars, warmup=True, bf16=False):
     char-rnn's recipe and of the larger batch that needs the fewest epochs to 1.50 (once the
     linear recipes are done); square-root scaling with warm-up; once all of that is done, x0.7
     and x1.4 around each batch's best. Before that grid, on a CPU with native bfloat16 (`bf16`),
-    char-rnn's recipe and each batch's leaders again in --precision bf16."""
+    char-rnn's recipe and each batch's leaders again in --precision bf16, and once those are
+    done a small bfloat16 grid around the leaders at batch 100 and 200 (bf16_grid)."""
     every = results
     results = {k: r for k, r in every.items() if r["precision"] == "fp32"}
 
@@ -355,6 +365,8 @@ def plan(results, chars, warmup=True, bf16=False):
         specs += [Spec.of(r, precision="bf16") for r in [results[batch_50[0].run_id]] + leaders(results)]
     if not all(s.run_id in every for s in specs):
         return specs
+    if bf16:
+        specs += bf16_grid(every, chars)
     for batch, best in sorted(best_per_batch(results).items()):
         for factor in (0.7, 1.4):
             lr = float(f"{best['learning_rate'] * factor:.3g}")
@@ -362,6 +374,31 @@ def plan(results, chars, warmup=True, bf16=False):
                      if r["batch"] == batch and r["warmup"] == best["warmup"] and r["seed"] == SEEDS[0]]
             if all(abs(lr / t - 1) > 0.15 for t in tried):
                 specs.append(Spec(batch, lr, best["warmup"], SEEDS[0], "grid"))
+    return specs
+
+
+def bf16_grid(results, chars, batches=BF16_GRID_BATCHES):
+    """Around the bfloat16 leader of each of `batches` (the fewest iterations to 1.50 among
+    the runs before this grid, so the grid does not chase its own lucky runs): the rate
+    x BF16_GRID_LR and / BF16_GRID_LR; a leader with warm-up also gets it halved and doubled,
+    one without gets a quarter epoch of it at its rate and at the higher one (a warm-up is
+    what lets a higher rate through the first updates)."""
+    specs = []
+    for batch in batches:
+        runs = [r for r in results.values() if r["batch"] == batch and r["precision"] == "bf16"
+                and r["seed"] == SEEDS[0] and r["recipe"] != BF16_GRID]
+        if not runs:
+            continue
+        leader = min(runs, key=rank_key)
+        lr, warmup = leader["learning_rate"], leader["warmup"]
+        up, down = (float(f"{lr * f:.3g}") for f in (BF16_GRID_LR, 1 / BF16_GRID_LR))
+        points = [(up, warmup), (down, warmup)]
+        if warmup:
+            points += [(lr, warmup // 2), (lr, 2 * warmup)]
+        else:
+            quarter = round(iterations_per_epoch(batch, chars) / 4)
+            points += [(lr, quarter), (up, quarter)]
+        specs += [Spec(batch, rate, warm, SEEDS[0], BF16_GRID, "bf16") for rate, warm in points]
     return specs
 
 
@@ -693,6 +730,14 @@ def plot(rows, path, targets=(1.50, 1.45)):
     plt.close(fig)
 
 
+def full_run_section(out):
+    """results.md's full-run section when full-run.json is there (it is made apart: 50 epochs)."""
+    path = out / "full-run.json"
+    if not path.exists():
+        return ""
+    return "\n## Full run: char-rnn's 50 epochs\n\n" + full_run_markdown(json.loads(path.read_text())) + "\n"
+
+
 def write_tables(out, log=print):
     results = load_results(out)
     speed_path = out / "speed.json"
@@ -719,7 +764,8 @@ def write_tables(out, log=print):
         "## Convergence (iterations and epochs to each validation loss; one thread per run)\n\n"
         + convergence_markdown(results) + "\n\n## Time to target against cores\n\n" + time_markdown(rows)
         + f"\n\nLargest batch whose epochs to 1.50 stay within 10% of the best batch-50 recipe's: "
-          f"{within['largest_batch']} (epochs to 1.50 by batch: {within['epochs_by_batch']})\n")
+          f"{within['largest_batch']} (epochs to 1.50 by batch: {within['epochs_by_batch']})\n"
+        + full_run_section(out))
     plot(rows, out / "time-to-loss.png")
     log(f"wrote {out}/time-to-loss.csv, .json, .png, results.md, recipes.json ({len(results)} runs)")
 
@@ -800,6 +846,141 @@ def validate(out, threads, ranks=1, target=1.50, log=print):
     return record
 
 
+# ---- a full run: char-rnn's 50 epochs ----------------------------------------------------
+
+FULL_EPOCHS = 50  # char-rnn's max_epochs
+CHAR_RNN_EVAL_EVERY = 1000  # char-rnn's eval_val_every
+# Ten times as often as char-rnn: a fast recipe's minimum can fall between char-rnn's
+# evaluations. Every 1000th iteration is among these, so char-rnn's own view is kept as well.
+FULL_EVAL_EVERY = 100
+# The loss does not depend on the thread count (only the order of the gradient sums does);
+# one thread leaves the machine's other core to other work.
+FULL_THREADS = 1
+FULL_RECIPE_THREADS = 2  # whose recipe in recipes.json is "the study's best"
+
+
+def recipe_spec(out, threads=FULL_RECIPE_THREADS):
+    """The study's fastest recipe for `threads` threads, as `table` wrote it to recipes.json
+    (the learning rate as run: lr_scaling none), at the study's seed."""
+    path = out / "recipes.json"
+    rows = [r for r in json.loads(path.read_text())["recipes"] if r["threads"] == threads]
+    if not rows or rows[0]["lr_scaling"] != "none":
+        raise ValueError(f"{path} has no recipe for {threads} threads with the learning rate as run")
+    row = rows[0]
+    return Spec(row["batch_size"], row["learning_rate"], row["lr_warmup"], SEEDS[0],
+                f"best at {threads} threads", row["precision"])
+
+
+def full_run_summary(evals, every=CHAR_RNN_EVAL_EVERY):
+    """Best and final validation loss of a full run's curve, and the best as char-rnn would
+    have seen it (evaluating every `every` iterations and at the last)."""
+    last = evals[-1]
+    seen = [e for e in evals if e[0] % every == 0 or e is last]
+    best, best_seen = min(evals, key=lambda e: e[2]), min(seen, key=lambda e: e[2])
+    return {"iterations": last[0], "epochs": last[1], "train_seconds": last[3],
+            "final_val_loss": last[2], "best_val_loss": best[2], "best_at_iteration": best[0],
+            "best_at_epoch": best[1],
+            "char_rnn_evaluations": {"every": every, "best_val_loss": best_seen[2],
+                                     "best_at_iteration": best_seen[0]},
+            "evaluations": [list(e) for e in evals]}
+
+
+def median_ms(metrics_log):
+    """The median iteration's milliseconds: what a run takes per iteration, whatever paused it
+    (a stopped process counts its pause in the iteration it stopped in)."""
+    return statistics.median(r["ms_per_iteration"] for r in metrics.read_rows(metrics_log)
+                             if r["ms_per_iteration"] is not None)
+
+
+def full_run_one(spec, chars, directory, log=print):
+    """`spec` trained for FULL_EPOCHS at FULL_THREADS (resumed from its checkpoint when an
+    earlier invocation was cut off; not trained again when its log already reaches the last
+    iteration). Returns its record; wall seconds add up across invocations."""
+    directory.mkdir(parents=True, exist_ok=True)
+    metrics_log = Path(metrics.log_path(str(directory), "run"))
+    total = FULL_EPOCHS * iterations_per_epoch(spec.batch, chars)
+    evals = read_evals(metrics_log)
+    wall_file = directory / "wall_seconds"
+    status = 0
+    if not evals or evals[-1][0] < total:
+        resume = any(directory.glob("lm_run_*.npz"))
+        cmd = train_command(spec, chars, directory, resume, threads=FULL_THREADS, epochs=FULL_EPOCHS,
+                            every=FULL_EVAL_EVERY)
+        log(f"start {spec.run_id} for {FULL_EPOCHS} epochs ({total} iterations){' resuming' if resume else ''}")
+        started = time.perf_counter()
+        with open(directory / "stdout.txt", "a") as stdout:
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=stdout, stderr=subprocess.STDOUT)
+            # SIGTERM checkpoints the trainer (a later invocation resumes) instead of orphaning it
+            previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+            status = proc.wait()
+            signal.signal(signal.SIGTERM, previous)
+        wall = time.perf_counter() - started + (float(wall_file.read_text()) if wall_file.exists() else 0.0)
+        wall_file.write_text(f"{wall}\n")
+        evals = read_evals(metrics_log)
+        if status not in (0, EXIT_DIVERGED):
+            raise RuntimeError(f"{spec.run_id} ended with exit status {status} (see {directory / 'stdout.txt'}); "
+                               f"full-run again resumes it")
+    shown = train_command(spec, chars, f"cv/time-to-loss/full-run/{spec.run_id}", threads=FULL_THREADS,
+                          epochs=FULL_EPOCHS, every=FULL_EVAL_EVERY)
+    record = {**asdict(spec), "run_id": spec.run_id, "threads": FULL_THREADS,
+              "command": "python " + " ".join(shown[1:]),
+              "median_ms_per_iteration": median_ms(metrics_log),
+              "seconds_note": "1 thread on a machine shared with other work, which may pause it: train and "
+                              "wall seconds include any pause; the median iteration does not",
+              "completed": bool(evals) and evals[-1][0] == total,
+              "diverged": status == EXIT_DIVERGED,
+              "wall_seconds": float(wall_file.read_text()) if wall_file.exists() else None,
+              **full_run_summary(evals)}
+    log(f"done {spec.run_id}: best val {record['best_val_loss']:.4f} at epoch {record['best_at_epoch']:.2f}, "
+        f"final {record['final_val_loss']:.4f}, {record['iterations']} iterations, "
+        f"{record['train_seconds']:.0f} s training")
+    return record
+
+
+def full_run(out, work, log=print):
+    """The study's best 2-thread recipe and char-rnn's recipe (float32, batch 50, 2e-3), each
+    trained for char-rnn's 50 epochs with char-rnn's other defaults, one after the other:
+    the bar is a best validation loss no worse than char-rnn's recipe's. Writes
+    OUT/full-run.json."""
+    chars = corpus_chars()
+    specs = {"best": recipe_spec(out), "char-rnn": Spec(CHAR_RNN_BATCH, CHAR_RNN_LR, 0, SEEDS[0], "char-rnn")}
+    runs = {name: full_run_one(spec, chars, work / "full-run" / spec.run_id, log) for name, spec in specs.items()}
+    best, ref = runs["best"], runs["char-rnn"]
+    record = {"epochs": FULL_EPOCHS, "threads": FULL_THREADS, "eval_val_every": FULL_EVAL_EVERY,
+              "machine": this_machine(), "load_average_after": os.getloadavg()[0],
+              "command": "python bench/time_to_loss.py full-run",
+              "best_minus_char_rnn": {
+                  "best_val_loss": best["best_val_loss"] - ref["best_val_loss"],
+                  "final_val_loss": best["final_val_loss"] - ref["final_val_loss"],
+                  "best_val_loss_at_char_rnn_evaluations": (best["char_rnn_evaluations"]["best_val_loss"]
+                                                            - ref["char_rnn_evaluations"]["best_val_loss"])},
+              "best_no_worse_than_char_rnn": best["best_val_loss"] <= ref["best_val_loss"],
+              "runs": runs}
+    write_json(out / "full-run.json", record)
+    diff = record["best_minus_char_rnn"]["best_val_loss"]
+    log(f"best recipe's best val {best['best_val_loss']:.4f} against char-rnn's {ref['best_val_loss']:.4f}: "
+        f"{abs(diff):.4f} {'worse' if diff > 0 else 'better or equal'}; wrote {out / 'full-run.json'}")
+    return record
+
+
+def full_run_markdown(record):
+    """results.md's section on full-run.json."""
+    lines = [f"| run | batch | learning rate | warm-up (it) | precision | iterations | best val (epoch) | "
+             f"best val at char-rnn's evaluations (every {CHAR_RNN_EVAL_EVERY}) | final val | training seconds "
+             f"(pauses included) | median ms per iteration |",
+             "|" + "---|" * 11]
+    for name, r in record["runs"].items():
+        lines.append(f"| {name} | {r['batch']} | {r['learning_rate']:.4g} | {r['warmup']} | {r['precision']} | "
+                     f"{r['iterations']} | {r['best_val_loss']:.4f} ({r['best_at_epoch']:.1f}) | "
+                     f"{r['char_rnn_evaluations']['best_val_loss']:.4f} | {r['final_val_loss']:.4f} | "
+                     f"{r['train_seconds']:.0f} | {_fmt(r.get('median_ms_per_iteration'), 1)} |")
+    diff = record["best_minus_char_rnn"]["best_val_loss"]
+    verdict = ("no worse than char-rnn's recipe's" if diff <= 0 else f"{diff:.4f} worse than char-rnn's recipe's")
+    return (f"{record['epochs']} epochs each, {record['threads']} thread, validation every "
+            f"{record['eval_val_every']} iterations (`python bench/time_to_loss.py full-run`, full-run.json):\n\n"
+            + "\n".join(lines) + f"\n\nThe best recipe's best validation loss is {verdict}.")
+
+
 def point_list(text):
     """'50:1:1:bf16,100:2:1:fp32' -> [(50, 1, 1, 'bf16'), (100, 2, 1, 'fp32')]."""
     try:
@@ -814,7 +995,7 @@ def point_list(text):
 def main(argv=None):
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("run", "measure-speed", "table", "validate"))
+    p.add_argument("action", choices=("run", "measure-speed", "table", "validate", "full-run"))
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--work", type=Path, default=WORK, help="checkpoints and metrics logs of the runs")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each at 1 thread)")
@@ -832,6 +1013,11 @@ def main(argv=None):
             measure_speed(args.out, speed_layouts(bf16=native_bf16()))
     elif args.action == "validate":
         validate(args.out, args.threads, args.ranks)
+    elif args.action == "full-run":
+        try:
+            full_run(args.out, args.work, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
+        except (OSError, ValueError, RuntimeError) as e:  # no recipes.json, a run that failed
+            p.exit(1, f"{p.prog}: full-run: {e}\n")
     else:
         write_tables(args.out)
     return 0

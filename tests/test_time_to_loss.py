@@ -183,3 +183,109 @@ def test_a_bad_point_is_one_line_and_exit_2(capsys):
         ttl.main(["measure-speed", "--again", "100:1:1:fp16"])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.count("\n") == 1 and "--again" in err, err
+
+
+def _done_plan(chars, bf16, iterations=lambda spec: 500):
+    """Every run the plan asks for, done as the study would do them (`iterations` to 1.50 each)."""
+    results = {}
+    for _ in range(60):
+        pending = [s for s in ttl.plan(results, chars, bf16=bf16) if s.run_id not in results]
+        if not pending:
+            return results
+        for spec in pending:
+            results[spec.run_id] = dict(_result(spec.batch, spec.learning_rate, iterations(spec), 2.0, spec.seed,
+                                                spec.warmup, spec.precision)[1], recipe=spec.recipe)
+    raise AssertionError("the plan never ran out")
+
+
+def test_the_bfloat16_grid_surrounds_the_leaders_at_batch_100_and_200_and_does_not_chase_itself():
+    chars = 1_115_394
+    # the grid's runs all beat their leaders: were they centres, the plan would never end
+    results = _done_plan(chars, bf16=True, iterations=lambda s: 300 if s.recipe == ttl.BF16_GRID else 500)
+    grid = sorted((s["batch"], s["learning_rate"], s["warmup"]) for s in results.values()
+                  if s["recipe"] == ttl.BF16_GRID)
+    assert len(grid) == 8 and {b for b, _, _ in grid} == {100, 200}
+    assert all(results[ttl.Spec(b, lr, w, 123, "", "bf16").run_id]["precision"] == "bf16" for b, lr, w in grid)
+    assert not [s for s in _done_plan(chars, bf16=False).values() if s["recipe"] == ttl.BF16_GRID]
+
+
+def test_the_bfloat16_grid_is_x1_2_around_the_rate_and_halves_doubles_or_adds_a_warm_up():
+    chars = 1_115_394
+    results = dict([_result(100, 1.568e-2, 546, 2.6, precision="bf16"), _result(100, 8e-3, 651, 3.1, precision="bf16"),
+                    _result(200, 4.4e-2, 440, 4.2, warmup=105, precision="bf16"),
+                    _result(200, 2.24e-2, 450, 4.3, warmup=105, precision="bf16"),
+                    _result(100, 1e-3, 100, 0.5)])  # float32: not a bfloat16 leader
+    got = {(s.batch, s.learning_rate, s.warmup) for s in ttl.bf16_grid(results, chars)}
+    quarter = round(ttl.iterations_per_epoch(100, chars) / 4)
+    assert got == {(100, 0.0188, 0), (100, 0.0131, 0), (100, 0.01568, quarter), (100, 0.0188, quarter),
+                   (200, 0.0528, 105), (200, 0.0367, 105), (200, 0.044, 52), (200, 0.044, 210)}
+
+
+def _evals(points):
+    return [(i, i / 423, loss, i * 0.02) for i, loss in points]
+
+
+def test_a_full_runs_best_is_over_every_evaluation_and_char_rnns_view_over_every_1000th():
+    evals = _evals([(900, 1.50), (1000, 1.45), (1500, 1.38), (2000, 1.41), (2100, 1.44)])
+    s = ttl.full_run_summary(evals)
+    assert (s["best_val_loss"], s["best_at_iteration"], s["final_val_loss"], s["iterations"]) == (1.38, 1500, 1.44, 2100)
+    assert s["train_seconds"] == pytest.approx(42.0)
+    assert (s["char_rnn_evaluations"]["best_val_loss"], s["char_rnn_evaluations"]["best_at_iteration"]) == (1.41, 2000)
+    # the last evaluation counts in char-rnn's view even off the 1000s
+    assert ttl.full_run_summary(_evals([(1000, 1.5), (1100, 1.4)]))["char_rnn_evaluations"]["best_val_loss"] == 1.4
+
+
+def test_the_full_run_trains_the_2_thread_recipe_for_50_epochs(tmp_path):
+    (tmp_path / "recipes.json").write_text(json.dumps({"recipes": [
+        {"threads": 1, "batch_size": 100, "lr_scaling": "none", "learning_rate": 1e-2, "lr_warmup": 0, "precision": "fp32"},
+        {"threads": 2, "batch_size": 50, "lr_scaling": "none", "learning_rate": 7.84e-3, "lr_warmup": 10,
+         "precision": "bf16"}]}))
+    spec = ttl.recipe_spec(tmp_path)
+    assert (spec.batch, spec.learning_rate, spec.warmup, spec.precision) == (50, 7.84e-3, 10, "bf16")
+    cmd = ttl.train_command(spec, 1_115_394, "cv/x", epochs=ttl.FULL_EPOCHS, every=ttl.FULL_EVAL_EVERY)
+    assert cmd[cmd.index("--max_epochs") + 1] == "50" and cmd[cmd.index("--eval_val_every") + 1] == "100"
+    assert ttl.CHAR_RNN_EVAL_EVERY % ttl.FULL_EVAL_EVERY == 0  # char-rnn's evaluations are among ours
+    with pytest.raises(ValueError):
+        ttl.recipe_spec(tmp_path, threads=64)
+
+
+def _full_record(best_best, ref_best=1.3875):
+    def run(batch, lr, precision, best):
+        return {"batch": batch, "learning_rate": lr, "warmup": 0, "precision": precision, "iterations": 21150,
+                "best_val_loss": best, "best_at_epoch": 12.0, "final_val_loss": 1.42, "train_seconds": 500.0, "median_ms_per_iteration": 28.0,
+                "char_rnn_evaluations": {"best_val_loss": best + 0.002}}
+    return {"epochs": 50, "threads": 1, "eval_val_every": 100,
+            "best_minus_char_rnn": {"best_val_loss": best_best - ref_best},
+            "runs": {"best": run(50, 7.84e-3, "bf16", best_best),
+                     "char-rnn": run(50, 2e-3, "fp32", ref_best)}}
+
+
+def test_results_md_says_by_how_much_the_full_run_is_worse(tmp_path):
+    assert ttl.full_run_section(tmp_path) == ""
+    (tmp_path / "full-run.json").write_text(json.dumps(_full_record(1.3975)))
+    text = ttl.full_run_section(tmp_path)
+    assert "| best | 50 | 0.00784 | 0 | bf16 | 21150 | 1.3975 (12.0) | 1.3995 | 1.4200 | 500 | 28.0 |" in text
+    assert "0.0100 worse than char-rnn's" in text
+    assert "no worse than char-rnn's" in ttl.full_run_markdown(_full_record(1.3800))
+
+
+def test_a_full_run_without_recipes_is_one_line_and_bad_flags_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        ttl.main(["full-run", "--out", str(tmp_path), "--work", str(tmp_path / "cv")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and err.count("\n") == 1 and "recipes.json" in err, err
+    assert not (tmp_path / "cv").exists()  # nothing trained
+    with pytest.raises(SystemExit) as stopped:
+        ttl.main(["full-run", "--jobs", "two"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1, err
+
+
+def test_a_paused_iteration_moves_the_full_runs_seconds_but_not_its_median(tmp_path):
+    from phi_rnn import metrics
+    log = tmp_path / "run.metrics.csv"
+    ms = [20.0, 22.0, 101_000.0, 21.0, 23.0]  # the third iteration stopped (SIGSTOP) for 101 s
+    log.write_text(",".join(metrics.COLUMNS) + "\n" + "".join(
+        f"{i + 1},{(i + 1) / 423},1.5,,0.002,0.1,{m},1.0,,\n" for i, m in enumerate(ms)))
+    assert ttl.median_ms(log) == 22.0
+    assert ttl.read_evals(log) == []  # no validation rows: nothing to call a best
