@@ -245,6 +245,14 @@ def test_the_full_run_trains_the_2_thread_recipe_for_50_epochs(tmp_path):
     cmd = ttl.train_command(spec, 1_115_394, "cv/x", epochs=ttl.FULL_EPOCHS, every=ttl.FULL_EVAL_EVERY)
     assert cmd[cmd.index("--max_epochs") + 1] == "50" and cmd[cmd.index("--eval_val_every") + 1] == "100"
     assert ttl.CHAR_RNN_EVAL_EVERY % ttl.FULL_EVAL_EVERY == 0  # char-rnn's evaluations are among ours
+    flags = ttl.decay_flags(ttl.FAST_DECAY)
+    assert flags == ["--learning_rate_decay", "0.9", "--learning_rate_decay_after", "3"]
+    import argparse
+    from phi_rnn.config import add_train_arguments  # the trainer takes them as the full run passes them
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--data_dir", "d"] + flags)
+    assert (args.learning_rate_decay, args.learning_rate_decay_after) == ttl.FAST_DECAY
     with pytest.raises(ValueError):
         ttl.recipe_spec(tmp_path, threads=64)
 
@@ -256,7 +264,8 @@ def _full_record(best_best, ref_best=1.3875):
                 "char_rnn_evaluations": {"best_val_loss": best + 0.002}}
     return {"epochs": 50, "threads": 1, "eval_val_every": 100,
             "best_minus_char_rnn": {"best_val_loss": best_best - ref_best},
-            "runs": {"best": run(50, 7.84e-3, "bf16", best_best),
+            "runs": {"best": {**run(50, 7.84e-3, "bf16", best_best), "learning_rate_decay": 0.9,
+                              "learning_rate_decay_after": 3},
                      "char-rnn": run(50, 2e-3, "fp32", ref_best)}}
 
 
@@ -264,7 +273,8 @@ def test_results_md_says_by_how_much_the_full_run_is_worse(tmp_path):
     assert ttl.full_run_section(tmp_path) == ""
     (tmp_path / "full-run.json").write_text(json.dumps(_full_record(1.3975)))
     text = ttl.full_run_section(tmp_path)
-    assert "| best | 50 | 0.00784 | 0 | bf16 | 21150 | 1.3975 (12.0) | 1.3995 | 1.4200 | 500 | 28.0 |" in text
+    assert "| best | 50 | 0.00784 | 0 | 0.9, 3 | bf16 | 21150 | 1.3975 (12.0) | 1.3995 | 1.4200 | 500 | 28.0 |" in text
+    assert "| char-rnn | 50 | 0.002 | 0 | 0.97, 10 | fp32 | 21150 | 1.3875 (12.0) |" in text  # char-rnn's decay
     assert "0.0100 worse than char-rnn's" in text
     assert "no worse than char-rnn's" in ttl.full_run_markdown(_full_record(1.3800))
 
