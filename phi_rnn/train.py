@@ -22,7 +22,7 @@ import time
 import numba
 import numpy as np
 
-from phi_rnn import checkpoint, config, data, distributed, files, metrics
+from phi_rnn import bf16, checkpoint, config, data, distributed, files, metrics
 from phi_rnn import kernels as K
 from phi_rnn.affinity import format_cpu_list
 from phi_rnn.errors import UsageError
@@ -211,10 +211,12 @@ RECIPES = os.path.join("results", "time-to-loss", "recipes.json")
 RECIPE_FLAGS = ("batch_size", "lr_scaling", "lr_warmup", "learning_rate", "precision")  # the last two optional
 
 
-def measured_recipe(threads, path=None):
+def measured_recipe(threads, path=None, bf16_runs=True):
     """The fastest recipe the time-to-loss study measured at `threads` threads, as the flags
     {name: value} it gives, or None: no study result (the file is absent in an installed
-    package), none for this thread count, or an entry that is not valid flags.
+    package), none for this thread count, or an entry that is not valid flags. Without
+    `bf16_runs` (a CPU the trainer refuses --precision bf16 on) a bfloat16 recipe is given
+    without its precision: it converges as in float32, only slower.
 
     `path` (default RECIPES in the source tree) is JSON of this form:
         {"recipes": [{"threads": 4, "batch_size": 64, "lr_scaling": "linear", "lr_warmup": 100,
@@ -231,6 +233,8 @@ def measured_recipe(threads, path=None):
         valid = all(config.option_problem(name, value) is None for name, value in flags.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
         return None
+    if not bf16_runs and flags.get("precision") == "bf16":
+        del flags["precision"]
     return flags if valid and set(RECIPE_FLAGS[:3]) <= set(flags) else None
 
 
@@ -386,7 +390,8 @@ class Training:
         self.rows = world.stream_range(o.batch_size)
         first, stop = self.rows
         threads = numba.get_num_threads()
-        note = idle_threads_note(threads, stop - first, o.strategy, thread_cpus(), measured_recipe(threads))
+        recipe = measured_recipe(threads, bf16_runs=bool(bf16.native_features()))
+        note = idle_threads_note(threads, stop - first, o.strategy, thread_cpus(), recipe)
         if note:
             log(note)
         compile_kernels(o.model, o.strategy, log, o.precision)

@@ -301,6 +301,10 @@ def test_idle_thread_note_gives_the_measured_recipe_or_the_rule(tmp_path):
     recipe = measured_recipe(4, str(path))
     assert recipe == {"batch_size": 64, "lr_scaling": "linear", "lr_warmup": 100}
     assert measured_recipe(8, str(path)) is None and measured_recipe(2, str(path)) is None  # invalid; none
+    path.write_text(json.dumps({"recipes": [
+        {"threads": 4, "batch_size": 64, "lr_scaling": "none", "lr_warmup": 0, "precision": "bf16"}]}))
+    assert measured_recipe(4, str(path))["precision"] == "bf16"
+    assert "precision" not in measured_recipe(4, str(path), bf16_runs=False)  # refused there: not advised
     note = idle_threads_note(4, 2, "batch", recipe=recipe)
     assert "fastest recipe at 4 threads is --batch_size 64 --lr_scaling linear --lr_warmup 100" in note
     rule = idle_threads_note(4, 2, "batch")
