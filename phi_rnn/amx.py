@@ -84,6 +84,12 @@ def fits(m, n, k):
     return m > 0 and n > 0 and k > 0 and n % TILE_ROWS == 0 and k % K_STEP == 0
 
 
+def runs_lstm_steps(rnn_size):
+    """Whether an LSTM of rnn_size units gets its per-step products here: tiles available and
+    both products' shapes fitting, W_hh^T (H, 4H) forward and W_hh (4H, H) backward."""
+    return available() and fits(1, 4 * rnn_size, rnn_size) and fits(1, rnn_size, 4 * rnn_size)
+
+
 def tiles_shape(k, n):
     """The shape of W's tiles for a (k, n) W: (n/16, k/32, 16, 16) uint32."""
     return (n // TILE_ROWS, k // K_STEP, TILE_ROWS, TILE_ROWS)

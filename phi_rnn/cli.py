@@ -136,7 +136,8 @@ def _start_runtimes(args, log, announce=True, before=None, world=distributed.Sin
         log(verification.describe())
         log(f"gemm: {blas.describe_backend()}")
         if bfloat16:
-            log(f"gemm bfloat16: {bf16.backend()} (--precision bf16, on {' and '.join(bf16.native_features())})")
+            log(f"gemm bfloat16: {bf16.backend()} (--precision bf16, on {' and '.join(bf16.native_features())})"
+                + _per_step_products(args))
     for problem in verification.mismatches:
         log(f"warning: {problem}")
     rank_line = (f"pid {os.getpid()}, {plan.threads} thread{'s' * (plan.threads != 1)} on CPUs "
@@ -178,6 +179,16 @@ def _train(args, given):
         traceback.print_exc()
         return world.finish(1)
     return world.finish(status)
+
+
+def _per_step_products(args):
+    """'; LSTM per-step products: <kernel>' for a bfloat16 LSTM's training (model.Network
+    lays its weights out for that kernel), else ''."""
+    if getattr(args, "model", None) != "lstm":
+        return ""
+    from phi_rnn import amx
+    kernel = "phi_rnn's AMX tile kernel" if amx.runs_lstm_steps(args.rnn_size) else "MKL's packed product"
+    return "; LSTM per-step products: " + kernel
 
 
 def select_blas(name):

@@ -112,7 +112,7 @@ def packed_step_weights(model, precision, G, H, first):
     no_pack = np.zeros(0, np.uint8)
     if precision != "bf16" or model != "lstm":
         return no_pack, no_pack, no_pack
-    if amx.available() and amx.fits(1, G, H) and amx.fits(1, H, G):
+    if amx.runs_lstm_steps(H):
         step_input = no_pack if first else np.zeros(amx.tiles_shape(H, G), np.uint32)
         return np.zeros(amx.tiles_shape(H, G), np.uint32), np.zeros(amx.tiles_shape(G, H), np.uint32), step_input
     return bf16.packed_operand(1, G, H), bf16.packed_operand(1, H, G), no_pack

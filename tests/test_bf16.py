@@ -320,17 +320,21 @@ def test_the_cli_refuses_bf16_on_a_cpu_capped_below_it(tmp_path, command):
 
 
 @needs_bf16
-def test_bf16_resume_is_bit_identical_and_the_checkpoint_serves_either_precision(tmp_path):
+@pytest.mark.parametrize("rnn_size", [16, 32])  # 32: the per-step products fit AMX tiles where there are some
+def test_bf16_resume_is_bit_identical_and_the_checkpoint_serves_either_precision(tmp_path, rnn_size):
     from cli_helpers import run_cli, small_corpus, train_losses
+    from phi_rnn import amx
     from phi_rnn import checkpoint
     corpus = small_corpus(tmp_path / "data", 12000)
-    common = ["--data_dir", corpus, "--rnn_size", 16, "--num_layers", 2, "--batch_size", 8, "--seq_length", 16,
+    common = ["--data_dir", corpus, "--rnn_size", rnn_size, "--num_layers", 2, "--batch_size", 8, "--seq_length", 16,
               "--dropout", 0.25, "--eval_val_every", 30, "--print_every", 1, "--precision", "bf16"]
     straight = run_cli("train", *common, "--max_iters", 60, "--checkpoint_dir", tmp_path / "a", check=True)
     first = run_cli("train", *common, "--max_iters", 30, "--checkpoint_dir", tmp_path / "b", check=True)
     second = run_cli("train", *common, "--max_iters", 60, "--resume", "latest", "--checkpoint_dir", tmp_path / "b",
                      check=True)
     assert "gemm bfloat16: " in straight.stdout
+    kernel = "phi_rnn's AMX tile kernel" if amx.available() and rnn_size == 32 else "MKL's packed product"
+    assert f"LSTM per-step products: {kernel}" in straight.stdout
     assert train_losses(first.stdout) + train_losses(second.stdout) == train_losses(straight.stdout)
     a = checkpoint.load(checkpoint.resolve("latest", str(tmp_path / "a")))
     b = checkpoint.load(checkpoint.resolve("latest", str(tmp_path / "b")))
