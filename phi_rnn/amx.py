@@ -28,7 +28,7 @@ import functools
 import os
 
 import numpy as np
-from llvmlite import binding, ir
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -66,11 +66,7 @@ def available():
         return False
     if not {"amx_bf16", "amx_tile"} <= set(bf16.cpu_flags()):
         return False
-    from numba.core.registry import cpu_target
-    features = getattr(cpu_target.target_context.codegen(), "_tm_features", None)
-    if features is None:
-        features = binding.get_host_cpu_features().flatten()
-    if not {"+amx-bf16", "+amx-tile"} <= set(features.split(",")):
+    if not {"+amx-bf16", "+amx-tile"} <= bf16.compiled_features():
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)

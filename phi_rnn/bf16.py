@@ -53,6 +53,17 @@ def cpu_flags():
     return set()
 
 
+def compiled_features():
+    """The CPU features numba compiles for, as LLVM names them ('+avx512bf16', '+amx-tile',
+    ...): the host's unless numba is told another CPU (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES)."""
+    from numba.core.registry import cpu_target
+    features = getattr(cpu_target.target_context.codegen(), "_tm_features", None)
+    if features is None:  # a numba without the attribute: the host's features
+        from llvmlite import binding
+        features = binding.get_host_cpu_features().flatten()
+    return set(features.split(","))
+
+
 def native_features():
     """The native bfloat16 features (of NATIVE_FEATURES) this CPU has and oneDNN may use."""
     flags = cpu_flags()

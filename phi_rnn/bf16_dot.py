@@ -44,7 +44,7 @@ Only a CPU with avx512_bf16 can run this (available()); bf16.require_native also
 CPU with amx_bf16 alone, and there generation keeps the widening product (model.bf16_weights).
 """
 import numpy as np
-from llvmlite import binding, ir
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -65,12 +65,7 @@ _ptr = ir.IntType(8).as_pointer()
 def available():
     """Whether this CPU, and the code numba generates for it, have AVX512_BF16 (numba may be
     told to compile for another CPU: NUMBA_CPU_NAME, NUMBA_CPU_FEATURES)."""
-    from numba.core.registry import cpu_target
-    codegen = cpu_target.target_context.codegen()
-    features = getattr(codegen, "_tm_features", None)
-    if features is None:  # a numba without the attribute: the host's features
-        features = binding.get_host_cpu_features().flatten()
-    return "avx512_bf16" in bf16.cpu_flags() and "+avx512bf16" in features.split(",")
+    return "avx512_bf16" in bf16.cpu_flags() and "+avx512bf16" in bf16.compiled_features()
 
 
 # ---------------------------------------------------------------- layout
