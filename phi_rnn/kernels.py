@@ -461,12 +461,20 @@ def recurrent_product(a, b, packed, beta, c):
 
 
 @njit(**_opts)
+def input_per_step(first, w):
+    """Whether a layer's input projection is done step by step, with the recurrent product in
+    one tile pass (an upper LSTM layer whose w_ih_t has AMX tiles: model.packed_step_weights
+    fills w_ih_t_packed for those only), instead of by one GEMM over all steps first."""
+    return not first and w.w_ih_t_packed.size > 0
+
+
+@njit(**_opts)
 def lstm_recurrence_forward(first, tokens, w, s, x):
     """All steps of a block: s.gates (T, nb, 4H) input projection in (unless `first`: then
     gathered here; or, with w.w_ih_t_packed, computed here from x (T*nb, H_in) with the
     recurrent product in one tile pass), activations out; s.hs, s.cs, s.aux = tanh(c) out."""
     nb = s.h0.shape[0]
-    per_step_input = not first and w.w_ih_t_packed.size > 0
+    per_step_input = input_per_step(first, w)
     for t in range(s.gates.shape[0]):
         g = s.gates[t]
         h_prev = s.h0_op if t == 0 else s.hs_op[t - 1]
@@ -681,7 +689,7 @@ def layer_forward(kind, first, tokens, b0, w, a):
     T = tokens.shape[0]
     nb = a.h0.shape[0]
     to_operand(a.h0, a.h0_op)
-    if not first and not (kind == LSTM and w.w_ih_t_packed.size > 0):  # else per step
+    if not first and not input_per_step(first, w):
         gemm(False, False, ONE, a.x, w.w_ih_t, ZERO, a.gates)
     s = _steps(a, T)
     block_tokens = tokens[:, b0:b0 + nb]
