@@ -868,12 +868,17 @@ def recipe_spec(out, threads=FULL_RECIPE_THREADS):
     """The study's fastest recipe for `threads` threads, as `table` wrote it to recipes.json
     (the learning rate as run: lr_scaling none), at the study's seed."""
     path = out / "recipes.json"
-    rows = [r for r in json.loads(path.read_text())["recipes"] if r["threads"] == threads]
-    if not rows or rows[0]["lr_scaling"] != "none":
-        raise ValueError(f"{path} has no recipe for {threads} threads with the learning rate as run")
-    row = rows[0]
-    return Spec(row["batch_size"], row["learning_rate"], row["lr_warmup"], SEEDS[0],
-                f"best at {threads} threads", row["precision"])
+    try:
+        rows = [r for r in json.loads(path.read_text())["recipes"] if r["threads"] == threads]
+        if not rows or rows[0]["lr_scaling"] != "none":
+            raise ValueError(f"{path} has no recipe for {threads} threads with the learning rate as run")
+        row = rows[0]
+        return Spec(row["batch_size"], row["learning_rate"], row["lr_warmup"], SEEDS[0],
+                    f"best at {threads} threads", row["precision"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    except (KeyError, TypeError) as e:  # JSON, but not as table writes it
+        raise ValueError(f"{path} is not a recipes file as table writes it ({type(e).__name__}: {e})") from None
 
 
 def full_run_summary(evals, every=CHAR_RNN_EVAL_EVERY):
@@ -1034,7 +1039,9 @@ def main(argv=None):
     elif args.action == "full-run":
         try:
             full_run(args.out, args.work, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
-        except (OSError, ValueError, RuntimeError) as e:  # no recipes.json, a run that failed
+        except (OSError, ValueError) as e:  # no recipes.json, or not one with the recipe: bad input
+            p.exit(2, f"{p.prog}: full-run: {e}\n")
+        except RuntimeError as e:  # a run that failed (it resumes next time)
             p.exit(1, f"{p.prog}: full-run: {e}\n")
     else:
         write_tables(args.out)

@@ -283,8 +283,15 @@ def test_a_full_run_without_recipes_is_one_line_and_bad_flags_exit_2(tmp_path, c
     with pytest.raises(SystemExit) as stopped:
         ttl.main(["full-run", "--out", str(tmp_path), "--work", str(tmp_path / "cv")])
     err = capsys.readouterr().err
-    assert stopped.value.code == 1 and err.count("\n") == 1 and "recipes.json" in err, err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and "recipes.json" in err, err
     assert not (tmp_path / "cv").exists()  # nothing trained
+    for damaged in ("{not json", json.dumps({"recipe": []}), json.dumps({"recipes": [{"threads": 2}]})):
+        (tmp_path / "recipes.json").write_text(damaged)
+        with pytest.raises(SystemExit) as stopped:
+            ttl.main(["full-run", "--out", str(tmp_path), "--work", str(tmp_path / "cv")])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1 and "recipes.json" in err, (damaged, err)
+    assert not (tmp_path / "cv").exists()
     with pytest.raises(SystemExit) as stopped:
         ttl.main(["full-run", "--jobs", "two"])
     err = capsys.readouterr().err
