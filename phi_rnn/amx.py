@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -91,13 +91,14 @@ def tiles_shape(k, n):
     return (n // TILE_ROWS, k // K_STEP, TILE_ROWS, TILE_ROWS)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def tile_into(bits, out):
     """out (N/16, K/32, 16, 16) uint32 = `bits` (K, N) bfloat16 bits as tdpbf16ps reads W:
     pairs along K (the low half row 2*k2, the high half row 2*k2 + 1) in tiles of 16 pair rows
     by 16 columns, a column slice's tiles one after another down K, each tile's rows
-    consecutive (64 bytes): the product streams W sequentially."""
-    for j in range(out.shape[0]):
+    consecutive (64 bytes): the product streams W sequentially. Column slices in parallel
+    (every update lays out all recurrent weights)."""
+    for j in prange(out.shape[0]):
         for s in range(out.shape[1]):
             for r in range(TILE_ROWS):
                 k = 2 * (s * TILE_ROWS + r)

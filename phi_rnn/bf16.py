@@ -28,7 +28,7 @@ import os
 
 import numpy as np
 from llvmlite import binding
-from numba import cfunc, njit, types
+from numba import cfunc, njit, prange, types
 
 from phi_rnn import blas
 from phi_rnn.blas import NO_TRANS, ROW_MAJOR, STEP_ROWS, TRANS
@@ -115,12 +115,24 @@ def bf16_value(bits):
     return np.uint32(np.uint32(bits) << _SIXTEEN).view(np.float32)
 
 
-@njit(**_opts)
+_ROUND_CHUNK = 4096  # values per parallel task of round_into
+
+
+@njit(parallel=True, **_opts)
 def round_into(values, out):
     """out[i] = bf16_bits(values[i]): float32 values into a uint16 array of the same shape,
-    both contiguous."""
+    both contiguous. Every update rounds all weights: in parallel, so that many threads do
+    not wait on one for it."""
     src = values.reshape(values.size)
     dst = out.reshape(out.size)
+    for chunk in prange((src.shape[0] + _ROUND_CHUNK - 1) // _ROUND_CHUNK):
+        start = chunk * _ROUND_CHUNK
+        stop = min(start + _ROUND_CHUNK, src.shape[0])
+        _round_range(src[start:stop], dst[start:stop])
+
+
+@njit(**_opts)
+def _round_range(src, dst):
     for i in range(src.shape[0]):
         dst[i] = bf16_bits(src[i])
 

@@ -461,11 +461,23 @@ def recurrent_product(a, b, packed, beta, c):
 
 
 @njit(**_opts)
-def input_per_step(first, w):
+def input_per_step(first, w, nb):
     """Whether a layer's input projection is done step by step, with the recurrent product in
     one tile pass (an upper LSTM layer whose w_ih_t has AMX tiles: model.packed_step_weights
-    fills w_ih_t_packed for those only), instead of by one GEMM over all steps first."""
-    return not first and w.w_ih_t_packed.size > 0
+    fills w_ih_t_packed for those only), instead of over all steps first (input_projection).
+    Per step only with a full tile of rows: with fewer, streaming W_ih from L2 at every step
+    costs more than the pass over the gates it saves (bench/README)."""
+    return not first and w.w_ih_t_packed.size > 0 and nb >= amx.TILE_ROWS
+
+
+@njit(**_opts)
+def input_projection(x, w, gates):
+    """gates (rows, G) = x (rows, H_in) @ W_ih^T for all steps at once: on W_ih's AMX tiles
+    where it has some (model.packed_step_weights), else through gemm."""
+    if w.w_ih_t_packed.size > 0:
+        packed_product(x, w.w_ih_t_packed, ZERO, gates)
+    else:
+        gemm(False, False, ONE, x, w.w_ih_t, ZERO, gates)
 
 
 @njit(**_opts)
@@ -474,7 +486,7 @@ def lstm_recurrence_forward(first, tokens, w, s, x):
     gathered here; or, with w.w_ih_t_packed, computed here from x (T*nb, H_in) with the
     recurrent product in one tile pass), activations out; s.hs, s.cs, s.aux = tanh(c) out."""
     nb = s.h0.shape[0]
-    per_step_input = input_per_step(first, w)
+    per_step_input = input_per_step(first, w, nb)
     for t in range(s.gates.shape[0]):
         g = s.gates[t]
         h_prev = s.h0_op if t == 0 else s.hs_op[t - 1]
@@ -689,8 +701,8 @@ def layer_forward(kind, first, tokens, b0, w, a):
     T = tokens.shape[0]
     nb = a.h0.shape[0]
     to_operand(a.h0, a.h0_op)
-    if not first and not input_per_step(first, w):
-        gemm(False, False, ONE, a.x, w.w_ih_t, ZERO, a.gates)
+    if not first and not input_per_step(first, w, nb):
+        input_projection(a.x, w, a.gates)
     s = _steps(a, T)
     block_tokens = tokens[:, b0:b0 + nb]
     if kind == LSTM:

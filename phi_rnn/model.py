@@ -17,7 +17,7 @@ that write them (kernels.to_operand)."""
 import numba
 import numpy as np
 
-from phi_rnn import amx, bf16
+from phi_rnn import amx, bf16, blas
 from phi_rnn import kernels as K
 from phi_rnn.cells import GATES, KINDS, MODELS  # noqa: F401  (the cell types; re-exported)
 from phi_rnn.config import PRECISIONS
@@ -68,13 +68,13 @@ def transposed_weights(params, num_layers, out=None):
         out = K.TransposedWeights(np.zeros((V, G), dt), np.zeros((max(L - 1, 1), H, G), dt),
                                   np.zeros((L, H, G), dt), np.zeros((L, G), dt), np.zeros((H, V), dt),
                                   np.zeros(V, dt))
-    out.w_ih0_t[:] = p["layers.0.w_ih"].T
+    blas.transpose_into(p["layers.0.w_ih"], out.w_ih0_t)
     for layer in range(L):
         if layer > 0:
-            out.w_ih_t[layer - 1] = p[f"layers.{layer}.w_ih"].T
-        out.w_hh_t[layer] = p[f"layers.{layer}.w_hh"].T
+            blas.transpose_into(p[f"layers.{layer}.w_ih"], out.w_ih_t[layer - 1])
+        blas.transpose_into(p[f"layers.{layer}.w_hh"], out.w_hh_t[layer])
         np.add(p[f"layers.{layer}.b_ih"], p[f"layers.{layer}.b_hh"], out=out.bias[layer])
-    out.dec_w_t[:] = p["decoder.weight"].T
+    blas.transpose_into(p["decoder.weight"], out.dec_w_t)
     out.dec_b[:] = p["decoder.bias"]
     return out
 

@@ -99,16 +99,16 @@ def test_fits():
     assert not amx.fits(25, 500, 128) and not amx.fits(25, 512, 100)
 
 
-def _train(precision_net, steps=3):
-    """Losses and final gradients of `steps` bfloat16 iterations of a 2 x 128 LSTM, batch 25."""
+def _train(precision_net, batch, steps=3):
+    """Losses and final gradients of `steps` bfloat16 iterations of a 2 x 128 LSTM."""
     net = precision_net
     net.init_params(np.random.default_rng(0))
     rng = np.random.default_rng(1)
-    state = net.zero_state(25)
+    state = net.zero_state(batch)
     losses = []
     for _ in range(steps):
-        x = rng.integers(0, 65, (20, 25)).astype(np.int32)
-        y = rng.integers(0, 65, (20, 25)).astype(np.int32)
+        x = rng.integers(0, 65, (20, batch)).astype(np.int32)
+        y = rng.integers(0, 65, (20, batch)).astype(np.int32)
         losses.append(net.forward(x, y, state))
         net.backward(x, False)
         grads = net.grads.data.copy()
@@ -116,18 +116,23 @@ def _train(precision_net, steps=3):
     return np.array(losses), grads, net.params.data.copy()
 
 
-def test_training_on_tiles_matches_mkl_packed(monkeypatch):
+@pytest.mark.parametrize("batch", [25, 4])
+def test_training_on_tiles_matches_mkl_packed(monkeypatch, batch):
     """bfloat16 LSTM iterations with the per-step products on AMX tiles and on MKL's packed
-    product: the same losses, gradients and updated weights to float32 summation order."""
+    product: the same losses, gradients and updated weights to float32 summation order. The
+    upper layer's input projection runs on tiles step by step with 25 rows, over all steps
+    at once with 4 (kernels.input_per_step)."""
+    from phi_rnn import kernels
     from phi_rnn.model import Network
     tiles_net = Network("lstm", 65, 128, 2, precision="bf16")
     assert tiles_net.packed[0][0].dtype == np.uint32  # the tile kernel runs the steps
-    assert tiles_net.packed[1][2].dtype == np.uint32  # and the upper layer's input per step
-    on_tiles = _train(tiles_net)
+    assert tiles_net.packed[1][2].dtype == np.uint32  # and the upper layer's input projection
+    assert kernels.input_per_step(False, tiles_net.weights[1], batch) == (batch >= amx.TILE_ROWS)
+    on_tiles = _train(tiles_net, batch)
     monkeypatch.setattr(amx, "available", lambda: False)
     mkl_net = Network("lstm", 65, 128, 2, precision="bf16")
     assert mkl_net.packed[0][0].dtype == np.uint8
-    on_mkl = _train(mkl_net)
+    on_mkl = _train(mkl_net, batch)
     np.testing.assert_allclose(on_tiles[0], on_mkl[0], rtol=1e-5)
     scale = np.abs(on_mkl[1]).max()
     assert np.abs(on_tiles[1] - on_mkl[1]).max() < 1e-3 * scale

@@ -383,3 +383,20 @@ def test_a_small_gemm_built_from_an_older_source_is_named_and_left_out(tmp_path)
     assert "libxsmm" not in found
     assert stderr == (f"phi_rnn: warning: {tmp_path / 'libsmall_gemm.so'} is an older build: run `make native`; "
                       "libxsmm not used")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(512, 128), (65, 512), (1, 7), (3, 1)])
+def test_transpose_into_is_numpys_transpose(dtype, shape):
+    a = np.random.default_rng(sum(shape)).standard_normal(shape).astype(dtype)
+    out = np.full(shape[::-1], np.nan, dtype)
+    blas.transpose_into(a, out)
+    np.testing.assert_array_equal(out, a.T)
+
+
+def test_transpose_into_refuses_a_wrong_shape_or_a_strided_array():
+    a = np.zeros((4, 6), np.float32)
+    with pytest.raises(ValueError):
+        blas.transpose_into(a, np.zeros((4, 6), np.float32))
+    with pytest.raises(ValueError):
+        blas.transpose_into(a[:, ::2], np.zeros((3, 4), np.float32))
