@@ -12,6 +12,7 @@ count the table picks the batch and recipe that get there first.
     python bench/time_to_loss.py run [--jobs 2]      # the convergence runs (resumable)
     python bench/time_to_loss.py measure-speed       # t(batch, threads) at 1 and 2 threads
     python bench/time_to_loss.py measure-speed --again 100:1:1:bf16   # one point again, the rest kept
+    python bench/time_to_loss.py measure-speed --again 2:2:1:fp32,2:2:1:bf16 --rounds 3   # in turn, medians
     python bench/time_to_loss.py table               # CSV, JSON, Markdown, plot, recipes.json
     python bench/time_to_loss.py validate --threads 2   # the table against a real --target_val_loss run
     python bench/time_to_loss.py validate --ranks 2     # the same at 2 MPI ranks of 1 thread
@@ -70,6 +71,7 @@ MEASURED_THREADS = (1, 2)
 MEASURED_RANKS = (2,)  # MPI ranks on this node, 1 thread each: the validation's third layout
 MAX_MPI_BATCH = 200
 RATIO_ROWS = (1, 2, 4)  # batch rows per thread at which bfloat16's gain over float32 is measured
+RATIO_ROUNDS = 3  # times each ratio point is measured, the precisions in turn: the median kept
 # A run this far behind cannot be among the fast ones; it stops and reports where it was.
 EXIT_DIVERGED = 3  # phi_rnn.train's status for a loss that went NaN or exploded
 # (epoch, iterations, best val loss): a run past both that has not got below the loss stops.
@@ -469,36 +471,30 @@ def speed_layouts(batches=BATCHES, threads=MEASURED_THREADS, ranks=MEASURED_RANK
     points += [(b, 1, k, "fp32") for b in batches if b <= MAX_MPI_BATCH for k in ranks]
     if bf16:
         points += [(b, p, 1, "bf16") for b in batches if b <= BF16_MAX_BATCH for p in threads]
-        points += [(2 * r, 2, 1, precision) for r in RATIO_ROWS for precision in PRECISIONS]
+        points += ratio_layouts()
     return points
 
 
-def measure_speed(out, layouts, log=print, again=False):
+def ratio_layouts():
+    """Both precisions at 2 threads with RATIO_ROWS rows per thread, the precisions in turn."""
+    return [(2 * r, 2, 1, precision) for r in RATIO_ROWS for precision in PRECISIONS]
+
+
+def measure_speed(out, layouts, log=print, again=False, rounds=1):
     """t(batch, threads, ranks, precision): the trainer's ms per iteration (its compute:
     forward, backward, gradient exchange, update) at each of `layouts` (speed_layouts), each a
     fresh process (or MPI job at 1 thread per rank). The mean, the first iterations left out:
     a run's training seconds are iterations x the mean. Run it on a quiet machine: the result
-    is the table's measured seconds. `again`: measure `layouts` once more, the other points
-    of speed.json kept (a point a disturbed machine got wrong)."""
-    import tempfile
-    points = []
-    for batch, p, k, precision in layouts:
-        with tempfile.TemporaryDirectory() as tmp:
-            n = speed_iterations(batch)
-            cmd = mpi_prefix(k) + [
-                sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR, "--precision", precision,
-                "--batch_size", str(batch), "--max_iters", str(n), "--eval_val_every", str(10 * n),
-                "--val_max_batches", "1", "--threads", str(p), "--policy", "compact", "--print_every", str(n),
-                "--checkpoint_dir", tmp, "--savefile", "speed"]
-            load = os.getloadavg()[0]
-            subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
-            rows = metrics.read_rows(metrics.log_path(tmp, "speed"))
-        times = [r["ms_per_iteration"] for r in rows[3:]]
-        mean, median = statistics.fmean(times), statistics.median(times)
-        points.append({"batch_size": batch, "threads": p, "ranks": k, "precision": precision, "mean_ms": mean,
-                       "median_ms": median, "iterations": n, "load_average_before": load})
-        log(f"batch {batch:5d}, {p} thread(s) x {k} rank(s), {precision}: {mean:8.2f} ms per iteration "
-            f"(median {median:.2f}; load {load:.2f})")
+    is the table's measured seconds. `rounds`: the layouts are measured that many times, in
+    turn (a shared machine drifts: bfloat16 and float32 at the same rows alternate), and each
+    point keeps the median of its rounds' means, every round's mean beside it. `again`:
+    measure `layouts` once more, the other points of speed.json kept (a point a disturbed
+    machine got wrong)."""
+    measured = {layout: [] for layout in layouts}
+    for _ in range(rounds):
+        for layout in layouts:
+            measured[layout].append(_measure_point(*layout, log=log))
+    points = [_median_of_rounds(runs) for runs in measured.values()]
     if again:
         key = lambda pt: (pt["batch_size"], pt["threads"], pt["ranks"], pt["precision"])  # noqa: E731
         fresh = {key(pt) for pt in points}
@@ -508,6 +504,37 @@ def measure_speed(out, layouts, log=print, again=False):
               "load_average_after": os.getloadavg()[0], "points": points}
     write_json(out / "speed.json", record)
     return record
+
+
+def _measure_point(batch, p, k, precision, log=print):
+    """One fresh trainer process (or MPI job) at this layout: its point of speed.json."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        n = speed_iterations(batch)
+        cmd = mpi_prefix(k) + [
+            sys.executable, "-m", "phi_rnn", "train", "--data_dir", DATA_DIR, "--precision", precision,
+            "--batch_size", str(batch), "--max_iters", str(n), "--eval_val_every", str(10 * n),
+            "--val_max_batches", "1", "--threads", str(p), "--policy", "compact", "--print_every", str(n),
+            "--checkpoint_dir", tmp, "--savefile", "speed"]
+        load = os.getloadavg()[0]
+        subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+        rows = metrics.read_rows(metrics.log_path(tmp, "speed"))
+    times = [r["ms_per_iteration"] for r in rows[3:]]
+    mean, median = statistics.fmean(times), statistics.median(times)
+    log(f"batch {batch:5d}, {p} thread(s) x {k} rank(s), {precision}: {mean:8.2f} ms per iteration "
+        f"(median {median:.2f}; load {load:.2f})")
+    return {"batch_size": batch, "threads": p, "ranks": k, "precision": precision, "mean_ms": mean,
+            "median_ms": median, "iterations": n, "load_average_before": load}
+
+
+def _median_of_rounds(runs):
+    """A layout's point from its rounds: the median round's fields, the median of the means."""
+    if len(runs) == 1:
+        return runs[0]
+    middle = sorted(runs, key=lambda r: r["mean_ms"])[(len(runs) - 1) // 2]
+    return dict(middle, mean_ms=statistics.median(r["mean_ms"] for r in runs),
+                median_ms=statistics.median(r["median_ms"] for r in runs),
+                round_means_ms=[r["mean_ms"] for r in runs])
 
 
 def this_machine():
@@ -1026,14 +1053,21 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=1, help="validate: MPI ranks of 1 thread each instead")
     p.add_argument("--again", type=point_list, metavar="B:T:R:P,...",
                    help="measure-speed: only these points again (batch:threads:ranks:precision), keeping the rest")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure-speed --again: measure the points this many times in turn, keep each one's median")
     args = p.parse_args(argv)
     if args.action == "run":
         run_study(args.out, args.work, args.jobs, log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
     elif args.action == "measure-speed":
+        if args.rounds < 1:
+            p.error(f"--rounds must be positive, got {args.rounds}")
         if args.again:
-            measure_speed(args.out, args.again, again=True)
+            measure_speed(args.out, args.again, again=True, rounds=args.rounds)
         else:
-            measure_speed(args.out, speed_layouts(bf16=native_bf16()))
+            layouts = speed_layouts(bf16=native_bf16())
+            ratio_points = [layout for layout in layouts if layout in ratio_layouts()]
+            measure_speed(args.out, [layout for layout in layouts if layout not in ratio_points])
+            measure_speed(args.out, ratio_points, again=True, rounds=RATIO_ROUNDS)
     elif args.action == "validate":
         validate(args.out, args.threads, args.ranks)
     elif args.action == "full-run":

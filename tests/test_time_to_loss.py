@@ -185,6 +185,29 @@ def test_a_bad_point_is_one_line_and_exit_2(capsys):
     assert stopped.value.code == 2 and err.count("\n") == 1 and "--again" in err, err
 
 
+def test_rounds_of_a_point_keep_the_median_round_and_every_mean():
+    runs = [{"batch_size": 2, "threads": 2, "ranks": 1, "precision": "bf16", "mean_ms": m, "median_ms": m - 0.1,
+             "iterations": 10, "load_average_before": load} for m, load in ((3.0, 1.0), (2.0, 2.0), (9.0, 3.0))]
+    point = ttl._median_of_rounds(runs)
+    assert point["mean_ms"] == 3.0 and point["median_ms"] == pytest.approx(2.9)
+    assert point["round_means_ms"] == [3.0, 2.0, 9.0] and point["load_average_before"] == 1.0
+    assert ttl._median_of_rounds(runs[:1]) == runs[0]
+
+
+def test_the_ratio_points_alternate_the_precisions_at_each_row_count():
+    layouts = ttl.ratio_layouts()
+    assert [p for _, _, _, p in layouts] == list(ttl.PRECISIONS) * len(ttl.RATIO_ROWS)
+    assert {b // t for b, t, _, _ in layouts} == set(ttl.RATIO_ROWS)
+    assert set(layouts) <= set(ttl.speed_layouts(bf16=True))
+
+
+def test_rounds_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        ttl.main(["measure-speed", "--again", "2:2:1:fp32", "--rounds", "0"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and "--rounds" in err, err
+
+
 def _done_plan(chars, bf16, iterations=lambda spec: 500):
     """Every run the plan asks for, done as the study would do them (`iterations` to 1.50 each)."""
     results = {}
