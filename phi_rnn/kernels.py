@@ -171,11 +171,37 @@ def _product(trans_a, trans_b, alpha, a, b, beta, c):
     raise NotImplementedError
 
 
+# A bfloat16 product over fewer than WIDEN_K values of K (the recurrent weights' gradient at
+# step 0: h0^T dG over a block's few rows) runs as float32 on its operands widened: the
+# library's bfloat16 GEMM costs several times float32's there (bench/README), and the float32
+# product of widened bfloat16 values is the same sum of exact products.
+WIDEN_K = 16
+
+
+@njit(**_opts)
+def _widened(bits):
+    """A new float32 array of bfloat16 `bits` (2-d, contiguous rows)."""
+    out = np.empty(bits.shape, np.float32)
+    for i in range(bits.shape[0]):
+        row, dst = bits[i], out[i]
+        for j in range(row.shape[0]):
+            dst[j] = bf16.bf16_value(row[j])
+    return out
+
+
+@njit(**_opts)
+def _bf16_product(trans_a, trans_b, alpha, a, b, beta, c):
+    k = a.shape[0] if trans_a else a.shape[1]
+    if k < WIDEN_K:
+        _float_gemm(trans_a, trans_b, alpha, _widened(a), _widened(b), beta, c)
+    else:
+        bf16.gemm_arrays(trans_a, trans_b, alpha, a, b, beta, c)
+
+
 @overload(_product, jit_options=_opts)
 def _product_impl(trans_a, trans_b, alpha, a, b, beta, c):
     if b.dtype == types.uint16 and a.dtype == types.uint16:
-        return lambda trans_a, trans_b, alpha, a, b, beta, c: bf16.gemm_arrays(trans_a, trans_b, alpha, a, b,
-                                                                               beta, c)
+        return lambda trans_a, trans_b, alpha, a, b, beta, c: _bf16_product(trans_a, trans_b, alpha, a, b, beta, c)
     if b.dtype == types.uint32:  # a batch of one on bfloat16 pairs (generation: bf16_dot.row_product)
         def row_times_pairs(trans_a, trans_b, alpha, a, b, beta, c):
             bf16_dot.row_product(a, b, np.float32(beta), c)

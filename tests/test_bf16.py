@@ -12,6 +12,7 @@ import pytest
 from numba import njit
 
 from phi_rnn import bf16
+from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
 
 rng = np.random.default_rng(11)
@@ -128,6 +129,9 @@ PRODUCTS = [  # (trans_a, trans_b, m, n, k, beta)
     (True, False, 65, 128, 300, 1.0),
     (False, True, 25, 128, 512, 0.0),
     (True, True, 64, 96, 80, 0.5),
+    (True, False, 128, 512, 1, 0.0),  # the step-0 weight gradient of a one-row block
+    (True, False, 65, 128, 3, 1.0),
+    (False, False, 25, 128, 15, 0.0),
 ]
 
 
@@ -147,8 +151,12 @@ def _padded(rows, cols, pad):
 
 @pytest.mark.parametrize("product", PRODUCTS, ids=lambda p: "{}{} {}x{}x{} beta {}".format(
     "T" if p[0] else "N", "T" if p[1] else "N", *p[2:]))
-def test_gemm_matches_float64_products_of_the_rounded_operands(bf16_backend, product):
+@pytest.mark.parametrize("entry", ["library", "kernels"])
+def test_gemm_matches_float64_products_of_the_rounded_operands(bf16_backend, product, entry):
+    """The library's bfloat16 GEMM, and the kernels' gemm that runs it (or float32 on the
+    widened operands where K is small: kernels.WIDEN_K)."""
     trans_a, trans_b, m, n, k, beta = product
+    gemm = bf16.gemm_arrays if entry == "library" else K.gemm
     a32 = _padded(*((k, m) if trans_a else (m, k)), pad=3)
     b32 = _padded(*((n, k) if trans_b else (k, n)), pad=5)
     a = np.zeros((a32.shape[0], a32.shape[1] + 3), np.uint16)[:, :a32.shape[1]]  # keeps lda > cols
@@ -160,7 +168,7 @@ def test_gemm_matches_float64_products_of_the_rounded_operands(bf16_backend, pro
     c = c_wide[:, :n]
     c[:] = c_before
 
-    bf16.gemm_arrays(trans_a, trans_b, 1.0, a, b, beta, c)
+    gemm(trans_a, trans_b, 1.0, a, b, beta, c)
 
     op_a = bf16.to_float32(np.ascontiguousarray(a)).astype(np.float64)
     op_b = bf16.to_float32(np.ascontiguousarray(b)).astype(np.float64)
