@@ -96,17 +96,47 @@ def tile_into(bits, out):
     """out (N/16, K/32, 16, 16) uint32 = `bits` (K, N) bfloat16 bits as tdpbf16ps reads W:
     pairs along K (the low half row 2*k2, the high half row 2*k2 + 1) in tiles of 16 pair rows
     by 16 columns, a column slice's tiles one after another down K, each tile's rows
-    consecutive (64 bytes): the product streams W sequentially. Column slices in parallel
-    (every update lays out all recurrent weights)."""
+    consecutive (64 bytes): the product streams W sequentially. Column slices in parallel."""
     for j in prange(out.shape[0]):
-        for s in range(out.shape[1]):
-            for r in range(TILE_ROWS):
-                k = 2 * (s * TILE_ROWS + r)
-                low = bits[k, j * TILE_ROWS:(j + 1) * TILE_ROWS]
-                high = bits[k + 1, j * TILE_ROWS:(j + 1) * TILE_ROWS]
-                dst = out[j, s, r]
-                for c in range(TILE_ROWS):
-                    dst[c] = np.uint32(low[c]) | (np.uint32(high[c]) << np.uint32(16))
+        _tile_slice(bits, out, j)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def round_and_tile(values, rounded, weights, tiles, tasks):
+    """Every update's bfloat16 operands in one parallel pass over `tasks` (task_list): each
+    values[i] (1-d float32) rounded into rounded[i] (1-d uint16), and each weights[i] (2-d
+    float32, (K, N)) rounded and laid out as tiles[i] (tile_into's layout). One parallel
+    region: starting one costs more than a weight matrix's work on a virtual machine's
+    sleeping cores."""
+    for n in prange(tasks.shape[0]):
+        i, start = tasks[n, 1], tasks[n, 2]
+        if tasks[n, 0] == 0:
+            src, dst = values[i], rounded[i]
+            bf16.round_range(src[start:min(start + bf16.ROUND_CHUNK, src.shape[0])], dst[start:])
+        else:
+            _tile_slice(weights[i], tiles[i], start)
+
+
+def task_list(values, tiles):
+    """round_and_tile's tasks: (0, i, start) per chunk of values[i], (1, i, j) per column
+    slice j of tiles[i]."""
+    tasks = [(0, i, start) for i, a in enumerate(values) for start in range(0, a.size, bf16.ROUND_CHUNK)]
+    tasks += [(1, i, j) for i, out in enumerate(tiles) for j in range(out.shape[0])]
+    return np.array(tasks, np.int64).reshape(-1, 3)
+
+
+@njit(cache=True, error_model="numpy")
+def _tile_slice(w, out, j):
+    """Column slice j of tile_into's layout of W (K, N): bfloat16 bits, or float32 rounded
+    here."""
+    for s in range(out.shape[1]):
+        for r in range(TILE_ROWS):
+            k = 2 * (s * TILE_ROWS + r)
+            low = w[k, j * TILE_ROWS:(j + 1) * TILE_ROWS]
+            high = w[k + 1, j * TILE_ROWS:(j + 1) * TILE_ROWS]
+            dst = out[j, s, r]
+            for c in range(TILE_ROWS):
+                dst[c] = np.uint32(bf16.as_bits(low[c])) | (np.uint32(bf16.as_bits(high[c])) << np.uint32(16))
 
 
 @njit(cache=True, error_model="numpy")

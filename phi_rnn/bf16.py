@@ -29,6 +29,7 @@ import os
 import numpy as np
 from llvmlite import binding
 from numba import cfunc, njit, prange, types
+from numba.extending import overload
 
 from phi_rnn import blas
 from phi_rnn.blas import NO_TRANS, ROW_MAJOR, STEP_ROWS, TRANS
@@ -115,26 +116,38 @@ def bf16_value(bits):
     return np.uint32(np.uint32(bits) << _SIXTEEN).view(np.float32)
 
 
-_ROUND_CHUNK = 4096  # values per parallel task of round_into
+ROUND_CHUNK = 4096  # values per parallel task of round_into and amx.round_and_tile
 
 
 @njit(parallel=True, **_opts)
 def round_into(values, out):
     """out[i] = bf16_bits(values[i]): float32 values into a uint16 array of the same shape,
-    both contiguous. Every update rounds all weights: in parallel, so that many threads do
-    not wait on one for it."""
+    both contiguous, in parallel."""
     src = values.reshape(values.size)
     dst = out.reshape(out.size)
-    for chunk in prange((src.shape[0] + _ROUND_CHUNK - 1) // _ROUND_CHUNK):
-        start = chunk * _ROUND_CHUNK
-        stop = min(start + _ROUND_CHUNK, src.shape[0])
-        _round_range(src[start:stop], dst[start:stop])
+    for chunk in prange((src.shape[0] + ROUND_CHUNK - 1) // ROUND_CHUNK):
+        start = chunk * ROUND_CHUNK
+        stop = min(start + ROUND_CHUNK, src.shape[0])
+        round_range(src[start:stop], dst[start:stop])
 
 
 @njit(**_opts)
-def _round_range(src, dst):
+def round_range(src, dst):
+    """dst[i] = bf16_bits(src[i]) for the values of src (1-d)."""
     for i in range(src.shape[0]):
         dst[i] = bf16_bits(src[i])
+
+
+def as_bits(value):
+    """bfloat16 bits as they are, or a float32 rounded to them (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(as_bits, jit_options=_opts)
+def _as_bits_impl(value):
+    if value == types.uint16:
+        return lambda value: value
+    return lambda value: bf16_bits(value)
 
 
 @njit(**_opts)

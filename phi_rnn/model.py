@@ -158,6 +158,7 @@ class Network:
                                        *self.packed[layer])
                         for layer in range(num_layers)]
         self.decoder_weights = K.DecoderWeights(t.dec_w_t, t.dec_b, p["decoder.weight"])
+        self._tiling = self._bf16_tasks() if precision == "bf16" else None
         # (start, total): the batch's rows are streams start.. of a global batch of `total` (an MPI
         # rank's share). Dropout masks are drawn for the whole global batch in (T, stream, H)
         # order, so they depend neither on the thread count nor on the ranks. None: (0, B).
@@ -176,21 +177,38 @@ class Network:
         """(L, 2, B, H): h and c (LSTM; zeros otherwise) of every layer, carried from batch to batch."""
         return np.zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
 
+    def _bf16_tasks(self):
+        """round_and_tile's arguments: every GEMM operand of the weights rounded (the
+        parameters' own layout, the forward's transposed products), and with AMX the recurrent
+        weights (and an upper layer's input weights) laid out as tiles from float32; None
+        without AMX tiles (then MKL packs the recurrent weights)."""
+        if self.weights[0].w_hh_t_packed.dtype != np.uint32:
+            return None
+        t, op = self.transposed, self.transposed_op
+        names = ("w_ih_t", "w_hh_t", "dec_w_t")
+        values = (self.params.data,) + tuple(getattr(t, n).reshape(-1) for n in names)
+        rounded = (self.params_op.data,) + tuple(getattr(op, n).reshape(-1) for n in names)
+        pairs = [(t.w_hh_t[layer], w.w_hh_t_packed) for layer, w in enumerate(self.weights)]
+        pairs += [(self.params[f"layers.{layer}.w_hh"], w.w_hh_packed) for layer, w in enumerate(self.weights)]
+        pairs += [(t.w_ih_t[layer - 1], w.w_ih_t_packed) for layer, w in enumerate(self.weights)
+                  if w.w_ih_t_packed.size]
+        tiles = tuple(out for _, out in pairs)
+        return values, rounded, tuple(w for w, _ in pairs), tiles, amx.task_list(values, tiles)
+
     def _refresh_weights(self):
         """The forward's transposed weights (and in bfloat16 all operands) from the parameters."""
         transposed_weights(self.params, self.L, out=self.transposed)
-        if self.precision == "bf16":
-            bf16.round_into(self.params.data, self.params_op.data)
-            bf16_weights(self.transposed, out=self.transposed_op)
-            for w in self.weights:
-                if w.w_hh_t_packed.dtype == np.uint32:
-                    amx.tile_into(w.w_hh_t, w.w_hh_t_packed)
-                    amx.tile_into(w.w_hh, w.w_hh_packed)
-                    if w.w_ih_t_packed.size:
-                        amx.tile_into(w.w_ih_t, w.w_ih_t_packed)
-                elif w.w_hh_t_packed.size:
-                    bf16.pack_into(False, w.w_hh_t, 1, w.w_hh_t_packed)
-                    bf16.pack_into(False, w.w_hh, 1, w.w_hh_packed)
+        if self.precision != "bf16":
+            return
+        if self._tiling:
+            amx.round_and_tile(*self._tiling)
+            return
+        bf16.round_into(self.params.data, self.params_op.data)
+        bf16_weights(self.transposed, out=self.transposed_op)
+        for w in self.weights:
+            if w.w_hh_t_packed.size:
+                bf16.pack_into(False, w.w_hh_t, 1, w.w_hh_t_packed)
+                bf16.pack_into(False, w.w_hh, 1, w.w_hh_packed)
 
     def _workspace(self, T, B):
         P = max(1, min(numba.get_num_threads(), B)) if self.strategy == "batch" else 1

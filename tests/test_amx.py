@@ -80,6 +80,24 @@ def test_tile_layout_holds_every_weight_once():
     np.testing.assert_array_equal(high, np.sort(w[1::2].ravel()))
 
 
+def test_round_and_tile_is_round_into_and_tile_into_in_one_pass():
+    """An update's operands in one parallel pass: values rounded as round_into does (a length
+    past one chunk and not a multiple of it), weights tiled from float32 as tile_into tiles
+    their rounded bits."""
+    rng = np.random.default_rng(5)
+    values = tuple(rng.standard_normal(size).astype(np.float32) for size in (bf16.ROUND_CHUNK + 77, 300))
+    rounded = tuple(np.zeros(v.shape, np.uint16) for v in values)
+    weights = tuple(rng.standard_normal(shape).astype(np.float32) for shape in ((64, 48), (32, 512)))
+    tiles = tuple(np.zeros(amx.tiles_shape(*w.shape), np.uint32) for w in weights)
+    amx.round_and_tile(values, rounded, weights, tiles, amx.task_list(values, tiles))
+    for v, r in zip(values, rounded):
+        np.testing.assert_array_equal(r, bf16.to_bf16(v))
+    for w, t in zip(weights, tiles):
+        expected = np.zeros_like(t)
+        amx.tile_into(bf16.to_bf16(w), expected)
+        np.testing.assert_array_equal(t, expected)
+
+
 @pytest.mark.parametrize("bad", ["k", "beta", "strided"])
 def test_tile_product_refuses(bad):
     rng = np.random.default_rng(5)
