@@ -178,16 +178,18 @@ class Network:
         return np.zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
 
     def _bf16_tasks(self):
-        """round_and_tile's arguments: every GEMM operand of the weights rounded (the
-        parameters' own layout, the forward's transposed products), and with AMX the recurrent
-        weights (and an upper layer's input weights) laid out as tiles from float32; None
-        without AMX tiles (then MKL packs the recurrent weights)."""
+        """round_and_tile's arguments where the LSTM runs on AMX tiles (None elsewhere: then
+        every operand is rounded and MKL packs the recurrent weights): the recurrent weights,
+        both ways, and an upper layer's input weights forward laid out as tiles from float32,
+        and rounded only the operands the products read besides: an upper layer's input
+        weights for its input gradient and the decoder's, both ways. The bfloat16 copies the
+        tiles stand for are not kept up to date (nothing reads them)."""
         if self.weights[0].w_hh_t_packed.dtype != np.uint32:
             return None
-        t, op = self.transposed, self.transposed_op
-        names = ("w_ih_t", "w_hh_t", "dec_w_t")
-        values = (self.params.data,) + tuple(getattr(t, n).reshape(-1) for n in names)
-        rounded = (self.params_op.data,) + tuple(getattr(op, n).reshape(-1) for n in names)
+        t, op, p = self.transposed, self.transposed_op, self.params
+        read = [f"layers.{layer}.w_ih" for layer in range(1, self.L)] + ["decoder.weight"]
+        values = tuple(p[name].reshape(-1) for name in read) + (t.dec_w_t.reshape(-1),)
+        rounded = tuple(self.params_op[name].reshape(-1) for name in read) + (op.dec_w_t.reshape(-1),)
         pairs = [(t.w_hh_t[layer], w.w_hh_t_packed) for layer, w in enumerate(self.weights)]
         pairs += [(self.params[f"layers.{layer}.w_hh"], w.w_hh_packed) for layer, w in enumerate(self.weights)]
         pairs += [(t.w_ih_t[layer - 1], w.w_ih_t_packed) for layer, w in enumerate(self.weights)
