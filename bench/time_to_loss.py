@@ -462,21 +462,21 @@ def speed_iterations(batch):
 
 
 def speed_layouts(batches=BATCHES, threads=MEASURED_THREADS, ranks=MEASURED_RANKS, bf16=True):
-    """The points measure_speed times: (batch, threads, ranks, precision). Every batch at each
-    thread count; the batches up to MAX_MPI_BATCH at 1 thread per rank; with `bf16`, the
-    batches up to BF16_MAX_BATCH in bfloat16 too, and both precisions at 2 threads with
-    RATIO_ROWS rows per thread (what a batch of 50 to 200 gives each thread at 16 to 128
-    threads: the bfloat16/float32 ratio there)."""
+    """The points measure_speed times once each: (batch, threads, ranks, precision). Every
+    batch at each thread count; the batches up to MAX_MPI_BATCH at 1 thread per rank; with
+    `bf16`, the batches up to BF16_MAX_BATCH in bfloat16 too (the ratio points apart:
+    ratio_layouts)."""
     points = [(b, p, 1, "fp32") for b in batches for p in threads]
     points += [(b, 1, k, "fp32") for b in batches if b <= MAX_MPI_BATCH for k in ranks]
     if bf16:
         points += [(b, p, 1, "bf16") for b in batches if b <= BF16_MAX_BATCH for p in threads]
-        points += ratio_layouts()
     return points
 
 
 def ratio_layouts():
-    """Both precisions at 2 threads with RATIO_ROWS rows per thread, the precisions in turn."""
+    """Both precisions at 2 threads with RATIO_ROWS rows per thread (what a batch of 50 to 200
+    gives each thread at 16 to 128 threads: the bfloat16/float32 ratio there), the precisions
+    in turn; measured in RATIO_ROUNDS rounds."""
     return [(2 * r, 2, 1, precision) for r in RATIO_ROWS for precision in PRECISIONS]
 
 
@@ -1064,10 +1064,10 @@ def main(argv=None):
         if args.again:
             measure_speed(args.out, args.again, again=True, rounds=args.rounds)
         else:
-            layouts = speed_layouts(bf16=native_bf16())
-            ratio_points = [layout for layout in layouts if layout in ratio_layouts()]
-            measure_speed(args.out, [layout for layout in layouts if layout not in ratio_points])
-            measure_speed(args.out, ratio_points, again=True, rounds=RATIO_ROUNDS)
+            bf16_here = native_bf16()
+            measure_speed(args.out, speed_layouts(bf16=bf16_here))
+            if bf16_here:
+                measure_speed(args.out, ratio_layouts(), again=True, rounds=RATIO_ROUNDS)
     elif args.action == "validate":
         validate(args.out, args.threads, args.ranks)
     elif args.action == "full-run":

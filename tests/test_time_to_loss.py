@@ -198,7 +198,7 @@ def test_the_ratio_points_alternate_the_precisions_at_each_row_count():
     layouts = ttl.ratio_layouts()
     assert [p for _, _, _, p in layouts] == list(ttl.PRECISIONS) * len(ttl.RATIO_ROWS)
     assert {b // t for b, t, _, _ in layouts} == set(ttl.RATIO_ROWS)
-    assert set(layouts) <= set(ttl.speed_layouts(bf16=True))
+    assert not set(layouts) & set(ttl.speed_layouts(bf16=True))  # measured apart, in rounds
 
 
 def test_rounds_must_be_positive(capsys):
