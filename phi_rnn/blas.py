@@ -293,10 +293,11 @@ _ROW, _T = np.int8(ord("R")), np.int8(ord("T"))
 
 @njit(cache=True)
 def transpose_into(a, out):
-    """out (C, R) = a (R, C).T, both C-contiguous float32 or float64, through MKL."""
+    """out (C, R) = a (R, C).T, both C-contiguous float32 or both float64, through MKL."""
     rows, cols = a.shape
-    if out.shape != (cols, rows) or not (a.flags.c_contiguous and out.flags.c_contiguous):
-        raise ValueError("transpose_into: out must be a's transpose's shape, both contiguous")
+    if (out.shape != (cols, rows) or out.itemsize != a.itemsize
+            or not (a.flags.c_contiguous and out.flags.c_contiguous)):
+        raise ValueError("transpose_into: out must be a's transpose's shape and type, both contiguous")
     if a.itemsize == 4:
         _somatcopy(_ROW, _T, rows, cols, np.float32(1.0), a.ctypes.data, cols, out.ctypes.data, rows)
     else:

@@ -191,7 +191,7 @@ class Network:
         values = tuple(p[name].reshape(-1) for name in read) + (t.dec_w_t.reshape(-1),)
         rounded = tuple(self.params_op[name].reshape(-1) for name in read) + (op.dec_w_t.reshape(-1),)
         pairs = [(t.w_hh_t[layer], w.w_hh_t_packed) for layer, w in enumerate(self.weights)]
-        pairs += [(self.params[f"layers.{layer}.w_hh"], w.w_hh_packed) for layer, w in enumerate(self.weights)]
+        pairs += [(p[f"layers.{layer}.w_hh"], w.w_hh_packed) for layer, w in enumerate(self.weights)]
         pairs += [(t.w_ih_t[layer - 1], w.w_ih_t_packed) for layer, w in enumerate(self.weights)
                   if w.w_ih_t_packed.size]
         tiles = tuple(out for _, out in pairs)

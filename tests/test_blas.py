@@ -394,9 +394,11 @@ def test_transpose_into_is_numpys_transpose(dtype, shape):
     np.testing.assert_array_equal(out, a.T)
 
 
-def test_transpose_into_refuses_a_wrong_shape_or_a_strided_array():
+def test_transpose_into_refuses_a_wrong_shape_or_type_or_a_strided_array():
     a = np.zeros((4, 6), np.float32)
     with pytest.raises(ValueError):
         blas.transpose_into(a, np.zeros((4, 6), np.float32))
+    with pytest.raises(ValueError):
+        blas.transpose_into(a, np.zeros((6, 4), np.float64))
     with pytest.raises(ValueError):
         blas.transpose_into(a[:, ::2], np.zeros((3, 4), np.float32))
