@@ -39,13 +39,24 @@ def param_shapes(model, vocab_size, rnn_size, num_layers):
     return shapes
 
 
+def aligned_zeros(shape, dtype=np.float64):
+    """np.zeros whose data starts on a 64-byte boundary (a cache line). Large arrays from
+    np.zeros start 16 bytes past a page boundary: then every 64-byte row an AMX tile load
+    reads straddles two cache lines, several times slower (bench/README)."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = np.zeros(count * dtype.itemsize + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
 class FlatBuffer:
     """One contiguous buffer and a named view onto each parameter in it; `spare` more elements
     after it in `storage` (data = storage[:size])."""
 
     def __init__(self, shapes, dtype=np.float32, spare=0):
         size = sum(int(np.prod(s)) for _, s in shapes)
-        self.storage = np.zeros(size + spare, dtype=dtype)
+        self.storage = aligned_zeros(size + spare, dtype=dtype)
         self.data = self.storage[:size]
         self.views = {}
         offset = 0
@@ -65,9 +76,8 @@ def transposed_weights(params, num_layers, out=None):
     if out is None:
         G, H = p["layers.0.w_hh"].shape
         V, dt = p["decoder.bias"].shape[0], p["decoder.bias"].dtype
-        out = K.TransposedWeights(np.zeros((V, G), dt), np.zeros((max(L - 1, 1), H, G), dt),
-                                  np.zeros((L, H, G), dt), np.zeros((L, G), dt), np.zeros((H, V), dt),
-                                  np.zeros(V, dt))
+        shapes = ((V, G), (max(L - 1, 1), H, G), (L, H, G), (L, G), (H, V), V)
+        out = K.TransposedWeights(*(aligned_zeros(shape, dt) for shape in shapes))
     blas.transpose_into(p["layers.0.w_ih"], out.w_ih0_t)
     for layer in range(L):
         if layer > 0:
@@ -79,6 +89,9 @@ def transposed_weights(params, num_layers, out=None):
     return out
 
 
+_ROUNDED = ("w_ih_t", "w_hh_t", "dec_w_t")  # the products' weights (w_ih0_t is gathered)
+
+
 def bf16_weights(transposed, out=None):
     """The forward's weights with their GEMM operands in bfloat16: `transposed`
     (kernels.TransposedWeights, float32) with w_ih_t, w_hh_t and dec_w_t rounded to uint16
@@ -86,9 +99,8 @@ def bf16_weights(transposed, out=None):
     transposed's own arrays. `out`, a previous result, is refilled in place."""
     t = transposed
     if out is None:
-        out = t._replace(w_ih_t=np.empty(t.w_ih_t.shape, np.uint16), w_hh_t=np.empty(t.w_hh_t.shape, np.uint16),
-                         dec_w_t=np.empty(t.dec_w_t.shape, np.uint16))
-    for name in ("w_ih_t", "w_hh_t", "dec_w_t"):
+        out = t._replace(**{name: aligned_zeros(getattr(t, name).shape, np.uint16) for name in _ROUNDED})
+    for name in _ROUNDED:
         bf16.round_into(getattr(t, name), getattr(out, name))
     return out
 
@@ -113,8 +125,9 @@ def packed_step_weights(model, precision, G, H, first):
     if precision != "bf16" or model != "lstm":
         return no_pack, no_pack, no_pack
     if amx.runs_lstm_steps(H):
-        step_input = no_pack if first else np.zeros(amx.tiles_shape(H, G), np.uint32)
-        return np.zeros(amx.tiles_shape(H, G), np.uint32), np.zeros(amx.tiles_shape(G, H), np.uint32), step_input
+        step_input = no_pack if first else aligned_zeros(amx.tiles_shape(H, G), np.uint32)
+        forward, backward = (aligned_zeros(amx.tiles_shape(k, n), np.uint32) for k, n in ((H, G), (G, H)))
+        return forward, backward, step_input
     return bf16.packed_operand(1, G, H), bf16.packed_operand(1, H, G), no_pack
 
 
@@ -141,7 +154,7 @@ class Network:
         shapes = param_shapes(model, vocab_size, rnn_size, num_layers)
         self.params = FlatBuffer(shapes, dtype)
         self.grads = FlatBuffer(shapes, dtype, spare=CARRIED_SLOTS)
-        self.rms = np.zeros_like(self.params.data)  # RMSprop's running mean of squared gradients
+        self.rms = aligned_zeros(self.params.data.shape, dtype)  # RMSprop's running mean of squared gradients
         t = self.transposed = transposed_weights(self.params, num_layers)  # refilled by every forward
         p = self.params
         if precision == "bf16":  # the operands' copies, rounded by every forward
@@ -175,7 +188,7 @@ class Network:
 
     def zero_state(self, batch_size):
         """(L, 2, B, H): h and c (LSTM; zeros otherwise) of every layer, carried from batch to batch."""
-        return np.zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
+        return aligned_zeros((self.L, 2, batch_size, self.H), dtype=self.dtype)
 
     def _bf16_tasks(self):
         """round_and_tile's arguments where the LSTM runs on AMX tiles (None elsewhere: then
@@ -219,8 +232,8 @@ class Network:
         self._shape = (T, B, P)
         self.passes = K.training_passes(P)
         L, H, V, G = self.L, self.H, self.V, GATES[self.model] * self.H
-        rows = lambda width, dtype=self.dtype: np.zeros((T * B, width), dtype)  # noqa: E731
-        state = lambda: np.zeros((B, H), self.dtype)  # noqa: E731
+        rows = lambda width, dtype=self.dtype: aligned_zeros((T * B, width), dtype)  # noqa: E731
+        state = lambda: aligned_zeros((B, H), self.dtype)  # noqa: E731
         separate = self.precision == "bf16"  # operands apart from the float arrays (else the same array)
         op = self.operand_dtype
         # every (T*B)-row buffer holds P blocks of batch rows, time-major inside a block
@@ -240,12 +253,12 @@ class Network:
                 np.zeros((0, H), op), gates, hs, rows(H), aux, h0, state(), state(), state(),
                 gates_op if separate else gates, rows(H, op) if separate else hs,
                 (shared_aux_op if shared_aux_op is not None else rows(H, op)) if separate else aux,
-                np.zeros((B, H), op) if separate else h0))
+                aligned_zeros((B, H), op) if separate else h0))
         logits = rows(V)
-        self.decoder = K.DecoderActivations(None, np.zeros(T * B, np.int32), logits, np.zeros(T * B, self.dtype),
-                                            rows(V, op) if separate else logits)
-        self.dropped = np.zeros((L, T * B, H), op)  # [l - 1]: input of layer l (l = L: the decoder's)
-        self.masks = np.zeros((L, T * B, H), self.dtype)  # after dropout, and the masks that made it
+        self.decoder = K.DecoderActivations(None, aligned_zeros(T * B, np.int32), logits,
+                                            aligned_zeros(T * B, self.dtype), rows(V, op) if separate else logits)
+        self.dropped = aligned_zeros((L, T * B, H), op)  # [l - 1]: input of layer l (l = L: the decoder's)
+        self.masks = aligned_zeros((L, T * B, H), self.dtype)  # after dropout, and the masks that made it
         # Gradient scratch shared by all layers: backward runs one layer at a time, top down, and
         # sums its partial weight gradients into self.grads before the next layer starts.
         # layer_grads: d_out holds the gradient of each layer's outputs in turn (the decoder's
@@ -253,12 +266,12 @@ class Network:
         self.layer_grads = K.LayerGradients(rows(H), state(), state(), state())
         # per-block partial weight gradients, summed in a fixed order by kernels.reduce_parts(_transposed);
         # only d_w_ih_t differs in shape: the first layer's is the (V, G) one-hot table's
-        shared_d_bias, shared_d_w_hh_t = np.zeros((P, G), self.dtype), np.zeros((P, H, G), self.dtype)
-        d_table = np.zeros((P, V, G), self.dtype)
-        shared_d_w_ih_t_above = np.zeros((P, H, G), self.dtype) if L > 1 else None
+        shared_d_bias, shared_d_w_hh_t = aligned_zeros((P, G), self.dtype), aligned_zeros((P, H, G), self.dtype)
+        d_table = aligned_zeros((P, V, G), self.dtype)
+        shared_d_w_ih_t_above = aligned_zeros((P, H, G), self.dtype) if L > 1 else None
         self.weight_grads = [K.WeightGradients(shared_d_bias, d_table if layer == 0 else shared_d_w_ih_t_above,
                                                shared_d_w_hh_t) for layer in range(L)]
-        self.decoder_grads = K.DecoderGradients(np.zeros((P, V, H), self.dtype), np.zeros((P, V), self.dtype))
+        self.decoder_grads = K.DecoderGradients(aligned_zeros((P, V, H), self.dtype), aligned_zeros((P, V), self.dtype))
 
     # ------------------------------------------------------------ passes
     def forward(self, x, y, state, rng=None, same_weights=False):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import reference as R
-from phi_rnn.model import MODELS, Network, param_shapes
+from phi_rnn.model import MODELS, Network, aligned_zeros, param_shapes
 
 V, H, L, T, B = 7, 5, 2, 4, 3
 
@@ -257,3 +257,19 @@ def test_a_forward_with_the_same_weights_reuses_their_derived_copies(precision):
     halved = net.forward(x, y, state.copy())
     assert halved != fresh
     assert net.forward(x, y, state.copy(), same_weights=True) == halved
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_every_buffer_the_products_read_starts_on_a_cache_line(precision):
+    """The weights, their tiles or packed copies and the activations start on 64-byte
+    boundaries (model.aligned_zeros), as AMX tile rows must not straddle cache lines; numpy's
+    own large arrays start 16 bytes past one."""
+    net = Network("lstm", V, 128, 2, precision=precision)
+    x = np.zeros((8, 4), np.int32)
+    net.forward(x, x, net.zero_state(4))
+    arrays = [a for group in net.weights + net.acts + [net.transposed] for a in group
+              if isinstance(a, np.ndarray) and a.size and a.dtype != np.uint8]
+    arrays += [net.params.data, net.grads.data, net.rms]
+    assert len(arrays) > 20
+    assert [a.ctypes.data % 64 for a in arrays] == [0] * len(arrays)
+    assert aligned_zeros((3, 5), np.uint16).shape == (3, 5) and not aligned_zeros(7, np.float32).any()
