@@ -1,4 +1,5 @@
-"""The per-step bfloat16 products of LSTM training on AMX tiles (tdpbf16ps).
+"""bfloat16 products on AMX tiles (tdpbf16ps): LSTM training's per-step products, and
+generation's batch of one (row_product, at the end).
 
 A step multiplies a block's few batch rows by a layer's recurrent weights: (nb, H) @ (H, 4H)
 forward, (nb, 4H) @ (4H, H) backward, nb = 25 or 50 for char-rnn. MKL's bfloat16 GEMM runs
@@ -331,3 +332,110 @@ def _accumulate(builder, source, row_of, n0, present, is_last):
                         a_tile = A_FULL[i % 2]
                         builder.call(load, [_tile(a_tile), a_at, source.lda])
                         builder.call(dot, [_tile(tile), _tile(a_tile), _tile(W_SLICE)])
+
+
+# ---------------------------------------------------------------- a batch of one (generation)
+# Generation multiplies one row by each weight matrix per character. A tdpbf16ps on a one-row
+# A tile computes 16 outputs over 32 of K, and at one row the product is bound by streaming
+# W's tiles from L2 (a tile load per tdpbf16ps), not by the instruction: sooner than
+# vdpbf16ps (bf16_dot), which is bound by its issue rate (bench/README). The row's bfloat16
+# copy is made in the helper, into A tiles loaded once per ROW_A_TILES steps of K and kept
+# while every column slice's W tiles stream past them; C is one row tile per column slice.
+ROW_A_TILES = 6  # tmm0-5: A's steps of K held at once
+ROW_W, ROW_C = 6, 7
+_ROW_HELPER = "phi_rnn.amx.row_product"
+
+
+@njit(cache=True, error_model="numpy")
+def row_product(a, tiles, beta, c):
+    """c (1, N) = a (1, K) @ W + beta * c, beta 0 or 1 (0: c is not read): a float32,
+    rounded to bfloat16 here; W given as its tiles (tile_into, contiguous, 64-byte aligned
+    for speed); c float32; K a multiple of 32, N of 16, a's and c's rows contiguous. Only
+    where available() and bf16_dot.available() (the rounding is vcvtneps2bf16)."""
+    if c.shape[0] != 1 or a.shape[0] != 1 or tiles.shape[0] * TILE_ROWS != c.shape[1] \
+            or tiles.shape[1] * K_STEP != a.shape[1]:
+        raise ValueError("row_product: shapes do not match (one row; tiles must be tiles_shape(K, N))")
+    if a.strides[1] != 4 or c.strides[1] != 4 or not tiles.flags.c_contiguous:
+        raise ValueError("row_product: a's and c's rows and the tiles must be contiguous")
+    if beta != 0 and beta != 1:
+        raise ValueError("row_product: beta must be 0 or 1")
+    _row_product(a, tiles, c, beta != 0)
+
+
+@intrinsic
+def _row_product(typingctx, a, tiles, c, accumulate):
+    sig = types.void(a, tiles, c, accumulate)
+
+    def codegen(context, builder, signature, args):
+        a_arr, w_arr, c_arr = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3])]
+        helper = _define_row_helper(builder.module)
+        builder.call(helper, [builder.bitcast(a_arr.data, _ptr), builder.extract_value(a_arr.shape, 1),
+                              builder.bitcast(w_arr.data, _ptr), builder.bitcast(c_arr.data, _ptr),
+                              builder.extract_value(c_arr.shape, 1), args[3]])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _define_row_helper(module):
+    """void helper(i8* x, i64 K, i8* tiles, i8* c, i64 N, i1 accumulate), defined once per module."""
+    from phi_rnn.bf16_dot import emit_rounding
+    fn = _declare(module, _ROW_HELPER, ir.VoidType(), [_ptr, _i64, _ptr, _ptr, _i64, _i1])
+    if not fn.is_declaration:
+        return fn
+    fn.linkage = "internal"
+    x, k, w, c, n, accumulate = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    load = _declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
+    store = _declare(module, "llvm.x86.tilestored64", ir.VoidType(), [_i8, _ptr, _i64])
+    zero = _declare(module, "llvm.x86.tilezero", ir.VoidType(), [_i8])
+    dot = _declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
+    # x in bfloat16 on the stack, 64-byte aligned: one A tile row (32 values) per step of K
+    steps = builder.udiv(k, _const(K_STEP))
+    row = ir.VectorType(_i16, TILE_ROWS)
+    rounded = builder.alloca(row, size=builder.mul(steps, _const(2)), name="x_bf16")
+    rounded.align = 64
+    emit_rounding(builder, x, k, builder.mul(steps, _const(2)), rounded)
+    a_rows = builder.bitcast(rounded, _ptr)
+    config = builder.alloca(_config_type, name="tile_config")
+    config.align = 64
+    _configure_row(builder, config)
+    slice_bytes = builder.mul(steps, _const(TILE_ROWS * TILE_BYTES))
+    held = builder.udiv(builder.add(steps, _const(ROW_A_TILES - 1)), _const(ROW_A_TILES))
+    with cgutils.for_range(builder, held) as part:
+        s0 = builder.mul(part.index, _const(ROW_A_TILES))
+        count = builder.sub(steps, s0)  # A tiles this part holds: up to ROW_A_TILES
+        present = [builder.icmp_unsigned("<", _const(i), count) for i in range(ROW_A_TILES)]
+        for i in range(ROW_A_TILES):
+            with builder.if_then(present[i]):
+                at = builder.gep(a_rows, [builder.mul(builder.add(s0, _const(i)), _const(TILE_BYTES))])
+                builder.call(load, [_tile(i), at, _const(TILE_BYTES)])
+        read_c = builder.or_(accumulate, builder.icmp_unsigned("!=", part.index, _const(0)))
+        with cgutils.for_range(builder, builder.udiv(n, _const(TILE_ROWS))) as column:
+            c_at = builder.gep(c, [builder.mul(column.index, _const(TILE_BYTES))])
+            with builder.if_else(read_c) as (then, otherwise):
+                with then:
+                    builder.call(load, [_tile(ROW_C), c_at, _const(TILE_BYTES)])
+                with otherwise:
+                    builder.call(zero, [_tile(ROW_C)])
+            w_at = builder.add(builder.mul(column.index, slice_bytes), builder.mul(s0, _const(TILE_ROWS * TILE_BYTES)))
+            for i in range(ROW_A_TILES):
+                with builder.if_then(present[i]):
+                    at = builder.gep(w, [builder.add(w_at, _const(i * TILE_ROWS * TILE_BYTES))])
+                    builder.call(load, [_tile(ROW_W), at, _const(TILE_BYTES)])
+                    builder.call(dot, [_tile(ROW_C), _tile(i), _tile(ROW_W)])
+            builder.call(store, [_tile(ROW_C), c_at, _const(TILE_BYTES)])
+    builder.call(_declare(module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
+    builder.ret_void()
+    return fn
+
+
+def _configure_row(builder, config):
+    """Palette 1: A's tiles and C's one row of 64 bytes, W's 16 rows."""
+    builder.store(ir.Constant(_config_type, None), config)
+    base = builder.bitcast(config, _ptr)
+    builder.store(_tile(1), base)
+    for tile in range(8):
+        builder.store(ir.Constant(_i16, TILE_BYTES), builder.bitcast(builder.gep(base, [_const(16 + 2 * tile)]),
+                                                                   _i16.as_pointer()))
+        builder.store(_tile(TILE_ROWS if tile == ROW_W else 1), builder.gep(base, [_const(48 + tile)]))
+    builder.call(_declare(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [_ptr]), [base])

@@ -32,9 +32,10 @@ FMA, so with twice the multiply-adds per instruction it computes at half float32
 float32 generation, though, waits on its weights from L2, while this product waits on its
 instructions (weights in L2) or its bytes (weights beyond L2, half float32's). The block is
 as wide as keeps enough independent accumulators to cover the instruction's latency without
-spilling registers. AMX (tdpbf16ps) computes a sixteen-row tile per instruction and a batch
-of one fills one row of it: tried, it was no faster and far noisier, and needs tile
-permission and configuration per thread.
+spilling registers. Where the CPU has AMX, generation multiplies the layers' weights on
+tiles instead (amx.row_product: bound by streaming W's tiles from L2, sooner than this
+product's issue rate); this product keeps the decoder's (its N is the vocabulary, rarely a
+multiple of 16), a GRU's and the sizes tiles do not fit.
 
 Rounding: vcvtneps2bf16 rounds to nearest even, as bf16.bf16_bits does, but treats a
 denormal input as zero; vdpbf16ps accumulates in float32 with denormals flushed. Neither
@@ -155,7 +156,7 @@ def _define_helper(module):
     chunks = builder.lshr(builder.add(k, ir.Constant(_i64, LANES - 1)), ir.Constant(_i64, 4))
     pairs_of_x = builder.alloca(_v16i16, size=chunks, name="x_bf16")
     pairs_of_x.align = 64
-    _round_x(builder, x, k, chunks, pairs_of_x)
+    emit_rounding(builder, x, k, chunks, pairs_of_x)
     x_pairs = builder.bitcast(pairs_of_x, _i32.as_pointer())
     k2 = builder.lshr(builder.add(k, ir.Constant(_i64, 1)), ir.Constant(_i64, 1))
     # K in slices of ROW_SLICE pairs, each across all of N: out is read and written once per
@@ -226,8 +227,9 @@ def _at(builder, base, byte_offset, vtype):
     return builder.bitcast(builder.gep(base, [byte_offset]), vtype.as_pointer())
 
 
-def _round_x(builder, x, k, chunks, dst):
-    """dst[c] = vcvtneps2bf16(x[16c .. 16c+15]), lanes past K read as zero."""
+def emit_rounding(builder, x, k, chunks, dst):
+    """IR: dst[c] (<16 x i16>*) = vcvtneps2bf16(x[16c .. 16c+15]) for c < chunks, x (i8*) K
+    float32, lanes past K read as zero: a row rounded to bfloat16 (amx.row_product's too)."""
     convert = _declare(builder.module, "llvm.x86.avx512bf16.cvtneps2bf16.512", _v16i16, [_v16f32])
     with cgutils.for_range(builder, chunks) as loop:
         first = builder.shl(loop.index, ir.Constant(_i64, 4))

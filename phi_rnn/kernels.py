@@ -202,6 +202,10 @@ def _bf16_product(trans_a, trans_b, alpha, a, b, beta, c):
 def _product_impl(trans_a, trans_b, alpha, a, b, beta, c):
     if b.dtype == types.uint16 and a.dtype == types.uint16:
         return lambda trans_a, trans_b, alpha, a, b, beta, c: _bf16_product(trans_a, trans_b, alpha, a, b, beta, c)
+    if b.dtype == types.uint32 and b.ndim == 4:  # a batch of one on AMX tiles (generation: amx.row_product)
+        def row_times_tiles(trans_a, trans_b, alpha, a, b, beta, c):
+            amx.row_product(a, b, np.float32(beta), c)
+        return row_times_tiles
     if b.dtype == types.uint32:  # a batch of one on bfloat16 pairs (generation: bf16_dot.row_product)
         def row_times_pairs(trans_a, trans_b, alpha, a, b, beta, c):
             bf16_dot.row_product(a, b, np.float32(beta), c)
@@ -218,7 +222,8 @@ def gemm(trans_a, trans_b, alpha, a, b, beta, c):
     """c (M, N) = alpha * op(a) @ op(b) + beta * c; 2-d arrays with contiguous rows, float32
     (sgemm), float64 (dgemm, for the gradient checks) or bfloat16 operands (uint16) with c
     float32. A float32 a with a bfloat16 b is a batch of one, a (1, K) @ b (K, N): b uint16,
-    or uint32 holding b's rows in pairs (bf16_dot.pair_rows, (ceil(K/2), N): vdpbf16ps)."""
+    or uint32 holding b's rows in pairs (bf16_dot.pair_rows, (ceil(K/2), N): vdpbf16ps), or
+    uint32 AMX tiles (amx.tile_into, 4-d: amx.row_product)."""
     _product(trans_a, trans_b, alpha, a, b, beta, c)
 
 
@@ -1023,8 +1028,9 @@ def rmsprop_step(params, grads, ms, lr, alpha, clip, nchunks, sq_grad, sq_param)
 # A character is one step of each layer's training step function with B = 1, all layers
 # and the decoder in one compiled call. The weights and the state travel as namedtuples, as
 # a training layer's do; one weight set per precision, each with the fields of
-# TransposedWeights (in bfloat16 the products' weights are uint32 pairs for vdpbf16ps, or
-# uint16 where the CPU lacks it: gemm's batch-of-one bfloat16 products stream half the bytes).
+# TransposedWeights (in bfloat16 the layers' weights are AMX tiles where the CPU has them,
+# else uint32 pairs for vdpbf16ps, or uint16 without either; the decoder's pairs or uint16:
+# gemm's batch-of-one bfloat16 products stream half the bytes).
 
 TransposedWeights = namedtuple("TransposedWeights", ["w_ih0_t", "w_ih_t", "w_hh_t", "bias", "dec_w_t", "dec_b"])
 TransposedWeights.__doc__ = """The whole network's forward weights, stacked by layer and transposed
@@ -1043,19 +1049,11 @@ is copied into h, c; aux (1, H), gates (1, G): a step's scratch as in training; 
 
 
 @njit(**_opts)
-def step_forward(kind, g, bias, w_hh_t, h_prev, c_prev, h, c, aux):
-    if kind == LSTM:
-        lstm_step_forward(g, bias, w_hh_t, h_prev, c_prev, h, c, aux)
-    elif kind == GRU:
-        gru_step_forward(g, bias, w_hh_t, h_prev, h_prev, h, aux, aux)
-    else:
-        rnn_step_forward(g, bias, w_hh_t, h_prev, h)
-
-
-@njit(**_opts)
 def generation_step(kind, token, w, s):
     """Feeds `token` through every layer of w (TransposedWeights) and the decoder: s
-    (GenerationState) moves on one character, s.logits gets the prediction of the next."""
+    (GenerationState) moves on one character, s.logits gets the prediction of the next. The
+    cell's step is chosen here, not in a function of its own: behind a call that LLVM does
+    not inline, a character took several percent longer (bench/README)."""
     L = w.w_hh_t.shape[0]
     for layer in range(L):
         h = s.h[layer]
@@ -1064,7 +1062,12 @@ def generation_step(kind, token, w, s):
             s.gates[0, :] = w.w_ih0_t[token]  # the one-hot input projection
         else:
             gemm(False, False, ONE, s.h[layer - 1], w.w_ih_t[layer - 1], ZERO, s.gates)
-        step_forward(kind, s.gates, w.bias[layer], w.w_hh_t[layer], h, c, s.h_next, s.c_next, s.aux)
+        if kind == LSTM:
+            lstm_step_forward(s.gates, w.bias[layer], w.w_hh_t[layer], h, c, s.h_next, s.c_next, s.aux)
+        elif kind == GRU:
+            gru_step_forward(s.gates, w.bias[layer], w.w_hh_t[layer], h, h, s.h_next, s.aux, s.aux)
+        else:
+            rnn_step_forward(s.gates, w.bias[layer], w.w_hh_t[layer], h, s.h_next)
         h[:] = s.h_next
         c[:] = s.c_next
     s.logits[0, :] = w.dec_b

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from phi_rnn import bf16_dot, checkpoint, data, files
+from phi_rnn import amx, bf16, bf16_dot, checkpoint, data, files
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
 from phi_rnn.model import KINDS, FlatBuffer, bf16_weights, transposed_weights
@@ -48,11 +48,27 @@ def generation_state(num_layers, hidden, gate_units, vocab_size):
     return K.GenerationState(**FlatBuffer(shapes).views)
 
 
-def _bf16_weights(transposed):
+def _bf16_weights(transposed, kind):
     """The products' weights in bfloat16 (half the bytes streamed per character): paired for
     vdpbf16ps (bf16_dot.generation_weights, uint32) where the CPU has avx512_bf16, else
-    plain bfloat16 bits (uint16) for the product that widens them in software."""
-    return bf16_dot.generation_weights(transposed) if bf16_dot.available() else bf16_weights(transposed)
+    plain bfloat16 bits (uint16) for the product that widens them in software. Where AMX
+    tiles run and the shapes fit them, the layers' weights as tiles instead (amx.row_product,
+    sooner: bench/README); not a GRU's, whose step multiplies column slices of W_hh."""
+    if not bf16_dot.available():
+        return bf16_weights(transposed)
+    paired = bf16_dot.generation_weights(transposed)
+    H, G = transposed.w_hh_t.shape[1:]
+    if kind == K.GRU or not amx.available() or not amx.fits(1, G, H):
+        return paired
+    return paired._replace(w_ih_t=_tiles(transposed.w_ih_t), w_hh_t=_tiles(transposed.w_hh_t))
+
+
+def _tiles(stacked):
+    """Each (K, N) matrix of `stacked` (layers, K, N) float32 as AMX tiles (amx.tile_into)."""
+    tiles = np.empty((stacked.shape[0],) + amx.tiles_shape(*stacked.shape[1:]), np.uint32)
+    for layer, w in enumerate(stacked):
+        amx.tile_into(bf16.to_bf16(w), tiles[layer])
+    return tiles
 
 
 class Generator:
@@ -67,7 +83,7 @@ class Generator:
         self.vocab = ck.vocab
         self.index = {s: i for i, s in enumerate(self.vocab)}
         weights = transposed_weights(p, L)
-        self.weights = _in_one_huge_page(_bf16_weights(weights) if precision == "bf16" else weights)
+        self.weights = _in_one_huge_page(_bf16_weights(weights, self.kind) if precision == "bf16" else weights)
         # logits start equal: with no primetext the first character is uniform, as in char-rnn
         self.state = generation_state(L, int(ck.meta["rnn_size"]), self.weights.bias.shape[1], len(self.vocab))
 

@@ -3,7 +3,7 @@ operands, and its place in bfloat16 LSTM training: the same steps as MKL's packe
 import numpy as np
 import pytest
 
-from phi_rnn import amx, bf16
+from phi_rnn import amx, bf16, bf16_dot
 
 pytestmark = pytest.mark.skipif(not amx.available(), reason="no AMX bf16 tiles here (CPU, numba target or OS)")
 
@@ -155,3 +155,70 @@ def test_training_on_tiles_matches_mkl_packed(monkeypatch, batch):
     scale = np.abs(on_mkl[1]).max()
     assert np.abs(on_tiles[1] - on_mkl[1]).max() < 1e-3 * scale
     np.testing.assert_allclose(on_tiles[2], on_mkl[2], rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- a batch of one (generation)
+
+@pytest.mark.parametrize("n,k", [(512, 128), (16, 32), (48, 224), (1024, 256), (64, 416)])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_row_product_matches_float64(n, k, beta):
+    """One float32 row, rounded to bfloat16 by the kernel, times W's tiles: K of 1 to 13 steps
+    (more than the A tiles held at once: 224, 256 and 416 take two and three passes over C)."""
+    if not bf16_dot.available():
+        pytest.skip("the row is rounded by vcvtneps2bf16 (avx512_bf16)")
+    rng = np.random.default_rng(n + k)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    _, w, tiles = _bf16_operands(rng, 1, n, k)
+    c0 = rng.standard_normal((1, n)).astype(np.float32)
+    c = np.full((1, n), np.nan, np.float32) if beta == 0 else c0.copy()
+    amx.row_product(x, tiles, beta, c)
+    expected = _exact(bf16.to_bf16(x), w) + beta * c0
+    scale = np.abs(bf16.to_float32(bf16.to_bf16(x))).astype(np.float64) @ np.abs(bf16.to_float32(w))
+    assert np.all(np.abs(c - expected) <= 4 * k * np.finfo(np.float32).eps * (scale + np.abs(c0)))
+
+
+@pytest.mark.parametrize("bad", ["k", "rows", "beta"])
+def test_row_product_refuses(bad):
+    rng = np.random.default_rng(6)
+    _, _, tiles = _bf16_operands(rng, 1, 32, 64)
+    x, c = np.zeros((1, 64), np.float32), np.zeros((1, 32), np.float32)
+    with pytest.raises(ValueError):
+        if bad == "k":
+            amx.row_product(x[:, :32], tiles, 1.0, c)
+        elif bad == "rows":
+            amx.row_product(np.zeros((2, 64), np.float32), tiles, 1.0, np.zeros((2, 32), np.float32))
+        else:
+            amx.row_product(x, tiles, 0.5, c)
+
+
+@pytest.mark.parametrize("model", ["lstm", "gru", "rnn"])
+def test_bf16_generation_on_tiles_follows_the_float32_network(model):
+    """With AMX, a bf16 Generator whose layers fit the tiles (H a multiple of 32) multiplies
+    them on tiles (the decoder, 70 symbols, on vdpbf16ps pairs); a GRU, whose step multiplies
+    column slices of W_hh, keeps the pairs. The argmax text, replayed through the float32
+    training network, is that network's argmax at almost every step."""
+    if not bf16_dot.available():
+        pytest.skip("no avx512_bf16")
+    from phi_rnn import checkpoint
+    from phi_rnn.model import Network
+    from phi_rnn.sample import Generator
+    rng = np.random.default_rng(0)
+    V, H = 70, 64
+    net = Network(model, V, H, 3)
+    net.init_params(rng)
+    net.params.data[:] *= 2  # sharper than at init; sharper still, three layers turn chaotic
+    ck = checkpoint.Checkpoint("memory", {k: v.copy() for k, v in net.params.views.items()},
+                               {"model": model, "num_layers": 3, "rnn_size": H, "vocab": list(range(40, 40 + V))}, {})
+    gen = Generator(ck, "bf16")
+    on_tiles = model != "gru"
+    assert gen.weights.w_hh_t.ndim == gen.weights.w_ih_t.ndim == (5 if on_tiles else 3)
+    assert gen.weights.dec_w_t.ndim == 2 and gen.weights.dec_w_t.dtype == np.uint32
+    assert gen.weights.w_hh_t.ctypes.data % 64 == 0
+    gen.prime("()*")
+    text = "".join(gen.generate(200, 1.0, True, rng))
+    tokens = gen.encode("()*" + text)
+    x = tokens[:-1].reshape(-1, 1)
+    net.forward(x, np.zeros_like(x), net.zero_state(1))
+    logits = net.decoder.x @ net.params["decoder.weight"].T + net.params["decoder.bias"]
+    agree = np.argmax(logits, axis=1)[2:] == tokens[3:]
+    assert agree.mean() > 0.9
