@@ -195,34 +195,34 @@ def _blocks(builder, pairs, n):
         case = fn.append_basic_block(f"rest{count}")
         switch.add_case(ir.Constant(_i64, count), case)
         builder.position_at_end(case)
-        pairs.block(builder, start, count, _lanes_below(builder, tail))
+        pairs.block(builder, start, count, lanes_below(builder, tail))
         builder.branch(done)
     builder.position_at_end(done)
 
 
-def _lanes_below(builder, count):
+def lanes_below(builder, count):
     """<16 x i1>: lane i is on when i < count (count an i64, at most LANES)."""
     iota = ir.Constant(_v16i32, list(range(LANES)))
-    return builder.icmp_unsigned("<", iota, _splat(builder, builder.trunc(count, _i32), _v16i32))
+    return builder.icmp_unsigned("<", iota, splat(builder, builder.trunc(count, _i32), _v16i32))
 
 
-def _splat(builder, value, vtype):
+def splat(builder, value, vtype):
     v = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, ir.Constant(_i32, 0))
     return builder.shuffle_vector(v, ir.Constant(vtype, ir.Undefined), ir.Constant(_v16i32, [0] * LANES))
 
 
-def _masked_load(builder, ptr, vtype, mask):
+def masked_load(builder, ptr, vtype, mask):
     suffix = "v16f32" if vtype == _v16f32 else "v16i32"
     f = _declare(builder.module, f"llvm.masked.load.{suffix}.p0", vtype, [ptr.type, _i32, _v16i1, vtype])
     return builder.call(f, [ptr, ir.Constant(_i32, 4), mask, ir.Constant(vtype, None)])
 
 
-def _masked_store(builder, value, ptr, mask):
+def masked_store(builder, value, ptr, mask):
     f = _declare(builder.module, "llvm.masked.store.v16f32.p0", ir.VoidType(), [_v16f32, ptr.type, _i32, _v16i1])
     builder.call(f, [value, ptr, ir.Constant(_i32, 4), mask])
 
 
-def _at(builder, base, byte_offset, vtype):
+def pointer_at(builder, base, byte_offset, vtype):
     """A pointer to a vtype at base + byte_offset (i8 arithmetic)."""
     return builder.bitcast(builder.gep(base, [byte_offset]), vtype.as_pointer())
 
@@ -233,10 +233,10 @@ def emit_rounding(builder, x, k, chunks, dst):
     convert = _declare(builder.module, "llvm.x86.avx512bf16.cvtneps2bf16.512", _v16i16, [_v16f32])
     with cgutils.for_range(builder, chunks) as loop:
         first = builder.shl(loop.index, ir.Constant(_i64, 4))
-        mask = _lanes_below(builder, builder.select(
+        mask = lanes_below(builder, builder.select(
             builder.icmp_unsigned("<", builder.sub(k, first), ir.Constant(_i64, LANES)),
             builder.sub(k, first), ir.Constant(_i64, LANES)))
-        v = _masked_load(builder, _at(builder, x, builder.shl(first, ir.Constant(_i64, 2)), _v16f32), _v16f32, mask)
+        v = masked_load(builder, pointer_at(builder, x, builder.shl(first, ir.Constant(_i64, 2)), _v16f32), _v16f32, mask)
         builder.store(builder.call(convert, [v]), builder.gep(dst, [loop.index]))
 
 
@@ -258,18 +258,18 @@ class _Pairs:
         offsets = [builder.add(byte0, ir.Constant(_i64, 4 * LANES * j)) for j in range(count)]
         masks = [last_mask if (j == count - 1 and last_mask is not None) else None for j in range(count)]
         for acc, off, mask in zip(accs, offsets, masks):
-            p = _at(builder, self.out, off, _v16f32)
-            builder.store(builder.load(p, align=4) if mask is None else _masked_load(builder, p, _v16f32, mask), acc)
+            p = pointer_at(builder, self.out, off, _v16f32)
+            builder.store(builder.load(p, align=4) if mask is None else masked_load(builder, p, _v16f32, mask), acc)
         with cgutils.for_range(builder, self.k2) as loop:
-            x = _splat(builder, builder.load(builder.gep(self.x_pairs, [loop.index]), align=4), _v16i32)
+            x = splat(builder, builder.load(builder.gep(self.x_pairs, [loop.index]), align=4), _v16i32)
             row = builder.mul(loop.index, self.w_row_bytes)
             for acc, off, mask in zip(accs, offsets, masks):
-                p = _at(builder, self.w, builder.add(row, off), _v16i32)
-                wv = builder.load(p, align=4) if mask is None else _masked_load(builder, p, _v16i32, mask)
+                p = pointer_at(builder, self.w, builder.add(row, off), _v16i32)
+                wv = builder.load(p, align=4) if mask is None else masked_load(builder, p, _v16i32, mask)
                 builder.store(builder.call(dot, [builder.load(acc), x, wv]), acc)
         for acc, off, mask in zip(accs, offsets, masks):
-            p = _at(builder, self.out, off, _v16f32)
+            p = pointer_at(builder, self.out, off, _v16f32)
             if mask is None:
                 builder.store(builder.load(acc), p, align=4)
             else:
-                _masked_store(builder, builder.load(acc), p, mask)
+                masked_store(builder, builder.load(acc), p, mask)

@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from phi_rnn import amx, bf16, bf16_dot
+from phi_rnn import amx, bf16, bf16_dot, row_cell
 from phi_rnn.blas import NO_TRANS, ROW_MAJOR, TRANS, dgemm, set_num_threads_local, sgemm
 from phi_rnn.cells import KINDS
 
@@ -1040,12 +1040,13 @@ w_hh_t (L, H, G); bias (L, G) = b_ih + b_hh; dec_w_t (H, V); dec_b (V). generati
 reads them; training's LayerWeights and DecoderWeights are views of them
 (model.transposed_weights fills them)."""
 
-GenerationState = namedtuple("GenerationState", ["h", "c", "h_next", "c_next", "aux", "gates", "logits"])
+GenerationState = namedtuple("GenerationState", ["h", "c", "h_next", "aux", "gates", "logits"])
 GenerationState.__doc__ = """A batch of one's state and scratch: h, c (L, 1, H) every layer's h
-and c (LSTM; unused otherwise), carried from character to character; h_next, c_next (1, H):
-a layer's step writes its new state there (the step reads h and c while it writes), then it
-is copied into h, c; aux (1, H), gates (1, G): a step's scratch as in training; logits
-(1, V): the prediction of the next character, carried between calls."""
+and c (LSTM; unused otherwise), carried from character to character (the LSTM's cell,
+row_cell.lstm_row_cell, updates them in place); h_next (1, H): a GRU's or RNN's step writes
+its new h there (the step reads h while it writes), then it is copied into h; aux (1, H),
+gates (1, G): a step's scratch as in training; logits (1, V): the prediction of the next
+character, carried between calls."""
 
 
 @njit(**_opts)
@@ -1062,14 +1063,15 @@ def generation_step(kind, token, w, s):
             s.gates[0, :] = w.w_ih0_t[token]  # the one-hot input projection
         else:
             gemm(False, False, ONE, s.h[layer - 1], w.w_ih_t[layer - 1], ZERO, s.gates)
-        if kind == LSTM:
-            lstm_step_forward(s.gates, w.bias[layer], w.w_hh_t[layer], h, c, s.h_next, s.c_next, s.aux)
-        elif kind == GRU:
+        if kind == LSTM:  # the state in place: the cell reads each unit before it writes it
+            gemm(False, False, ONE, h, w.w_hh_t[layer], ONE, s.gates)
+            row_cell.lstm_row_cell(s.gates, w.bias[layer], c, c, h)
+            continue
+        if kind == GRU:
             gru_step_forward(s.gates, w.bias[layer], w.w_hh_t[layer], h, h, s.h_next, s.aux, s.aux)
         else:
             rnn_step_forward(s.gates, w.bias[layer], w.w_hh_t[layer], h, s.h_next)
         h[:] = s.h_next
-        c[:] = s.c_next
     s.logits[0, :] = w.dec_b
     gemm(False, False, ONE, s.h[L - 1], w.dec_w_t, ONE, s.logits)
 

@@ -43,7 +43,7 @@ def _in_one_huge_page(weights):
 def generation_state(num_layers, hidden, gate_units, vocab_size):
     """A zero kernels.GenerationState: named views of one flat float32 buffer."""
     L, H = num_layers, hidden
-    shapes = [("h", (L, 1, H)), ("c", (L, 1, H)), ("h_next", (1, H)), ("c_next", (1, H)), ("aux", (1, H)),
+    shapes = [("h", (L, 1, H)), ("c", (L, 1, H)), ("h_next", (1, H)), ("aux", (1, H)),
               ("gates", (1, gate_units)), ("logits", (1, vocab_size))]
     return K.GenerationState(**FlatBuffer(shapes).views)
 

@@ -185,6 +185,42 @@ def test_gather_step_and_accumulate_step_match_numpy():
     np.testing.assert_allclose(d_bias, 1 + 2 * grad.astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("H", [128, 100, 16, 5])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_generation_row_cell_matches_reference_and_the_training_cell(H, in_place):
+    """row_cell.lstm_row_cell (one row, 16-lane IR; a unit count that leaves a masked last
+    vector, or only one): c and h as the float64 reference and within a few float32 ulps of
+    lstm_cell_forward's; gates not written; c may be c_prev itself."""
+    from reference import sigmoid
+    from phi_rnn import row_cell
+    pre = rng.standard_normal((1, 4 * H)).astype(np.float32) * 4  # saturating gates too
+    bias = rng.standard_normal(4 * H).astype(np.float32)
+    c_prev = rng.standard_normal((1, H)).astype(np.float32) * 2
+    gates = pre.copy()
+    c = c_prev.copy() if in_place else np.full((1, H), np.nan, np.float32)
+    h = np.full((1, H), np.nan, np.float32)
+    row_cell.lstm_row_cell(gates, bias, c if in_place else c_prev, c, h)
+    np.testing.assert_array_equal(gates, pre)
+    p = pre.astype(np.float64) + bias
+    i, f, o, g = sigmoid(p[:, :H]), sigmoid(p[:, H:2 * H]), sigmoid(p[:, 2 * H:3 * H]), np.tanh(p[:, 3 * H:])
+    c_ref = f * c_prev + i * g
+    np.testing.assert_allclose(c, c_ref, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(h, o * np.tanh(c_ref), atol=1e-6, rtol=1e-6)
+    c_train, tc, h_train = (np.empty((1, H), np.float32) for _ in range(3))
+    K.lstm_cell_forward(pre.copy(), bias, c_prev, c_train, tc, h_train)
+    np.testing.assert_allclose(c, c_train, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(c_train).max())
+    np.testing.assert_allclose(h, h_train, rtol=0, atol=4 * np.finfo(np.float32).eps)
+
+
+def test_generation_row_cell_refuses_mismatched_shapes():
+    from phi_rnn import row_cell
+    a = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    with pytest.raises(ValueError):
+        row_cell.lstm_row_cell(a(1, 40), a(40), a(1, 10), a(1, 10), a(1, 12))
+    with pytest.raises(ValueError):
+        row_cell.lstm_row_cell(a(2, 40), a(40), a(2, 10), a(2, 10), a(2, 10))
+
 def test_lstm_cell_forward_backward_match_reference():
     from reference import sigmoid
     nb, H = 6, 8
