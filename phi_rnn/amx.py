@@ -336,11 +336,13 @@ def _accumulate(builder, source, row_of, n0, present, is_last):
 
 # ---------------------------------------------------------------- a batch of one (generation)
 # Generation multiplies one row by each weight matrix per character. A tdpbf16ps on a one-row
-# A tile computes 16 outputs over 32 of K, and at one row the product is bound by streaming
-# W's tiles from L2 (a tile load per tdpbf16ps), not by the instruction: sooner than
-# vdpbf16ps (bf16_dot), which is bound by its issue rate (bench/README). The row's bfloat16
-# copy is made in the helper, into A tiles loaded once per ROW_A_TILES steps of K and kept
-# while every column slice's W tiles stream past them; C is one row tile per column slice.
+# A tile computes 16 outputs over 32 of K, and at one row the product is bound by loading W's
+# tiles (one per tdpbf16ps), not by the instruction: sooner than vdpbf16ps (bf16_dot), which
+# is bound by its issue rate (bench/README). The row's bfloat16 copy is made in the helper,
+# into A tiles loaded once per ROW_A_TILES steps of K and kept while every column slice's W
+# tiles stream past them; C is one row tile per column slice. Loading the configuration and
+# releasing the tiles cost about as much as a small product: generation configures them once
+# per call (configure_rows ... release) and runs row_product_configured in between.
 ROW_A_TILES = 6  # tmm0-5: A's steps of K held at once
 ROW_W, ROW_C = 6, 7
 _ROW_HELPER = "phi_rnn.amx.row_product"
@@ -352,6 +354,14 @@ def row_product(a, tiles, beta, c):
     rounded to bfloat16 here; W given as its tiles (tile_into, contiguous, 64-byte aligned
     for speed); c float32; K a multiple of 32, N of 16, a's and c's rows contiguous. Only
     where available() and bf16_dot.available() (the rounding is vcvtneps2bf16)."""
+    configure_rows()
+    row_product_configured(a, tiles, beta, c)
+    release()
+
+
+@njit(cache=True, error_model="numpy")
+def row_product_configured(a, tiles, beta, c):
+    """row_product between configure_rows() and release(), both left to the caller."""
     if c.shape[0] != 1 or a.shape[0] != 1 or tiles.shape[0] * TILE_ROWS != c.shape[1] \
             or tiles.shape[1] * K_STEP != a.shape[1]:
         raise ValueError("row_product: shapes do not match (one row; tiles must be tiles_shape(K, N))")
@@ -360,6 +370,34 @@ def row_product(a, tiles, beta, c):
     if beta != 0 and beta != 1:
         raise ValueError("row_product: beta must be 0 or 1")
     _row_product(a, tiles, c, beta != 0)
+
+
+@intrinsic
+def configure_rows(typingctx):
+    """Load row_product_configured's tile configuration (palette 1: A's tiles and C's one row
+    of 64 bytes, W's 16 rows)."""
+    def codegen(context, builder, signature, args):
+        config = cgutils.alloca_once(builder, _config_type)
+        config.align = 64
+        builder.store(ir.Constant(_config_type, None), config)
+        base = builder.bitcast(config, _ptr)
+        builder.store(_tile(1), base)
+        for tile in range(8):
+            colsb = builder.bitcast(builder.gep(base, [_const(16 + 2 * tile)]), _i16.as_pointer())
+            builder.store(ir.Constant(_i16, TILE_BYTES), colsb)
+            builder.store(_tile(TILE_ROWS if tile == ROW_W else 1), builder.gep(base, [_const(48 + tile)]))
+        builder.call(_declare(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [_ptr]), [base])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def release(typingctx):
+    """Return the tiles to their initial state (tilerelease)."""
+    def codegen(context, builder, signature, args):
+        builder.call(_declare(builder.module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
+        return context.get_dummy_value()
+    return types.void(), codegen
 
 
 @intrinsic
@@ -377,7 +415,8 @@ def _row_product(typingctx, a, tiles, c, accumulate):
 
 
 def _define_row_helper(module):
-    """void helper(i8* x, i64 K, i8* tiles, i8* c, i64 N, i1 accumulate), defined once per module."""
+    """void helper(i8* x, i64 K, i8* tiles, i8* c, i64 N, i1 accumulate), defined once per
+    module; the tiles configured by configure_rows."""
     from phi_rnn.bf16_dot import emit_rounding
     fn = _declare(module, _ROW_HELPER, ir.VoidType(), [_ptr, _i64, _ptr, _ptr, _i64, _i1])
     if not fn.is_declaration:
@@ -391,14 +430,10 @@ def _define_row_helper(module):
     dot = _declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
     # x in bfloat16 on the stack, 64-byte aligned: one A tile row (32 values) per step of K
     steps = builder.udiv(k, _const(K_STEP))
-    row = ir.VectorType(_i16, TILE_ROWS)
-    rounded = builder.alloca(row, size=builder.mul(steps, _const(2)), name="x_bf16")
+    rounded = builder.alloca(ir.VectorType(_i16, TILE_ROWS), size=builder.mul(steps, _const(2)), name="x_bf16")
     rounded.align = 64
     emit_rounding(builder, x, k, builder.mul(steps, _const(2)), rounded)
     a_rows = builder.bitcast(rounded, _ptr)
-    config = builder.alloca(_config_type, name="tile_config")
-    config.align = 64
-    _configure_row(builder, config)
     slice_bytes = builder.mul(steps, _const(TILE_ROWS * TILE_BYTES))
     held = builder.udiv(builder.add(steps, _const(ROW_A_TILES - 1)), _const(ROW_A_TILES))
     with cgutils.for_range(builder, held) as part:
@@ -424,18 +459,5 @@ def _define_row_helper(module):
                     builder.call(load, [_tile(ROW_W), at, _const(TILE_BYTES)])
                     builder.call(dot, [_tile(ROW_C), _tile(i), _tile(ROW_W)])
             builder.call(store, [_tile(ROW_C), c_at, _const(TILE_BYTES)])
-    builder.call(_declare(module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
     builder.ret_void()
     return fn
-
-
-def _configure_row(builder, config):
-    """Palette 1: A's tiles and C's one row of 64 bytes, W's 16 rows."""
-    builder.store(ir.Constant(_config_type, None), config)
-    base = builder.bitcast(config, _ptr)
-    builder.store(_tile(1), base)
-    for tile in range(8):
-        builder.store(ir.Constant(_i16, TILE_BYTES), builder.bitcast(builder.gep(base, [_const(16 + 2 * tile)]),
-                                                                   _i16.as_pointer()))
-        builder.store(_tile(TILE_ROWS if tile == ROW_W else 1), builder.gep(base, [_const(48 + tile)]))
-    builder.call(_declare(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [_ptr]), [base])

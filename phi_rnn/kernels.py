@@ -202,10 +202,6 @@ def _bf16_product(trans_a, trans_b, alpha, a, b, beta, c):
 def _product_impl(trans_a, trans_b, alpha, a, b, beta, c):
     if b.dtype == types.uint16 and a.dtype == types.uint16:
         return lambda trans_a, trans_b, alpha, a, b, beta, c: _bf16_product(trans_a, trans_b, alpha, a, b, beta, c)
-    if b.dtype == types.uint32 and b.ndim == 4:  # a batch of one on AMX tiles (generation: amx.row_product)
-        def row_times_tiles(trans_a, trans_b, alpha, a, b, beta, c):
-            amx.row_product(a, b, np.float32(beta), c)
-        return row_times_tiles
     if b.dtype == types.uint32:  # a batch of one on bfloat16 pairs (generation: bf16_dot.row_product)
         def row_times_pairs(trans_a, trans_b, alpha, a, b, beta, c):
             bf16_dot.row_product(a, b, np.float32(beta), c)
@@ -222,8 +218,7 @@ def gemm(trans_a, trans_b, alpha, a, b, beta, c):
     """c (M, N) = alpha * op(a) @ op(b) + beta * c; 2-d arrays with contiguous rows, float32
     (sgemm), float64 (dgemm, for the gradient checks) or bfloat16 operands (uint16) with c
     float32. A float32 a with a bfloat16 b is a batch of one, a (1, K) @ b (K, N): b uint16,
-    or uint32 holding b's rows in pairs (bf16_dot.pair_rows, (ceil(K/2), N): vdpbf16ps), or
-    uint32 AMX tiles (amx.tile_into, 4-d: amx.row_product)."""
+    or uint32 holding b's rows in pairs (bf16_dot.pair_rows, (ceil(K/2), N): vdpbf16ps)."""
     _product(trans_a, trans_b, alpha, a, b, beta, c)
 
 
@@ -1062,9 +1057,9 @@ def generation_step(kind, token, w, s):
         if layer == 0:
             s.gates[0, :] = w.w_ih0_t[token]  # the one-hot input projection
         else:
-            gemm(False, False, ONE, s.h[layer - 1], w.w_ih_t[layer - 1], ZERO, s.gates)
+            _row_product(s.h[layer - 1], w.w_ih_t[layer - 1], ZERO, s.gates)
         if kind == LSTM:  # the state in place: the cell reads each unit before it writes it
-            gemm(False, False, ONE, h, w.w_hh_t[layer], ONE, s.gates)
+            _row_product(h, w.w_hh_t[layer], ONE, s.gates)
             row_cell.lstm_row_cell(s.gates, w.bias[layer], c, c, h)
             continue
         if kind == GRU:
@@ -1103,8 +1098,10 @@ def choose(logits, temperature, argmax, u, probs):
 @njit(**_opts)
 def prime(kind, text, w, s):
     """Feeds the tokens of `text` through generation_step."""
+    _configure_tiles(w)
     for k in range(text.shape[0]):
         generation_step(kind, text[k], w, s)
+    _release_tiles(w)
 
 
 @njit(**_opts)
@@ -1112,7 +1109,54 @@ def generate(kind, uniforms, temperature, argmax, w, s, out):
     """out[k] = the k-th sampled token (choose with uniforms[k]), each fed back in through
     generation_step; s.logits carries the prediction between calls."""
     probs = np.empty(s.logits.shape[1], np.float32)
+    _configure_tiles(w)
     for k in range(out.shape[0]):
         token = choose(s.logits[0], temperature, argmax, uniforms[k], probs)
         out[k] = token
         generation_step(kind, token, w, s)
+    _release_tiles(w)
+
+
+def _row_product(a, b, beta, c):
+    """c = a @ b + beta * c in generation_step: on AMX tiles (4-d uint32 b) inside prime's and
+    generate's tile configuration (amx.row_product_configured), else gemm (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_row_product, jit_options=_opts)
+def _row_product_impl(a, b, beta, c):
+    if b.dtype == types.uint32 and b.ndim == 4:
+        return lambda a, b, beta, c: amx.row_product_configured(a, b, beta, c)
+    return lambda a, b, beta, c: gemm(False, False, ONE, a, b, beta, c)
+
+
+def _tiled(weights_type):
+    """Whether generation's weights (the TransposedWeights' numba type) hold the layers as
+    AMX tiles."""
+    w_hh_t = weights_type.types[weights_type.fields.index("w_hh_t")]
+    return w_hh_t.dtype == types.uint32 and w_hh_t.ndim == 5
+
+
+def _configure_tiles(w):
+    """amx.configure_rows() where generation's weights w hold the layers as AMX tiles
+    (sample.py: an LSTM's), else nothing (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_configure_tiles, jit_options=_opts)
+def _configure_tiles_impl(w):
+    if _tiled(w):
+        return lambda w: amx.configure_rows()
+    return lambda w: None
+
+
+def _release_tiles(w):
+    """amx.release() where _configure_tiles configured them (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_release_tiles, jit_options=_opts)
+def _release_tiles_impl(w):
+    if _tiled(w):
+        return lambda w: amx.release()
+    return lambda w: None

@@ -52,13 +52,14 @@ def _bf16_weights(transposed, kind):
     """The products' weights in bfloat16 (half the bytes streamed per character): paired for
     vdpbf16ps (bf16_dot.generation_weights, uint32) where the CPU has avx512_bf16, else
     plain bfloat16 bits (uint16) for the product that widens them in software. Where AMX
-    tiles run and the shapes fit them, the layers' weights as tiles instead (amx.row_product,
-    sooner: bench/README); not a GRU's, whose step multiplies column slices of W_hh."""
+    tiles run and the shapes fit them, an LSTM's layers' weights as tiles instead (sooner,
+    bench/README): kernels.generation_step multiplies them inside generate's tile
+    configuration, which the GRU's and RNN's steps (training's functions) do not know."""
     if not bf16_dot.available():
         return bf16_weights(transposed)
     paired = bf16_dot.generation_weights(transposed)
     H, G = transposed.w_hh_t.shape[1:]
-    if kind == K.GRU or not amx.available() or not amx.fits(1, G, H):
+    if kind != K.LSTM or not amx.available() or not amx.fits(1, G, H):
         return paired
     return paired._replace(w_ih_t=_tiles(transposed.w_ih_t), w_hh_t=_tiles(transposed.w_hh_t))
 
