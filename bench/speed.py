@@ -103,7 +103,7 @@ def bf16_peak_gflops(n=2048, reps=5):
 def bf16_backend():
     """One line for reports: the bfloat16 GEMM library and the CPU features it runs on."""
     from phi_rnn import bf16
-    return f"bf16 gemm {bf16.backend()} on {' and '.join(bf16.native_features())}"
+    return f"bf16 gemm {bf16.describe_backend()} on {' and '.join(bf16.native_features())}"
 
 
 def small_gemm_peak_gflops(rows=25, n=512, k=128, calls=200, reps=15):
@@ -156,8 +156,8 @@ def phi_rnn_worker(args):
     from phi_rnn.cli import select_blas
     select_blas(args.blas)  # --blas, or the default (measured on the first run on a machine)
     if args.precision == "bf16":
-        from phi_rnn import bf16
-        bf16.require_native()
+        from phi_rnn.cli import select_bf16
+        select_bf16()  # refused without native bfloat16; the fastest bfloat16 GEMM here
     from phi_rnn.model import gemm_flops
     net, iteration = training_iteration(args)
     for k in range(args.warmup):

@@ -16,7 +16,9 @@ libraries are the ones blas.py loads. Threads: oneDNN runs on its caller's threa
 OpenMP parallel region and on omp_get_max_threads() threads outside one; MKL on the calling
 thread's MKL thread count. MKL can also lay out a B operand once (pack_into: the weights,
 once per update) for gemm_packed_arrays, which then skips the per-call repacking. The
-library at import is default_backend(): MKL on a CPU with AMX, oneDNN on the others.
+library at import is default_backend(): MKL on a CPU with AMX, oneDNN on the others; bfloat16
+training runs the fastest here instead, measured per machine and kind of product as the
+float32 libraries are (gemm_choice.use_default("bf16")).
 
 A CPU without avx512_bf16 or amx_bf16 would run these products in emulation, slower than
 float32: require_native() refuses it. ONEDNN_MAX_CPU_ISA capping oneDNN below
@@ -221,7 +223,7 @@ def _dispatch_gemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, bet
 binding.add_symbol("phi_rnn_gemm_bf16", _dispatch_gemm.address)
 gemm = types.ExternalFunction("phi_rnn_gemm_bf16", types.void(*_GEMM_ARGS))
 
-_backend = "onednn"
+_backend, _reason = "onednn", ""
 
 
 def available():
@@ -239,30 +241,40 @@ def libraries(name):
     return parts[0], parts[-1]
 
 
-def set_backend(name):
-    """Run the bfloat16 GEMMs on `name` from now on (also in kernels compiled before)."""
-    global _backend
+def set_backend(name, reason=""):
+    """Run the bfloat16 GEMMs on `name` from now on (also in kernels compiled before);
+    `reason` is what describe_backend says."""
+    global _backend, _reason
     step, sequence = libraries(name)
     for library in (step, sequence):
         if library not in available():
             raise ValueError(blas.ONEDNN_MISSING)
     _choice.value = _CODES[step] | _CODES[sequence] << 8
-    _backend = name
+    _backend, _reason = name, reason
 
 
 def backend():
     return _backend
 
 
+def describe_backend():
+    """The bfloat16 GEMM libraries, per kind of product, and why they were chosen."""
+    step, sequence = libraries(_backend)
+    names = {library: f"{library} {blas.library_version(library)}" for library in (step, sequence)}
+    text = names[step] if step == sequence else \
+        f"{names[step]} for the per-step products, {names[sequence]} for the whole-sequence ones"
+    return f"{_backend}: {text}; {_reason}" if _reason else f"{_backend}: {text}"
+
+
 @contextlib.contextmanager
 def using(name):
     """Run the bfloat16 GEMMs on `name` inside the block, then on the backend before."""
-    chosen = _backend
+    chosen, reason = _backend, _reason
     set_backend(name)
     try:
         yield
     finally:
-        set_backend(chosen)
+        set_backend(chosen, reason)
 
 
 @njit(cache=True)
@@ -321,10 +333,10 @@ def gemm_packed_arrays(trans_a, alpha, a, packed, beta, c):
 
 
 def default_backend():
-    """MKL where the CPU has AMX: its AMX kernels run every product of a char-rnn iteration
-    (whole-sequence, per-step, transposed weight gradients) sooner than oneDNN's
-    (bench/bf16_gemm.py); elsewhere oneDNN, whose AVX512_BF16 kernels are chosen by
-    instruction set, not CPU vendor."""
+    """The library until one is measured (gemm_choice.use_default("bf16"), which bfloat16
+    training and its benchmarks run): MKL where the CPU has AMX, whose AMX kernels ran every
+    product of a char-rnn iteration sooner than oneDNN's there (bench/bf16_gemm.py);
+    elsewhere oneDNN, whose AVX512_BF16 kernels are chosen by instruction set, not CPU vendor."""
     if "amx_bf16" in native_features() or "onednn" not in available():
         return "mkl"
     return "onednn"

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from llvmlite import binding, ir
 from numba import cfunc, njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from phi_rnn import native
 
@@ -402,7 +402,8 @@ def product_table(products):
 def run_product_table(operands, products, betas, first, stop):
     """Products first..stop-1 of the table, call i of each on its operands' A[i], B, C[i]; an
     A or C of one slice is that slice on every call (a hot operand: the state a step just
-    computed)."""
+    computed). float32 A and B run on the float32 GEMM (sgemm), bfloat16 ones (uint16) on
+    bf16.gemm; C is float32."""
     one = np.float32(1.0)
     for p in range(first, stop):
         trans_a = TRANS if products[p, 1] else NO_TRANS
@@ -410,8 +411,27 @@ def run_product_table(operands, products, betas, first, stop):
         a_steps, b, c_steps = operands[p]
         for i in range(products[p, 0]):
             a, c = a_steps[i % a_steps.shape[0]], c_steps[i % c_steps.shape[0]]
-            sgemm(ROW_MAJOR, trans_a, NO_TRANS, m, n, k, one, a.ctypes.data, a.shape[1], b.ctypes.data,
-                  b.shape[1], betas[p], c.ctypes.data, c.shape[1])
+            _table_gemm(ROW_MAJOR, trans_a, NO_TRANS, m, n, k, one, a.ctypes.data, a.shape[1], b, b.shape[1],
+                        betas[p], c.ctypes.data, c.shape[1])
+
+
+def _table_gemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """sgemm's call, or bf16.gemm's where the B array `b` is bfloat16 (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(_table_gemm, jit_options=dict(cache=True))
+def _table_gemm_impl(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    if b.dtype == types.uint16:
+        from phi_rnn import bf16  # at compile time: bf16 imports this module
+
+        def bfloat16(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+            bf16.gemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b.ctypes.data, ldb, beta, c, ldc)
+        return bfloat16
+
+    def float32(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b.ctypes.data, ldb, beta, c, ldc)
+    return float32
 
 
 @contextlib.contextmanager

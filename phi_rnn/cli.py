@@ -130,13 +130,16 @@ def _start_runtimes(args, log, announce=True, before=None, world=distributed.Sin
     bfloat16 = getattr(args, "precision", "fp32") == "bf16"
     if bfloat16:
         from phi_rnn import bf16
-        bf16.require_native()
+        if getattr(args, "command", "train") == "sample":
+            bf16.require_native()  # generation runs no bfloat16 GEMM
+        else:
+            select_bf16()
     verification = affinity.verify(plan)
     if announce:
         log(verification.describe())
         log(f"gemm: {blas.describe_backend()}")
         if bfloat16:
-            log(f"gemm bfloat16: {bf16.backend()} (--precision bf16, on {' and '.join(bf16.native_features())})"
+            log(f"gemm bfloat16: {bf16.describe_backend()} (--precision bf16, on {' and '.join(bf16.native_features())})"
                 + _per_step_products(args))
     for problem in verification.mismatches:
         log(f"warning: {problem}")
@@ -189,6 +192,15 @@ def _per_step_products(args):
     from phi_rnn import amx
     kernel = "phi_rnn's AMX tile kernel" if amx.runs_lstm_steps(args.rnn_size) else "MKL's packed product"
     return "; LSTM per-step products: " + kernel
+
+
+def select_bf16():
+    """--precision bf16: refused without native bfloat16 (bf16.require_native), else the
+    bfloat16 GEMMs on the fastest library here (measured on the first run on a machine:
+    gemm_choice)."""
+    from phi_rnn import bf16, gemm_choice
+    bf16.require_native()
+    gemm_choice.use_default("bf16")
 
 
 def select_blas(name):

@@ -3,7 +3,10 @@ measured on first use (use_default, from training, sampling and the benchmarks; 
 blas measures nothing) and kept per machine in the user cache (caches.py), so that every
 run on a machine uses the same library (the same rounding: --resume stays bit-exact).
 MKL's generic code path on AMD CPUs loses to the other libraries there; on Intel CPUs MKL
-is fast. Until a backend is set, blas runs every product on MKL.
+is fast. Until a backend is set, blas runs every product on MKL. The bfloat16 GEMM
+libraries (bf16.py: oneDNN's, MKL's) are chosen the same way, on the same products with
+bfloat16 operands, kept under a key of their own (use_default("bf16"), from bfloat16
+training and its benchmarks).
 
 What is measured: MEASURED_PRODUCTS, the per-thread products of a char-rnn iteration, on
 operands as an iteration sees them (measurement_operands): per product of `calls` calls,
@@ -25,8 +28,8 @@ import time
 
 import numpy as np
 
-from phi_rnn import blas, caches, files
-from phi_rnn.blas import KINDS, STEP_ROWS, one_thread, product_table, run_product_table, using
+from phi_rnn import bf16, blas, caches, files
+from phi_rnn.blas import KINDS, STEP_ROWS, one_thread, product_table, run_product_table
 
 # The per-thread products of a char-rnn iteration (2 x 128 LSTM, 65 symbols, 25 of its 50
 # batch rows per thread, 50 steps), each with the number of calls that gives it its share of
@@ -39,16 +42,19 @@ MEASURED_PRODUCTS = ((50, False, 25, 512, 128, 1.0), (50, False, 25, 128, 512, 0
                      (1, True, 65, 128, 1250, 0.0))
 
 
-def measurement_operands(products, rng):
+def measurement_operands(products, rng, precision="fp32"):
     """[(A, B, C), ...]: the operands of `products` as an iteration sees them (module
-    docstring), drawn from `rng`. Reusing one A and C call after call would favour the
-    libraries whose per-call kernels gain most from hot operands (libxsmm's AVX2 ones):
-    their lead there was not the iteration's (bench/README.md)."""
+    docstring), drawn from `rng`; A and B float32, or with precision "bf16" bfloat16 (uint16),
+    C float32. Reusing one A and C call after call would favour the libraries whose per-call
+    kernels gain most from hot operands (libxsmm's AVX2 ones): their lead there was not the
+    iteration's (bench/README.md)."""
     from numba.typed import List
+    operand = (lambda x: bf16.to_bf16(x.astype(np.float32))) if precision == "bf16" else \
+        (lambda x: x.astype(np.float32))
     operands = List()
     for calls, trans_a, m, n, k, _ in products:
-        a = rng.standard_normal((calls, k, m) if trans_a else (calls, m, k)).astype(np.float32)
-        operands.append((a, rng.standard_normal((k, n)).astype(np.float32),
+        a = operand(rng.standard_normal((calls, k, m) if trans_a else (calls, m, k)))
+        operands.append((a, operand(rng.standard_normal((k, n))),
                          rng.standard_normal((calls, m, n)).astype(np.float32)))
     return operands
 
@@ -59,30 +65,33 @@ def run_products(products, operands):
     run_product_table(operands, table, betas, 0, len(products))
 
 
-def measure_rates(names, rounds=7):
+def measure_rates(names, rounds=7, precision="fp32"):
     """Single-thread GFLOP/s {library: {"step": ..., "sequence": ...}} of each library in
-    `names` on MEASURED_PRODUCTS' per-step and whole-sequence products."""
+    `names` (float32 ones, or bfloat16 ones with precision "bf16") on MEASURED_PRODUCTS'
+    per-step and whole-sequence products."""
     step = [not t and m < STEP_ROWS for _, t, m, _, _, _ in MEASURED_PRODUCTS]
     split = step.index(False)
     assert not any(step[split:])  # the per-step products first
-    rates = product_rates(names, MEASURED_PRODUCTS, {"step": (0, split), "sequence": (split, len(step))}, rounds)
+    rates = product_rates(names, MEASURED_PRODUCTS, {"step": (0, split), "sequence": (split, len(step))}, rounds,
+                          precision)
     return {name: {kind: rates[name, kind] for kind in KINDS} for name in names}
 
 
-def product_rates(names, products, groups, rounds=7):
-    """{(library, group): GFLOP/s} for each library in `names` (or backend) and each group
-    {name: (first, stop)} of `products` ((calls, trans_a, m, n, k, beta), ...) on operands as
-    an iteration sees them (measurement_operands), on one thread: the libraries interleaved
-    round by round, the median round each, timed in this thread's CPU time (time other
-    processes take the core from it does not count)."""
-    operands = measurement_operands(products, np.random.default_rng(0))
+def product_rates(names, products, groups, rounds=7, precision="fp32"):
+    """{(library, group): GFLOP/s} for each library in `names` (or backend; bfloat16 ones with
+    precision "bf16") and each group {name: (first, stop)} of `products` ((calls, trans_a, m,
+    n, k, beta), ...) on operands as an iteration sees them (measurement_operands), on one
+    thread: the libraries interleaved round by round, the median round each, timed in this
+    thread's CPU time (time other processes take the core from it does not count)."""
+    operands = measurement_operands(products, np.random.default_rng(0), precision)
     table, betas = product_table(products)
     flop = {group: sum(2 * c * m * n * k for c, _, m, n, k, _ in products[lo:hi]) for group, (lo, hi) in groups.items()}
     seconds = {(name, group): [] for name in names for group in groups}
+    library = bf16 if precision == "bf16" else blas
     with one_thread():
         for r in range(rounds + 1):
             for name in names:
-                with using(name):
+                with library.using(name):
                     for group, (lo, hi) in groups.items():
                         t0 = time.thread_time()
                         run_product_table(operands, table, betas, lo, hi)
@@ -114,15 +123,18 @@ def choose(rates):
 MEASUREMENT = "rates v2"
 
 
-def _machine_key():
+def _machine_key(precision):
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    libraries = ", ".join(f"{name} {blas.library_version(name)}" for name in blas.available())
-    return f"{MEASUREMENT}; {model}; {blas.vector_width()}; {libraries}"
+    names = bf16.available() if precision == "bf16" else blas.available()
+    libraries = ", ".join(f"{name} {blas.library_version(name)}" for name in names)
+    # the float32 key as before this one had bfloat16's: what is kept stays valid
+    measurement = f"{MEASUREMENT} bf16" if precision == "bf16" else MEASUREMENT
+    return f"{measurement}; {model}; {blas.vector_width()}; {libraries}"
 
 
 def cache_path():
@@ -131,44 +143,43 @@ def cache_path():
     return None if base is None else base / "gemm_backend.json"
 
 
-_default = None
+_defaults = {}
 
 
-def default_backend():
-    """The backend phi_rnn runs when none is asked for."""
-    return default_choice()[0]
+def default_backend(precision="fp32"):
+    """The backend phi_rnn runs when none is asked for (float32's, or bfloat16's)."""
+    return default_choice(precision)[0]
 
 
-def use_default():
-    """Run the float32 GEMMs on the default backend from now on (measured here on the first
-    call on this machine)."""
-    blas.set_backend(*default_choice())
+def use_default(precision="fp32"):
+    """Run the float32 GEMMs (with "bf16": the bfloat16 ones) on the default backend from
+    now on (measured here on the first call on this machine)."""
+    (bf16 if precision == "bf16" else blas).set_backend(*default_choice(precision))
 
 
-def default_choice():
+def default_choice(precision="fp32"):
     """(backend, reason): the one library present, or the fastest here by measure_rates,
-    measured once per machine (CPU, vector width, libraries) and process, and kept in
-    cache_path()."""
-    global _default
-    if _default is None:
-        _default = _measured_choice()
-    return _default
+    measured once per machine (CPU, vector width, libraries), precision and process, and
+    kept in cache_path()."""
+    if precision not in _defaults:
+        _defaults[precision] = _measured_choice(precision)
+    return _defaults[precision]
 
 
-def _measured_choice():
-    names = blas.available()
+def _measured_choice(precision):
+    names = bf16.available() if precision == "bf16" else blas.available()
     if len(names) == 1:
         return names[0], "the only library present"
-    key = _machine_key()
+    key = _machine_key(precision)
     path = cache_path()
     if path is None:
-        entry = _measured_entry(names)
+        entry = _measured_entry(names, precision)
         caches.say_not_kept("the GEMM backend is measured for this run only")
     else:
         with _cache_lock(path):  # processes starting together (MPI ranks) measure once, not each
             entry = _kept_rates(path, key, names)
             if entry is None:
-                entry = _measured_entry(names)
+                entry = _measured_entry(names, precision)
                 _remember(path, key, entry)
     rates = entry["rates"]
     listed = ", ".join(f"{name} {r['step']:.1f}/{r['sequence']:.1f}" for name, r in rates.items())
@@ -176,8 +187,8 @@ def _measured_choice():
                            f"products: {listed}; measured {entry['measured']})")
 
 
-def _measured_entry(names):
-    return {"rates": measure_rates(names), "measured": time.strftime("%Y-%m-%d %H:%M")}
+def _measured_entry(names, precision):
+    return {"rates": measure_rates(names, precision=precision), "measured": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def _kept_rates(path, key, names):

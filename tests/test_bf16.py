@@ -203,6 +203,61 @@ def test_backend_names():
     assert bf16.backend() == chosen
 
 
+def test_the_measurement_runs_the_products_on_bfloat16_operands():
+    """gemm_choice's products with precision bf16: each call's C is its own bfloat16 A[i] B
+    (uint16 operands, float32 C) + beta C0[i], on the dispatcher's library."""
+    from phi_rnn import blas, gemm_choice
+    products = gemm_choice.MEASURED_PRODUCTS
+    operands = gemm_choice.measurement_operands(products, np.random.default_rng(4), "bf16")
+    before = [c.copy() for _, _, c in operands]
+    with blas.one_thread(), bf16.using(bf16.available()[0]):
+        gemm_choice.run_products(products, operands)
+    for (calls, trans_a, m, n, k, beta), (a, b, c), c0 in zip(products, operands, before):
+        assert a.dtype == b.dtype == np.uint16 and c.dtype == np.float32
+        product = np.einsum("skm,kn->smn" if trans_a else "smk,kn->smn", bf16.to_float32(a).astype(np.float64),
+                            bf16.to_float32(b).astype(np.float64))
+        np.testing.assert_allclose(c, product + beta * c0, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_bf16_rates_are_measured_per_library_and_leave_the_backend_as_it_was():
+    from phi_rnn import gemm_choice
+    chosen = bf16.backend()
+    rates = gemm_choice.measure_rates(bf16.available(), rounds=1, precision="bf16")
+    assert set(rates) == set(bf16.available())
+    assert all(set(r) == {"step", "sequence"} and min(r.values()) > 0 for r in rates.values())
+    assert bf16.backend() == chosen
+
+
+def test_the_bf16_default_is_measured_once_per_machine_kept_apart_and_named(tmp_path):
+    """The first process measures the bfloat16 libraries and keeps their rates under a key of
+    their own beside the float32 one; the next takes the choice from the file (edited here
+    to make oneDNN the fastest where it is present); describe_backend names the choice."""
+    import json
+    from phi_rnn import gemm_choice
+    code = ("from phi_rnn import bf16, gemm_choice; import json; gemm_choice.use_default(); "
+            "gemm_choice.use_default('bf16'); print(json.dumps([bf16.backend(), bf16.describe_backend()]))")
+
+    def run():
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)))
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    backend, described = run()
+    kept = json.loads((tmp_path / "phi_rnn" / "gemm_backend.json").read_text())
+    keys = [key for key in kept if key.startswith(gemm_choice.MEASUREMENT + " bf16;")]
+    if len(bf16.available()) == 1:  # MKL alone: nothing to measure
+        assert keys == [] and backend == "mkl" and "the only library present" in described
+        return
+    (key,) = keys
+    assert len(kept) == 2  # beside the float32 libraries' entry
+    assert backend == gemm_choice.choose(kept[key]["rates"]) and described.startswith(backend + ": ")
+    assert "fastest here" in described
+    kept[key]["rates"] = {"onednn": {"step": 2.0, "sequence": 2.0}, "mkl": {"step": 1.0, "sequence": 1.0}}
+    (tmp_path / "phi_rnn" / "gemm_backend.json").write_text(json.dumps(kept))
+    assert run()[0] == "onednn"
+
+
 def test_default_backend_is_mkl_with_amx_and_onednn_without(monkeypatch):
     monkeypatch.setattr(bf16, "native_features", lambda: ("avx512_bf16", "amx_bf16"))
     assert bf16.default_backend() == "mkl"
