@@ -4,11 +4,15 @@ nn.LSTM stepped one character at a time (when torch is importable), each in a fr
     python bench/sampling.py                          # 2 x 128 LSTM, vocab 65, one thread
     python bench/sampling.py --checkpoint cv/latest   # a trained model's weights
     python bench/sampling.py --model gru --rnn_size 512 --json
+    python bench/sampling.py --precision bf16 --with-fp32   # bfloat16 beside float32
 
 Prints median / min / max characters per second over --repeats runs of --chars characters,
 microseconds per character, the weights streamed per character and the rate they stream at
 (generation is bound by reading every weight once per character), and whether the kernel
-granted the weights' region a transparent huge page.
+granted the weights' region a transparent huge page. --with-fp32 times float32 generation
+in the same process too, run by run in turn with bfloat16's, and prints the median of the
+runs' bf16 / fp32 time ratios (the machine's speed changes between minutes, not between
+neighbouring runs).
 """
 import argparse
 import json
@@ -37,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="phi_rnn's weights in float32 or bfloat16 (the products' weights; refused without native bfloat16)")
+    p.add_argument("--with-fp32", action="store_true",
+                   help="with --precision bf16: float32 generation too, timed in turn with it in one process")
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch reference")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--worker", choices=("phi_rnn", "torch"), help=argparse.SUPPRESS)
@@ -48,6 +54,8 @@ def parse_args(argv=None):
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be positive, got {args.temperature}")
+    if args.with_fp32 and args.precision != "bf16":
+        raise UsageError("--with-fp32 compares bfloat16 generation with float32's: add --precision bf16")
     return args
 
 
@@ -89,22 +97,27 @@ def phi_rnn_worker(args):
         from phi_rnn import bf16
         bf16.require_native()
     ck = checkpoint.load(args.checkpoint) if args.checkpoint else random_checkpoint(args)
-    gen = Generator(ck, args.precision)
+    precisions = [args.precision] + (["fp32"] if args.with_fp32 else [])
+    generators = {precision: Generator(ck, precision) for precision in precisions}
     rng = np.random.default_rng(0)
     out = np.empty(args.chars, np.int32)
 
-    def run():
+    def run(gen):
         K.generate(gen.kind, rng.random(args.chars), args.temperature, False, gen.weights, gen.state, out)
 
-    run()  # compiles or loads the cached kernels, warms the caches
-    times = []
+    for gen in generators.values():
+        run(gen)  # compiles or loads the cached kernels, warms the caches
+    times = {precision: [] for precision in precisions}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+        for precision, gen in generators.items():
+            t0 = time.perf_counter()
+            run(gen)
+            times[precision].append(time.perf_counter() - t0)
+    gen = generators[args.precision]
     table = gen.weights.w_ih0_t  # one row of it is read per character
     weight_bytes = sum(w.nbytes for w in gen.weights) - table.nbytes * (1 - 1 / len(ck.vocab))
-    return {"times": times, "chars": args.chars, "weight_bytes": weight_bytes,
+    return {"times": times[args.precision], "fp32_times": times.get("fp32"), "chars": args.chars,
+            "weight_bytes": weight_bytes,
             "huge_page_kb": huge_page_kb(table.ctypes.data), "vocab": len(ck.vocab),
             "config": dict(ck.meta, vocab=len(ck.vocab), precision=args.precision), "versions": versions()}
 
@@ -172,11 +185,21 @@ def main(argv=None):
               "versions": mine["versions"], "threads": plan.threads, "placement": plan.describe(),
               "config": mine["config"], "temperature": args.temperature,
               "weight_kb_per_char": mine["weight_bytes"] / 1024, "huge_page_kb": mine["huge_page_kb"],
-              "phi_rnn": rates(mine), "torch": None, "ratio": None}
+              "phi_rnn": rates(mine), "torch": None, "ratio": None, "fp32": None, "bf16_over_fp32": None}
+    if args.with_fp32:
+        report["fp32"] = rates(dict(mine, times=mine["fp32_times"]))
+        report["bf16_over_fp32"] = _median_ratio(mine["times"], mine["fp32_times"])
     report["weight_gb_per_s"] = mine["weight_bytes"] * report["phi_rnn"]["median_chars_per_s"] / 1e9
     torch_side = TorchSide(worker_argv, plan.threads, __file__, summarize=rates,
                            ratios=lambda ours, theirs: {"ratio": ours["median_chars_per_s"] / theirs["median_chars_per_s"]})
     return finish(report, args.json, print_report, torch_side if args.torch else None)
+
+
+def _median_ratio(times, reference):
+    """The median, the lowest and the highest of the runs' time ratios, run by run."""
+    import numpy as np
+    ratios = np.array(times) / np.array(reference)
+    return {"median": float(np.median(ratios)), "min": float(ratios.min()), "max": float(ratios.max())}
 
 
 def print_report(r):
@@ -188,6 +211,11 @@ def print_report(r):
           f"huge pages granted: {huge}")
     print_sides(r, lambda s: f"median {s['median_chars_per_s']:9.0f} chars/s  (min {s['min_chars_per_s']:.0f}, "
                              f"max {s['max_chars_per_s']:.0f}, n={s['repeats']})  {s['us_per_char']:7.2f} us/char")
+    if r["fp32"]:
+        f, q = r["fp32"], r["bf16_over_fp32"]
+        print(f"phi_rnn fp32, run in turn: median {f['median_chars_per_s']:9.0f} chars/s  (min "
+              f"{f['min_chars_per_s']:.0f}, max {f['max_chars_per_s']:.0f})  {f['us_per_char']:7.2f} us/char; "
+              f"bf16 / fp32 time per character {q['median']:.2f} ({q['min']:.2f}-{q['max']:.2f} over the runs)")
     line = f"phi_rnn weights stream at {r['weight_gb_per_s']:.0f} GB/s"
     if r["ratio"] is not None:
         line += f"; phi_rnn / torch = {r['ratio']:.1f}x the characters per second"

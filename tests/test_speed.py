@@ -65,12 +65,33 @@ def test_sampling_bench_reports_rates_and_the_weights_each_character_reads():
     assert report["config"]["model"] == "gru" and report["threads"] == 1
 
 
+def test_sampling_bench_times_bf16_beside_fp32_run_by_run():
+    """--precision bf16 --with-fp32: both precisions' rates from the same runs, and the
+    median of the runs' bf16 / fp32 time ratios between the lowest and the highest."""
+    from phi_rnn import bf16
+    if not bf16.native_features():
+        pytest.skip(bf16.refusal())
+    argv = [sys.executable, str(SAMPLING), "--no-torch", "--json", "--precision", "bf16", "--with-fp32",
+            "--rnn_size", "32", "--chars", "3000", "--repeats", "3"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["config"]["precision"] == "bf16" and report["fp32"]["repeats"] == report["phi_rnn"]["repeats"] == 3
+    q = report["bf16_over_fp32"]
+    assert 0 < q["min"] <= q["median"] <= q["max"]
+    # the median ratio lies between the ratios of the two sides' extreme rates
+    bf, fp = report["phi_rnn"], report["fp32"]
+    assert fp["min_chars_per_s"] / bf["max_chars_per_s"] <= q["max"] and \
+        fp["max_chars_per_s"] / bf["min_chars_per_s"] >= q["min"]
+
+
 def test_sampling_bench_rejects_bad_input_in_one_line(tmp_path):
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_text("not a checkpoint")
     for argv, message in ((["--chars", "0"], "--chars must be positive, got 0"),
                           (["--checkpoint", str(corrupt)], "--checkpoint measures phi_rnn alone: add --no-torch"),
-                          (["--checkpoint", str(corrupt), "--no-torch"], "is truncated or corrupt")):
+                          (["--checkpoint", str(corrupt), "--no-torch"], "is truncated or corrupt"),
+                          (["--with-fp32"], "add --precision bf16")):
         result = subprocess.run([sys.executable, str(SAMPLING), *argv], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, argv
         lines = result.stderr.strip().splitlines()
