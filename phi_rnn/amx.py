@@ -35,6 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from phi_rnn import bf16
+from phi_rnn.bf16_dot import declare, emit_rounding
 
 TILE_ROWS = 16  # rows of a tile (of A and C; of W: pairs of K)
 TILE_BYTES = 64  # bytes of a tile row: 16 float32 of C, 32 bfloat16 of A, 16 pairs of W
@@ -94,7 +95,8 @@ def tiles_shape(k, n):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def tile_into(bits, out):
-    """out (N/16, K/32, 16, 16) uint32 = `bits` (K, N) bfloat16 bits as tdpbf16ps reads W:
+    """out (N/16, K/32, 16, 16) uint32 = `bits` (K, N) bfloat16 bits (or float32, rounded
+    here) as tdpbf16ps reads W:
     pairs along K (the low half row 2*k2, the high half row 2*k2 + 1) in tiles of 16 pair rows
     by 16 columns, a column slice's tiles one after another down K, each tile's rows
     consecutive (64 bytes): the product streams W sequentially. Column slices in parallel."""
@@ -191,10 +193,6 @@ def _tile_product(typingctx, a, tiles_a, b, tiles_b, c, accumulate, two_sources)
     return sig, codegen
 
 
-def _declare(module, name, ret, args):
-    return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
-
-
 def _const(value):
     return ir.Constant(_i64, value)
 
@@ -224,7 +222,7 @@ def _define_helper(module):
     """void helper(a, lda, wa, wa_slice_bytes, Ka, b, ldb, wb, wb_slice_bytes, Kb, c, ldc, M, N,
     accumulate): C (+)= A @ Wa + B @ Wb (Kb 0: the first term only); defined once per module."""
     source = [_ptr, _i64, _ptr, _i64, _i64]
-    fn = _declare(module, _HELPER, ir.VoidType(), source + source + [_ptr, _i64, _i64, _i64, _i1])
+    fn = declare(module, _HELPER, ir.VoidType(), source + source + [_ptr, _i64, _i64, _i64, _i1])
     if not fn.is_declaration:
         return fn
     fn.linkage = "internal"
@@ -245,7 +243,7 @@ def _define_helper(module):
             _configure(builder, config, shape)
         with cgutils.for_range(builder, builder.udiv(ops.n, _const(TILE_ROWS))) as column:
             _column_slice(builder, ops, row0, builder.mul(column.index, _const(TILE_ROWS)), shape)
-    builder.call(_declare(module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
+    builder.call(declare(module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
     builder.ret_void()
     return fn
 
@@ -280,16 +278,16 @@ def _configure(builder, config, shape):
                                ir.Constant(_i16, 0))
         builder.store(colsb, builder.bitcast(builder.gep(base, [_const(16 + 2 * tile)]), _i16.as_pointer()))
         builder.store(builder.trunc(count, _i8), builder.gep(base, [_const(48 + tile)]))
-    builder.call(_declare(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [_ptr]), [base])
+    builder.call(declare(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [_ptr]), [base])
 
 
 def _column_slice(builder, ops, row0, n0, shape):
     """C[group rows, n0 : n0 + 16] (+)= each source's A rows @ W[:, n0 : n0 + 16]: the C tiles
     read (or zeroed) once, W's slice streamed once over K, A's slices from L1."""
     module = builder.module
-    load = _declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
-    store = _declare(module, "llvm.x86.tilestored64", ir.VoidType(), [_i8, _ptr, _i64])
-    zero = _declare(module, "llvm.x86.tilezero", ir.VoidType(), [_i8])
+    load = declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
+    store = declare(module, "llvm.x86.tilestored64", ir.VoidType(), [_i8, _ptr, _i64])
+    zero = declare(module, "llvm.x86.tilezero", ir.VoidType(), [_i8])
     row_of = [builder.add(row0, _const(TILE_ROWS * i)) for i in range(len(C_TILES))]
     present = [builder.icmp_unsigned("<", _const(i), shape.tiles) for i in range(len(C_TILES))]
     is_last = [builder.icmp_unsigned("==", _const(i), shape.full) for i in range(len(C_TILES))]
@@ -314,8 +312,8 @@ def _column_slice(builder, ops, row0, n0, shape):
 def _accumulate(builder, source, row_of, n0, present, is_last):
     """The C tiles of a column slice += source's A rows @ its W's slice, over its K."""
     module = builder.module
-    load = _declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
-    dot = _declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
+    load = declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
+    dot = declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
     slice_base = builder.mul(builder.udiv(n0, _const(TILE_ROWS)), source.w_slice_bytes)
     with cgutils.for_range(builder, builder.udiv(source.k, _const(K_STEP))) as step:
         a_col = builder.mul(step.index, _const(K_STEP * 2))  # bytes into A's rows
@@ -386,7 +384,7 @@ def configure_rows(typingctx):
             colsb = builder.bitcast(builder.gep(base, [_const(16 + 2 * tile)]), _i16.as_pointer())
             builder.store(ir.Constant(_i16, TILE_BYTES), colsb)
             builder.store(_tile(TILE_ROWS if tile == ROW_W else 1), builder.gep(base, [_const(48 + tile)]))
-        builder.call(_declare(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [_ptr]), [base])
+        builder.call(declare(builder.module, "llvm.x86.ldtilecfg", ir.VoidType(), [_ptr]), [base])
         return context.get_dummy_value()
     return types.void(), codegen
 
@@ -395,7 +393,7 @@ def configure_rows(typingctx):
 def release(typingctx):
     """Return the tiles to their initial state (tilerelease)."""
     def codegen(context, builder, signature, args):
-        builder.call(_declare(builder.module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
+        builder.call(declare(builder.module, "llvm.x86.tilerelease", ir.VoidType(), []), [])
         return context.get_dummy_value()
     return types.void(), codegen
 
@@ -417,17 +415,16 @@ def _row_product(typingctx, a, tiles, c, accumulate):
 def _define_row_helper(module):
     """void helper(i8* x, i64 K, i8* tiles, i8* c, i64 N, i1 accumulate), defined once per
     module; the tiles configured by configure_rows."""
-    from phi_rnn.bf16_dot import emit_rounding
-    fn = _declare(module, _ROW_HELPER, ir.VoidType(), [_ptr, _i64, _ptr, _ptr, _i64, _i1])
+    fn = declare(module, _ROW_HELPER, ir.VoidType(), [_ptr, _i64, _ptr, _ptr, _i64, _i1])
     if not fn.is_declaration:
         return fn
     fn.linkage = "internal"
     x, k, w, c, n, accumulate = fn.args
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    load = _declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
-    store = _declare(module, "llvm.x86.tilestored64", ir.VoidType(), [_i8, _ptr, _i64])
-    zero = _declare(module, "llvm.x86.tilezero", ir.VoidType(), [_i8])
-    dot = _declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
+    load = declare(module, "llvm.x86.tileloadd64", ir.VoidType(), [_i8, _ptr, _i64])
+    store = declare(module, "llvm.x86.tilestored64", ir.VoidType(), [_i8, _ptr, _i64])
+    zero = declare(module, "llvm.x86.tilezero", ir.VoidType(), [_i8])
+    dot = declare(module, "llvm.x86.tdpbf16ps", ir.VoidType(), [_i8, _i8, _i8])
     # x in bfloat16 on the stack, 64-byte aligned: one A tile row (32 values) per step of K
     steps = builder.udiv(k, _const(K_STEP))
     rounded = builder.alloca(ir.VectorType(_i16, TILE_ROWS), size=builder.mul(steps, _const(2)), name="x_bf16")

@@ -138,13 +138,15 @@ def _accumulate_pairs(typingctx, x, w2, out):
     return sig, codegen
 
 
-def _declare(module, name, ret, args):
+def declare(module, name, ret, args):
+    """The function `name` of type ret(args) in `module` (an LLVM intrinsic or a helper),
+    declared on first use (amx.py and row_cell.py emit through it too)."""
     return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
 
 
 def _define_helper(module):
     """void helper(i8* x, i64 K, i8* w, i64 w_row_bytes, i8* out, i64 N), defined once per module."""
-    fn = _declare(module, _HELPER, ir.VoidType(), [_ptr, _i64, _ptr, _i64, _ptr, _i64])
+    fn = declare(module, _HELPER, ir.VoidType(), [_ptr, _i64, _ptr, _i64, _ptr, _i64])
     if not fn.is_declaration:
         return fn
     fn.linkage = "internal"
@@ -213,12 +215,12 @@ def splat(builder, value, vtype):
 
 def masked_load(builder, ptr, vtype, mask):
     suffix = "v16f32" if vtype == _v16f32 else "v16i32"
-    f = _declare(builder.module, f"llvm.masked.load.{suffix}.p0", vtype, [ptr.type, _i32, _v16i1, vtype])
+    f = declare(builder.module, f"llvm.masked.load.{suffix}.p0", vtype, [ptr.type, _i32, _v16i1, vtype])
     return builder.call(f, [ptr, ir.Constant(_i32, 4), mask, ir.Constant(vtype, None)])
 
 
 def masked_store(builder, value, ptr, mask):
-    f = _declare(builder.module, "llvm.masked.store.v16f32.p0", ir.VoidType(), [_v16f32, ptr.type, _i32, _v16i1])
+    f = declare(builder.module, "llvm.masked.store.v16f32.p0", ir.VoidType(), [_v16f32, ptr.type, _i32, _v16i1])
     builder.call(f, [value, ptr, ir.Constant(_i32, 4), mask])
 
 
@@ -230,7 +232,7 @@ def pointer_at(builder, base, byte_offset, vtype):
 def emit_rounding(builder, x, k, chunks, dst):
     """IR: dst[c] (<16 x i16>*) = vcvtneps2bf16(x[16c .. 16c+15]) for c < chunks, x (i8*) K
     float32, lanes past K read as zero: a row rounded to bfloat16 (amx.row_product's too)."""
-    convert = _declare(builder.module, "llvm.x86.avx512bf16.cvtneps2bf16.512", _v16i16, [_v16f32])
+    convert = declare(builder.module, "llvm.x86.avx512bf16.cvtneps2bf16.512", _v16i16, [_v16f32])
     with cgutils.for_range(builder, chunks) as loop:
         first = builder.shl(loop.index, ir.Constant(_i64, 4))
         mask = lanes_below(builder, builder.select(
@@ -251,7 +253,7 @@ class _Pairs:
         """out[start : start + 16*count] += the product's columns there, `count` accumulators
         in registers over the whole K loop; the last vector's loads and stores masked by
         last_mask (None: none masked)."""
-        dot = _declare(builder.module, "llvm.x86.avx512bf16.dpbf16ps.512", _v16f32, [_v16f32, _v16i32, _v16i32])
+        dot = declare(builder.module, "llvm.x86.avx512bf16.dpbf16ps.512", _v16f32, [_v16f32, _v16i32, _v16i32])
         # vector allocas in the entry block: promoted to registers
         accs = [cgutils.alloca_once(builder, _v16f32) for _ in range(count)]
         byte0 = builder.shl(start, ir.Constant(_i64, 2))  # float32 and uint32 columns: 4 bytes

@@ -87,7 +87,7 @@ def product_rates(names, products, groups, rounds=7, precision="fp32"):
     table, betas = product_table(products)
     flop = {group: sum(2 * c * m * n * k for c, _, m, n, k, _ in products[lo:hi]) for group, (lo, hi) in groups.items()}
     seconds = {(name, group): [] for name in names for group in groups}
-    library = bf16 if precision == "bf16" else blas
+    library = _libraries(precision)
     with one_thread():
         for r in range(rounds + 1):
             for name in names:
@@ -98,6 +98,12 @@ def product_rates(names, products, groups, rounds=7, precision="fp32"):
                         if r:  # round 0 warms up (libxsmm generates its kernels there)
                             seconds[name, group].append(time.thread_time() - t0)
     return {key: flop[key[1]] / float(np.median(s)) / 1e9 for key, s in seconds.items()}
+
+
+def _libraries(precision):
+    """The module that runs the GEMMs of `precision`: blas (float32) or bf16, each with
+    available(), using() and set_backend()."""
+    return bf16 if precision == "bf16" else blas
 
 
 # MKL is kept unless another library is faster by this much: a tie is noise.
@@ -130,7 +136,7 @@ def _machine_key(precision):
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    names = bf16.available() if precision == "bf16" else blas.available()
+    names = _libraries(precision).available()
     libraries = ", ".join(f"{name} {blas.library_version(name)}" for name in names)
     # the float32 key as before this one had bfloat16's: what is kept stays valid
     measurement = f"{MEASUREMENT} bf16" if precision == "bf16" else MEASUREMENT
@@ -154,7 +160,7 @@ def default_backend(precision="fp32"):
 def use_default(precision="fp32"):
     """Run the float32 GEMMs (with "bf16": the bfloat16 ones) on the default backend from
     now on (measured here on the first call on this machine)."""
-    (bf16 if precision == "bf16" else blas).set_backend(*default_choice(precision))
+    _libraries(precision).set_backend(*default_choice(precision))
 
 
 def default_choice(precision="fp32"):
@@ -167,7 +173,7 @@ def default_choice(precision="fp32"):
 
 
 def _measured_choice(precision):
-    names = bf16.available() if precision == "bf16" else blas.available()
+    names = _libraries(precision).available()
     if len(names) == 1:
         return names[0], "the only library present"
     key = _machine_key(precision)

@@ -19,7 +19,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from phi_rnn.bf16_dot import LANES, lanes_below, masked_load, masked_store, pointer_at
+from phi_rnn.bf16_dot import LANES, declare, lanes_below, masked_load, masked_store, pointer_at
 
 _i32, _i64, _f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
 _v16f32, _v16i32 = ir.VectorType(_f32, LANES), ir.VectorType(_i32, LANES)
@@ -54,14 +54,10 @@ def _lstm(typingctx, gates, bias, c_prev, c, h):
     return sig, codegen
 
 
-def _declare(module, name, ret, args):
-    return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
-
-
 def _define_helper(module):
     """void helper(i8* gates, i8* bias, i8* c_prev, i8* c, i8* h, i64 H), once per module:
     full vectors of 16 units, then one masked vector for the rest."""
-    fn = _declare(module, _HELPER, ir.VoidType(), [_ptr] * 5 + [_i64])
+    fn = declare(module, _HELPER, ir.VoidType(), [_ptr] * 5 + [_i64])
     if not fn.is_declaration:
         return fn
     fn.linkage = "internal"
@@ -114,10 +110,10 @@ class _VectorMath:
         self.k = kernels
         self.b = builder
         module = builder.module
-        self._fma = _declare(module, "llvm.fma.v16f32", _v16f32, [_v16f32] * 3)
-        self._floor = _declare(module, "llvm.floor.v16f32", _v16f32, [_v16f32])
-        self._min = _declare(module, "llvm.minnum.v16f32", _v16f32, [_v16f32] * 2)
-        self._max = _declare(module, "llvm.maxnum.v16f32", _v16f32, [_v16f32] * 2)
+        self._fma = declare(module, "llvm.fma.v16f32", _v16f32, [_v16f32] * 3)
+        self._floor = declare(module, "llvm.floor.v16f32", _v16f32, [_v16f32])
+        self._min = declare(module, "llvm.minnum.v16f32", _v16f32, [_v16f32] * 2)
+        self._max = declare(module, "llvm.maxnum.v16f32", _v16f32, [_v16f32] * 2)
 
     @staticmethod
     def const(value):

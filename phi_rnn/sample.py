@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from phi_rnn import amx, bf16, bf16_dot, checkpoint, data, files
+from phi_rnn import amx, bf16_dot, checkpoint, data, files
 from phi_rnn import kernels as K
 from phi_rnn.errors import UsageError
 from phi_rnn.model import KINDS, FlatBuffer, bf16_weights, transposed_weights
@@ -57,18 +57,19 @@ def _bf16_weights(transposed, kind):
     configuration, which the GRU's and RNN's steps (training's functions) do not know."""
     if not bf16_dot.available():
         return bf16_weights(transposed)
-    paired = bf16_dot.generation_weights(transposed)
     H, G = transposed.w_hh_t.shape[1:]
     if kind != K.LSTM or not amx.available() or not amx.fits(1, G, H):
-        return paired
-    return paired._replace(w_ih_t=_tiles(transposed.w_ih_t), w_hh_t=_tiles(transposed.w_hh_t))
+        return bf16_dot.generation_weights(transposed)
+    return transposed._replace(w_ih_t=_tiles(transposed.w_ih_t), w_hh_t=_tiles(transposed.w_hh_t),
+                               dec_w_t=bf16_dot.pair_rows(transposed.dec_w_t))
 
 
 def _tiles(stacked):
-    """Each (K, N) matrix of `stacked` (layers, K, N) float32 as AMX tiles (amx.tile_into)."""
+    """Each (K, N) matrix of `stacked` (layers, K, N) float32 rounded and laid out as AMX
+    tiles (amx.tile_into)."""
     tiles = np.empty((stacked.shape[0],) + amx.tiles_shape(*stacked.shape[1:]), np.uint32)
     for layer, w in enumerate(stacked):
-        amx.tile_into(bf16.to_bf16(w), tiles[layer])
+        amx.tile_into(w, tiles[layer])
     return tiles
 
 
