@@ -199,26 +199,14 @@ def test_bf16_generation_on_tiles_follows_the_float32_network(model):
     the float32 training network, is that network's argmax at almost every step."""
     if not bf16_dot.available():
         pytest.skip("no avx512_bf16")
-    from phi_rnn import checkpoint
-    from phi_rnn.model import Network
+    from generation_helpers import argmax_agreement, network_and_checkpoint
     from phi_rnn.sample import Generator
     rng = np.random.default_rng(0)
-    V, H = 70, 64
-    net = Network(model, V, H, 3)
-    net.init_params(rng)
-    net.params.data[:] *= 2  # sharper than at init; sharper still, three layers turn chaotic
-    ck = checkpoint.Checkpoint("memory", {k: v.copy() for k, v in net.params.views.items()},
-                               {"model": model, "num_layers": 3, "rnn_size": H, "vocab": list(range(40, 40 + V))}, {})
+    # sharper than at init; sharper still, three layers turn chaotic
+    net, ck = network_and_checkpoint(model, 70, 64, 3, 2.0, rng)
     gen = Generator(ck, "bf16")
     on_tiles = model == "lstm"
     assert gen.weights.w_hh_t.ndim == gen.weights.w_ih_t.ndim == (5 if on_tiles else 3)
     assert gen.weights.dec_w_t.ndim == 2 and gen.weights.dec_w_t.dtype == np.uint32
     assert gen.weights.w_hh_t.ctypes.data % 64 == 0
-    gen.prime("()*")
-    text = "".join(gen.generate(200, 1.0, True, rng))
-    tokens = gen.encode("()*" + text)
-    x = tokens[:-1].reshape(-1, 1)
-    net.forward(x, np.zeros_like(x), net.zero_state(1))
-    logits = net.decoder.x @ net.params["decoder.weight"].T + net.params["decoder.bias"]
-    agree = np.argmax(logits, axis=1)[2:] == tokens[3:]
-    assert agree.mean() > 0.9
+    assert argmax_agreement(gen, net, rng) > 0.9

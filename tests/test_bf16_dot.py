@@ -168,28 +168,16 @@ def test_bf16_generation_runs_on_the_pairs_and_follows_the_float32_network(model
     """Generator with precision bf16 multiplies on the pairs (uint32 weights); its argmax
     text, replayed through the float32 training network, is that network's argmax at almost
     every step (bfloat16 weights move the logits slightly). GRU covers the column blocks."""
-    from phi_rnn import checkpoint
-    from phi_rnn.model import Network
+    from generation_helpers import argmax_agreement, network_and_checkpoint
     from phi_rnn.sample import Generator
     rng = np.random.default_rng(0)
-    V, H = 70, 40  # N not a multiple of 16 in every product
-    net = Network(model, V, H, 2)
-    net.init_params(rng)
-    # a sharper distribution than at init; sharper still, the vanilla RNN turns chaotic and
-    # any rounding (the widening product's too) sends it elsewhere
-    net.params.data[:] *= 3
-    ck = checkpoint.Checkpoint("memory", {k: v.copy() for k, v in net.params.views.items()},
-                               {"model": model, "num_layers": 2, "rnn_size": H, "vocab": list(range(40, 40 + V))}, {})
+    # 70 symbols, 40 units: N not a multiple of 16 in every product. A sharper distribution
+    # than at init; sharper still, the vanilla RNN turns chaotic and any rounding (the
+    # widening product's too) sends it elsewhere
+    net, ck = network_and_checkpoint(model, 70, 40, 2, 3.0, rng)
     gen = Generator(ck, "bf16")
     assert gen.weights.w_hh_t.dtype == gen.weights.w_ih_t.dtype == gen.weights.dec_w_t.dtype == np.uint32
-    gen.prime("()*")
-    text = "".join(gen.generate(200, 1.0, True, rng))
-    tokens = gen.encode("()*" + text)
-    x = tokens[:-1].reshape(-1, 1)
-    net.forward(x, np.zeros_like(x), net.zero_state(1))
-    logits = net.decoder.x @ net.params["decoder.weight"].T + net.params["decoder.bias"]
-    agree = np.argmax(logits, axis=1)[2:] == tokens[3:]
-    assert agree.mean() > 0.9
+    assert argmax_agreement(gen, net, rng) > 0.9
 
 
 def test_without_avx512_bf16_generation_keeps_the_widening_product(monkeypatch):
